@@ -1,0 +1,225 @@
+//! Cache geometry: block size, number of cache blocks and associativity, and
+//! where a source block may live.
+
+/// Smallest and largest cache block size.
+pub const MIN_BLOCK_SIZE: u32 = 4096;
+pub const MAX_BLOCK_SIZE: u32 = 1 << 20;
+/// Largest number of cache blocks (frame indices are u32).
+pub const MAX_CACHE_BLOCKS: u64 = u32::MAX as u64;
+/// Largest source block number that fits an in-RAM entry.
+pub const MAX_SOURCE_BLOCKS: u64 = 1 << 48;
+/// Neighbouring source blocks grouped into one set, at most.
+const MAX_RUN: u32 = 16;
+
+/// What the user asked for. `None` means "choose the default".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GeometryRequest {
+    pub block_size: u32,
+    pub cache_blocks: Option<u64>,
+    pub assoc: Option<u32>,
+}
+
+/// Default cache block size: 64 KiB.
+pub const DEFAULT_BLOCK_SIZE: u32 = 64 * 1024;
+/// Default associativity.
+pub const DEFAULT_ASSOC: u32 = 256;
+
+impl Default for GeometryRequest {
+    fn default() -> Self {
+        GeometryRequest {
+            block_size: DEFAULT_BLOCK_SIZE,
+            cache_blocks: None,
+            assoc: None,
+        }
+    }
+}
+
+/// A geometry error. Messages name the parameter and the sizes involved.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum GeometryError {
+    #[error("block size {0} is not a power of two between 4096 (4K) and 1048576 (1M)")]
+    BlockSize(u32),
+    #[error("associativity {0} is not a power of two of at least 1")]
+    AssocNotPowerOfTwo(u32),
+    #[error("associativity {assoc} is larger than the number of cache blocks ({blocks})")]
+    AssocTooLarge { assoc: u32, blocks: u64 },
+    #[error("number of cache blocks {blocks} is not a multiple of the associativity {assoc}")]
+    BlocksNotMultiple { blocks: u64, assoc: u32 },
+    #[error("number of cache blocks must be at least 1")]
+    NoBlocks,
+    #[error("{blocks} cache blocks is more than the maximum of {max}")]
+    TooManyBlocks { blocks: u64, max: u64 },
+    #[error("cache of {blocks} blocks of {block_size} bytes needs {needed} bytes on the cache device (with {meta} bytes of metadata), but the device has {available} bytes")]
+    CacheTooSmall {
+        blocks: u64,
+        block_size: u32,
+        needed: u64,
+        meta: u64,
+        available: u64,
+    },
+    #[error("source of {source_size} bytes has more than 2^48 blocks of {block_size} bytes")]
+    SourceTooLarge { source_size: u64, block_size: u32 },
+}
+
+/// A validated geometry.
+///
+/// Invariants: `block_size` is a power of two in [4K, 1M]; `assoc` is a power
+/// of two dividing `cache_blocks`; `sets = cache_blocks / assoc >= 1`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Geometry {
+    pub block_size: u32,
+    pub cache_blocks: u64,
+    pub assoc: u32,
+    /// Neighbouring source blocks that share a set (in different frames).
+    pub run: u32,
+}
+
+impl Geometry {
+    /// Validates the parts of a request that do not depend on device sizes.
+    pub fn check_request(req: &GeometryRequest) -> Result<(), GeometryError> {
+        let bs = req.block_size;
+        if !bs.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&bs) {
+            return Err(GeometryError::BlockSize(bs));
+        }
+        if let Some(a) = req.assoc {
+            if !a.is_power_of_two() {
+                return Err(GeometryError::AssocNotPowerOfTwo(a));
+            }
+        }
+        if let Some(b) = req.cache_blocks {
+            if b == 0 {
+                return Err(GeometryError::NoBlocks);
+            }
+            if b > MAX_CACHE_BLOCKS {
+                return Err(GeometryError::TooManyBlocks {
+                    blocks: b,
+                    max: MAX_CACHE_BLOCKS,
+                });
+            }
+            if let Some(a) = req.assoc {
+                if u64::from(a) > b {
+                    return Err(GeometryError::AssocTooLarge { assoc: a, blocks: b });
+                }
+                if b % u64::from(a) != 0 {
+                    return Err(GeometryError::BlocksNotMultiple { blocks: b, assoc: a });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Builds the geometry for `blocks` frames, choosing the associativity when
+    /// the request leaves it open (the default, or the largest power of two
+    /// that divides `blocks` and is not above it).
+    pub fn resolve(req: &GeometryRequest, blocks: u64) -> Result<Geometry, GeometryError> {
+        Self::check_request(&GeometryRequest {
+            cache_blocks: Some(blocks),
+            ..*req
+        })?;
+        let assoc = match req.assoc {
+            Some(a) => a,
+            None => {
+                let mut a = DEFAULT_ASSOC;
+                while a > 1 && (u64::from(a) > blocks || blocks % u64::from(a) != 0) {
+                    a /= 2;
+                }
+                a
+            }
+        };
+        Ok(Geometry {
+            block_size: req.block_size,
+            cache_blocks: blocks,
+            assoc,
+            run: assoc.min(MAX_RUN),
+        })
+    }
+
+    /// Number of sets.
+    pub fn sets(&self) -> u64 {
+        self.cache_blocks / u64::from(self.assoc)
+    }
+
+    /// The set that source block `block` maps to.
+    ///
+    /// `run` neighbouring blocks share a set, so a sequential run lands in one
+    /// set (in different frames); runs are spread over the sets by a
+    /// multiplicative hash so strided access does not pile into one set.
+    #[inline]
+    pub fn set_of(&self, block: u64) -> u64 {
+        let group = block / u64::from(self.run);
+        let h = group.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        // Map the hash onto [0, sets) without division (Lemire's range reduction).
+        ((u128::from(h) * u128::from(self.sets())) >> 64) as u64
+    }
+}
+
+/// Largest power of two `<= n` (n > 0).
+pub fn round_down_pow2(n: u64) -> u64 {
+    if n == 0 {
+        0
+    } else {
+        1u64 << (63 - n.leading_zeros())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(bs: u32, blocks: Option<u64>, assoc: Option<u32>) -> GeometryRequest {
+        GeometryRequest {
+            block_size: bs,
+            cache_blocks: blocks,
+            assoc,
+        }
+    }
+
+    #[test]
+    fn block_size_errors_name_the_value() {
+        for bs in [0, 512, 4095, 6000, 2 << 20] {
+            let e = Geometry::check_request(&req(bs, None, None)).unwrap_err();
+            assert_eq!(e, GeometryError::BlockSize(bs));
+            assert!(e.to_string().contains(&bs.to_string()));
+        }
+        assert!(Geometry::check_request(&req(4096, None, None)).is_ok());
+        assert!(Geometry::check_request(&req(1 << 20, None, None)).is_ok());
+    }
+
+    #[test]
+    fn assoc_errors() {
+        assert_eq!(
+            Geometry::check_request(&req(4096, Some(64), Some(3))),
+            Err(GeometryError::AssocNotPowerOfTwo(3))
+        );
+        assert_eq!(
+            Geometry::check_request(&req(4096, Some(64), Some(128))),
+            Err(GeometryError::AssocTooLarge { assoc: 128, blocks: 64 })
+        );
+        assert_eq!(
+            Geometry::check_request(&req(4096, Some(100), Some(8))),
+            Err(GeometryError::BlocksNotMultiple { blocks: 100, assoc: 8 })
+        );
+        assert_eq!(Geometry::check_request(&req(4096, Some(0), None)), Err(GeometryError::NoBlocks));
+    }
+
+    #[test]
+    fn runs_share_a_set_and_sets_are_used() {
+        let g = Geometry::resolve(&req(4096, None, Some(8)), 1024).unwrap();
+        assert_eq!(g.run, 8);
+        assert_eq!(g.sets(), 128);
+        for b in 0..8 {
+            assert_eq!(g.set_of(b), g.set_of(0));
+        }
+        let mut used = std::collections::HashSet::new();
+        for b in 0..(1024 * 8) {
+            used.insert(g.set_of(b));
+        }
+        assert_eq!(used.len(), 128);
+        // Fully associative and direct-mapped both resolve.
+        let full = Geometry::resolve(&req(4096, None, Some(64)), 64).unwrap();
+        assert_eq!(full.sets(), 1);
+        assert_eq!(full.set_of(12345), 0);
+        let direct = Geometry::resolve(&req(4096, None, Some(1)), 64).unwrap();
+        assert_eq!(direct.run, 1);
+    }
+}

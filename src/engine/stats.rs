@@ -1,0 +1,69 @@
+//! Named engine statistics, cheap enough to bump on every request.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+macro_rules! counters {
+    ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
+        /// Live counters. Each is a relaxed atomic: totals are exact, but a
+        /// snapshot taken during I/O is not a single instant.
+        #[derive(Default, Debug)]
+        pub struct Stats { $( $(#[$doc])* pub $name: AtomicU64, )* }
+
+        /// A copy of [`Stats`] with named fields, serialisable as-is.
+        #[derive(Default, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+        pub struct StatsSnapshot { $( $(#[$doc])* pub $name: u64, )* }
+
+        impl Stats {
+            pub fn snapshot(&self) -> StatsSnapshot {
+                StatsSnapshot { $( $name: self.$name.load(Relaxed), )* }
+            }
+            /// Zeroes every counter.
+            pub fn reset(&self) {
+                $( self.$name.store(0, Relaxed); )*
+            }
+        }
+    };
+}
+
+counters! {
+    /// Read requests.
+    reads,
+    /// Write requests.
+    writes,
+    /// Cache blocks touched by reads and found in the cache.
+    read_hits,
+    /// Cache blocks touched by reads and not found.
+    read_misses,
+    /// Cache blocks touched by writes and found in the cache.
+    write_hits,
+    /// Cache blocks touched by writes and not found.
+    write_misses,
+    /// Blocks brought into the cache.
+    promotions,
+    /// Valid blocks evicted to make room.
+    demotions,
+    /// Dirty blocks that had to be written back before their frame was reused.
+    dirty_evictions,
+    /// Blocks written back to the source.
+    writebacks,
+    /// Source writes issued by writeback (each covers a run of blocks).
+    writeback_runs,
+    /// Block-sized pieces served straight from/to the source, bypassing the cache.
+    bypassed,
+    /// Partial-block write misses that read the rest of the block from the source.
+    partial_fills,
+    /// Flush requests.
+    flushes,
+    /// Discard and write-zeroes requests.
+    discards,
+    /// Blocks invalidated by writes in writearound/passthrough, discards or errors.
+    invalidations,
+    /// Requests that waited for a block that was being fetched or written back.
+    waits,
+    /// Bytes read by the guest.
+    bytes_read,
+    /// Bytes written by the guest.
+    bytes_written,
+    /// I/O errors returned to callers or met by background workers.
+    errors,
+}

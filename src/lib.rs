@@ -1,0 +1,8 @@
+//! vblkcache: a vhost-user-blk daemon serving VM disks from an SSD cache in
+//! front of a slow source image.
+//!
+//! Layers, bottom up: [`device`] (storage behind one trait), [`engine`] (the
+//! block cache, which knows nothing of virtio), and the daemon on top.
+
+pub mod device;
+pub mod engine;
