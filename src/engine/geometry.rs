@@ -14,7 +14,8 @@ const MAX_RUN: u32 = 16;
 /// What the user asked for. `None` means "choose the default".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GeometryRequest {
-    pub block_size: u32,
+    /// Cache block size in bytes (default 64 KiB).
+    pub block_size: Option<u32>,
     pub cache_blocks: Option<u64>,
     pub assoc: Option<u32>,
 }
@@ -27,7 +28,7 @@ pub const DEFAULT_ASSOC: u32 = 256;
 impl Default for GeometryRequest {
     fn default() -> Self {
         GeometryRequest {
-            block_size: DEFAULT_BLOCK_SIZE,
+            block_size: None,
             cache_blocks: None,
             assoc: None,
         }
@@ -77,7 +78,7 @@ pub struct Geometry {
 impl Geometry {
     /// Validates the parts of a request that do not depend on device sizes.
     pub fn check_request(req: &GeometryRequest) -> Result<(), GeometryError> {
-        let bs = req.block_size;
+        let bs = req.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
         if !bs.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&bs) {
             return Err(GeometryError::BlockSize(bs));
         }
@@ -127,7 +128,7 @@ impl Geometry {
             }
         };
         Ok(Geometry {
-            block_size: req.block_size,
+            block_size: req.block_size.unwrap_or(DEFAULT_BLOCK_SIZE),
             cache_blocks: blocks,
             assoc,
             run: assoc.min(MAX_RUN),
@@ -168,7 +169,7 @@ mod tests {
 
     fn req(bs: u32, blocks: Option<u64>, assoc: Option<u32>) -> GeometryRequest {
         GeometryRequest {
-            block_size: bs,
+            block_size: Some(bs),
             cache_blocks: blocks,
             assoc,
         }

@@ -2,17 +2,29 @@
 //! byte ranges of the virtual disk (the source image's size) and the engine
 //! serves them from the cache device and the source.
 
+mod core;
+mod frames;
 pub mod geometry;
+pub mod meta;
 pub mod mode;
+mod open;
+pub mod policy;
+mod read;
 pub mod stats;
+mod store;
+mod write;
+mod writeback;
 
 pub use geometry::{Geometry, GeometryError, GeometryRequest};
 pub use mode::WriteMode;
 pub use stats::{Stats, StatsSnapshot};
 
 use crate::device::{BlockDevice, DeviceError};
-use std::sync::Arc;
-use std::time::Instant;
+use core::Core;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 /// Write-back tuning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,18 +83,61 @@ pub enum EngineError {
     Cache(#[source] DeviceError),
     #[error(transparent)]
     Geometry(#[from] GeometryError),
+    #[error("--{param} {requested} conflicts with {persisted} recorded on cache device {device} (omit --{param}, or pass --format to discard the cache)")]
+    GeometryConflict {
+        param: &'static str,
+        requested: u64,
+        persisted: u64,
+        device: String,
+    },
+    #[error("cache device {device} holds data that is not a vblkcache cache; pass --format to overwrite it")]
+    ForeignCache { device: String },
+    #[error("cache device {device} belongs to a source of {recorded} bytes, but the source has {actual} bytes; use the original source, or --format to discard the cache")]
+    SourceMismatch {
+        device: String,
+        recorded: u64,
+        actual: u64,
+    },
+    #[error("source {device} is empty")]
+    EmptySource { device: String },
+    #[error("cache device {device}: {source}")]
+    Meta {
+        device: String,
+        #[source]
+        source: meta::MetaError,
+    },
+    #[error("cache device {device} was not shut down cleanly in write-back mode and this version cannot recover its dirty blocks; refusing to start (pass --format to discard the cache AND its unwritten data)")]
+    Unclean { device: String },
+    #[error("cannot use passthrough mode: the cache holds {dirty} dirty blocks (start in writeback mode and flush first)")]
+    PassthroughDirty { dirty: u64 },
     #[error("request of {len} bytes at offset {offset} is outside the disk ({size} bytes)")]
     OutOfRange { offset: u64, len: u64, size: u64 },
-    #[error("cannot switch to {to}: {dirty} dirty blocks could not be written back")]
-    DirtyRemain { to: WriteMode, dirty: u64 },
+    #[error("{dirty} dirty blocks could not be written back")]
+    DirtyRemain { dirty: u64 },
     #[error("the engine is shut down")]
     ShutDown,
+}
+
+impl EngineError {
+    /// True when the error comes from what the user asked for (geometry,
+    /// conflicting options, wrong device) rather than from failing I/O.
+    pub fn is_config_error(&self) -> bool {
+        matches!(
+            self,
+            EngineError::Geometry(_)
+                | EngineError::GeometryConflict { .. }
+                | EngineError::ForeignCache { .. }
+                | EngineError::SourceMismatch { .. }
+                | EngineError::EmptySource { .. }
+                | EngineError::PassthroughDirty { .. }
+        )
+    }
 }
 
 /// Progress of a whole-cache flush.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct FlushProgress {
-    /// Dirty blocks when the flush started.
+    /// Dirty blocks when the flush started (grows if writes add more).
     pub total: u64,
     /// Blocks written back so far.
     pub done: u64,
@@ -93,13 +148,13 @@ pub struct FlushProgress {
 pub struct StartInfo {
     /// True when the cache device was freshly formatted.
     pub formatted: bool,
-    /// True when the previous shutdown was clean.
+    /// True when the previous shutdown was clean (or the device is new).
     pub clean: bool,
     /// Mapping entries loaded from the cache device.
     pub entries_loaded: u64,
     /// Dirty entries among them.
     pub dirty_loaded: u64,
-    /// Time taken to load the metadata, in milliseconds.
+    /// Time taken to open and load the metadata, in milliseconds.
     pub load_ms: u64,
 }
 
@@ -107,63 +162,127 @@ pub struct StartInfo {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Status {
     pub mode: WriteMode,
+    pub policy: &'static str,
     pub geometry: Geometry,
+    pub sets: u64,
     pub source_size: u64,
     pub cache_device_size: u64,
+    pub data_offset: u64,
     pub valid_blocks: u64,
     pub dirty_blocks: u64,
+    /// read_hits / (read_hits + read_misses), 0 when nothing was read.
     pub hit_ratio: f64,
+    /// RAM used by the mapping and the policy per cache block, in bytes.
+    pub ram_bytes_per_block: f64,
     pub uptime_secs: f64,
     pub start: StartInfo,
     pub stats: StatsSnapshot,
 }
 
-/// The cache engine.
+/// The cache engine: a set-associative cache of `source` on `cache`.
 ///
-/// TEMPORARY: this first cut forwards every request to the source so the
-/// layers above can be built against the final API; the set-associative cache
-/// replaces it.
+/// All request methods take `&self` and may be called from many threads.
 pub struct Engine {
-    source: Arc<dyn BlockDevice>,
-    cache: Arc<dyn BlockDevice>,
-    geometry: Geometry,
-    mode: std::sync::Mutex<WriteMode>,
-    stats: Stats,
+    core: Arc<Core>,
+    sb: Mutex<(meta::Superblock, usize)>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
     started: Instant,
     start: StartInfo,
+    shut: AtomicBool,
+}
+
+/// Decrements the in-flight counter when a request ends.
+struct InFlight<'a>(&'a AtomicU64);
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, SeqCst);
+    }
 }
 
 impl Engine {
-    /// Opens (or formats) the cache device and loads its metadata.
-    pub fn open(
-        source: Arc<dyn BlockDevice>,
-        cache: Arc<dyn BlockDevice>,
-        cfg: EngineConfig,
-    ) -> Result<Engine, EngineError> {
-        let blocks = cfg
-            .geometry
-            .cache_blocks
-            .unwrap_or((cache.size() / u64::from(cfg.geometry.block_size)).max(1));
-        let geometry = Geometry::resolve(&cfg.geometry, blocks)?;
-        Ok(Engine {
+    /// Opens the cache device: formats it when blank (or with
+    /// `cfg.format`), otherwise loads its metadata and checks that it matches
+    /// the request and the source.
+    pub fn open(source: Arc<dyn BlockDevice>, cache: Arc<dyn BlockDevice>, cfg: EngineConfig) -> Result<Engine, EngineError> {
+        let opened = open::open_cache(&*source, &*cache, &cfg)?;
+        let layout = opened.sb.layout;
+        let g = layout.geometry();
+        let policy = policy::by_name("lru", g.cache_blocks).ok_or(EngineError::ShutDown)?;
+        let (store, rx) = store::StoreQueue::new(256);
+        let core = Arc::new(Core {
             source,
             cache,
-            geometry,
-            mode: std::sync::Mutex::new(cfg.mode.unwrap_or(WriteMode::Writeback)),
+            layout,
+            bs: u64::from(layout.block_size),
+            source_size: opened.sb.source_size,
+            frames: frames::FrameTable::new(g.cache_blocks, g.sets()),
+            policy,
+            mode: AtomicU8::new(opened.sb.mode.to_u8()),
             stats: Stats::default(),
+            valid: AtomicU64::new(0),
+            dirty: AtomicU64::new(0),
+            cache_written: AtomicBool::new(false),
+            source_written: AtomicBool::new(false),
+            inflight: AtomicU64::new(0),
+            wb_writers: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+            wb: cfg.writeback,
+            wb_signal: Mutex::new(core::WritebackSignal::default()),
+            wb_cond: Condvar::new(),
+            store,
+        });
+        for (f, &e) in opened.entries.iter().enumerate() {
+            if e & frames::VALID != 0 {
+                let block = e & frames::BLOCK_MASK;
+                let set = core.set_of(block);
+                let mut guard = core.lock(set);
+                core.install(f as u64, frames::Entry::new(block, e & frames::DIRTY != 0, frames::FrameState::Idle), &mut guard);
+            }
+        }
+        let mut threads = Vec::new();
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..cfg.store_workers.max(1) {
+            let (c, r) = (core.clone(), rx.clone());
+            threads.push(spawn(&format!("vbc-store{i}"), move || store::run_store_worker(c, r))?);
+        }
+        let c = core.clone();
+        threads.push(spawn("vbc-writeback", move || writeback::run_writeback(c))?);
+        log::info!(
+            "cache open: {} blocks of {} bytes, {} loaded ({} dirty), mode {}",
+            g.cache_blocks,
+            g.block_size,
+            opened.start.entries_loaded,
+            opened.start.dirty_loaded,
+            opened.sb.mode
+        );
+        Ok(Engine {
+            core,
+            sb: Mutex::new((opened.sb, opened.slot)),
+            threads: Mutex::new(threads),
             started: Instant::now(),
-            start: StartInfo::default(),
+            start: opened.start,
+            shut: AtomicBool::new(false),
         })
     }
 
     /// Size of the virtual disk (the source image) in bytes.
     pub fn size(&self) -> u64 {
-        self.source.size()
+        self.core.source_size
     }
 
-    fn check(&self, offset: u64, len: u64) -> Result<(), EngineError> {
+    /// The geometry in use.
+    pub fn geometry(&self) -> Geometry {
+        self.core.layout.geometry()
+    }
+
+    fn begin(&self, offset: u64, len: u64) -> Result<InFlight<'_>, EngineError> {
+        self.core.inflight.fetch_add(1, SeqCst);
+        let guard = InFlight(&self.core.inflight);
+        if self.core.closed.load(SeqCst) {
+            return Err(EngineError::ShutDown);
+        }
         match offset.checked_add(len) {
-            Some(end) if end <= self.size() => Ok(()),
+            Some(end) if end <= self.size() => Ok(guard),
             _ => Err(EngineError::OutOfRange {
                 offset,
                 len,
@@ -172,75 +291,256 @@ impl Engine {
         }
     }
 
+    /// Reads `buf.len()` bytes at `offset` of the virtual disk.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), EngineError> {
-        self.check(offset, buf.len() as u64)?;
-        self.source.read_at(buf, offset).map_err(EngineError::Source)
+        let _g = self.begin(offset, buf.len() as u64)?;
+        self.core.stats.reads.fetch_add(1, Relaxed);
+        self.core.stats.bytes_read.fetch_add(buf.len() as u64, Relaxed);
+        let r = self.core.read(offset, buf);
+        if r.is_err() {
+            self.core.stats.errors.fetch_add(1, Relaxed);
+        }
+        r
     }
 
+    /// Writes `buf` at `offset` of the virtual disk. Durable after `flush`.
     pub fn write(&self, offset: u64, buf: &[u8]) -> Result<(), EngineError> {
-        self.check(offset, buf.len() as u64)?;
-        self.source.write_at(buf, offset).map_err(EngineError::Source)
+        let _g = self.begin(offset, buf.len() as u64)?;
+        self.core.stats.writes.fetch_add(1, Relaxed);
+        self.core.stats.bytes_written.fetch_add(buf.len() as u64, Relaxed);
+        self.core.write(offset, buf)
     }
 
+    /// Makes every completed write durable: flushes the cache device and the
+    /// source, each only if it was written since its last flush.
     pub fn flush(&self) -> Result<(), EngineError> {
-        self.source.flush().map_err(EngineError::Source)
+        let _g = self.begin(0, 0)?;
+        self.core.stats.flushes.fetch_add(1, Relaxed);
+        self.flush_devices()
     }
 
-    pub fn discard(&self, offset: u64, len: u64) -> Result<(), EngineError> {
-        self.check(offset, len)?;
-        self.source.discard(offset, len).map_err(EngineError::Source)
-    }
-
-    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), EngineError> {
-        self.check(offset, len)?;
-        self.source.write_zeroes(offset, len).map_err(EngineError::Source)
-    }
-
-    pub fn mode(&self) -> WriteMode {
-        *self.mode.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Switches the write policy; leaving writeback first cleans every block.
-    pub fn set_mode(&self, mode: WriteMode) -> Result<(), EngineError> {
-        *self.mode.lock().unwrap_or_else(|p| p.into_inner()) = mode;
+    fn flush_devices(&self) -> Result<(), EngineError> {
+        let c = &self.core;
+        if c.cache_written.swap(false, SeqCst) {
+            if let Err(e) = c.cache.flush() {
+                c.cache_written.store(true, SeqCst);
+                return Err(EngineError::Cache(e));
+            }
+        }
+        if c.source_written.swap(false, SeqCst) {
+            if let Err(e) = c.source.flush() {
+                c.source_written.store(true, SeqCst);
+                return Err(EngineError::Source(e));
+            }
+        }
         Ok(())
     }
 
-    /// Writes back every dirty block, reporting progress.
+    /// Discards a range: reads of it return zeros afterwards.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<(), EngineError> {
+        let _g = self.begin(offset, len)?;
+        self.core.stats.discards.fetch_add(1, Relaxed);
+        self.core.zero_range(offset, len, true)
+    }
+
+    /// Sets a range to zeros.
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), EngineError> {
+        let _g = self.begin(offset, len)?;
+        self.core.stats.discards.fetch_add(1, Relaxed);
+        self.core.zero_range(offset, len, false)
+    }
+
+    pub fn mode(&self) -> WriteMode {
+        self.core.mode()
+    }
+
+    /// Switches the write policy at run time. Leaving writeback first switches
+    /// to writethrough (no new dirty blocks), waits for writes already in
+    /// flight, and writes every dirty block back; if that fails the mode goes
+    /// back to writeback and the error is returned.
+    pub fn set_mode(&self, mode: WriteMode) -> Result<(), EngineError> {
+        let c = &self.core;
+        let old = c.mode();
+        if old == mode {
+            return Ok(());
+        }
+        if old == WriteMode::Writeback {
+            c.mode.store(WriteMode::Writethrough.to_u8(), SeqCst);
+            while c.wb_writers.load(SeqCst) > 0 {
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            if let Err(e) = c.flush_all(&mut |_| {}) {
+                c.mode.store(WriteMode::Writeback.to_u8(), SeqCst);
+                return Err(e);
+            }
+        }
+        c.mode.store(mode.to_u8(), SeqCst);
+        log::info!("write mode changed from {old} to {mode}");
+        Ok(())
+    }
+
+    /// Writes back every dirty block and flushes the source, reporting progress.
     pub fn flush_all(&self, progress: &mut dyn FnMut(FlushProgress)) -> Result<(), EngineError> {
-        progress(FlushProgress { total: 0, done: 0 });
-        self.flush()
+        self.core.flush_all(progress)
     }
 
     pub fn stats(&self) -> StatsSnapshot {
-        self.stats.snapshot()
+        self.core.stats.snapshot()
     }
 
     pub fn reset_stats(&self) {
-        self.stats.reset()
+        self.core.stats.reset()
+    }
+
+    pub fn dirty_blocks(&self) -> u64 {
+        self.core.dirty.load(SeqCst)
+    }
+
+    pub fn valid_blocks(&self) -> u64 {
+        self.core.valid.load(SeqCst)
+    }
+
+    /// RAM per cache block used by the mapping and the policy, in bytes.
+    pub fn ram_bytes_per_block(&self) -> f64 {
+        self.core.frames.bytes_per_frame() + self.core.policy.bytes_per_frame() as f64
     }
 
     pub fn status(&self) -> Status {
+        let stats = self.stats();
+        let lookups = stats.read_hits + stats.read_misses;
         Status {
             mode: self.mode(),
-            geometry: self.geometry,
+            policy: self.core.policy.name(),
+            geometry: self.geometry(),
+            sets: self.geometry().sets(),
             source_size: self.size(),
-            cache_device_size: self.cache.size(),
-            valid_blocks: 0,
-            dirty_blocks: 0,
-            hit_ratio: 0.0,
+            cache_device_size: self.core.cache.size(),
+            data_offset: self.core.layout.data_offset,
+            valid_blocks: self.valid_blocks(),
+            dirty_blocks: self.dirty_blocks(),
+            hit_ratio: if lookups == 0 { 0.0 } else { stats.read_hits as f64 / lookups as f64 },
+            ram_bytes_per_block: self.ram_bytes_per_block(),
             uptime_secs: self.started.elapsed().as_secs_f64(),
             start: self.start.clone(),
-            stats: self.stats(),
+            stats,
         }
     }
 
-    /// Stops background work and persists metadata. With `writeback`, dirty
-    /// blocks are written back to the source first.
+    /// Stops serving, waits for requests and background stores in flight,
+    /// optionally writes back every dirty block, and persists the mapping with
+    /// a clean-shutdown mark. Later requests fail with `ShutDown`. Calling it
+    /// again does nothing.
     pub fn shutdown(&self, writeback: bool) -> Result<(), EngineError> {
-        if writeback {
-            self.flush_all(&mut |_| {})?;
+        if self.shut.swap(true, SeqCst) {
+            return Ok(());
         }
-        self.flush()
+        let c = &self.core;
+        c.closed.store(true, SeqCst);
+        while c.inflight.load(SeqCst) > 0 {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        {
+            let mut s = c.wb_signal.lock().unwrap_or_else(|p| p.into_inner());
+            s.stop = true;
+            c.wb_cond.notify_all();
+        }
+        c.store.wait_idle();
+        c.store.close();
+        for t in self.threads.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+            let _ = t.join();
+        }
+        if writeback {
+            c.flush_all(&mut |_| {})?;
+        }
+        self.persist()
+    }
+
+    /// Writes the table and a clean superblock.
+    fn persist(&self) -> Result<(), EngineError> {
+        let c = &self.core;
+        let meta_err = |e| EngineError::Meta {
+            device: c.cache.name(),
+            source: e,
+        };
+        let entries: Vec<u64> = (0..c.frames.frames()).map(|f| c.frames.get(f).persistent()).collect();
+        meta::save_table(&*c.cache, &c.layout, &entries).map_err(meta_err)?;
+        c.cache.flush().map_err(EngineError::Cache)?;
+        c.cache_written.store(false, SeqCst);
+        if c.source_written.swap(false, SeqCst) {
+            c.source.flush().map_err(EngineError::Source)?;
+        }
+        let mut guard = self.sb.lock().unwrap_or_else(|p| p.into_inner());
+        let (sb, slot) = &mut *guard;
+        sb.seq += 1;
+        sb.clean = true;
+        sb.mode = c.mode();
+        *slot = 1 - *slot;
+        meta::write_superblock(&*c.cache, sb, *slot).map_err(meta_err)?;
+        log::info!("cache metadata saved: {} blocks in use, {} dirty", c.valid.load(SeqCst), c.dirty.load(SeqCst));
+        Ok(())
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // Without an explicit shutdown the threads are still told to stop;
+        // the metadata is not written (the next start sees an unclean cache).
+        let c = &self.core;
+        c.closed.store(true, SeqCst);
+        if let Ok(mut s) = c.wb_signal.lock() {
+            s.stop = true;
+            c.wb_cond.notify_all();
+        }
+        c.store.close();
+    }
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, EngineError> {
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(f)
+        .map_err(|e| EngineError::Cache(DeviceError::Io {
+            op: crate::device::IoOp::Open,
+            offset: 0,
+            len: 0,
+            name: format!("thread {name}"),
+            source: e,
+        }))
+}
+
+impl BlockDevice for Engine {
+    fn size(&self) -> u64 {
+        Engine::size(self)
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DeviceError> {
+        self.read(offset, buf).map_err(to_device_error)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DeviceError> {
+        self.write(offset, buf).map_err(to_device_error)
+    }
+    fn flush(&self) -> Result<(), DeviceError> {
+        Engine::flush(self).map_err(to_device_error)
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        Engine::discard(self, offset, len).map_err(to_device_error)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        Engine::write_zeroes(self, offset, len).map_err(to_device_error)
+    }
+    fn name(&self) -> String {
+        format!("vblkcache({})", self.core.source.name())
+    }
+}
+
+fn to_device_error(e: EngineError) -> DeviceError {
+    match e {
+        EngineError::Source(d) | EngineError::Cache(d) => d,
+        other => DeviceError::Io {
+            op: crate::device::IoOp::Read,
+            offset: 0,
+            len: 0,
+            name: String::from("engine"),
+            source: std::io::Error::other(other.to_string()),
+        },
     }
 }

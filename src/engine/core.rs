@@ -1,0 +1,331 @@
+//! Shared engine state and the frame-level operations used by the read,
+//! write and writeback paths.
+//!
+//! Deadlock freedom: stripe locks are never nested. A request that must wait
+//! for a frame first completes any fetch it has claimed frames for, so every
+//! `Filling` frame is owned by a thread that will finish it without waiting.
+//! Requests that hold claims while waiting (uncached writes) take them in
+//! ascending block order.
+
+use super::frames::{Entry, FrameState, FrameTable, StripeState};
+use super::meta::Layout;
+use super::mode::WriteMode;
+use super::policy::Policy;
+use super::stats::Stats;
+use super::store::StoreQueue;
+use super::{EngineError, WritebackConfig};
+use crate::device::{AlignedBuf, BlockDevice};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+/// What a set can give up for a new block.
+pub(crate) enum Victim {
+    /// A free frame (it was invalid, or its clean block was dropped).
+    Free(u64),
+    /// Only a dirty frame is evictable; it must be written back first.
+    Dirty(u64),
+    /// Every frame is busy.
+    None,
+}
+
+/// Signals to the background writeback thread.
+#[derive(Default)]
+pub(crate) struct WritebackSignal {
+    pub kicked: bool,
+    pub stop: bool,
+}
+
+pub(crate) struct Core {
+    pub source: Arc<dyn BlockDevice>,
+    pub cache: Arc<dyn BlockDevice>,
+    pub layout: Layout,
+    pub bs: u64,
+    pub source_size: u64,
+    pub frames: FrameTable,
+    pub policy: Box<dyn Policy>,
+    pub mode: AtomicU8,
+    pub stats: Stats,
+    pub valid: AtomicU64,
+    pub dirty: AtomicU64,
+    /// The cache device has writes not yet flushed.
+    pub cache_written: AtomicBool,
+    /// The source has writes not yet flushed.
+    pub source_written: AtomicBool,
+    /// Foreground requests in progress (read by writeback throttling).
+    pub inflight: AtomicU64,
+    /// Writes in progress that started in writeback mode (a mode switch waits
+    /// for them before cleaning).
+    pub wb_writers: AtomicU64,
+    pub closed: AtomicBool,
+    pub wb: WritebackConfig,
+    pub wb_signal: Mutex<WritebackSignal>,
+    pub wb_cond: Condvar,
+    pub store: StoreQueue,
+}
+
+impl Core {
+    pub fn mode(&self) -> WriteMode {
+        WriteMode::from_u8(self.mode.load(SeqCst)).unwrap_or(WriteMode::Writethrough)
+    }
+
+    #[inline]
+    pub fn set_of(&self, block: u64) -> u64 {
+        self.layout.geometry().set_of(block)
+    }
+
+    #[inline]
+    pub fn first_frame(&self, set: u64) -> u64 {
+        set * u64::from(self.layout.assoc)
+    }
+
+    /// Looks `block` up in its set; the caller holds the set's stripe lock.
+    #[inline]
+    pub fn lookup(&self, set: u64, block: u64) -> Option<u64> {
+        self.frames.lookup(self.first_frame(set), self.layout.assoc, block)
+    }
+
+    pub fn lock(&self, set: u64) -> MutexGuard<'_, StripeState> {
+        self.frames.lock(set)
+    }
+
+    /// Bytes of the source that lie in `block` (the last block may be short).
+    pub fn block_len(&self, block: u64) -> u64 {
+        self.source_size.saturating_sub(block * self.bs).min(self.bs)
+    }
+
+    /// Picks a frame of `set` for a new block: a free frame, else the policy's
+    /// choice among clean quiet frames (dropped here), else among dirty ones.
+    pub fn claim_victim(&self, set: u64, g: &mut StripeState) -> Victim {
+        let first = self.first_frame(set);
+        let n = self.layout.assoc;
+        for f in first..first + u64::from(n) {
+            if self.frames.get(f) == Entry::FREE {
+                return Victim::Free(f);
+            }
+        }
+        let clean = |f: u64| {
+            let e = self.frames.get(f);
+            e.valid() && !e.dirty() && e.quiet()
+        };
+        if let Some(f) = self.policy.victim(first, n, g.clock, &mut |f| clean(f)) {
+            self.free_frame(f);
+            self.stats.demotions.fetch_add(1, Relaxed);
+            return Victim::Free(f);
+        }
+        let dirty = |f: u64| {
+            let e = self.frames.get(f);
+            e.valid() && e.dirty() && e.quiet()
+        };
+        match self.policy.victim(first, n, g.clock, &mut |f| dirty(f)) {
+            Some(f) => Victim::Dirty(f),
+            None => Victim::None,
+        }
+    }
+
+    /// Installs `entry` in the free frame `f` (stripe lock held).
+    pub fn install(&self, f: u64, entry: Entry, g: &mut StripeState) {
+        self.frames.set(f, entry);
+        self.valid.fetch_add(1, Relaxed);
+        if entry.dirty() {
+            self.dirty.fetch_add(1, Relaxed);
+        }
+        self.policy.on_insert(f, &mut g.clock);
+    }
+
+    /// Empties frame `f` (stripe lock held), keeping the counters right.
+    pub fn free_frame(&self, f: u64) {
+        let e = self.frames.get(f);
+        if e.valid() {
+            self.valid.fetch_sub(1, Relaxed);
+            if e.dirty() {
+                self.dirty.fetch_sub(1, Relaxed);
+            }
+            self.policy.on_remove(f);
+        }
+        self.frames.set(f, Entry::FREE);
+    }
+
+    /// Marks a valid frame clean or dirty (stripe lock held).
+    pub fn set_dirty(&self, f: u64, dirty: bool) {
+        let e = self.frames.get(f);
+        if e.dirty() != dirty {
+            if dirty {
+                self.dirty.fetch_add(1, Relaxed);
+            } else {
+                self.dirty.fetch_sub(1, Relaxed);
+            }
+            self.frames.set(f, e.with_dirty(dirty));
+        }
+    }
+
+    /// Sets frame `f` of `set` to `state` and wakes waiters.
+    pub fn finish(&self, set: u64, f: u64, state: FrameState) {
+        let g = self.lock(set);
+        self.frames.set(f, self.frames.get(f).with_state(state));
+        self.frames.notify(set, &g);
+    }
+
+    /// Drops a pin on frame `f` of `set` and wakes waiters.
+    pub fn unpin(&self, set: u64, f: u64) {
+        let g = self.lock(set);
+        self.frames.set(f, self.frames.get(f).unpinned());
+        self.frames.notify(set, &g);
+    }
+
+    /// Frees frame `f` of `set` after a failed fill and wakes waiters.
+    pub fn abandon(&self, set: u64, f: u64) {
+        let g = self.lock(set);
+        self.free_frame(f);
+        self.frames.notify(set, &g);
+    }
+
+    /// Reads frame `f` whole.
+    pub fn read_frame(&self, f: u64, buf: &mut [u8]) -> Result<(), EngineError> {
+        self.cache
+            .read_at(buf, self.layout.frame_offset(f))
+            .map_err(EngineError::Cache)
+    }
+
+    /// Writes `data` into frame `f` at `off` within the block.
+    pub fn write_frame(&self, f: u64, off: u64, data: &[u8]) -> Result<(), EngineError> {
+        let r = self
+            .cache
+            .write_at(data, self.layout.frame_offset(f) + off)
+            .map_err(EngineError::Cache);
+        self.cache_written.store(true, SeqCst);
+        r
+    }
+
+    /// Writes the source bytes of blocks `first..` from `data` (whole blocks,
+    /// clipped at the end of the source).
+    pub fn write_source_blocks(&self, first: u64, data: &[u8]) -> Result<(), EngineError> {
+        let start = first * self.bs;
+        let len = (data.len() as u64).min(self.source_size.saturating_sub(start));
+        let r = self
+            .source
+            .write_at(&data[..len as usize], start)
+            .map_err(EngineError::Source);
+        self.source_written.store(true, SeqCst);
+        r
+    }
+
+    /// Reads blocks `first..` from the source into `data` (zero past the end).
+    pub fn read_source_blocks(&self, first: u64, data: &mut [u8]) -> Result<(), EngineError> {
+        let start = first * self.bs;
+        let len = (data.len() as u64).min(self.source_size.saturating_sub(start)) as usize;
+        data[len..].fill(0);
+        self.source
+            .read_at(&mut data[..len], start)
+            .map_err(EngineError::Source)
+    }
+
+    /// Writes back the dirty frame `f` of `set` holding `block` so it can be
+    /// evicted. The frame must be dirty and quiet; it is marked `WritingBack`
+    /// here and left clean and idle.
+    pub fn evict_dirty(&self, set: u64, f: u64) -> Result<(), EngineError> {
+        let block = {
+            let g = self.lock(set);
+            let e = self.frames.get(f);
+            if !(e.valid() && e.dirty() && e.quiet()) {
+                // Someone else got to it first; the caller retries.
+                drop(g);
+                return Ok(());
+            }
+            self.frames.set(f, e.with_state(FrameState::WritingBack));
+            e.block()
+        };
+        let mut data = AlignedBuf::new(self.bs as usize);
+        let r = self
+            .read_frame(f, &mut data)
+            .and_then(|_| self.write_source_blocks(block, &data));
+        let g = self.lock(set);
+        let e = self.frames.get(f).with_state(FrameState::Idle);
+        self.frames.set(f, e);
+        if r.is_ok() {
+            self.set_dirty(f, false);
+            self.stats.dirty_evictions.fetch_add(1, Relaxed);
+            self.stats.writebacks.fetch_add(1, Relaxed);
+            self.stats.writeback_runs.fetch_add(1, Relaxed);
+        } else {
+            self.stats.errors.fetch_add(1, Relaxed);
+        }
+        self.frames.notify(set, &g);
+        r
+    }
+
+    /// Wakes the writeback thread when dirty blocks pass the high watermark.
+    pub fn maybe_kick_writeback(&self) {
+        let high = self.layout.cache_blocks * u64::from(self.wb.high_watermark_pct) / 100;
+        if self.dirty.load(Relaxed) > high {
+            let mut s = self.wb_signal.lock().unwrap_or_else(|p| p.into_inner());
+            if !s.kicked {
+                s.kicked = true;
+                self.wb_cond.notify_all();
+            }
+        }
+    }
+
+    /// Registers `block` as having an uncached source write in flight.
+    pub fn register_uncached(g: &mut StripeState, block: u64) {
+        g.uncached.push(block);
+    }
+
+    /// Removes one registration of `block` and wakes fills waiting for it.
+    pub fn unregister_uncached(&self, block: u64) {
+        let set = self.set_of(block);
+        let mut g = self.lock(set);
+        if let Some(i) = g.uncached.iter().position(|&b| b == block) {
+            g.uncached.swap_remove(i);
+        }
+        self.frames.notify(set, &g);
+    }
+}
+
+/// One piece of a request that falls inside one cache block.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Chunk {
+    pub block: u64,
+    /// Offset inside the block.
+    pub off: u64,
+    pub len: u64,
+    /// Offset inside the request buffer.
+    pub pos: usize,
+}
+
+/// Splits `[offset, offset+len)` into per-block chunks, in ascending order.
+pub(crate) fn chunks(offset: u64, len: u64, bs: u64) -> impl Iterator<Item = Chunk> {
+    let mut pos = 0u64;
+    std::iter::from_fn(move || {
+        if pos >= len {
+            return None;
+        }
+        let abs = offset + pos;
+        let block = abs / bs;
+        let off = abs % bs;
+        let n = (bs - off).min(len - pos);
+        let c = Chunk {
+            block,
+            off,
+            len: n,
+            pos: pos as usize,
+        };
+        pos += n;
+        Some(c)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunking_covers_the_range_once() {
+        let v: Vec<Chunk> = chunks(4000, 10000, 4096).collect();
+        assert_eq!(v.len(), 4);
+        assert_eq!((v[0].block, v[0].off, v[0].len, v[0].pos), (0, 4000, 96, 0));
+        assert_eq!((v[1].block, v[1].off, v[1].len, v[1].pos), (1, 0, 4096, 96));
+        assert_eq!((v[3].block, v[3].off, v[3].len), (3, 0, 14000 - 3 * 4096));
+        assert_eq!(v.iter().map(|c| c.len).sum::<u64>(), 10000);
+        assert_eq!(chunks(0, 0, 4096).count(), 0);
+    }
+}

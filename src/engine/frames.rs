@@ -1,0 +1,240 @@
+//! The in-RAM mapping: one packed 64-bit entry per cache frame, and lock
+//! stripes that serialise changes to the sets.
+//!
+//! Entry layout (bit 63 down):
+//! `VALID | DIRTY | unused(3) | state(3) | pins(8) | source block(48)`.
+//!
+//! Invariants, all under the stripe lock of the frame's set:
+//! - an entry with `VALID` clear is all zeros (free frame);
+//! - at most one valid entry in a set holds a given source block;
+//! - a frame whose state is not `Idle`, or that has pins, is never chosen as
+//!   a victim;
+//! - `Filling` frames are owned by one request or worker: nobody else reads or
+//!   writes their data until the owner sets them `Idle` (or frees them);
+//! - `WritingBack` frames may be read but not written;
+//! - pins count requests reading or writing the frame's data right now.
+//!
+//! The atomics only provide safe interior mutability: every change happens
+//! with the stripe lock held, so `Relaxed` ordering suffices (the mutex orders
+//! them).
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+pub const VALID: u64 = 1 << 63;
+pub const DIRTY: u64 = 1 << 62;
+const STATE_SHIFT: u32 = 56;
+const STATE_MASK: u64 = 0x7 << STATE_SHIFT;
+const PIN_SHIFT: u32 = 48;
+const PIN_ONE: u64 = 1 << PIN_SHIFT;
+const PIN_MASK: u64 = 0xff << PIN_SHIFT;
+pub const BLOCK_MASK: u64 = (1 << 48) - 1;
+
+/// What is happening to a frame's data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameState {
+    /// Nothing exclusive; readers and writers may pin it.
+    Idle = 0,
+    /// Owned exclusively: being fetched, stored, or updated in place.
+    Filling = 1,
+    /// Being copied to the source: readable, not writable, not evictable.
+    WritingBack = 2,
+}
+
+/// Decoded view of an entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry(pub u64);
+
+impl Entry {
+    pub const FREE: Entry = Entry(0);
+
+    pub fn new(block: u64, dirty: bool, state: FrameState) -> Entry {
+        let mut v = VALID | (block & BLOCK_MASK) | ((state as u64) << STATE_SHIFT);
+        if dirty {
+            v |= DIRTY;
+        }
+        Entry(v)
+    }
+    pub fn valid(self) -> bool {
+        self.0 & VALID != 0
+    }
+    pub fn dirty(self) -> bool {
+        self.0 & DIRTY != 0
+    }
+    pub fn block(self) -> u64 {
+        self.0 & BLOCK_MASK
+    }
+    pub fn pins(self) -> u64 {
+        (self.0 & PIN_MASK) >> PIN_SHIFT
+    }
+    pub fn state(self) -> FrameState {
+        match (self.0 & STATE_MASK) >> STATE_SHIFT {
+            1 => FrameState::Filling,
+            2 => FrameState::WritingBack,
+            _ => FrameState::Idle,
+        }
+    }
+    pub fn with_state(self, s: FrameState) -> Entry {
+        Entry((self.0 & !STATE_MASK) | ((s as u64) << STATE_SHIFT))
+    }
+    pub fn with_dirty(self, d: bool) -> Entry {
+        if d {
+            Entry(self.0 | DIRTY)
+        } else {
+            Entry(self.0 & !DIRTY)
+        }
+    }
+    /// Idle with no pins: may be evicted or claimed.
+    pub fn quiet(self) -> bool {
+        self.state() == FrameState::Idle && self.pins() == 0
+    }
+    /// True when another pin fits.
+    pub fn can_pin(self) -> bool {
+        self.pins() < 0xff
+    }
+    pub fn pinned(self) -> Entry {
+        Entry(self.0 + PIN_ONE)
+    }
+    pub fn unpinned(self) -> Entry {
+        if self.pins() == 0 {
+            self
+        } else {
+            Entry(self.0 - PIN_ONE)
+        }
+    }
+    /// The value persisted on the cache device: valid, dirty and block only.
+    pub fn persistent(self) -> u64 {
+        self.0 & (VALID | DIRTY | BLOCK_MASK)
+    }
+}
+
+/// Per-stripe state guarded by the stripe mutex.
+#[derive(Default)]
+pub struct StripeState {
+    /// Replacement-policy clock.
+    pub clock: u32,
+    /// Threads waiting on the condvar (notify only when non-zero).
+    pub waiters: u32,
+    /// Source blocks with a write to the source in flight that bypasses the
+    /// cache. No fill of such a block may start: it could read the old data
+    /// and cache it after the write completes.
+    pub uncached: Vec<u64>,
+}
+
+pub struct Stripe {
+    pub state: Mutex<StripeState>,
+    pub cond: Condvar,
+}
+
+/// Entries plus lock stripes. A set belongs to stripe `set % stripes`.
+pub struct FrameTable {
+    entries: Box<[AtomicU64]>,
+    stripes: Box<[Stripe]>,
+}
+
+/// Upper bound on lock stripes (sets share stripes beyond this).
+const MAX_STRIPES: u64 = 4096;
+
+impl FrameTable {
+    pub fn new(frames: u64, sets: u64) -> Self {
+        let n = sets.clamp(1, MAX_STRIPES);
+        FrameTable {
+            entries: (0..frames).map(|_| AtomicU64::new(0)).collect(),
+            stripes: (0..n)
+                .map(|_| Stripe {
+                    state: Mutex::new(StripeState::default()),
+                    cond: Condvar::new(),
+                })
+                .collect(),
+        }
+    }
+
+    pub fn frames(&self) -> u64 {
+        self.entries.len() as u64
+    }
+
+    pub fn stripe(&self, set: u64) -> &Stripe {
+        &self.stripes[(set % self.stripes.len() as u64) as usize]
+    }
+
+    /// Locks the stripe of `set`.
+    pub fn lock(&self, set: u64) -> MutexGuard<'_, StripeState> {
+        self.stripe(set).state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads an entry. Callers hold the stripe lock when they act on it.
+    #[inline]
+    pub fn get(&self, frame: u64) -> Entry {
+        Entry(self.entries[frame as usize].load(Relaxed))
+    }
+
+    /// Writes an entry. Callers must hold the frame's stripe lock.
+    #[inline]
+    pub fn set(&self, frame: u64, e: Entry) {
+        self.entries[frame as usize].store(e.0, Relaxed)
+    }
+
+    /// Finds the valid frame holding `block` among `first..first+assoc`.
+    #[inline]
+    pub fn lookup(&self, first: u64, assoc: u32, block: u64) -> Option<u64> {
+        let want = VALID | (block & BLOCK_MASK);
+        let set = &self.entries[first as usize..(first + u64::from(assoc)) as usize];
+        set.iter()
+            .position(|e| e.load(Relaxed) & (VALID | BLOCK_MASK) == want)
+            .map(|w| first + w as u64)
+    }
+
+    /// Waits on the stripe's condvar, releasing and retaking the lock.
+    pub fn wait<'a>(&'a self, set: u64, mut g: MutexGuard<'a, StripeState>) -> MutexGuard<'a, StripeState> {
+        g.waiters += 1;
+        let mut g = self
+            .stripe(set)
+            .cond
+            .wait(g)
+            .unwrap_or_else(|p| p.into_inner());
+        g.waiters -= 1;
+        g
+    }
+
+    /// Wakes waiters of the stripe if there are any.
+    pub fn notify(&self, set: u64, g: &StripeState) {
+        if g.waiters > 0 {
+            self.stripe(set).cond.notify_all();
+        }
+    }
+
+    /// Bytes of RAM used by entries and stripes, per frame.
+    pub fn bytes_per_frame(&self) -> f64 {
+        let total = self.entries.len() * std::mem::size_of::<AtomicU64>()
+            + self.stripes.len() * std::mem::size_of::<Stripe>();
+        total as f64 / self.entries.len().max(1) as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_packing() {
+        let e = Entry::new(BLOCK_MASK, true, FrameState::WritingBack);
+        assert!(e.valid() && e.dirty());
+        assert_eq!(e.block(), BLOCK_MASK);
+        assert_eq!(e.state(), FrameState::WritingBack);
+        let p = e.pinned().pinned();
+        assert_eq!(p.pins(), 2);
+        assert_eq!(p.block(), BLOCK_MASK);
+        assert_eq!(p.unpinned().unpinned(), e);
+        assert_eq!(e.with_dirty(false).with_state(FrameState::Idle), Entry::new(BLOCK_MASK, false, FrameState::Idle));
+        assert_eq!(p.persistent(), VALID | DIRTY | BLOCK_MASK);
+    }
+
+    #[test]
+    fn lookup_finds_only_valid() {
+        let t = FrameTable::new(8, 2);
+        t.set(5, Entry::new(42, false, FrameState::Idle));
+        assert_eq!(t.lookup(4, 4, 42), Some(5));
+        assert_eq!(t.lookup(0, 4, 42), None);
+        assert_eq!(t.lookup(4, 4, 0), None);
+    }
+}

@@ -1,0 +1,125 @@
+//! Where things are on the cache device.
+
+use super::table::ENTRIES_PER_PAGE;
+use crate::engine::geometry::Geometry;
+
+/// Size of a superblock slot and of a table page.
+pub const META_PAGE: u64 = 4096;
+/// Bytes reserved for the commit journal.
+pub const JOURNAL_LEN: u64 = 4 << 20;
+const JOURNAL_OFFSET: u64 = 2 * META_PAGE;
+
+/// Offsets of the metadata regions and the data area for one geometry.
+///
+/// Invariant: regions do not overlap and appear in the order superblocks,
+/// journal, table, data; `data_offset` is a multiple of the block size (or of
+/// 4 KiB when the block size is smaller), so frames are aligned for O_DIRECT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    pub block_size: u32,
+    pub cache_blocks: u64,
+    pub assoc: u32,
+    pub run: u32,
+    pub journal_offset: u64,
+    pub journal_len: u64,
+    pub table_offset: u64,
+    pub data_offset: u64,
+}
+
+impl Layout {
+    pub fn new(g: &Geometry) -> Layout {
+        let table_offset = JOURNAL_OFFSET + JOURNAL_LEN;
+        let table_len = g.cache_blocks.div_ceil(ENTRIES_PER_PAGE) * META_PAGE;
+        let align = u64::from(g.block_size).max(META_PAGE);
+        let data_offset = (table_offset + table_len).div_ceil(align) * align;
+        Layout {
+            block_size: g.block_size,
+            cache_blocks: g.cache_blocks,
+            assoc: g.assoc,
+            run: g.run,
+            journal_offset: JOURNAL_OFFSET,
+            journal_len: JOURNAL_LEN,
+            table_offset,
+            data_offset,
+        }
+    }
+
+    pub fn geometry(&self) -> Geometry {
+        Geometry {
+            block_size: self.block_size,
+            cache_blocks: self.cache_blocks,
+            assoc: self.assoc,
+            run: self.run,
+        }
+    }
+
+    pub fn sets(&self) -> u64 {
+        self.cache_blocks / u64::from(self.assoc)
+    }
+
+    pub fn table_pages(&self) -> u64 {
+        self.cache_blocks.div_ceil(ENTRIES_PER_PAGE)
+    }
+
+    /// Bytes of metadata in front of the data area.
+    pub fn meta_len(&self) -> u64 {
+        self.data_offset
+    }
+
+    /// Total bytes the layout needs on the cache device.
+    pub fn device_len(&self) -> u64 {
+        self.data_offset
+            .saturating_add(self.cache_blocks.saturating_mul(u64::from(self.block_size)))
+    }
+
+    /// Byte offset of frame `frame` on the cache device.
+    #[inline]
+    pub fn frame_offset(&self, frame: u64) -> u64 {
+        self.data_offset + frame * u64::from(self.block_size)
+    }
+
+    /// The largest number of blocks of `block_size` that fit on a device of
+    /// `dev_size` bytes together with their metadata, rounded down to a
+    /// multiple of `multiple`.
+    pub fn fit_blocks(dev_size: u64, block_size: u32, multiple: u32) -> u64 {
+        let bs = u64::from(block_size);
+        let m = u64::from(multiple.max(1));
+        let mut n = dev_size / bs / m * m;
+        while n > 0 {
+            let g = Geometry {
+                block_size,
+                cache_blocks: n,
+                assoc: 1,
+                run: 1,
+            };
+            let need = Layout::new(&g).device_len();
+            if need <= dev_size {
+                return n;
+            }
+            let excess_blocks = (need - dev_size).div_ceil(bs).div_ceil(m) * m;
+            n = n.saturating_sub(excess_blocks.max(m));
+        }
+        0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fit_uses_the_device_and_aligns_data() {
+        for (dev, bs, m) in [(64u64 << 20, 4096u32, 1u32), (1 << 30, 65536, 256), (100 << 20, 1 << 20, 4)] {
+            let n = Layout::fit_blocks(dev, bs, m);
+            assert!(n > 0 && n % u64::from(m) == 0);
+            let g = Geometry { block_size: bs, cache_blocks: n, assoc: 1, run: 1 };
+            let l = Layout::new(&g);
+            assert!(l.device_len() <= dev);
+            assert_eq!(l.data_offset % u64::from(bs).max(4096), 0);
+            // One more multiple would not fit.
+            let g2 = Geometry { cache_blocks: n + u64::from(m), ..g };
+            assert!(Layout::new(&g2).device_len() > dev);
+        }
+        assert_eq!(Layout::fit_blocks(1 << 20, 4096, 1), 0);
+    }
+}

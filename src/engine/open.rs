@@ -1,0 +1,245 @@
+//! Opening the cache device: format a blank one, or load a persisted one and
+//! check it matches what was asked for; and persisting it on shutdown.
+
+use super::geometry::{Geometry, GeometryError, GeometryRequest, DEFAULT_ASSOC, DEFAULT_BLOCK_SIZE, MAX_SOURCE_BLOCKS};
+use super::meta::{self, Found, Layout, Superblock, META_PAGE};
+use super::mode::WriteMode;
+use super::{EngineConfig, EngineError, StartInfo};
+use crate::device::{AlignedBuf, BlockDevice};
+use std::time::Instant;
+
+/// The state found on (or written to) the cache device at open.
+pub(crate) struct Opened {
+    pub sb: Superblock,
+    pub slot: usize,
+    /// Persisted entries (VALID | DIRTY | block), one per frame.
+    pub entries: Vec<u64>,
+    pub start: StartInfo,
+}
+
+fn conflict(param: &'static str, requested: u64, persisted: u64, dev: &dyn BlockDevice) -> EngineError {
+    EngineError::GeometryConflict {
+        param,
+        requested,
+        persisted,
+        device: dev.name(),
+    }
+}
+
+/// Chooses the geometry for a new cache on a device of `dev_size` bytes.
+pub(crate) fn new_geometry(req: &GeometryRequest, dev_size: u64) -> Result<Geometry, GeometryError> {
+    Geometry::check_request(req)?;
+    let bs = req.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
+    let blocks = match req.cache_blocks {
+        Some(b) => b,
+        None => {
+            let fit = Layout::fit_blocks(dev_size, bs, 1);
+            let assoc = match req.assoc {
+                Some(a) => a,
+                None => {
+                    let mut a = DEFAULT_ASSOC;
+                    while a > 1 && u64::from(a) > fit {
+                        a /= 2;
+                    }
+                    a
+                }
+            };
+            let n = fit / u64::from(assoc) * u64::from(assoc);
+            if n == 0 {
+                let g = Geometry { block_size: bs, cache_blocks: u64::from(assoc), assoc, run: 1 };
+                let l = Layout::new(&g);
+                return Err(GeometryError::CacheTooSmall {
+                    blocks: u64::from(assoc),
+                    block_size: bs,
+                    needed: l.device_len(),
+                    meta: l.meta_len(),
+                    available: dev_size,
+                });
+            }
+            return Geometry::resolve(&GeometryRequest { assoc: Some(assoc), ..*req }, n);
+        }
+    };
+    let g = Geometry::resolve(req, blocks)?;
+    let l = Layout::new(&g);
+    if l.device_len() > dev_size {
+        return Err(GeometryError::CacheTooSmall {
+            blocks,
+            block_size: bs,
+            needed: l.device_len(),
+            meta: l.meta_len(),
+            available: dev_size,
+        });
+    }
+    Ok(g)
+}
+
+pub(crate) fn open_cache(
+    source: &dyn BlockDevice,
+    cache: &dyn BlockDevice,
+    cfg: &EngineConfig,
+) -> Result<Opened, EngineError> {
+    let t0 = Instant::now();
+    Geometry::check_request(&cfg.geometry)?;
+    let source_size = source.size();
+    if source_size == 0 {
+        return Err(EngineError::EmptySource { device: source.name() });
+    }
+    let found = meta::read_superblock(cache).map_err(|e| EngineError::Meta {
+        device: cache.name(),
+        source: e,
+    })?;
+    match found {
+        Found::Superblock(sb, slot) if !cfg.format => load(source_size, cache, cfg, sb, slot, t0),
+        Found::Foreign if !cfg.format => Err(EngineError::ForeignCache { device: cache.name() }),
+        _ => format(source_size, cache, cfg, t0),
+    }
+}
+
+fn format(source_size: u64, cache: &dyn BlockDevice, cfg: &EngineConfig, t0: Instant) -> Result<Opened, EngineError> {
+    let g = new_geometry(&cfg.geometry, cache.size())?;
+    if source_size.div_ceil(u64::from(g.block_size)) > MAX_SOURCE_BLOCKS {
+        return Err(GeometryError::SourceTooLarge {
+            source_size,
+            block_size: g.block_size,
+        }
+        .into());
+    }
+    let layout = Layout::new(&g);
+    let meta_err = |e| EngineError::Meta {
+        device: cache.name(),
+        source: e,
+    };
+    // Kill both superblock slots first so a half-formatted device is never
+    // mistaken for the old cache, then write an empty table, then the new
+    // superblock.
+    let zero = AlignedBuf::new(2 * META_PAGE as usize);
+    cache.write_at(&zero, 0).map_err(EngineError::Cache)?;
+    cache.flush().map_err(EngineError::Cache)?;
+    let entries = vec![0u64; g.cache_blocks as usize];
+    meta::save_table(cache, &layout, &entries).map_err(meta_err)?;
+    cache.flush().map_err(EngineError::Cache)?;
+    let mut uuid = [0u8; 16];
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    uuid.copy_from_slice(&(now ^ u128::from(std::process::id()) << 64).to_le_bytes());
+    let sb = Superblock {
+        seq: 1,
+        flags: 0,
+        layout,
+        source_size,
+        mode: cfg.mode.unwrap_or(WriteMode::Writeback),
+        clean: false,
+        uuid,
+        commit_seq: 0,
+    };
+    meta::write_superblock(cache, &sb, 0).map_err(meta_err)?;
+    log::info!(
+        "formatted cache device {}: {} blocks of {} bytes, associativity {}",
+        cache.name(),
+        g.cache_blocks,
+        g.block_size,
+        g.assoc
+    );
+    Ok(Opened {
+        sb,
+        slot: 0,
+        entries,
+        start: StartInfo {
+            formatted: true,
+            clean: true,
+            entries_loaded: 0,
+            dirty_loaded: 0,
+            load_ms: t0.elapsed().as_millis() as u64,
+        },
+    })
+}
+
+fn load(
+    source_size: u64,
+    cache: &dyn BlockDevice,
+    cfg: &EngineConfig,
+    mut sb: Superblock,
+    slot: usize,
+    t0: Instant,
+) -> Result<Opened, EngineError> {
+    let l = sb.layout;
+    let req = &cfg.geometry;
+    if let Some(bs) = req.block_size {
+        if bs != l.block_size {
+            return Err(conflict("block-size", bs.into(), l.block_size.into(), cache));
+        }
+    }
+    if let Some(n) = req.cache_blocks {
+        if n != l.cache_blocks {
+            return Err(conflict("cache-blocks", n, l.cache_blocks, cache));
+        }
+    }
+    if let Some(a) = req.assoc {
+        if a != l.assoc {
+            return Err(conflict("assoc", a.into(), l.assoc.into(), cache));
+        }
+    }
+    if sb.source_size != source_size {
+        return Err(EngineError::SourceMismatch {
+            device: cache.name(),
+            recorded: sb.source_size,
+            actual: source_size,
+        });
+    }
+    if l.device_len() > cache.size() {
+        return Err(EngineError::Meta {
+            device: cache.name(),
+            source: meta::MetaError::BadSuperblock {
+                slot,
+                what: format!(
+                    "the cache needs {} bytes but the device has only {}",
+                    l.device_len(),
+                    cache.size()
+                ),
+            },
+        });
+    }
+    let source_blocks = source_size.div_ceil(u64::from(l.block_size));
+    let mut entries = meta::load_table(cache, &l, source_blocks).map_err(|e| EngineError::Meta {
+        device: cache.name(),
+        source: e,
+    })?;
+    let dirty = entries.iter().filter(|&&e| e & super::frames::DIRTY != 0).count() as u64;
+    let clean_shutdown = sb.clean;
+    if !clean_shutdown {
+        if sb.mode == WriteMode::Writeback || dirty > 0 {
+            return Err(EngineError::Unclean { device: cache.name() });
+        }
+        // Without writeback nothing in the cache is the only copy: drop it all.
+        log::warn!("cache {} was not shut down cleanly; dropping its {} clean entries", cache.name(), entries.iter().filter(|&&e| e != 0).count());
+        entries.iter_mut().for_each(|e| *e = 0);
+    }
+    let mode = cfg.mode.unwrap_or(sb.mode);
+    if mode == WriteMode::Passthrough && dirty > 0 {
+        return Err(EngineError::PassthroughDirty { dirty });
+    }
+    let loaded = entries.iter().filter(|&&e| e != 0).count() as u64;
+    // Mark the cache in use before serving, so a crash is detected next time.
+    sb.seq += 1;
+    sb.clean = false;
+    sb.mode = mode;
+    let next = 1 - slot;
+    meta::write_superblock(cache, &sb, next).map_err(|e| EngineError::Meta {
+        device: cache.name(),
+        source: e,
+    })?;
+    Ok(Opened {
+        sb,
+        slot: next,
+        entries,
+        start: StartInfo {
+            formatted: false,
+            clean: clean_shutdown,
+            entries_loaded: loaded,
+            dirty_loaded: if clean_shutdown { dirty } else { 0 },
+            load_ms: t0.elapsed().as_millis() as u64,
+        },
+    })
+}

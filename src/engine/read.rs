@@ -1,0 +1,172 @@
+//! The read path.
+//!
+//! Hits are read from the cache frame while it is pinned. Consecutive misses
+//! are claimed (frames set `Filling`) and fetched from the source with one
+//! read; the caller's bytes are copied out at once and the blocks are stored
+//! into the cache in the background.
+
+use super::core::{chunks, Chunk, Core, Victim};
+use super::frames::{Entry, FrameState};
+use super::mode::WriteMode;
+use super::store::StoreJob;
+use super::EngineError;
+use crate::device::AlignedBuf;
+use std::sync::atomic::Ordering::Relaxed;
+
+/// Claimed consecutive missing blocks waiting for one source read.
+struct MissRun {
+    first_block: u64,
+    frames: Vec<u64>,
+    /// Where the run's part of the request starts in the caller's buffer.
+    pos: usize,
+    /// Offset of the request inside the first block.
+    skip: u64,
+    /// Request bytes covered by the run.
+    len: u64,
+}
+
+/// Largest fetch issued for one run of misses.
+const MAX_RUN_BYTES: u64 = 4 << 20;
+
+impl Core {
+    pub(crate) fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), EngineError> {
+        if self.mode() == WriteMode::Passthrough {
+            self.stats.bypassed.fetch_add(1, Relaxed);
+            return self.source.read_at(buf, offset).map_err(EngineError::Source);
+        }
+        let mut run: Option<MissRun> = None;
+        let result = self.read_chunks(offset, buf, &mut run);
+        // Always settle claimed frames, even after an error.
+        let tail = match run.take() {
+            Some(r) => self.fetch_run(r, buf),
+            None => Ok(()),
+        };
+        result.and(tail)
+    }
+
+    fn read_chunks(&self, offset: u64, buf: &mut [u8], run: &mut Option<MissRun>) -> Result<(), EngineError> {
+        for c in chunks(offset, buf.len() as u64, self.bs) {
+            self.read_chunk(c, buf, run)?;
+        }
+        Ok(())
+    }
+
+    fn read_chunk(&self, c: Chunk, buf: &mut [u8], run: &mut Option<MissRun>) -> Result<(), EngineError> {
+        let set = self.set_of(c.block);
+        let out = c.pos..c.pos + c.len as usize;
+        let mut waited = false;
+        loop {
+            let mut g = self.lock(set);
+            let must_wait = match self.lookup(set, c.block) {
+                Some(f) => {
+                    let e = self.frames.get(f);
+                    if e.state() != FrameState::Filling && e.can_pin() {
+                        self.frames.set(f, e.pinned());
+                        self.policy.on_hit(f, &mut g.clock);
+                        drop(g);
+                        self.stats.read_hits.fetch_add(1, Relaxed);
+                        let r = self
+                            .cache
+                            .read_at(&mut buf[out.clone()], self.layout.frame_offset(f) + c.off)
+                            .map_err(EngineError::Cache);
+                        self.unpin(set, f);
+                        return r;
+                    }
+                    true
+                }
+                None if g.uncached.contains(&c.block) => true,
+                None => match self.claim_victim(set, &mut g) {
+                    Victim::Free(f) => {
+                        self.install(f, Entry::new(c.block, false, FrameState::Filling), &mut g);
+                        drop(g);
+                        self.stats.read_misses.fetch_add(1, Relaxed);
+                        self.stats.promotions.fetch_add(1, Relaxed);
+                        return self.extend_run(run, c, f, buf);
+                    }
+                    Victim::Dirty(f) => {
+                        drop(g);
+                        self.settle(run, buf)?;
+                        self.evict_dirty(set, f)?;
+                        continue;
+                    }
+                    Victim::None => {
+                        drop(g);
+                        self.settle(run, buf)?;
+                        self.stats.read_misses.fetch_add(1, Relaxed);
+                        self.stats.bypassed.fetch_add(1, Relaxed);
+                        return self
+                            .source
+                            .read_at(&mut buf[out], c.block * self.bs + c.off)
+                            .map_err(EngineError::Source);
+                    }
+                },
+            };
+            if must_wait {
+                if run.is_some() {
+                    drop(g);
+                    self.settle(run, buf)?;
+                    continue;
+                }
+                if !waited {
+                    self.stats.waits.fetch_add(1, Relaxed);
+                    waited = true;
+                }
+                drop(self.frames.wait(set, g));
+            }
+        }
+    }
+
+    /// Adds a claimed block to the pending run, fetching the run first when
+    /// the block does not extend it.
+    fn extend_run(&self, run: &mut Option<MissRun>, c: Chunk, f: u64, buf: &mut [u8]) -> Result<(), EngineError> {
+        if let Some(r) = run.as_mut() {
+            let contiguous = r.first_block + r.frames.len() as u64 == c.block;
+            let fits = (r.frames.len() as u64 + 1) * self.bs <= MAX_RUN_BYTES;
+            if contiguous && fits {
+                r.frames.push(f);
+                r.len += c.len;
+                return Ok(());
+            }
+        }
+        let pending = run.replace(MissRun {
+            first_block: c.block,
+            frames: vec![f],
+            pos: c.pos,
+            skip: c.off,
+            len: c.len,
+        });
+        match pending {
+            Some(r) => self.fetch_run(r, buf),
+            None => Ok(()),
+        }
+    }
+
+    fn settle(&self, run: &mut Option<MissRun>, buf: &mut [u8]) -> Result<(), EngineError> {
+        match run.take() {
+            Some(r) => self.fetch_run(r, buf),
+            None => Ok(()),
+        }
+    }
+
+    /// Reads the run from the source, copies the request's bytes out and
+    /// queues the blocks for storing. On error the claimed frames are freed.
+    fn fetch_run(&self, r: MissRun, buf: &mut [u8]) -> Result<(), EngineError> {
+        let span = r.frames.len() * self.bs as usize;
+        let mut data = AlignedBuf::new(span);
+        if let Err(e) = self.read_source_blocks(r.first_block, &mut data) {
+            self.stats.errors.fetch_add(1, Relaxed);
+            for (i, &f) in r.frames.iter().enumerate() {
+                self.abandon(self.set_of(r.first_block + i as u64), f);
+            }
+            return Err(e);
+        }
+        let skip = r.skip as usize;
+        buf[r.pos..r.pos + r.len as usize].copy_from_slice(&data[skip..skip + r.len as usize]);
+        self.submit_store(StoreJob {
+            first_block: r.first_block,
+            frames: r.frames,
+            data,
+        });
+        Ok(())
+    }
+}
