@@ -82,24 +82,27 @@ impl Layout {
     /// `dev_size` bytes together with their metadata, rounded down to a
     /// multiple of `multiple`.
     pub fn fit_blocks(dev_size: u64, block_size: u32, multiple: u32) -> u64 {
-        let bs = u64::from(block_size);
         let m = u64::from(multiple.max(1));
-        let mut n = dev_size / bs / m * m;
-        while n > 0 {
+        let fits = |units: u64| {
             let g = Geometry {
                 block_size,
-                cache_blocks: n,
+                cache_blocks: units * m,
                 assoc: 1,
                 run: 1,
             };
-            let need = Layout::new(&g).device_len();
-            if need <= dev_size {
-                return n;
+            Layout::new(&g).device_len() <= dev_size
+        };
+        // Binary search for the largest number of units (of `m` blocks) that fits.
+        let (mut lo, mut hi) = (0u64, dev_size / u64::from(block_size) / m + 1);
+        while lo + 1 < hi {
+            let mid = lo + (hi - lo) / 2;
+            if fits(mid) {
+                lo = mid;
+            } else {
+                hi = mid;
             }
-            let excess_blocks = (need - dev_size).div_ceil(bs).div_ceil(m) * m;
-            n = n.saturating_sub(excess_blocks.max(m));
         }
-        0
+        lo * m
     }
 }
 
