@@ -1,0 +1,137 @@
+//! Multi-threaded stress of the cache engine against a reference.
+//!
+//! Threads own disjoint bytes that share cache blocks and sets: in the first
+//! half of the disk thread `t` owns every sector `s` with `s % T == t`, so
+//! threads race on the same blocks; in the second half each thread owns a
+//! contiguous region for multi-block requests. Another thread switches write
+//! modes and flushes the whole cache meanwhile. Every read is checked against
+//! the owner's reference; at the end the source must equal the reference.
+
+use rand::{Rng, SeedableRng};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use vblkcache::device::{LatencyDevice, LatencyProfile, MemDevice};
+use vblkcache::engine::{Engine, EngineConfig, GeometryRequest, WriteMode};
+
+const T: u64 = 4;
+const SECTOR: u64 = 512;
+
+fn stress(source_latency: Duration, ops_per_thread: usize, assoc: u32, seed: u64) {
+    let bs = 4096u64;
+    let size = 2 << 20; // 2 MiB: 512 blocks over a 64-block cache
+    let half = size / 2;
+    let initial: Vec<u8> = (0..size).map(|i| (i % 253) as u8).collect();
+    let mem = Arc::new(MemDevice::from_bytes(&initial));
+    let source = Arc::new(LatencyDevice::new(mem.clone(), LatencyProfile::uniform(source_latency)));
+    let cache = Arc::new(MemDevice::new(8 << 20));
+    let cfg = EngineConfig {
+        geometry: GeometryRequest { block_size: Some(bs as u32), cache_blocks: Some(64), assoc: Some(assoc) },
+        mode: Some(WriteMode::Writeback),
+        ..EngineConfig::default()
+    };
+    let engine = Arc::new(Engine::open(source, cache, cfg).unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+
+    let switcher = {
+        let (engine, stop) = (engine.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let modes = [WriteMode::Writethrough, WriteMode::Writeback, WriteMode::Writearound, WriteMode::Writeback];
+            let mut i = 0;
+            while !stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(15));
+                engine.set_mode(modes[i % modes.len()]).unwrap();
+                if i % 3 == 0 {
+                    engine.flush_all(&mut |_| {}).unwrap();
+                }
+                i += 1;
+            }
+            engine.set_mode(WriteMode::Writeback).unwrap();
+        })
+    };
+
+    let workers: Vec<_> = (0..T)
+        .map(|t| {
+            let engine = engine.clone();
+            let mut reference = initial.clone();
+            std::thread::spawn(move || {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(seed * 100 + t);
+                let region = half / T;
+                let rstart = half + t * region;
+                for i in 0..ops_per_thread {
+                    let interleaved = rng.gen_bool(0.5);
+                    let (off, len) = if interleaved {
+                        let s = rng.gen_range(0..half / SECTOR / T) * T + t;
+                        (s * SECTOR, SECTOR)
+                    } else {
+                        let off = rstart + rng.gen_range(0..region);
+                        let len = rng.gen_range(1..=(rstart + region - off).min(3 * bs));
+                        (off, len)
+                    };
+                    let (o, l) = (off as usize, len as usize);
+                    match rng.gen_range(0..10) {
+                        0..=3 => {
+                            let fill = rng.gen::<u8>();
+                            let data: Vec<u8> = (0..l).map(|k| fill ^ (k as u8)).collect();
+                            engine.write(off, &data).unwrap();
+                            reference[o..o + l].copy_from_slice(&data);
+                        }
+                        4..=7 => {
+                            let mut buf = vec![0u8; l];
+                            engine.read(off, &mut buf).unwrap();
+                            assert!(buf == reference[o..o + l], "thread {t} op {i}: read {off}+{len} differs");
+                        }
+                        8 if !interleaved => {
+                            engine.discard(off, len).unwrap();
+                            reference[o..o + l].fill(0);
+                        }
+                        _ => engine.flush().unwrap(),
+                    }
+                }
+                reference
+            })
+        })
+        .collect();
+
+    let refs: Vec<Vec<u8>> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+    stop.store(true, Ordering::SeqCst);
+    switcher.join().unwrap();
+
+    // Merge the owners' views into one reference.
+    let mut reference = initial.clone();
+    for s in 0..half / SECTOR {
+        let t = (s % T) as usize;
+        let r = (s * SECTOR) as usize..((s + 1) * SECTOR) as usize;
+        reference[r.clone()].copy_from_slice(&refs[t][r]);
+    }
+    for t in 0..T {
+        let region = half / T;
+        let r = (half + t * region) as usize..(half + (t + 1) * region) as usize;
+        reference[r.clone()].copy_from_slice(&refs[t as usize][r]);
+    }
+    let mut all = vec![0u8; size as usize];
+    engine.read(0, &mut all).unwrap();
+    assert!(all == reference, "final read differs");
+    engine.flush_all(&mut |_| {}).unwrap();
+    assert!(mem.to_vec() == reference, "source differs after flush_all");
+    let st = engine.stats();
+    assert!(st.read_hits > 0 && st.read_misses > 0 && st.writebacks > 0, "{st:?}");
+    engine.shutdown(false).unwrap();
+}
+
+#[test]
+fn stress_no_latency_set_associative() {
+    for seed in 0..3 {
+        stress(Duration::ZERO, 3000, 4, seed);
+    }
+}
+
+#[test]
+fn stress_no_latency_fully_associative() {
+    stress(Duration::ZERO, 3000, 64, 7);
+}
+
+#[test]
+fn stress_slow_source_direct_mapped() {
+    stress(Duration::from_micros(200), 400, 1, 11);
+}
