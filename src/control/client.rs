@@ -133,7 +133,9 @@ const LEADING: [&str; 7] = [
 ];
 
 /// Renders a status object as an aligned two-column table. It does not assume
-/// a fixed set of fields: anything the engine adds is printed by name.
+/// a fixed set of fields: anything the engine adds is printed by its JSON name
+/// (serde_json keeps object keys sorted, so sections list fields
+/// alphabetically).
 pub fn format_status(status: &Value) -> String {
     let Some(obj) = status.as_object() else {
         return status.to_string();
@@ -141,7 +143,7 @@ pub fn format_status(status: &Value) -> String {
     let mut rows: Vec<(String, String)> = Vec::new();
     let mut sections: Vec<(&str, &Map<String, Value>)> = Vec::new();
     let add = |key: &str, v: &Value, rows: &mut Vec<(String, String)>| {
-        rows.push((key.replace('_', " "), format_value(key, v)));
+        rows.push((label(key).to_string(), format_value(key, v)));
     };
     for key in LEADING {
         if let Some(v) = obj.get(key) {
@@ -159,9 +161,9 @@ pub fn format_status(status: &Value) -> String {
     }
     let mut lines: Vec<(String, String)> = rows;
     for (name, m) in sections {
-        lines.push((format!("{}:", name.replace('_', " ")), String::new()));
+        lines.push((format!("{name}:"), String::new()));
         for (key, v) in m {
-            lines.push((format!("  {}", key.replace('_', " ")), format_value(key, v)));
+            lines.push((format!("  {}", label(key)), format_value(key, v)));
         }
     }
     let width = lines.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
@@ -176,6 +178,15 @@ pub fn format_status(status: &Value) -> String {
     }
     s.pop();
     s
+}
+
+/// The row label of a field: its JSON name (so table and `--json` output use
+/// the same words), except where the value is rendered in another unit.
+fn label(key: &str) -> &str {
+    match key {
+        "uptime_secs" => "uptime",
+        k => k,
+    }
 }
 
 fn format_value(key: &str, v: &Value) -> String {
@@ -273,7 +284,7 @@ mod tests {
             lines[0].split_whitespace().collect::<Vec<_>>(),
             ["mode", "writethrough"]
         );
-        assert!(lines[1].starts_with("hit ratio") && lines[1].ends_with("50.00 %"));
+        assert!(lines[1].starts_with("hit_ratio ") && lines[1].ends_with("50.00 %"));
         assert!(lines.contains(&"stats:"));
         // Values start in the same column on every row.
         let starts: Vec<usize> = lines

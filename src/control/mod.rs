@@ -63,6 +63,8 @@ pub enum ControlError {
     },
     #[error("control socket path {path} exists and is not a socket; refusing to replace it")]
     NotASocket { path: String },
+    #[error("control server limit {field} must be greater than zero")]
+    InvalidLimit { field: &'static str },
     #[error("control socket {path} is in use by a running server")]
     InUse { path: String },
     #[error(

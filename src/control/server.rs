@@ -56,6 +56,27 @@ impl Default for ServerLimits {
     }
 }
 
+impl ServerLimits {
+    /// Checks that every limit is usable: a zero timeout would be refused by
+    /// the socket layer on every connection, and zero connections would turn
+    /// every client away.
+    pub fn validate(&self) -> Result<(), ControlError> {
+        let bad = if self.max_connections == 0 {
+            Some("max_connections")
+        } else if self.idle_timeout.is_zero() {
+            Some("idle_timeout")
+        } else if self.write_timeout.is_zero() {
+            Some("write_timeout")
+        } else {
+            None
+        };
+        match bad {
+            Some(field) => Err(ControlError::InvalidLimit { field }),
+            None => Ok(()),
+        }
+    }
+}
+
 const LISTENER_TOKEN: u64 = 1;
 const WAKE_TOKEN: u64 = 2;
 
@@ -115,6 +136,7 @@ impl Server {
             path: path.display().to_string(),
             source,
         };
+        limits.validate()?;
         let (listener, file) = socket_file::bind(path, mode)?;
         let started = (|| {
             listener.set_nonblocking(true)?;
@@ -381,7 +403,42 @@ impl ProgressThrottle {
 
 #[cfg(test)]
 mod tests {
-    use super::ProgressThrottle;
+    use super::{ControlError, ProgressThrottle, ServerLimits};
+    use std::time::Duration;
+
+    #[test]
+    fn limits_must_be_non_zero() {
+        assert!(ServerLimits::default().validate().is_ok());
+        let cases = [
+            (
+                ServerLimits {
+                    max_connections: 0,
+                    ..Default::default()
+                },
+                "max_connections",
+            ),
+            (
+                ServerLimits {
+                    idle_timeout: Duration::ZERO,
+                    ..Default::default()
+                },
+                "idle_timeout",
+            ),
+            (
+                ServerLimits {
+                    write_timeout: Duration::ZERO,
+                    ..Default::default()
+                },
+                "write_timeout",
+            ),
+        ];
+        for (limits, name) in cases {
+            match limits.validate() {
+                Err(ControlError::InvalidLimit { field }) => assert_eq!(field, name),
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+    }
 
     #[test]
     fn throttle_reports_each_percent_once() {

@@ -85,22 +85,26 @@ fn private_dir(path: &Path) -> Result<PrivateDir, ControlError> {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
-    let dir = parent.join(format!(".vbc{}.{}", std::process::id(), seq));
-    let sock = dir.join("s");
-    let needed = sock.as_os_str().len();
-    if needed > MAX_SOCKET_PATH {
-        return Err(ControlError::PathTooLong {
-            path: path.display().to_string(),
-            needed,
-            max: MAX_SOCKET_PATH,
-        });
+    // A leftover directory of a crashed process with the same pid is skipped.
+    let mut attempts = 0;
+    loop {
+        let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+        let dir = parent.join(format!(".vbc{}.{}", std::process::id(), seq));
+        let sock = dir.join("s");
+        let needed = sock.as_os_str().len();
+        if needed > MAX_SOCKET_PATH {
+            return Err(ControlError::PathTooLong {
+                path: path.display().to_string(),
+                needed,
+                max: MAX_SOCKET_PATH,
+            });
+        }
+        match fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok(PrivateDir { dir, sock }),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempts < 16 => attempts += 1,
+            Err(e) => return Err(io_err(&dir, e)),
+        }
     }
-    fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&dir)
-        .map_err(|e| io_err(&dir, e))?;
-    Ok(PrivateDir { dir, sock })
 }
 
 /// Binds a listening socket at `path` with file mode `mode` (permission bits
