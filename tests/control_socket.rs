@@ -511,3 +511,42 @@ fn shutdown_during_a_flush_waits_only_for_the_grace_period() {
     assert!(!path.exists());
     target.release.store(true, Ordering::SeqCst);
 }
+
+#[test]
+fn client_reports_replies_it_cannot_understand() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fake.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let server = std::thread::spawn(move || {
+        for reply in [&b"not json at all\n"[..], b"{\"ok\":true}\n", b""] {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut line = String::new();
+            BufReader::new(&s).read_line(&mut line).unwrap();
+            s.write_all(reply).unwrap();
+        }
+    });
+    let status = || {
+        run_client(
+            &path,
+            ClientCommand::Status { json: false },
+            &mut Vec::new(),
+        )
+    };
+    let e = status().unwrap_err();
+    assert!(
+        matches!(&e, ControlError::Protocol(m) if m.contains("not json at all")),
+        "{e}"
+    );
+    // `{"ok":true}` is a valid reply, but not an answer to status.
+    let e = status().unwrap_err();
+    assert!(
+        matches!(&e, ControlError::Protocol(m) if m.contains("does not answer")),
+        "{e}"
+    );
+    let e = status().unwrap_err();
+    assert!(
+        matches!(&e, ControlError::Protocol(m) if m.contains("closed")),
+        "{e}"
+    );
+    server.join().unwrap();
+}

@@ -45,9 +45,19 @@ pub fn run(path: &Path, cmd: ClientCommand, out: &mut dyn Write) -> Result<(), C
     let mut reader = BufReader::new(&stream);
     let mut last_done = 0u64;
     loop {
-        let reply = match protocol::read_line(&mut reader, protocol::MAX_REPLY_LINE)
-            .map_err(|e| io_err(path, e))?
-        {
+        let read =
+            protocol::read_line(&mut reader, protocol::MAX_REPLY_LINE).map_err(|e| {
+                match (e.kind(), timeout) {
+                    (io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut, Some(t)) => {
+                        ControlError::Timeout {
+                            path: path.display().to_string(),
+                            secs: t.as_secs(),
+                        }
+                    }
+                    _ => io_err(path, e),
+                }
+            })?;
+        let reply = match read {
             Line::Eof => {
                 return Err(ControlError::Protocol(
                     "the server closed the connection without a final reply".into(),
@@ -69,10 +79,7 @@ pub fn run(path: &Path, cmd: ClientCommand, out: &mut dyn Write) -> Result<(), C
                 ))
             })?,
         };
-        let o = |e: io::Error| ControlError::Io {
-            path: "<output>".into(),
-            source: e,
-        };
+        let o = ControlError::Output;
         match (reply, &cmd) {
             (Reply::Error(msg), _) => return Err(ControlError::Remote(msg)),
             (Reply::Progress { done, total }, ClientCommand::Flush) => {
@@ -112,12 +119,12 @@ pub fn run(path: &Path, cmd: ClientCommand, out: &mut dyn Write) -> Result<(), C
 }
 
 fn progress_line(done: u64, total: u64) -> String {
-    let pct = if total == 0 {
-        100.0
-    } else {
-        done as f64 * 100.0 / total as f64
+    // Rounded down, so 100% is shown only when the flush is really done.
+    let pct = match total {
+        0 => 100,
+        t => u128::from(done.min(t)) * 100 / u128::from(t),
     };
-    format!("flushing: {done}/{total} blocks ({pct:.0}%)")
+    format!("flushing: {done}/{total} blocks ({pct}%)")
 }
 
 /// Top-level fields shown first, in this order; other scalar fields follow,
@@ -252,6 +259,16 @@ fn format_duration(secs: f64) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn progress_percent_rounds_down() {
+        assert_eq!(progress_line(0, 0), "flushing: 0/0 blocks (100%)");
+        assert_eq!(progress_line(999, 1000), "flushing: 999/1000 blocks (99%)");
+        assert_eq!(
+            progress_line(u64::MAX, u64::MAX),
+            format!("flushing: {0}/{0} blocks (100%)", u64::MAX)
+        );
+    }
 
     #[test]
     fn values_are_humanised() {

@@ -63,6 +63,10 @@ pub enum ControlError {
     },
     #[error("control socket path {path} exists and is not a socket; refusing to replace it")]
     NotASocket { path: String },
+    #[error("control socket {path}: no reply within {secs} s")]
+    Timeout { path: String, secs: u64 },
+    #[error("cannot write the command output: {0}")]
+    Output(#[source] std::io::Error),
     #[error("control server limit {field} must be greater than zero")]
     InvalidLimit { field: &'static str },
     #[error("control socket {path} is in use by a running server")]
