@@ -18,12 +18,13 @@ const T: u64 = 4;
 const SECTOR: u64 = 512;
 
 fn stress(source_latency: Duration, ops_per_thread: usize, assoc: u32, seed: u64) {
+    let profile = LatencyProfile { jitter: source_latency, ..LatencyProfile::uniform(source_latency / 4) };
     let bs = 4096u64;
-    let size = 2 << 20; // 2 MiB: 512 blocks over a 64-block cache
+    let size = 1 << 20; // 1 MiB: 256 blocks over a 64-block cache
     let half = size / 2;
     let initial: Vec<u8> = (0..size).map(|i| (i % 253) as u8).collect();
     let mem = Arc::new(MemDevice::from_bytes(&initial));
-    let source = Arc::new(LatencyDevice::new(mem.clone(), LatencyProfile::uniform(source_latency)));
+    let source = Arc::new(LatencyDevice::new(mem.clone(), profile));
     let cache = Arc::new(MemDevice::new(8 << 20));
     let cfg = EngineConfig {
         geometry: GeometryRequest { block_size: Some(bs as u32), cache_blocks: Some(64), assoc: Some(assoc) },
@@ -133,5 +134,6 @@ fn stress_no_latency_fully_associative() {
 
 #[test]
 fn stress_slow_source_direct_mapped() {
-    stress(Duration::from_micros(200), 400, 1, 11);
+    stress(Duration::from_micros(100), 1500, 4, 11);
+    stress(Duration::from_micros(100), 1500, 1, 12);
 }

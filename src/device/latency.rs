@@ -1,6 +1,7 @@
 //! A wrapper that adds latency, to emulate a slow HDD or a remote source.
 
 use super::{BlockDevice, DeviceError};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -13,6 +14,9 @@ pub struct LatencyProfile {
     /// Serve one request at a time, like a single disk head. When false the
     /// latencies overlap, like a remote store with many requests in flight.
     pub serial: bool,
+    /// Up to this much extra latency, varying from request to request
+    /// (pseudo-random), so requests can complete out of order.
+    pub jitter: Duration,
 }
 
 impl LatencyProfile {
@@ -23,6 +27,7 @@ impl LatencyProfile {
             write: d,
             flush: d,
             serial: false,
+            jitter: Duration::ZERO,
         }
     }
 }
@@ -32,6 +37,7 @@ pub struct LatencyDevice<D> {
     inner: D,
     profile: LatencyProfile,
     head: Mutex<()>,
+    counter: AtomicU64,
 }
 
 impl<D: BlockDevice> LatencyDevice<D> {
@@ -40,6 +46,7 @@ impl<D: BlockDevice> LatencyDevice<D> {
             inner,
             profile,
             head: Mutex::new(()),
+            counter: AtomicU64::new(0),
         }
     }
 
@@ -48,6 +55,17 @@ impl<D: BlockDevice> LatencyDevice<D> {
     }
 
     fn delay<T>(&self, d: Duration, f: impl FnOnce() -> T) -> T {
+        let j = self.profile.jitter.as_nanos() as u64;
+        let d = if j == 0 {
+            d
+        } else {
+            // splitmix64 of a request counter: cheap, deterministic per run.
+            let mut x = self.counter.fetch_add(1, Ordering::Relaxed).wrapping_add(0x9E37_79B9_7F4A_7C15);
+            x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            x ^= x >> 31;
+            d + Duration::from_nanos(x % j)
+        };
         if d.is_zero() {
             return f();
         }
