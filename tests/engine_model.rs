@@ -32,13 +32,37 @@ struct Case {
 
 const CASES: &[Case] = &[
     // Direct-mapped.
-    Case { block_size: 4096, blocks: 16, assoc: 1, source_blocks: 64, tail: 1000 },
+    Case {
+        block_size: 4096,
+        blocks: 16,
+        assoc: 1,
+        source_blocks: 64,
+        tail: 1000,
+    },
     // Fully associative.
-    Case { block_size: 4096, blocks: 16, assoc: 16, source_blocks: 64, tail: 0 },
+    Case {
+        block_size: 4096,
+        blocks: 16,
+        assoc: 16,
+        source_blocks: 64,
+        tail: 0,
+    },
     // Set-associative, larger blocks.
-    Case { block_size: 8192, blocks: 32, assoc: 4, source_blocks: 100, tail: 512 },
+    Case {
+        block_size: 8192,
+        blocks: 32,
+        assoc: 4,
+        source_blocks: 100,
+        tail: 512,
+    },
     // Cache larger than the source.
-    Case { block_size: 4096, blocks: 64, assoc: 8, source_blocks: 40, tail: 3000 },
+    Case {
+        block_size: 4096,
+        blocks: 64,
+        assoc: 8,
+        source_blocks: 40,
+        tail: 3000,
+    },
 ];
 
 fn op_strategy(size: u64, bs: u64) -> impl Strategy<Value = Op> {
@@ -59,7 +83,9 @@ fn op_strategy(size: u64, bs: u64) -> impl Strategy<Value = Op> {
 }
 
 fn pattern(off: u64, len: u64, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| ((off + i).wrapping_mul(31) as u8) ^ seed).collect()
+    (0..len)
+        .map(|i| ((off + i).wrapping_mul(31) as u8) ^ seed)
+        .collect()
 }
 
 fn run_case(case: Case, mode: WriteMode, ops: &[Op]) -> Result<(), TestCaseError> {
@@ -68,13 +94,21 @@ fn run_case(case: Case, mode: WriteMode, ops: &[Op]) -> Result<(), TestCaseError
     let initial: Vec<u8> = (0..size).map(|i| (i * 7 + 3) as u8).collect();
     let source = Arc::new(MemDevice::from_bytes(&initial));
     let geometry = Geometry::resolve(
-        &GeometryRequest { block_size: Some(case.block_size), cache_blocks: Some(case.blocks), assoc: Some(case.assoc) },
+        &GeometryRequest {
+            block_size: Some(case.block_size),
+            cache_blocks: Some(case.blocks),
+            assoc: Some(case.assoc),
+        },
         case.blocks,
     )
     .unwrap();
     let cache = Arc::new(MemDevice::new(Layout::new(&geometry).device_len()));
     let cfg = EngineConfig {
-        geometry: GeometryRequest { block_size: Some(case.block_size), cache_blocks: Some(case.blocks), assoc: Some(case.assoc) },
+        geometry: GeometryRequest {
+            block_size: Some(case.block_size),
+            cache_blocks: Some(case.blocks),
+            assoc: Some(case.assoc),
+        },
         mode: Some(mode),
         ..EngineConfig::default()
     };
@@ -86,7 +120,10 @@ fn run_case(case: Case, mode: WriteMode, ops: &[Op]) -> Result<(), TestCaseError
             Op::Read(o, l) => {
                 let mut buf = vec![0u8; l as usize];
                 engine.read(o, &mut buf).unwrap();
-                prop_assert!(buf == reference[o as usize..(o + l) as usize], "read {o}+{l} differs after {op:?}");
+                prop_assert!(
+                    buf == reference[o as usize..(o + l) as usize],
+                    "read {o}+{l} differs after {op:?}"
+                );
             }
             Op::Write(o, l, s) => {
                 let data = pattern(o, l, s);
@@ -117,7 +154,10 @@ fn run_case(case: Case, mode: WriteMode, ops: &[Op]) -> Result<(), TestCaseError
                 let mode = engine.mode();
                 engine.shutdown(writeback).unwrap();
                 drop(engine);
-                engine = open(EngineConfig { mode: None, ..cfg.clone() });
+                engine = open(EngineConfig {
+                    mode: None,
+                    ..cfg.clone()
+                });
                 prop_assert_eq!(engine.mode(), mode);
                 prop_assert!(engine.status().start.clean);
             }
@@ -129,18 +169,29 @@ fn run_case(case: Case, mode: WriteMode, ops: &[Op]) -> Result<(), TestCaseError
     prop_assert!(all == reference, "final full read differs");
     engine.flush_all(&mut |_| {}).unwrap();
     prop_assert_eq!(engine.dirty_blocks(), 0);
-    prop_assert!(source.to_vec() == reference, "source differs from the reference after flush_all");
+    prop_assert!(
+        source.to_vec() == reference,
+        "source differs from the reference after flush_all"
+    );
     engine.shutdown(false).unwrap();
     Ok(())
 }
 
 fn strategy() -> impl Strategy<Value = (usize, WriteMode, Vec<Op>)> {
-    (0..CASES.len(), prop::sample::select(WriteMode::ALL.to_vec())).prop_flat_map(|(ci, mode)| {
-        let c = CASES[ci];
-        let bs = u64::from(c.block_size);
-        let size = c.source_blocks * bs + c.tail;
-        (Just(ci), Just(mode), prop::collection::vec(op_strategy(size, bs), 1..120))
-    })
+    (
+        0..CASES.len(),
+        prop::sample::select(WriteMode::ALL.to_vec()),
+    )
+        .prop_flat_map(|(ci, mode)| {
+            let c = CASES[ci];
+            let bs = u64::from(c.block_size);
+            let size = c.source_blocks * bs + c.tail;
+            (
+                Just(ci),
+                Just(mode),
+                prop::collection::vec(op_strategy(size, bs), 1..120),
+            )
+        })
 }
 
 proptest! {
@@ -162,7 +213,9 @@ fn every_geometry_and_mode() {
             let mut ops = Vec::new();
             let mut x: u64 = 12345;
             for i in 0..300u64 {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 let off = (x >> 16) % size;
                 let len = 1 + (x >> 40) % (size - off).min(2 * bs);
                 ops.push(match i % 10 {
@@ -184,7 +237,11 @@ fn source_reads_once_per_block_then_hits() {
     let source = Arc::new(MemDevice::from_bytes(&vec![5u8; 1 << 20]));
     let cache = Arc::new(MemDevice::new(16 << 20));
     let cfg = EngineConfig {
-        geometry: GeometryRequest { block_size: Some(4096), cache_blocks: Some(256), assoc: Some(16) },
+        geometry: GeometryRequest {
+            block_size: Some(4096),
+            cache_blocks: Some(256),
+            assoc: Some(16),
+        },
         ..EngineConfig::default()
     };
     let e = Engine::open(source.clone(), cache, cfg).unwrap();

@@ -44,7 +44,11 @@ fn gated(size: u64) -> (Arc<GatedSource>, Receiver<()>, Sender<()>) {
 
 fn engine(source: Arc<GatedSource>, mode: WriteMode) -> Arc<Engine> {
     let cfg = EngineConfig {
-        geometry: GeometryRequest { block_size: Some(4096), cache_blocks: Some(16), assoc: Some(4) },
+        geometry: GeometryRequest {
+            block_size: Some(4096),
+            cache_blocks: Some(16),
+            assoc: Some(4),
+        },
         mode: Some(mode),
         ..EngineConfig::default()
     };
@@ -55,7 +59,11 @@ fn engine(source: Arc<GatedSource>, mode: WriteMode) -> Arc<Engine> {
 /// the block's old content (it would shadow the write once it completes).
 #[test]
 fn fill_waits_for_uncached_write() {
-    for mode in [WriteMode::Writearound, WriteMode::Writethrough, WriteMode::Passthrough] {
+    for mode in [
+        WriteMode::Writearound,
+        WriteMode::Writethrough,
+        WriteMode::Passthrough,
+    ] {
         let (src, entered, release) = gated(1 << 20);
         let e = engine(src, mode);
         let writer = {
@@ -78,7 +86,10 @@ fn fill_waits_for_uncached_write() {
         assert_eq!(reader.join().unwrap(), [1u8; 512]);
         let mut b = [0u8; 512];
         e.read(0, &mut b).unwrap();
-        assert_eq!(b, [9u8; 512], "stale block cached during an uncached write ({mode})");
+        assert_eq!(
+            b, [9u8; 512],
+            "stale block cached during an uncached write ({mode})"
+        );
         drop(release);
     }
 }
@@ -110,5 +121,8 @@ fn writethrough_updates_are_exclusive() {
     e.read(0, &mut b).unwrap();
     let mut s = [0u8; 4096];
     src.inner.read_at(&mut s, 0).unwrap();
-    assert_eq!(b, s, "cache and source disagree after concurrent writethrough writes");
+    assert_eq!(
+        b, s,
+        "cache and source disagree after concurrent writethrough writes"
+    );
 }

@@ -18,7 +18,10 @@ const T: u64 = 4;
 const SECTOR: u64 = 512;
 
 fn stress(source_latency: Duration, ops_per_thread: usize, assoc: u32, seed: u64) {
-    let profile = LatencyProfile { jitter: source_latency, ..LatencyProfile::uniform(source_latency / 4) };
+    let profile = LatencyProfile {
+        jitter: source_latency,
+        ..LatencyProfile::uniform(source_latency / 4)
+    };
     let bs = 4096u64;
     let size = 1 << 20; // 1 MiB: 256 blocks over a 64-block cache
     let half = size / 2;
@@ -27,7 +30,11 @@ fn stress(source_latency: Duration, ops_per_thread: usize, assoc: u32, seed: u64
     let source = Arc::new(LatencyDevice::new(mem.clone(), profile));
     let cache = Arc::new(MemDevice::new(8 << 20));
     let cfg = EngineConfig {
-        geometry: GeometryRequest { block_size: Some(bs as u32), cache_blocks: Some(64), assoc: Some(assoc) },
+        geometry: GeometryRequest {
+            block_size: Some(bs as u32),
+            cache_blocks: Some(64),
+            assoc: Some(assoc),
+        },
         mode: Some(WriteMode::Writeback),
         ..EngineConfig::default()
     };
@@ -37,7 +44,12 @@ fn stress(source_latency: Duration, ops_per_thread: usize, assoc: u32, seed: u64
     let switcher = {
         let (engine, stop) = (engine.clone(), stop.clone());
         std::thread::spawn(move || {
-            let modes = [WriteMode::Writethrough, WriteMode::Writeback, WriteMode::Writearound, WriteMode::Writeback];
+            let modes = [
+                WriteMode::Writethrough,
+                WriteMode::Writeback,
+                WriteMode::Writearound,
+                WriteMode::Writeback,
+            ];
             let mut i = 0;
             while !stop.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(15));
@@ -80,7 +92,10 @@ fn stress(source_latency: Duration, ops_per_thread: usize, assoc: u32, seed: u64
                         4..=7 => {
                             let mut buf = vec![0u8; l];
                             engine.read(off, &mut buf).unwrap();
-                            assert!(buf == reference[o..o + l], "thread {t} op {i}: read {off}+{len} differs");
+                            assert!(
+                                buf == reference[o..o + l],
+                                "thread {t} op {i}: read {off}+{len} differs"
+                            );
                         }
                         8 if !interleaved => {
                             engine.discard(off, len).unwrap();
@@ -116,7 +131,10 @@ fn stress(source_latency: Duration, ops_per_thread: usize, assoc: u32, seed: u64
     engine.flush_all(&mut |_| {}).unwrap();
     assert!(mem.to_vec() == reference, "source differs after flush_all");
     let st = engine.stats();
-    assert!(st.read_hits > 0 && st.read_misses > 0 && st.writebacks > 0, "{st:?}");
+    assert!(
+        st.read_hits > 0 && st.read_misses > 0 && st.writebacks > 0,
+        "{st:?}"
+    );
     engine.shutdown(false).unwrap();
 }
 

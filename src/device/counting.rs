@@ -66,12 +66,16 @@ impl<D: BlockDevice> BlockDevice for CountingDevice<D> {
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DeviceError> {
         self.c.reads.fetch_add(1, Ordering::SeqCst);
-        self.c.bytes_read.fetch_add(buf.len() as u64, Ordering::SeqCst);
+        self.c
+            .bytes_read
+            .fetch_add(buf.len() as u64, Ordering::SeqCst);
         self.inner.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DeviceError> {
         self.c.writes.fetch_add(1, Ordering::SeqCst);
-        self.c.bytes_written.fetch_add(buf.len() as u64, Ordering::SeqCst);
+        self.c
+            .bytes_written
+            .fetch_add(buf.len() as u64, Ordering::SeqCst);
         self.inner.write_at(buf, offset)
     }
     fn flush(&self) -> Result<(), DeviceError> {

@@ -145,7 +145,13 @@ impl FileDevice {
             .map_err(|e| io_err(IoOp::Write, offset, buf.len() as u64, &self.path, e))
     }
 
-    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64, op: IoOp) -> Result<(), DeviceError> {
+    fn fallocate(
+        &self,
+        mode: libc::c_int,
+        offset: u64,
+        len: u64,
+        op: IoOp,
+    ) -> Result<(), DeviceError> {
         let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
             return Err(DeviceError::OutOfRange {
                 op,
@@ -159,18 +165,36 @@ impl FileDevice {
         if rc == 0 {
             Ok(())
         } else {
-            Err(io_err(op, offset, len, &self.path, io::Error::last_os_error()))
+            Err(io_err(
+                op,
+                offset,
+                len,
+                &self.path,
+                io::Error::last_os_error(),
+            ))
         }
     }
 
-    fn blk_range_ioctl(&self, req: libc::c_ulong, offset: u64, len: u64, op: IoOp) -> Result<(), DeviceError> {
+    fn blk_range_ioctl(
+        &self,
+        req: libc::c_ulong,
+        offset: u64,
+        len: u64,
+        op: IoOp,
+    ) -> Result<(), DeviceError> {
         let range: [u64; 2] = [offset, len];
         // SAFETY: the ioctl reads two u64 from a live local array.
         let rc = unsafe { libc::ioctl(self.file.as_raw_fd(), req, range.as_ptr()) };
         if rc == 0 {
             Ok(())
         } else {
-            Err(io_err(op, offset, len, &self.path, io::Error::last_os_error()))
+            Err(io_err(
+                op,
+                offset,
+                len,
+                &self.path,
+                io::Error::last_os_error(),
+            ))
         }
     }
 }
@@ -249,10 +273,16 @@ impl BlockDevice for FileDevice {
             return Ok(());
         }
         let ok = if self.block_device {
-            self.blk_range_ioctl(BLKZEROOUT, offset, len, IoOp::WriteZeroes).is_ok()
-        } else {
-            self.fallocate(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, offset, len, IoOp::WriteZeroes)
+            self.blk_range_ioctl(BLKZEROOUT, offset, len, IoOp::WriteZeroes)
                 .is_ok()
+        } else {
+            self.fallocate(
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+                IoOp::WriteZeroes,
+            )
+            .is_ok()
         };
         if ok {
             Ok(())
@@ -269,7 +299,9 @@ impl BlockDevice for FileDevice {
 impl FileDevice {
     fn write_zeroes_slow(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
         const CHUNK: u64 = 1 << 20;
-        let zeros = AlignedBuf::new(CHUNK.min(len.div_ceil(DIRECT_ALIGN as u64) * DIRECT_ALIGN as u64) as usize);
+        let zeros = AlignedBuf::new(
+            CHUNK.min(len.div_ceil(DIRECT_ALIGN as u64) * DIRECT_ALIGN as u64) as usize,
+        );
         let mut done = 0u64;
         while done < len {
             let n = CHUNK.min(len - done);
@@ -297,7 +329,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("img");
         std::fs::write(&path, vec![7u8; 64 * 1024]).unwrap();
-        let dev = match FileDevice::open(&path, OpenOptions { direct, read_only: false }) {
+        let dev = match FileDevice::open(
+            &path,
+            OpenOptions {
+                direct,
+                read_only: false,
+            },
+        ) {
             Ok(d) => d,
             // tmpfs refuses O_DIRECT: nothing to test there.
             Err(_) if direct => return,
@@ -336,7 +374,9 @@ mod tests {
     #[test]
     fn refuses_directories() {
         let dir = tempfile::tempdir().unwrap();
-        let err = FileDevice::open(dir.path(), OpenOptions::default()).err().unwrap();
+        let err = FileDevice::open(dir.path(), OpenOptions::default())
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("open"), "{err}");
     }
 }

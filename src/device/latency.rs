@@ -60,7 +60,10 @@ impl<D: BlockDevice> LatencyDevice<D> {
             d
         } else {
             // splitmix64 of a request counter: cheap, deterministic per run.
-            let mut x = self.counter.fetch_add(1, Ordering::Relaxed).wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut x = self
+                .counter
+                .fetch_add(1, Ordering::Relaxed)
+                .wrapping_add(0x9E37_79B9_7F4A_7C15);
             x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
             x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
             x ^= x >> 31;

@@ -150,12 +150,15 @@ impl<D: BlockDevice> BlockDevice for VolatileCacheDevice<D> {
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
         super::check_range(super::IoOp::WriteZeroes, offset, len, self.size())?;
-        let zeros = vec![0u8; usize::try_from(len).map_err(|_| DeviceError::OutOfRange {
-            op: super::IoOp::WriteZeroes,
-            offset,
-            len,
-            size: self.size(),
-        })?];
+        let zeros = vec![
+            0u8;
+            usize::try_from(len).map_err(|_| DeviceError::OutOfRange {
+                op: super::IoOp::WriteZeroes,
+                offset,
+                len,
+                size: self.size(),
+            })?
+        ];
         self.write_at(&zeros, offset)
     }
 
@@ -191,7 +194,10 @@ mod tests {
         d.cut_power_after(2);
         d.write_at(&[1u8; 512], 0).unwrap();
         d.flush().unwrap();
-        assert!(matches!(d.write_at(&[2u8; 512], 0), Err(DeviceError::PoweredOff)));
+        assert!(matches!(
+            d.write_at(&[2u8; 512], 0),
+            Err(DeviceError::PoweredOff)
+        ));
         d.power_cut(|_, _| true).unwrap();
         let mut b = [0u8; 512];
         d.read_at(&mut b, 0).unwrap();

@@ -81,7 +81,8 @@ impl Core {
     /// Looks `block` up in its set; the caller holds the set's stripe lock.
     #[inline]
     pub fn lookup(&self, set: u64, block: u64) -> Option<u64> {
-        self.frames.lookup(self.first_frame(set), self.layout.assoc, block)
+        self.frames
+            .lookup(self.first_frame(set), self.layout.assoc, block)
     }
 
     pub fn lock(&self, set: u64) -> MutexGuard<'_, StripeState> {
@@ -90,7 +91,9 @@ impl Core {
 
     /// Bytes of the source that lie in `block` (the last block may be short).
     pub fn block_len(&self, block: u64) -> u64 {
-        self.source_size.saturating_sub(block * self.bs).min(self.bs)
+        self.source_size
+            .saturating_sub(block * self.bs)
+            .min(self.bs)
     }
 
     /// Picks a frame of `set` for a new block: a free frame, else the policy's

@@ -159,7 +159,10 @@ impl FrameTable {
 
     /// Locks the stripe of `set`.
     pub fn lock(&self, set: u64) -> MutexGuard<'_, StripeState> {
-        self.stripe(set).state.lock().unwrap_or_else(|p| p.into_inner())
+        self.stripe(set)
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// Reads an entry. Callers hold the stripe lock when they act on it.
@@ -185,7 +188,11 @@ impl FrameTable {
     }
 
     /// Waits on the stripe's condvar, releasing and retaking the lock.
-    pub fn wait<'a>(&'a self, set: u64, mut g: MutexGuard<'a, StripeState>) -> MutexGuard<'a, StripeState> {
+    pub fn wait<'a>(
+        &'a self,
+        set: u64,
+        mut g: MutexGuard<'a, StripeState>,
+    ) -> MutexGuard<'a, StripeState> {
         g.waiters += 1;
         let mut g = self
             .stripe(set)
@@ -225,7 +232,10 @@ mod tests {
         assert_eq!(p.pins(), 2);
         assert_eq!(p.block(), BLOCK_MASK);
         assert_eq!(p.unpinned().unpinned(), e);
-        assert_eq!(e.with_dirty(false).with_state(FrameState::Idle), Entry::new(BLOCK_MASK, false, FrameState::Idle));
+        assert_eq!(
+            e.with_dirty(false).with_state(FrameState::Idle),
+            Entry::new(BLOCK_MASK, false, FrameState::Idle)
+        );
         assert_eq!(p.persistent(), VALID | DIRTY | BLOCK_MASK);
     }
 

@@ -12,7 +12,7 @@ pub const MAX_SOURCE_BLOCKS: u64 = 1 << 48;
 const MAX_RUN: u32 = 16;
 
 /// What the user asked for. `None` means "choose the default".
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct GeometryRequest {
     /// Cache block size in bytes (default 64 KiB).
     pub block_size: Option<u32>,
@@ -24,16 +24,6 @@ pub struct GeometryRequest {
 pub const DEFAULT_BLOCK_SIZE: u32 = 64 * 1024;
 /// Default associativity.
 pub const DEFAULT_ASSOC: u32 = 256;
-
-impl Default for GeometryRequest {
-    fn default() -> Self {
-        GeometryRequest {
-            block_size: None,
-            cache_blocks: None,
-            assoc: None,
-        }
-    }
-}
 
 /// A geometry error. Messages name the parameter and the sizes involved.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -99,10 +89,16 @@ impl Geometry {
             }
             if let Some(a) = req.assoc {
                 if u64::from(a) > b {
-                    return Err(GeometryError::AssocTooLarge { assoc: a, blocks: b });
+                    return Err(GeometryError::AssocTooLarge {
+                        assoc: a,
+                        blocks: b,
+                    });
                 }
                 if b % u64::from(a) != 0 {
-                    return Err(GeometryError::BlocksNotMultiple { blocks: b, assoc: a });
+                    return Err(GeometryError::BlocksNotMultiple {
+                        blocks: b,
+                        assoc: a,
+                    });
                 }
             }
         }
@@ -194,13 +190,22 @@ mod tests {
         );
         assert_eq!(
             Geometry::check_request(&req(4096, Some(64), Some(128))),
-            Err(GeometryError::AssocTooLarge { assoc: 128, blocks: 64 })
+            Err(GeometryError::AssocTooLarge {
+                assoc: 128,
+                blocks: 64
+            })
         );
         assert_eq!(
             Geometry::check_request(&req(4096, Some(100), Some(8))),
-            Err(GeometryError::BlocksNotMultiple { blocks: 100, assoc: 8 })
+            Err(GeometryError::BlocksNotMultiple {
+                blocks: 100,
+                assoc: 8
+            })
         );
-        assert_eq!(Geometry::check_request(&req(4096, Some(0), None)), Err(GeometryError::NoBlocks));
+        assert_eq!(
+            Geometry::check_request(&req(4096, Some(0), None)),
+            Err(GeometryError::NoBlocks)
+        );
     }
 
     #[test]

@@ -203,7 +203,11 @@ impl Engine {
     /// Opens the cache device: formats it when blank (or with
     /// `cfg.format`), otherwise loads its metadata and checks that it matches
     /// the request and the source.
-    pub fn open(source: Arc<dyn BlockDevice>, cache: Arc<dyn BlockDevice>, cfg: EngineConfig) -> Result<Engine, EngineError> {
+    pub fn open(
+        source: Arc<dyn BlockDevice>,
+        cache: Arc<dyn BlockDevice>,
+        cfg: EngineConfig,
+    ) -> Result<Engine, EngineError> {
         let opened = open::open_cache(&*source, &*cache, &cfg)?;
         let layout = opened.sb.layout;
         let g = layout.geometry();
@@ -236,14 +240,20 @@ impl Engine {
                 let block = e & frames::BLOCK_MASK;
                 let set = core.set_of(block);
                 let mut guard = core.lock(set);
-                core.install(f as u64, frames::Entry::new(block, e & frames::DIRTY != 0, frames::FrameState::Idle), &mut guard);
+                core.install(
+                    f as u64,
+                    frames::Entry::new(block, e & frames::DIRTY != 0, frames::FrameState::Idle),
+                    &mut guard,
+                );
             }
         }
         let mut threads = Vec::new();
         let rx = Arc::new(Mutex::new(rx));
         for i in 0..cfg.store_workers.max(1) {
             let (c, r) = (core.clone(), rx.clone());
-            threads.push(spawn(&format!("vbc-store{i}"), move || store::run_store_worker(c, r))?);
+            threads.push(spawn(&format!("vbc-store{i}"), move || {
+                store::run_store_worker(c, r)
+            })?);
         }
         let c = core.clone();
         threads.push(spawn("vbc-writeback", move || writeback::run_writeback(c))?);
@@ -295,7 +305,10 @@ impl Engine {
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), EngineError> {
         let _g = self.begin(offset, buf.len() as u64)?;
         self.core.stats.reads.fetch_add(1, Relaxed);
-        self.core.stats.bytes_read.fetch_add(buf.len() as u64, Relaxed);
+        self.core
+            .stats
+            .bytes_read
+            .fetch_add(buf.len() as u64, Relaxed);
         let r = self.core.read(offset, buf);
         if r.is_err() {
             self.core.stats.errors.fetch_add(1, Relaxed);
@@ -307,7 +320,10 @@ impl Engine {
     pub fn write(&self, offset: u64, buf: &[u8]) -> Result<(), EngineError> {
         let _g = self.begin(offset, buf.len() as u64)?;
         self.core.stats.writes.fetch_add(1, Relaxed);
-        self.core.stats.bytes_written.fetch_add(buf.len() as u64, Relaxed);
+        self.core
+            .stats
+            .bytes_written
+            .fetch_add(buf.len() as u64, Relaxed);
         self.core.write(offset, buf)
     }
 
@@ -418,7 +434,11 @@ impl Engine {
             data_offset: self.core.layout.data_offset,
             valid_blocks: self.valid_blocks(),
             dirty_blocks: self.dirty_blocks(),
-            hit_ratio: if lookups == 0 { 0.0 } else { stats.read_hits as f64 / lookups as f64 },
+            hit_ratio: if lookups == 0 {
+                0.0
+            } else {
+                stats.read_hits as f64 / lookups as f64
+            },
             ram_bytes_per_block: self.ram_bytes_per_block(),
             uptime_secs: self.started.elapsed().as_secs_f64(),
             start: self.start.clone(),
@@ -446,7 +466,12 @@ impl Engine {
         }
         c.store.wait_idle();
         c.store.close();
-        for t in self.threads.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+        for t in self
+            .threads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
             let _ = t.join();
         }
         if writeback {
@@ -462,7 +487,9 @@ impl Engine {
             device: c.cache.name(),
             source: e,
         };
-        let entries: Vec<u64> = (0..c.frames.frames()).map(|f| c.frames.get(f).persistent()).collect();
+        let entries: Vec<u64> = (0..c.frames.frames())
+            .map(|f| c.frames.get(f).persistent())
+            .collect();
         meta::save_table(&*c.cache, &c.layout, &entries).map_err(meta_err)?;
         c.cache.flush().map_err(EngineError::Cache)?;
         c.cache_written.store(false, SeqCst);
@@ -471,12 +498,20 @@ impl Engine {
         }
         let mut guard = self.sb.lock().unwrap_or_else(|p| p.into_inner());
         let (sb, slot) = &mut *guard;
-        sb.seq += 1;
         sb.clean = true;
         sb.mode = c.mode();
-        *slot = 1 - *slot;
-        meta::write_superblock(&*c.cache, sb, *slot).map_err(meta_err)?;
-        log::info!("cache metadata saved: {} blocks in use, {} dirty", c.valid.load(SeqCst), c.dirty.load(SeqCst));
+        // Both slots get the clean superblock (one after the other, each
+        // flushed), so either copy alone still says "clean".
+        for _ in 0..2 {
+            sb.seq += 1;
+            *slot = 1 - *slot;
+            meta::write_superblock(&*c.cache, sb, *slot).map_err(meta_err)?;
+        }
+        log::info!(
+            "cache metadata saved: {} blocks in use, {} dirty",
+            c.valid.load(SeqCst),
+            c.dirty.load(SeqCst)
+        );
         Ok(())
     }
 }
@@ -499,13 +534,15 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>
     std::thread::Builder::new()
         .name(name.to_string())
         .spawn(f)
-        .map_err(|e| EngineError::Cache(DeviceError::Io {
-            op: crate::device::IoOp::Open,
-            offset: 0,
-            len: 0,
-            name: format!("thread {name}"),
-            source: e,
-        }))
+        .map_err(|e| {
+            EngineError::Cache(DeviceError::Io {
+                op: crate::device::IoOp::Open,
+                offset: 0,
+                len: 0,
+                name: format!("thread {name}"),
+                source: e,
+            })
+        })
 }
 
 impl BlockDevice for Engine {

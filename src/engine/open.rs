@@ -1,7 +1,9 @@
 //! Opening the cache device: format a blank one, or load a persisted one and
 //! check it matches what was asked for; and persisting it on shutdown.
 
-use super::geometry::{Geometry, GeometryError, GeometryRequest, DEFAULT_ASSOC, DEFAULT_BLOCK_SIZE, MAX_SOURCE_BLOCKS};
+use super::geometry::{
+    Geometry, GeometryError, GeometryRequest, DEFAULT_ASSOC, DEFAULT_BLOCK_SIZE, MAX_SOURCE_BLOCKS,
+};
 use super::meta::{self, Found, Layout, Superblock, META_PAGE};
 use super::mode::WriteMode;
 use super::{EngineConfig, EngineError, StartInfo};
@@ -17,7 +19,12 @@ pub(crate) struct Opened {
     pub start: StartInfo,
 }
 
-fn conflict(param: &'static str, requested: u64, persisted: u64, dev: &dyn BlockDevice) -> EngineError {
+fn conflict(
+    param: &'static str,
+    requested: u64,
+    persisted: u64,
+    dev: &dyn BlockDevice,
+) -> EngineError {
     EngineError::GeometryConflict {
         param,
         requested,
@@ -27,7 +34,10 @@ fn conflict(param: &'static str, requested: u64, persisted: u64, dev: &dyn Block
 }
 
 /// Chooses the geometry for a new cache on a device of `dev_size` bytes.
-pub(crate) fn new_geometry(req: &GeometryRequest, dev_size: u64) -> Result<Geometry, GeometryError> {
+pub(crate) fn new_geometry(
+    req: &GeometryRequest,
+    dev_size: u64,
+) -> Result<Geometry, GeometryError> {
     Geometry::check_request(req)?;
     let bs = req.block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
     let blocks = match req.cache_blocks {
@@ -46,7 +56,12 @@ pub(crate) fn new_geometry(req: &GeometryRequest, dev_size: u64) -> Result<Geome
             };
             let n = fit / u64::from(assoc) * u64::from(assoc);
             if n == 0 {
-                let g = Geometry { block_size: bs, cache_blocks: u64::from(assoc), assoc, run: 1 };
+                let g = Geometry {
+                    block_size: bs,
+                    cache_blocks: u64::from(assoc),
+                    assoc,
+                    run: 1,
+                };
                 let l = Layout::new(&g);
                 return Err(GeometryError::CacheTooSmall {
                     blocks: u64::from(assoc),
@@ -56,7 +71,13 @@ pub(crate) fn new_geometry(req: &GeometryRequest, dev_size: u64) -> Result<Geome
                     available: dev_size,
                 });
             }
-            return Geometry::resolve(&GeometryRequest { assoc: Some(assoc), ..*req }, n);
+            return Geometry::resolve(
+                &GeometryRequest {
+                    assoc: Some(assoc),
+                    ..*req
+                },
+                n,
+            );
         }
     };
     let g = Geometry::resolve(req, blocks)?;
@@ -82,7 +103,9 @@ pub(crate) fn open_cache(
     Geometry::check_request(&cfg.geometry)?;
     let source_size = source.size();
     if source_size == 0 {
-        return Err(EngineError::EmptySource { device: source.name() });
+        return Err(EngineError::EmptySource {
+            device: source.name(),
+        });
     }
     let found = meta::read_superblock(cache).map_err(|e| EngineError::Meta {
         device: cache.name(),
@@ -90,12 +113,19 @@ pub(crate) fn open_cache(
     })?;
     match found {
         Found::Superblock(sb, slot) if !cfg.format => load(source_size, cache, cfg, sb, slot, t0),
-        Found::Foreign if !cfg.format => Err(EngineError::ForeignCache { device: cache.name() }),
+        Found::Foreign if !cfg.format => Err(EngineError::ForeignCache {
+            device: cache.name(),
+        }),
         _ => format(source_size, cache, cfg, t0),
     }
 }
 
-fn format(source_size: u64, cache: &dyn BlockDevice, cfg: &EngineConfig, t0: Instant) -> Result<Opened, EngineError> {
+fn format(
+    source_size: u64,
+    cache: &dyn BlockDevice,
+    cfg: &EngineConfig,
+    t0: Instant,
+) -> Result<Opened, EngineError> {
     let g = new_geometry(&cfg.geometry, cache.size())?;
     if source_size.div_ceil(u64::from(g.block_size)) > MAX_SOURCE_BLOCKS {
         return Err(GeometryError::SourceTooLarge {
@@ -168,7 +198,12 @@ fn load(
     let req = &cfg.geometry;
     if let Some(bs) = req.block_size {
         if bs != l.block_size {
-            return Err(conflict("block-size", bs.into(), l.block_size.into(), cache));
+            return Err(conflict(
+                "block-size",
+                bs.into(),
+                l.block_size.into(),
+                cache,
+            ));
         }
     }
     if let Some(n) = req.cache_blocks {
@@ -202,18 +237,28 @@ fn load(
         });
     }
     let source_blocks = source_size.div_ceil(u64::from(l.block_size));
-    let mut entries = meta::load_table(cache, &l, source_blocks).map_err(|e| EngineError::Meta {
-        device: cache.name(),
-        source: e,
-    })?;
-    let dirty = entries.iter().filter(|&&e| e & super::frames::DIRTY != 0).count() as u64;
+    let mut entries =
+        meta::load_table(cache, &l, source_blocks).map_err(|e| EngineError::Meta {
+            device: cache.name(),
+            source: e,
+        })?;
+    let dirty = entries
+        .iter()
+        .filter(|&&e| e & super::frames::DIRTY != 0)
+        .count() as u64;
     let clean_shutdown = sb.clean;
     if !clean_shutdown {
         if sb.mode == WriteMode::Writeback || dirty > 0 {
-            return Err(EngineError::Unclean { device: cache.name() });
+            return Err(EngineError::Unclean {
+                device: cache.name(),
+            });
         }
         // Without writeback nothing in the cache is the only copy: drop it all.
-        log::warn!("cache {} was not shut down cleanly; dropping its {} clean entries", cache.name(), entries.iter().filter(|&&e| e != 0).count());
+        log::warn!(
+            "cache {} was not shut down cleanly; dropping its {} clean entries",
+            cache.name(),
+            entries.iter().filter(|&&e| e != 0).count()
+        );
         entries.iter_mut().for_each(|e| *e = 0);
     }
     let mode = cfg.mode.unwrap_or(sb.mode);

@@ -32,7 +32,10 @@ impl Core {
     pub(crate) fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), EngineError> {
         if self.mode() == WriteMode::Passthrough {
             self.stats.bypassed.fetch_add(1, Relaxed);
-            return self.source.read_at(buf, offset).map_err(EngineError::Source);
+            return self
+                .source
+                .read_at(buf, offset)
+                .map_err(EngineError::Source);
         }
         let mut run: Option<MissRun> = None;
         let result = self.read_chunks(offset, buf, &mut run);
@@ -44,14 +47,24 @@ impl Core {
         result.and(tail)
     }
 
-    fn read_chunks(&self, offset: u64, buf: &mut [u8], run: &mut Option<MissRun>) -> Result<(), EngineError> {
+    fn read_chunks(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+        run: &mut Option<MissRun>,
+    ) -> Result<(), EngineError> {
         for c in chunks(offset, buf.len() as u64, self.bs) {
             self.read_chunk(c, buf, run)?;
         }
         Ok(())
     }
 
-    fn read_chunk(&self, c: Chunk, buf: &mut [u8], run: &mut Option<MissRun>) -> Result<(), EngineError> {
+    fn read_chunk(
+        &self,
+        c: Chunk,
+        buf: &mut [u8],
+        run: &mut Option<MissRun>,
+    ) -> Result<(), EngineError> {
         let set = self.set_of(c.block);
         let out = c.pos..c.pos + c.len as usize;
         let mut waited = false;
@@ -89,16 +102,9 @@ impl Core {
                         self.evict_dirty(set, f)?;
                         continue;
                     }
-                    Victim::None => {
-                        drop(g);
-                        self.settle(run, buf)?;
-                        self.stats.read_misses.fetch_add(1, Relaxed);
-                        self.stats.bypassed.fetch_add(1, Relaxed);
-                        return self
-                            .source
-                            .read_at(&mut buf[out], c.block * self.bs + c.off)
-                            .map_err(EngineError::Source);
-                    }
+                    // Every frame of the set is busy for a moment (being
+                    // fetched, stored, read or written back): wait for one.
+                    Victim::None => true,
                 },
             };
             if must_wait {
@@ -118,7 +124,13 @@ impl Core {
 
     /// Adds a claimed block to the pending run, fetching the run first when
     /// the block does not extend it.
-    fn extend_run(&self, run: &mut Option<MissRun>, c: Chunk, f: u64, buf: &mut [u8]) -> Result<(), EngineError> {
+    fn extend_run(
+        &self,
+        run: &mut Option<MissRun>,
+        c: Chunk,
+        f: u64,
+        buf: &mut [u8],
+    ) -> Result<(), EngineError> {
         if let Some(r) = run.as_mut() {
             let contiguous = r.first_block + r.frames.len() as u64 == c.block;
             let fits = (r.frames.len() as u64 + 1) * self.bs <= MAX_RUN_BYTES;

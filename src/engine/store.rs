@@ -73,7 +73,12 @@ impl Core {
     /// queue is full or closed.
     pub(crate) fn submit_store(&self, job: StoreJob) {
         self.store.adjust(true);
-        let sender = self.store.tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let sender = self
+            .store
+            .tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let job = match sender {
             Some(tx) => match tx.try_send(job) {
                 Ok(()) => return,

@@ -87,13 +87,8 @@ impl Core {
                         self.evict_dirty(set, f)?;
                         continue;
                     }
-                    Victim::None => {
-                        drop(g);
-                        self.stats.write_misses.fetch_add(1, Relaxed);
-                        self.stats.bypassed.fetch_add(1, Relaxed);
-                        let off = c.block * self.bs + c.off;
-                        return self.write_uncached(off, data, true);
-                    }
+                    // All frames busy for a moment: wait for one.
+                    Victim::None => {}
                 },
             }
             if !waited {
@@ -135,12 +130,20 @@ impl Core {
     /// Writes to the source with one request. With `update`, cached blocks are
     /// rewritten after the source; without, clean cached blocks are dropped
     /// (dirty ones are always updated, never dropped).
-    pub(crate) fn write_uncached(&self, offset: u64, buf: &[u8], update: bool) -> Result<(), EngineError> {
+    pub(crate) fn write_uncached(
+        &self,
+        offset: u64,
+        buf: &[u8],
+        update: bool,
+    ) -> Result<(), EngineError> {
         let mut claims = Claims::default();
         for c in chunks(offset, buf.len() as u64, self.bs) {
             self.claim_for_uncached(c.block, update, &mut claims);
         }
-        let mut result = self.source.write_at(buf, offset).map_err(EngineError::Source);
+        let mut result = self
+            .source
+            .write_at(buf, offset)
+            .map_err(EngineError::Source);
         self.source_written.store(true, SeqCst);
         // If the source write failed, neither copy changed: just release.
         let source_ok = result.is_ok();
@@ -216,7 +219,11 @@ impl Core {
     pub(crate) fn zero_range(&self, offset: u64, len: u64, unmap: bool) -> Result<(), EngineError> {
         let end = offset + len;
         let first_full = offset.div_ceil(self.bs);
-        let end_full = if end == self.source_size { end.div_ceil(self.bs) } else { end / self.bs };
+        let end_full = if end == self.source_size {
+            end.div_ceil(self.bs)
+        } else {
+            end / self.bs
+        };
         if first_full >= end_full {
             return self.write_zero_bytes(offset, len);
         }

@@ -78,7 +78,11 @@ impl Core {
             }
             Err(e) => {
                 self.stats.errors.fetch_add(1, Relaxed);
-                log::warn!("writeback of {} blocks from source block {} failed: {e}", run.len(), run[0].0);
+                log::warn!(
+                    "writeback of {} blocks from source block {} failed: {e}",
+                    run.len(),
+                    run[0].0
+                );
             }
         }
         r
@@ -134,7 +138,10 @@ impl Core {
     }
 
     /// Writes back every dirty block and flushes the source.
-    pub(crate) fn flush_all(&self, progress: &mut dyn FnMut(FlushProgress)) -> Result<(), EngineError> {
+    pub(crate) fn flush_all(
+        &self,
+        progress: &mut dyn FnMut(FlushProgress),
+    ) -> Result<(), EngineError> {
         let total = self.dirty.load(SeqCst);
         let mut done = 0u64;
         progress(FlushProgress { total, done });

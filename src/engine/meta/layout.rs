@@ -112,15 +112,27 @@ mod tests {
 
     #[test]
     fn fit_uses_the_device_and_aligns_data() {
-        for (dev, bs, m) in [(64u64 << 20, 4096u32, 1u32), (1 << 30, 65536, 256), (100 << 20, 1 << 20, 4)] {
+        for (dev, bs, m) in [
+            (64u64 << 20, 4096u32, 1u32),
+            (1 << 30, 65536, 256),
+            (100 << 20, 1 << 20, 4),
+        ] {
             let n = Layout::fit_blocks(dev, bs, m);
             assert!(n > 0 && n % u64::from(m) == 0);
-            let g = Geometry { block_size: bs, cache_blocks: n, assoc: 1, run: 1 };
+            let g = Geometry {
+                block_size: bs,
+                cache_blocks: n,
+                assoc: 1,
+                run: 1,
+            };
             let l = Layout::new(&g);
             assert!(l.device_len() <= dev);
             assert_eq!(l.data_offset % u64::from(bs).max(4096), 0);
             // One more multiple would not fit.
-            let g2 = Geometry { cache_blocks: n + u64::from(m), ..g };
+            let g2 = Geometry {
+                cache_blocks: n + u64::from(m),
+                ..g
+            };
             assert!(Layout::new(&g2).device_len() > dev);
         }
         assert_eq!(Layout::fit_blocks(1 << 20, 4096, 1), 0);

@@ -33,7 +33,11 @@ pub enum MetaError {
     #[error("both superblock copies are corrupted (slot A: {a}; slot B: {b})")]
     BothSuperblocksBad { a: String, b: String },
     #[error("mapping table page {page} at offset {offset}: {what}")]
-    BadTablePage { page: u64, offset: u64, what: String },
+    BadTablePage {
+        page: u64,
+        offset: u64,
+        what: String,
+    },
     #[error("mapping table entry {frame}: {what}")]
     BadEntry { frame: u64, what: String },
 }
@@ -92,7 +96,11 @@ pub fn read_superblock(dev: &dyn BlockDevice) -> Result<Found, MetaError> {
 }
 
 /// Writes `sb` into `slot` (0 or 1) and flushes.
-pub fn write_superblock(dev: &dyn BlockDevice, sb: &Superblock, slot: usize) -> Result<(), MetaError> {
+pub fn write_superblock(
+    dev: &dyn BlockDevice,
+    sb: &Superblock,
+    slot: usize,
+) -> Result<(), MetaError> {
     let page = sb.encode();
     let mut buf = crate::device::AlignedBuf::new(META_PAGE as usize);
     buf.copy_from_slice(&page);
@@ -103,7 +111,11 @@ pub fn write_superblock(dev: &dyn BlockDevice, sb: &Superblock, slot: usize) -> 
 
 /// Loads the whole mapping table. Entries are validated against the layout:
 /// out-of-range blocks and duplicate mappings are reported as errors.
-pub fn load_table(dev: &dyn BlockDevice, layout: &Layout, source_blocks: u64) -> Result<Vec<u64>, MetaError> {
+pub fn load_table(
+    dev: &dyn BlockDevice,
+    layout: &Layout,
+    source_blocks: u64,
+) -> Result<Vec<u64>, MetaError> {
     let frames = layout.cache_blocks;
     let pages = layout.table_pages();
     let mut out = Vec::with_capacity(frames as usize);
@@ -119,13 +131,13 @@ pub fn load_table(dev: &dyn BlockDevice, layout: &Layout, source_blocks: u64) ->
             let p = page + i;
             let off = (i * META_PAGE) as usize;
             let want = (frames - p * ENTRIES_PER_PAGE).min(ENTRIES_PER_PAGE) as usize;
-            decode_page(&buf[off..off + META_PAGE as usize], p, want, &mut out).map_err(|what| {
-                MetaError::BadTablePage {
+            decode_page(&buf[off..off + META_PAGE as usize], p, want, &mut out).map_err(
+                |what| MetaError::BadTablePage {
                     page: p,
                     offset: layout.table_offset + p * META_PAGE,
                     what,
-                }
-            })?;
+                },
+            )?;
         }
         page += n;
     }
@@ -134,7 +146,11 @@ pub fn load_table(dev: &dyn BlockDevice, layout: &Layout, source_blocks: u64) ->
 }
 
 /// Writes the whole mapping table (entries in persistent form).
-pub fn save_table(dev: &dyn BlockDevice, layout: &Layout, entries: &[u64]) -> Result<(), MetaError> {
+pub fn save_table(
+    dev: &dyn BlockDevice,
+    layout: &Layout,
+    entries: &[u64],
+) -> Result<(), MetaError> {
     const CHUNK: u64 = 256;
     let pages = layout.table_pages();
     let mut buf = crate::device::AlignedBuf::new((CHUNK * META_PAGE) as usize);

@@ -78,7 +78,11 @@ impl Superblock {
     /// Decodes and validates a superblock page. The error says what is wrong.
     pub fn decode(p: &[u8]) -> Result<Superblock, String> {
         if p.len() < META_PAGE as usize {
-            return Err(format!("superblock is {} bytes, expected {}", p.len(), META_PAGE));
+            return Err(format!(
+                "superblock is {} bytes, expected {}",
+                p.len(),
+                META_PAGE
+            ));
         }
         if &p[0..8] != MAGIC {
             return Err(String::from("no vblkcache magic"));
@@ -86,13 +90,16 @@ impl Superblock {
         let crc = get32(p, CRC_AT);
         let actual = crc32c::crc32c(&p[..CRC_AT]);
         if crc != actual {
-            return Err(format!("checksum mismatch (stored {crc:#010x}, computed {actual:#010x})"));
+            return Err(format!(
+                "checksum mismatch (stored {crc:#010x}, computed {actual:#010x})"
+            ));
         }
         let version = get32(p, 8);
         if version != FORMAT_VERSION {
             return Err(format!("format version {version} is not supported (this build reads version {FORMAT_VERSION})"));
         }
-        let mode = WriteMode::from_u8(p[48]).ok_or_else(|| format!("unknown write mode code {}", p[48]))?;
+        let mode = WriteMode::from_u8(p[48])
+            .ok_or_else(|| format!("unknown write mode code {}", p[48]))?;
         let block_size = get32(p, 24);
         let assoc = get32(p, 28);
         let cache_blocks = get64(p, 32);
@@ -104,13 +111,23 @@ impl Superblock {
             cache_blocks: Some(cache_blocks),
             assoc: Some(assoc),
         };
-        let g = crate::engine::geometry::Geometry::resolve(&req, cache_blocks).map_err(|e| format!("bad geometry: {e}"))?;
+        let g = crate::engine::geometry::Geometry::resolve(&req, cache_blocks)
+            .map_err(|e| format!("bad geometry: {e}"))?;
         if g.run != run {
-            return Err(format!("run length {run} does not match associativity {assoc}"));
+            return Err(format!(
+                "run length {run} does not match associativity {assoc}"
+            ));
         }
         let layout = Layout::new(&g);
         let stored = (get64(p, 56), get64(p, 64), get64(p, 72), get64(p, 80));
-        if stored != (layout.journal_offset, layout.journal_len, layout.table_offset, layout.data_offset) {
+        if stored
+            != (
+                layout.journal_offset,
+                layout.journal_len,
+                layout.table_offset,
+                layout.data_offset,
+            )
+        {
             return Err(String::from("region offsets do not match the geometry"));
         }
         let mut uuid = [0u8; 16];
@@ -134,7 +151,12 @@ mod tests {
     use crate::engine::geometry::Geometry;
 
     fn sample() -> Superblock {
-        let g = Geometry { block_size: 65536, cache_blocks: 1024, assoc: 256, run: 16 };
+        let g = Geometry {
+            block_size: 65536,
+            cache_blocks: 1024,
+            assoc: 256,
+            run: 16,
+        };
         Superblock {
             seq: 9,
             flags: 0,

@@ -11,7 +11,7 @@ use crate::engine::geometry::Geometry;
 
 const HEADER: usize = 16;
 /// Entries in one 4 KiB table page.
-pub const ENTRIES_PER_PAGE: u64 = (META_PAGE as u64 - HEADER as u64) / 8;
+pub const ENTRIES_PER_PAGE: u64 = (META_PAGE - HEADER as u64) / 8;
 
 /// Encodes page `index` holding `entries` (at most ENTRIES_PER_PAGE).
 pub fn encode_page(index: u64, entries: &[u64]) -> [u8; META_PAGE as usize] {
@@ -41,7 +41,9 @@ pub fn decode_page(p: &[u8], index: u64, want: usize, out: &mut Vec<u64>) -> Res
     let crc = le32(p, 0);
     let actual = crc32c::crc32c(&p[4..]);
     if crc != actual {
-        return Err(format!("checksum mismatch (stored {crc:#010x}, computed {actual:#010x})"));
+        return Err(format!(
+            "checksum mismatch (stored {crc:#010x}, computed {actual:#010x})"
+        ));
     }
     let idx = le32(p, 4);
     if u64::from(idx) != index & 0xffff_ffff {
@@ -62,7 +64,13 @@ pub fn decode_page(p: &[u8], index: u64, want: usize, out: &mut Vec<u64>) -> Res
 
 /// Checks decoded entries: only known bits, blocks inside the source, each in
 /// the set its block maps to, and no block mapped twice.
-pub fn validate_entries(entries: &[u64], source_blocks: u64, assoc: u32, sets: u64, run: u32) -> Result<(), MetaError> {
+pub fn validate_entries(
+    entries: &[u64],
+    source_blocks: u64,
+    assoc: u32,
+    sets: u64,
+    run: u32,
+) -> Result<(), MetaError> {
     let g = Geometry {
         block_size: 4096,
         cache_blocks: sets * u64::from(assoc),
@@ -81,13 +89,19 @@ pub fn validate_entries(entries: &[u64], source_blocks: u64, assoc: u32, sets: u
         }
         let block = e & BLOCK_MASK;
         if block >= source_blocks {
-            return Err(bad(format!("maps source block {block}, past the end of the source ({source_blocks} blocks)")));
+            return Err(bad(format!(
+                "maps source block {block}, past the end of the source ({source_blocks} blocks)"
+            )));
         }
         if g.set_of(block) != frame / u64::from(assoc) {
-            return Err(bad(format!("maps source block {block}, which belongs to another set")));
+            return Err(bad(format!(
+                "maps source block {block}, which belongs to another set"
+            )));
         }
         if !seen.insert(block) {
-            return Err(bad(format!("maps source block {block}, which another frame maps too")));
+            return Err(bad(format!(
+                "maps source block {block}, which another frame maps too"
+            )));
         }
     }
     Ok(())
@@ -104,17 +118,26 @@ mod tests {
         let mut out = Vec::new();
         decode_page(&p, 7, 100, &mut out).unwrap();
         assert_eq!(out, entries);
-        assert!(decode_page(&p, 8, 100, &mut Vec::new()).unwrap_err().contains("index"));
+        assert!(decode_page(&p, 8, 100, &mut Vec::new())
+            .unwrap_err()
+            .contains("index"));
         for byte in [0usize, 5, 20, 4095] {
             let mut q = p;
             q[byte] ^= 0x40;
-            assert!(decode_page(&q, 7, 100, &mut Vec::new()).unwrap_err().contains("checksum"));
+            assert!(decode_page(&q, 7, 100, &mut Vec::new())
+                .unwrap_err()
+                .contains("checksum"));
         }
     }
 
     #[test]
     fn validation_catches_bad_entries() {
-        let g = Geometry { block_size: 4096, cache_blocks: 8, assoc: 4, run: 4 };
+        let g = Geometry {
+            block_size: 4096,
+            cache_blocks: 8,
+            assoc: 4,
+            run: 4,
+        };
         let mut e = vec![0u64; 8];
         let b = 3u64;
         let f = g.set_of(b) * 4;
@@ -122,10 +145,19 @@ mod tests {
         assert!(validate_entries(&e, 100, 4, 2, 4).is_ok());
         let mut dup = e.clone();
         dup[f as usize + 1] = VALID | b;
-        assert!(validate_entries(&dup, 100, 4, 2, 4).unwrap_err().to_string().contains("another frame"));
-        assert!(validate_entries(&e, 3, 4, 2, 4).unwrap_err().to_string().contains("past the end"));
+        assert!(validate_entries(&dup, 100, 4, 2, 4)
+            .unwrap_err()
+            .to_string()
+            .contains("another frame"));
+        assert!(validate_entries(&e, 3, 4, 2, 4)
+            .unwrap_err()
+            .to_string()
+            .contains("past the end"));
         let mut junk = e.clone();
         junk[f as usize] |= 1 << 50;
-        assert!(validate_entries(&junk, 100, 4, 2, 4).unwrap_err().to_string().contains("bits"));
+        assert!(validate_entries(&junk, 100, 4, 2, 4)
+            .unwrap_err()
+            .to_string()
+            .contains("bits"));
     }
 }

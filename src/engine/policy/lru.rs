@@ -47,7 +47,13 @@ impl Policy for Lru {
 
     fn on_remove(&self, _frame: u64) {}
 
-    fn victim(&self, first: u64, n: u32, clock: u32, eligible: &mut dyn FnMut(u64) -> bool) -> Option<u64> {
+    fn victim(
+        &self,
+        first: u64,
+        n: u32,
+        clock: u32,
+        eligible: &mut dyn FnMut(u64) -> bool,
+    ) -> Option<u64> {
         let mut best: Option<(u32, u64)> = None;
         for f in first..first + u64::from(n) {
             if !eligible(f) {

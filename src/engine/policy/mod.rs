@@ -27,7 +27,13 @@ pub trait Policy: Send + Sync {
     fn on_remove(&self, frame: u64);
     /// Chooses the frame to evict first among `first..first + n` for which
     /// `eligible` is true, or `None` when none is.
-    fn victim(&self, first: u64, n: u32, clock: u32, eligible: &mut dyn FnMut(u64) -> bool) -> Option<u64>;
+    fn victim(
+        &self,
+        first: u64,
+        n: u32,
+        clock: u32,
+        eligible: &mut dyn FnMut(u64) -> bool,
+    ) -> Option<u64>;
 }
 
 /// Policy names accepted by [`by_name`].

@@ -1,0 +1,293 @@
+//! Persistence round trip, corruption detection and configuration errors.
+
+use std::sync::Arc;
+use vblkcache::device::{BlockDevice, MemDevice};
+use vblkcache::engine::geometry::GeometryError;
+use vblkcache::engine::{Engine, EngineConfig, EngineError, GeometryRequest, WriteMode};
+
+fn cfg(bs: u32, blocks: Option<u64>, assoc: Option<u32>, mode: Option<WriteMode>) -> EngineConfig {
+    EngineConfig {
+        geometry: GeometryRequest {
+            block_size: Some(bs),
+            cache_blocks: blocks,
+            assoc,
+        },
+        mode,
+        ..EngineConfig::default()
+    }
+}
+
+fn devices() -> (Arc<MemDevice>, Arc<MemDevice>) {
+    let data: Vec<u8> = (0..(4u64 << 20)).map(|i| (i % 241) as u8).collect();
+    (
+        Arc::new(MemDevice::from_bytes(&data)),
+        Arc::new(MemDevice::new(16 << 20)),
+    )
+}
+
+#[test]
+fn warm_cache_survives_clean_restart() {
+    let (src, cache) = devices();
+    // Fully associative, so nothing read here is evicted by a set conflict.
+    let e = Engine::open(
+        src.clone(),
+        cache.clone(),
+        cfg(4096, Some(512), Some(512), Some(WriteMode::Writeback)),
+    )
+    .unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    e.read(0, &mut buf).unwrap(); // 256 blocks fetched
+    e.write(2 << 20, &vec![0xAB; 64 * 1024]).unwrap(); // 16 dirty blocks
+    let before = e.status();
+    assert_eq!(before.dirty_blocks, 16);
+    e.shutdown(false).unwrap();
+    // Dirty data is only in the cache.
+    let mut s = vec![0u8; 4096];
+    src.read_at(&mut s, 2 << 20).unwrap();
+    assert_ne!(s, vec![0xAB; 4096]);
+    drop(e);
+
+    // Reopen without giving a geometry: it comes from the superblock.
+    let e = Engine::open(src.clone(), cache.clone(), EngineConfig::default()).unwrap();
+    let st = e.status();
+    assert_eq!(st.geometry, before.geometry);
+    assert_eq!(st.mode, WriteMode::Writeback);
+    assert!(st.start.clean && !st.start.formatted);
+    assert_eq!(st.start.entries_loaded, before.valid_blocks);
+    assert_eq!(st.start.dirty_loaded, 16);
+    assert_eq!(st.dirty_blocks, 16);
+    let mut again = vec![0u8; 1 << 20];
+    e.read(0, &mut again).unwrap();
+    assert_eq!(again, buf);
+    let stats = e.stats();
+    assert_eq!(stats.read_misses, 0, "warm blocks must hit after restart");
+    assert_eq!(stats.read_hits, 256);
+    let mut d = vec![0u8; 64 * 1024];
+    e.read(2 << 20, &mut d).unwrap();
+    assert!(d.iter().all(|&b| b == 0xAB));
+    e.shutdown(true).unwrap();
+    src.read_at(&mut s, 2 << 20).unwrap();
+    assert_eq!(
+        s,
+        vec![0xAB; 4096],
+        "shutdown with writeback writes dirty data to the source"
+    );
+}
+
+#[test]
+fn conflicting_geometry_is_refused_and_nothing_changes() {
+    let (src, cache) = devices();
+    let e = Engine::open(
+        src.clone(),
+        cache.clone(),
+        cfg(4096, Some(512), Some(8), None),
+    )
+    .unwrap();
+    e.write(0, &[7u8; 4096]).unwrap();
+    e.shutdown(false).unwrap();
+    drop(e);
+    let image = cache.to_vec();
+    for (c, param) in [
+        (cfg(8192, None, None, None), "block-size"),
+        (cfg(4096, Some(256), None, None), "cache-blocks"),
+        (cfg(4096, None, Some(16), None), "assoc"),
+    ] {
+        let err = Engine::open(src.clone(), cache.clone(), c).err().unwrap();
+        assert!(
+            matches!(err, EngineError::GeometryConflict { .. }) && err.is_config_error(),
+            "{err}"
+        );
+        let msg = err.to_string();
+        assert!(msg.contains(param), "{msg}");
+        assert!(
+            cache.to_vec() == image,
+            "a refused open changed the cache device"
+        );
+    }
+    // A different source size means another source.
+    let other = Arc::new(MemDevice::new(2 << 20));
+    let err = Engine::open(other, cache.clone(), EngineConfig::default())
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("belongs to a source of"), "{err}");
+}
+
+#[test]
+fn geometry_errors_have_clear_messages() {
+    let (src, cache) = devices();
+    let cases: Vec<(EngineConfig, &str)> = vec![
+        (
+            cfg(3000, None, None, None),
+            "block size 3000 is not a power of two",
+        ),
+        (
+            cfg(2 << 20, None, None, None),
+            "between 4096 (4K) and 1048576 (1M)",
+        ),
+        (
+            cfg(4096, Some(64), Some(3), None),
+            "associativity 3 is not a power of two",
+        ),
+        (
+            cfg(4096, Some(64), Some(128), None),
+            "associativity 128 is larger than the number of cache blocks (64)",
+        ),
+        (
+            cfg(4096, Some(100), Some(8), None),
+            "100 is not a multiple of the associativity 8",
+        ),
+        (cfg(4096, Some(0), None, None), "at least 1"),
+        (
+            cfg(65536, Some(1024), None, None),
+            "but the device has 16777216 bytes",
+        ),
+    ];
+    for (c, want) in cases {
+        let err = Engine::open(src.clone(), cache.clone(), c).err().unwrap();
+        assert!(err.is_config_error(), "{err}");
+        assert!(err.to_string().contains(want), "'{err}' lacks '{want}'");
+        assert!(
+            cache.to_vec().iter().all(|&b| b == 0),
+            "a refused open wrote to the cache"
+        );
+    }
+    let tiny = Arc::new(MemDevice::new(1 << 20));
+    let err = Engine::open(src, tiny, cfg(65536, None, None, None))
+        .err()
+        .unwrap();
+    assert!(
+        matches!(
+            err,
+            EngineError::Geometry(GeometryError::CacheTooSmall { .. })
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn foreign_cache_device_needs_format() {
+    let (src, _) = devices();
+    let cache = Arc::new(MemDevice::from_bytes(&vec![0x55u8; 16 << 20]));
+    let err = Engine::open(src.clone(), cache.clone(), EngineConfig::default())
+        .err()
+        .unwrap();
+    assert!(matches!(err, EngineError::ForeignCache { .. }), "{err}");
+    assert!(err.to_string().contains("--format"));
+    assert!(cache.to_vec().iter().all(|&b| b == 0x55));
+    let e = Engine::open(
+        src,
+        cache,
+        EngineConfig {
+            format: true,
+            ..EngineConfig::default()
+        },
+    )
+    .unwrap();
+    assert!(e.status().start.formatted);
+}
+
+#[test]
+fn corrupted_metadata_is_detected() {
+    let (src, cache) = devices();
+    let e = Engine::open(
+        src.clone(),
+        cache.clone(),
+        cfg(4096, Some(512), Some(8), None),
+    )
+    .unwrap();
+    e.write(0, &[1u8; 8192]).unwrap();
+    e.shutdown(false).unwrap();
+    drop(e);
+    let good = cache.to_vec();
+    // Both superblock slots corrupted: refused, naming both.
+    let mut img = good.clone();
+    img[100] ^= 1;
+    img[4096 + 100] ^= 1;
+    cache.write_at(&img, 0).unwrap();
+    let err = Engine::open(src.clone(), cache.clone(), EngineConfig::default())
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string()
+            .contains("both superblock copies are corrupted"),
+        "{err}"
+    );
+    // One slot corrupted: the other copy is used.
+    for slot in 0..2 {
+        let mut img = good.clone();
+        img[slot * 4096 + 200] ^= 1;
+        cache.write_at(&img, 0).unwrap();
+        let e = Engine::open(src.clone(), cache.clone(), EngineConfig::default()).unwrap();
+        assert_eq!(e.dirty_blocks(), 2, "slot {slot} corrupted");
+        e.shutdown(false).unwrap();
+    }
+    // Table page corrupted: refused with the page named.
+    let mut img = good.clone();
+    let table = 8192 + (4 << 20);
+    img[table + 40] ^= 0x10;
+    cache.write_at(&img, 0).unwrap();
+    let err = Engine::open(src.clone(), cache.clone(), EngineConfig::default())
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("mapping table page 0"), "{err}");
+    assert!(err.to_string().contains("checksum"), "{err}");
+}
+
+#[test]
+fn unclean_writeback_cache_is_refused_not_discarded() {
+    let (src, cache) = devices();
+    let e = Engine::open(
+        src.clone(),
+        cache.clone(),
+        cfg(4096, Some(512), Some(8), Some(WriteMode::Writeback)),
+    )
+    .unwrap();
+    e.write(0, &[1u8; 8192]).unwrap();
+    drop(e); // no shutdown: like a crash
+    let err = Engine::open(src.clone(), cache.clone(), EngineConfig::default())
+        .err()
+        .unwrap();
+    assert!(matches!(err, EngineError::Unclean { .. }), "{err}");
+    // Write-through caches hold no unique data: an unclean one starts cold.
+    let (src, cache) = devices();
+    let e = Engine::open(
+        src.clone(),
+        cache.clone(),
+        cfg(4096, Some(512), Some(8), Some(WriteMode::Writethrough)),
+    )
+    .unwrap();
+    let mut b = vec![0u8; 8192];
+    e.read(0, &mut b).unwrap();
+    drop(e);
+    let e = Engine::open(src, cache, EngineConfig::default()).unwrap();
+    assert!(!e.status().start.clean);
+    assert_eq!(e.valid_blocks(), 0);
+}
+
+#[test]
+fn passthrough_refuses_dirty_cache() {
+    let (src, cache) = devices();
+    let e = Engine::open(
+        src.clone(),
+        cache.clone(),
+        cfg(4096, Some(512), Some(8), Some(WriteMode::Writeback)),
+    )
+    .unwrap();
+    e.write(0, &[1u8; 8192]).unwrap();
+    e.shutdown(false).unwrap();
+    drop(e);
+    let err = Engine::open(
+        src.clone(),
+        cache.clone(),
+        EngineConfig {
+            mode: Some(WriteMode::Passthrough),
+            ..EngineConfig::default()
+        },
+    )
+    .err()
+    .unwrap();
+    assert!(
+        matches!(err, EngineError::PassthroughDirty { dirty: 2 }),
+        "{err}"
+    );
+}
