@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared helpers for the qemu-scripts (sourced, not run).
 
 # is_listening PATH: true when a Unix socket bound to PATH is in the listening

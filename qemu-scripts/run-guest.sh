@@ -19,13 +19,15 @@
 #   --accel tcg|kvm|auto default auto: KVM only if it is real KVM (not PVM), else TCG
 #   --mem SIZE           guest memory (default 1G; shared memfd, as vhost-user needs)
 #   --quiet              do not copy the console to stdout
+#   --initrd-only FILE   only write the initramfs with the scripts to FILE and exit
+#                        (for booting by hand, e.g. with cloud-hypervisor: README.md)
 #
 # Exit status: the guest script's status, read from the "VBLK_GUEST_EXIT=<n>"
 # marker that the guest's /init prints; 124 on timeout; 125 when QEMU ended
 # without a marker (or could not start). On any failure the log tail is printed.
 set -euo pipefail
 HERE=$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")
-# shellcheck source=lib.sh
+# shellcheck source-path=SCRIPTDIR
 source "$HERE/lib.sh"
 
 usage() {
@@ -37,7 +39,7 @@ die() {
     exit 125
 }
 
-SOCK="" QUEUES=1 TIMEOUT=300 SOCK_TIMEOUT=30 LOG="" ACCEL=auto MEM=1G QUIET=0
+SOCK="" INITRD_ONLY="" QUEUES=1 TIMEOUT=300 SOCK_TIMEOUT=30 LOG="" ACCEL=auto MEM=1G QUIET=0
 GUEST_DIR=${VBLK_GUEST_DIR:-$(repo_root)/target/guest}
 SCRIPTS=() FILES=() ENVS=()
 while (($#)); do
@@ -54,6 +56,7 @@ while (($#)); do
     --accel) ACCEL=$2; shift 2 ;;
     --mem) MEM=$2; shift 2 ;;
     --quiet) QUIET=1; shift ;;
+    --initrd-only) INITRD_ONLY=$2; shift 2 ;;
     -h | --help) usage ;;
     *) echo "run-guest.sh: unknown argument $1" >&2; usage ;;
     esac
@@ -66,9 +69,11 @@ done
 [[ $QUEUES =~ ^[1-9][0-9]*$ ]] || die "--queues must be a positive integer, not '$QUEUES'"
 [[ $TIMEOUT =~ ^[1-9][0-9]*$ ]] || die "--timeout must be a positive integer, not '$TIMEOUT'"
 QEMU=${QEMU:-qemu-system-x86_64}
-command -v "$QEMU" >/dev/null || die "$QEMU not found; run qemu-scripts/install-deps.sh"
 QBOOT=/usr/share/qemu/qboot.rom
-[[ -f $QBOOT ]] || die "$QBOOT not found; run qemu-scripts/install-deps.sh"
+if [[ -z $INITRD_ONLY ]]; then
+    command -v "$QEMU" >/dev/null || die "$QEMU not found; run qemu-scripts/install-deps.sh"
+    [[ -f $QBOOT ]] || die "$QBOOT not found; run qemu-scripts/install-deps.sh"
+fi
 for f in vmlinux initrd.cpio; do
     [[ -s $GUEST_DIR/$f ]] || die "$GUEST_DIR/$f missing; run qemu-scripts/build-guest.sh $GUEST_DIR"
 done
@@ -82,6 +87,7 @@ esac
 
 RUN=$(mktemp -d "${TMPDIR:-/tmp}/vblk-guest.XXXXXX")
 KEEP_LOG=0
+# shellcheck disable=SC2317 # run by the EXIT trap
 cleanup() {
     rm -rf "$RUN/initrd" "$RUN/extra"
     if ((KEEP_LOG == 0)); then rm -rf "$RUN"; fi
@@ -104,6 +110,7 @@ mkdir -p "$RUN/extra/guest/tests"
         name="$n-$(basename "$s")"
         cp "$s" "$RUN/extra/guest/tests/$name"
         printf 'echo "=== guest test %s ==="\n' "$name"
+        # shellcheck disable=SC2016 # $? and $rc are for the guest's shell
         printf '/bin/sh /guest/tests/%s || { rc=$?; echo "=== %s failed: $rc ==="; exit $rc; }\n' "$name" "$name"
     done
     echo 'exit 0'
@@ -121,6 +128,11 @@ done
 chmod -R a+rX "$RUN/extra"
 cp "$GUEST_DIR/initrd.cpio" "$RUN/initrd"
 (cd "$RUN/extra" && find guest | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0) >>"$RUN/initrd"
+if [[ -n $INITRD_ONLY ]]; then
+    mv "$RUN/initrd" "$INITRD_ONLY"
+    echo "run-guest.sh: wrote $INITRD_ONLY" >&2
+    exit 0
+fi
 
 ARGS=(
     -machine "q35,accel=$MACHINE_ACCEL,memory-backend=mem" -cpu "$CPU" -m "$MEM"

@@ -28,7 +28,7 @@
 # Exit status: 0 when the guest scripts passed and the daemon exited 0 on SIGTERM.
 set -euo pipefail
 HERE=$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")
-# shellcheck source=lib.sh
+# shellcheck source-path=SCRIPTDIR
 source "$HERE/lib.sh"
 ROOT=$(repo_root)
 
@@ -108,6 +108,7 @@ stop_daemon() {
     set -e
     DPID=""
 }
+# shellcheck disable=SC2317 # run by the EXIT trap
 on_exit() {
     if [[ -n $DPID ]]; then
         kill -TERM "$DPID" 2>/dev/null || true

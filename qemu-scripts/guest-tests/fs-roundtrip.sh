@@ -64,7 +64,8 @@ fi
 # Delete and rewrite some files, so the fs frees and reuses blocks.
 rm -r small
 dd if=/dev/urandom of=data/after bs=64k count=32 2>/dev/null
-find . -type f ! -name MANIFEST.sha256 | LC_ALL=C sort | xargs sha256sum >MANIFEST.sha256
+find . -type f ! -name MANIFEST.sha256 | LC_ALL=C sort | xargs sha256sum >/tmp/manifest2
+cp /tmp/manifest2 MANIFEST.sha256
 cd /
 umount "$MNT"
 drop_caches
