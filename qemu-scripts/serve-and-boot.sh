@@ -151,13 +151,16 @@ grc=$?
 set -e
 stop_daemon
 
-echo "serve-and-boot.sh: guest status $grc, $BACKEND exit status $DRC on SIGTERM (logs in $WORK)" >&2
+echo "serve-and-boot.sh: guest status $grc, $BACKEND exit status $DRC on SIGTERM" >&2
 if ((grc != 0 || DRC != 0)); then
     echo "--- daemon log tail ---" >&2
     tail -n 20 "$DLOG" >&2
+    echo "serve-and-boot.sh: images and logs kept in $WORK" >&2
     exit 1
 fi
 if ((TEMP_WORK && !KEEP)); then
     rm -rf "$WORK"
+else
+    echo "serve-and-boot.sh: images and logs in $WORK" >&2
 fi
 exit 0
