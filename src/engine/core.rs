@@ -7,7 +7,7 @@
 //! Requests that hold claims while waiting (uncached writes) take them in
 //! ascending block order.
 
-use super::frames::{Entry, FrameState, FrameTable, StripeState};
+use super::frames::{Entry, FrameState, FrameTable, StripeState, BLOCK_MASK, CDIRTY, QUEUED};
 use super::meta::Layout;
 use super::mode::WriteMode;
 use super::policy::Policy;
@@ -24,6 +24,9 @@ pub(crate) enum Victim {
     Free(u64),
     /// Only a dirty frame is evictable; it must be written back first.
     Dirty(u64),
+    /// Clean or free frames exist but the committed metadata still maps them
+    /// dirty: a commit makes them reusable.
+    NeedsCommit,
     /// Every frame is busy.
     None,
 }
@@ -61,6 +64,10 @@ pub(crate) struct Core {
     pub wb_signal: Mutex<WritebackSignal>,
     pub wb_cond: Condvar,
     pub store: StoreQueue,
+    /// Frames whose committed state may be out of date (see `commit`).
+    pub commit_queue: Mutex<Vec<u64>>,
+    /// The journal writer; its mutex also serialises commits.
+    pub journal: Mutex<super::commit::JournalState>,
 }
 
 impl Core {
@@ -102,13 +109,13 @@ impl Core {
         let first = self.first_frame(set);
         let n = self.layout.assoc;
         for f in first..first + u64::from(n) {
-            if self.frames.get(f) == Entry::FREE {
+            if self.frames.get(f).reusable() {
                 return Victim::Free(f);
             }
         }
         let clean = |f: u64| {
             let e = self.frames.get(f);
-            e.valid() && !e.dirty() && e.quiet()
+            e.valid() && !e.dirty() && e.quiet() && !e.cdirty()
         };
         if let Some(f) = self.policy.victim(first, n, g.clock, &mut |f| clean(f)) {
             self.free_frame(f);
@@ -119,6 +126,14 @@ impl Core {
             let e = self.frames.get(f);
             e.valid() && e.dirty() && e.quiet()
         };
+        // Clean or free frames that a commit would make reusable.
+        let waiting_commit = (first..first + u64::from(n)).any(|f| {
+            let e = self.frames.get(f);
+            e.cdirty() && !e.dirty() && e.quiet()
+        });
+        if waiting_commit {
+            return Victim::NeedsCommit;
+        }
         match self.policy.victim(first, n, g.clock, &mut |f| dirty(f)) {
             Some(f) => Victim::Dirty(f),
             None => Victim::None,
@@ -127,12 +142,27 @@ impl Core {
 
     /// Installs `entry` in the free frame `f` (stripe lock held).
     pub fn install(&self, f: u64, entry: Entry, g: &mut StripeState) {
-        self.frames.set(f, entry);
+        let old = self.frames.get(f);
+        self.frames.set(f, Entry(entry.0 | (old.0 & QUEUED)));
         self.valid.fetch_add(1, Relaxed);
         if entry.dirty() {
             self.dirty.fetch_add(1, Relaxed);
         }
         self.policy.on_insert(f, &mut g.clock);
+        self.note(f);
+    }
+
+    /// Queues frame `f` for the next commit when what it wants committed
+    /// differs from what is committed (stripe lock held).
+    pub fn note(&self, f: u64) {
+        let e = self.frames.get(f);
+        if e.wanted() != e.committed() && !e.queued() {
+            self.frames.set(f, e.with_flag(QUEUED, true));
+            self.commit_queue
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(f);
+        }
     }
 
     /// Empties frame `f` (stripe lock held), keeping the counters right.
@@ -145,7 +175,10 @@ impl Core {
             }
             self.policy.on_remove(f);
         }
-        self.frames.set(f, Entry::FREE);
+        // Keep the commit flags and the block number (see `frames`).
+        self.frames
+            .set(f, Entry(e.0 & (CDIRTY | QUEUED | BLOCK_MASK)));
+        self.note(f);
     }
 
     /// Marks a valid frame clean or dirty (stripe lock held).
@@ -158,6 +191,7 @@ impl Core {
                 self.dirty.fetch_sub(1, Relaxed);
             }
             self.frames.set(f, e.with_dirty(dirty));
+            self.note(f);
         }
     }
 

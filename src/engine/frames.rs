@@ -2,10 +2,19 @@
 //! stripes that serialise changes to the sets.
 //!
 //! Entry layout (bit 63 down):
-//! `VALID | DIRTY | unused(3) | state(3) | pins(8) | source block(48)`.
+//! `VALID | DIRTY | CDIRTY | QUEUED | unused | state(3) | pins(8) | source block(48)`.
+//!
+//! `CDIRTY` says the last *committed* metadata (journal or table on the cache
+//! device) maps this frame as dirty for its block; `QUEUED` says the frame is
+//! in the commit queue. A freed frame keeps its block number (with `VALID`
+//! clear) so the committed view can still be written out.
 //!
 //! Invariants, all under the stripe lock of the frame's set:
-//! - an entry with `VALID` clear is all zeros (free frame);
+//! - an entry with `VALID` clear is a free frame (only `CDIRTY`, `QUEUED` and
+//!   the old block number may be set);
+//! - a frame with `CDIRTY` set is never given to another block: after a crash
+//!   recovery would map its old block to the new data. It becomes reusable
+//!   once a commit records it clean or free;
 //! - at most one valid entry in a set holds a given source block;
 //! - a frame whose state is not `Idle`, or that has pins, is never chosen as
 //!   a victim;
@@ -23,6 +32,8 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 
 pub const VALID: u64 = 1 << 63;
 pub const DIRTY: u64 = 1 << 62;
+pub const CDIRTY: u64 = 1 << 61;
+pub const QUEUED: u64 = 1 << 60;
 const STATE_SHIFT: u32 = 56;
 const STATE_MASK: u64 = 0x7 << STATE_SHIFT;
 const PIN_SHIFT: u32 = 48;
@@ -46,8 +57,6 @@ pub enum FrameState {
 pub struct Entry(pub u64);
 
 impl Entry {
-    pub const FREE: Entry = Entry(0);
-
     pub fn new(block: u64, dirty: bool, state: FrameState) -> Entry {
         let mut v = VALID | (block & BLOCK_MASK) | ((state as u64) << STATE_SHIFT);
         if dirty {
@@ -60,6 +69,39 @@ impl Entry {
     }
     pub fn dirty(self) -> bool {
         self.0 & DIRTY != 0
+    }
+    pub fn cdirty(self) -> bool {
+        self.0 & CDIRTY != 0
+    }
+    pub fn queued(self) -> bool {
+        self.0 & QUEUED != 0
+    }
+    /// A free frame that nothing committed points at: may take a new block.
+    pub fn reusable(self) -> bool {
+        !self.valid() && !self.cdirty()
+    }
+    pub fn with_flag(self, flag: u64, on: bool) -> Entry {
+        if on {
+            Entry(self.0 | flag)
+        } else {
+            Entry(self.0 & !flag)
+        }
+    }
+    /// What the last commit says about this frame (table/journal value).
+    pub fn committed(self) -> u64 {
+        if self.cdirty() {
+            VALID | DIRTY | self.block()
+        } else {
+            0
+        }
+    }
+    /// What the next commit should say about this frame.
+    pub fn wanted(self) -> u64 {
+        if self.valid() && self.dirty() {
+            VALID | DIRTY | self.block()
+        } else {
+            0
+        }
     }
     pub fn block(self) -> u64 {
         self.0 & BLOCK_MASK
@@ -104,7 +146,11 @@ impl Entry {
     }
     /// The value persisted on the cache device: valid, dirty and block only.
     pub fn persistent(self) -> u64 {
-        self.0 & (VALID | DIRTY | BLOCK_MASK)
+        if self.valid() {
+            self.0 & (VALID | DIRTY | BLOCK_MASK)
+        } else {
+            0
+        }
     }
 }
 

@@ -162,7 +162,8 @@ fn format(
         mode: cfg.mode.unwrap_or(WriteMode::Writeback),
         clean: false,
         uuid,
-        commit_seq: 0,
+        commit_seq: 1,
+        journal_pos: 0,
     };
     meta::write_superblock(cache, &sb, 0).map_err(meta_err)?;
     log::info!(
@@ -182,6 +183,7 @@ fn format(
             entries_loaded: 0,
             dirty_loaded: 0,
             load_ms: t0.elapsed().as_millis() as u64,
+            ..StartInfo::default()
         },
     })
 }
@@ -242,34 +244,51 @@ fn load(
             device: cache.name(),
             source: e,
         })?;
+    let clean_shutdown = sb.clean;
+    let mut replayed = super::commit::Replay::default();
+    let mut clean_dropped = 0;
+    if !clean_shutdown {
+        // Crash recovery: replay the journal over the table, then keep only
+        // dirty mappings (clean ones may be stale: the source has their data).
+        let meta_err = |e| EngineError::Meta {
+            device: cache.name(),
+            source: e,
+        };
+        replayed = super::commit::replay(cache, &l, &sb, &mut entries).map_err(meta_err)?;
+        for e in entries.iter_mut() {
+            if *e != 0 && *e & super::frames::DIRTY == 0 {
+                *e = 0;
+                clean_dropped += 1;
+            }
+        }
+        meta::validate_entries(&entries, source_blocks, &l).map_err(meta_err)?;
+        // Make the recovered state the new baseline before serving.
+        meta::save_table(cache, &l, &entries).map_err(meta_err)?;
+        cache.flush().map_err(EngineError::Cache)?;
+        log::warn!(
+            "cache {} was not shut down cleanly: replayed {} commits, recovered {} dirty blocks, dropped {} clean entries",
+            cache.name(),
+            replayed.commits,
+            entries.iter().filter(|&&e| e != 0).count(),
+            clean_dropped
+        );
+    }
     let dirty = entries
         .iter()
         .filter(|&&e| e & super::frames::DIRTY != 0)
         .count() as u64;
-    let clean_shutdown = sb.clean;
-    if !clean_shutdown {
-        if sb.mode == WriteMode::Writeback || dirty > 0 {
-            return Err(EngineError::Unclean {
-                device: cache.name(),
-            });
-        }
-        // Without writeback nothing in the cache is the only copy: drop it all.
-        log::warn!(
-            "cache {} was not shut down cleanly; dropping its {} clean entries",
-            cache.name(),
-            entries.iter().filter(|&&e| e != 0).count()
-        );
-        entries.iter_mut().for_each(|e| *e = 0);
-    }
     let mode = cfg.mode.unwrap_or(sb.mode);
     if mode == WriteMode::Passthrough && dirty > 0 {
         return Err(EngineError::PassthroughDirty { dirty });
     }
     let loaded = entries.iter().filter(|&&e| e != 0).count() as u64;
-    // Mark the cache in use before serving, so a crash is detected next time.
+    // Mark the cache in use before serving, so a crash is detected next time;
+    // the journal restarts empty with a sequence number never used before.
     sb.seq += 1;
     sb.clean = false;
     sb.mode = mode;
+    sb.commit_seq = sb.commit_seq.max(replayed.next_seq) + 1;
+    sb.journal_pos = 0;
     let next = 1 - slot;
     meta::write_superblock(cache, &sb, next).map_err(|e| EngineError::Meta {
         device: cache.name(),
@@ -283,7 +302,10 @@ fn load(
             formatted: false,
             clean: clean_shutdown,
             entries_loaded: loaded,
-            dirty_loaded: if clean_shutdown { dirty } else { 0 },
+            dirty_loaded: dirty,
+            commits_replayed: replayed.commits,
+            dirty_recovered: if clean_shutdown { 0 } else { dirty },
+            clean_dropped,
             load_ms: t0.elapsed().as_millis() as u64,
         },
     })

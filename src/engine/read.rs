@@ -102,6 +102,12 @@ impl Core {
                         self.evict_dirty(set, f)?;
                         continue;
                     }
+                    Victim::NeedsCommit => {
+                        drop(g);
+                        self.settle(run, buf)?;
+                        self.commit()?;
+                        continue;
+                    }
                     // Every frame of the set is busy for a moment (being
                     // fetched, stored, read or written back): wait for one.
                     Victim::None => true,

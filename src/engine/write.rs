@@ -87,6 +87,11 @@ impl Core {
                         self.evict_dirty(set, f)?;
                         continue;
                     }
+                    Victim::NeedsCommit => {
+                        drop(g);
+                        self.commit()?;
+                        continue;
+                    }
                     // All frames busy for a moment: wait for one.
                     Victim::None => {}
                 },

@@ -168,12 +168,8 @@ impl Core {
                 idle_passes = 0;
             }
         }
-        if self.source_written.swap(false, SeqCst) {
-            if let Err(e) = self.source.flush() {
-                self.source_written.store(true, SeqCst);
-                return Err(EngineError::Source(e));
-            }
-        }
+        // Flush the source, then commit the clean states.
+        self.commit()?;
         progress(FlushProgress {
             total: total.max(done),
             done,
@@ -210,7 +206,10 @@ pub(crate) fn run_writeback(core: Arc<Core>) {
             if core.wb_signal.lock().map(|s| s.stop).unwrap_or(true) {
                 return;
             }
-            match core.writeback_pass(low, true, &mut |_| {}) {
+            match core
+                .writeback_pass(low, true, &mut |_| {})
+                .and_then(|n| core.commit().map(|_| n))
+            {
                 Ok(0) => break,
                 Ok(_) => {}
                 Err(e) => {

@@ -13,6 +13,7 @@
 //! Every superblock and table page carries a CRC32C; a mismatch is reported,
 //! never ignored.
 
+pub mod journal;
 mod layout;
 mod superblock;
 mod table;
@@ -40,6 +41,15 @@ pub enum MetaError {
     },
     #[error("mapping table entry {frame}: {what}")]
     BadEntry { frame: u64, what: String },
+    #[error("journal block at offset {offset} is corrupted ({what}) but later commits follow it; committed metadata would be lost")]
+    JournalCorrupt { offset: u64, what: String },
+    #[error("journal record for frame {frame} is out of range ({frames} frames)")]
+    JournalRecord { frame: u64, frames: u64 },
+}
+
+/// Checks decoded entries against a layout (see `table::validate_entries`).
+pub fn validate_entries(entries: &[u64], source_blocks: u64, l: &Layout) -> Result<(), MetaError> {
+    table::validate_entries(entries, source_blocks, l.assoc, l.sets(), l.run)
 }
 
 /// What the superblock area holds.
@@ -141,7 +151,9 @@ pub fn load_table(
         }
         page += n;
     }
-    table::validate_entries(&out, source_blocks, layout.assoc, layout.sets(), layout.run)?;
+    // A clean table is final and checked here; after a crash the caller
+    // checks again once the journal has been replayed on top of it.
+    validate_entries(&out, source_blocks, layout)?;
     Ok(out)
 }
 

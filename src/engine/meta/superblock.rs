@@ -8,7 +8,8 @@
 //! 48 mode u8  49 clean u8  50 run u16  52 reserved u32
 //! 56 journal_offset u64  64 journal_len u64
 //! 72 table_offset u64    80 data_offset u64
-//! 88 uuid [u8;16]        104 commit_seq u64 (journal generation, for crash recovery)
+//! 88 uuid [u8;16]        104 commit_seq u64 (sequence of the first commit in the journal)
+//! 112 journal_pos u64 (offset in the journal where replay starts)
 //! ```
 
 use super::layout::{Layout, META_PAGE};
@@ -30,6 +31,7 @@ pub struct Superblock {
     pub clean: bool,
     pub uuid: [u8; 16],
     pub commit_seq: u64,
+    pub journal_pos: u64,
 }
 
 fn put64(p: &mut [u8], o: usize, v: u64) {
@@ -70,6 +72,7 @@ impl Superblock {
         put64(&mut p, 80, l.data_offset);
         p[88..104].copy_from_slice(&self.uuid);
         put64(&mut p, 104, self.commit_seq);
+        put64(&mut p, 112, self.journal_pos);
         let crc = crc32c::crc32c(&p[..CRC_AT]);
         put32(&mut p, CRC_AT, crc);
         p
@@ -141,6 +144,13 @@ impl Superblock {
             clean: p[49] != 0,
             uuid,
             commit_seq: get64(p, 104),
+            journal_pos: {
+                let pos = get64(p, 112);
+                if pos % META_PAGE != 0 || pos >= layout.journal_len {
+                    return Err(format!("journal position {pos} is outside the journal"));
+                }
+                pos
+            },
         })
     }
 }
@@ -166,6 +176,7 @@ mod tests {
             clean: true,
             uuid: [7; 16],
             commit_seq: 3,
+            journal_pos: 8192,
         }
     }
 

@@ -1,0 +1,288 @@
+//! Commits: making the mapping of dirty blocks durable.
+//!
+//! The promise (see ARCHITECTURE.md): every write completed before a
+//! completed FLUSH survives a crash. Only *dirty* mappings need to survive —
+//! after an unclean shutdown clean entries are dropped, since the source holds
+//! their data — so a commit records, for each frame whose dirty state changed,
+//! its new committed value (`VALID|DIRTY|block` or 0).
+//!
+//! Order of a commit:
+//! 1. take the queued frames and their wanted values (frames still `Filling`
+//!    stay queued: their data is not complete);
+//! 2. flush the cache device (the data of every recorded dirty frame was
+//!    written before step 1) and the source (every recorded dirty→clean
+//!    transition follows a completed writeback write);
+//! 3. write the records as journal blocks and flush the cache device — or,
+//!    when the journal is full, write the changed table pages, flush, and
+//!    restart the journal through the superblock;
+//! 4. only then update each frame's `CDIRTY`, which lets frames committed
+//!    clean or free be reused.
+
+use super::core::Core;
+use super::frames::{BLOCK_MASK, CDIRTY, DIRTY, QUEUED, VALID};
+use super::meta::{self, journal, Layout, Superblock, ENTRIES_PER_PAGE, META_PAGE};
+use super::EngineError;
+use crate::device::{AlignedBuf, BlockDevice};
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering::SeqCst;
+
+/// The journal writer's position; its mutex serialises commits.
+pub(crate) struct JournalState {
+    /// Byte offset inside the journal area of the next commit.
+    pub pos: u64,
+    /// Sequence number of the next commit.
+    pub seq: u64,
+    /// Table pages changed by commits now in the journal.
+    pub touched_pages: BTreeSet<u64>,
+    /// The superblock and the slot it was last written to.
+    pub sb: Superblock,
+    pub slot: usize,
+    /// Commits and checkpoints done (for statistics).
+    pub commits: u64,
+    pub checkpoints: u64,
+}
+
+impl Core {
+    /// Makes completed writes durable: flushes the devices that were written
+    /// and commits changed dirty mappings. Costs no metadata I/O when no
+    /// dirty mapping changed.
+    pub(crate) fn commit(&self) -> Result<(), EngineError> {
+        let mut j = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+        let records = self.take_records();
+        let r = self.commit_locked(&mut j, &records);
+        if r.is_err() {
+            // Nothing recorded became durable: requeue for the next attempt.
+            self.requeue(&records);
+        }
+        r
+    }
+
+    fn commit_locked(
+        &self,
+        j: &mut JournalState,
+        records: &[(u64, u64)],
+    ) -> Result<(), EngineError> {
+        if self.cache_written.swap(false, SeqCst) {
+            if let Err(e) = self.cache.flush() {
+                self.cache_written.store(true, SeqCst);
+                return Err(EngineError::Cache(e));
+            }
+        }
+        if self.source_written.swap(false, SeqCst) {
+            if let Err(e) = self.source.flush() {
+                self.source_written.store(true, SeqCst);
+                return Err(EngineError::Source(e));
+            }
+        }
+        if records.is_empty() {
+            return Ok(());
+        }
+        let blocks = journal::encode_commit(j.seq, records);
+        let need = blocks.len() as u64 * META_PAGE;
+        if j.pos + need > self.layout.journal_len {
+            self.checkpoint(j, records)?;
+        } else {
+            let mut buf = AlignedBuf::new(need as usize);
+            for (i, b) in blocks.iter().enumerate() {
+                buf[i * META_PAGE as usize..(i + 1) * META_PAGE as usize].copy_from_slice(b);
+            }
+            let at = self.layout.journal_offset + j.pos;
+            self.cache.write_at(&buf, at).map_err(EngineError::Cache)?;
+            self.cache.flush().map_err(EngineError::Cache)?;
+            j.pos += need;
+            j.seq += 1;
+            for &(f, _) in records {
+                j.touched_pages.insert(f / ENTRIES_PER_PAGE);
+            }
+        }
+        j.commits += 1;
+        self.apply_committed(records);
+        Ok(())
+    }
+
+    /// Drains the commit queue into records (frame, value to commit).
+    fn take_records(&self) -> Vec<(u64, u64)> {
+        let queued =
+            std::mem::take(&mut *self.commit_queue.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut records = Vec::with_capacity(queued.len());
+        let mut again = Vec::new();
+        for f in queued {
+            let set = f / u64::from(self.layout.assoc);
+            let _g = self.lock(set);
+            let e = self.frames.get(f);
+            if e.state() == super::frames::FrameState::Filling {
+                again.push(f);
+                continue;
+            }
+            self.frames.set(f, e.with_flag(QUEUED, false));
+            if e.wanted() != e.committed() {
+                records.push((f, e.wanted()));
+            }
+        }
+        if !again.is_empty() {
+            self.commit_queue
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(again);
+        }
+        records
+    }
+
+    fn requeue(&self, records: &[(u64, u64)]) {
+        for &(f, _) in records {
+            let set = f / u64::from(self.layout.assoc);
+            let _g = self.lock(set);
+            self.note(f);
+        }
+    }
+
+    /// Sets each recorded frame's committed flag and wakes waiters.
+    fn apply_committed(&self, records: &[(u64, u64)]) {
+        for &(f, v) in records {
+            let set = f / u64::from(self.layout.assoc);
+            let g = self.lock(set);
+            let e = self.frames.get(f).with_flag(CDIRTY, v & DIRTY != 0);
+            self.frames.set(f, e);
+            // It may differ again already (changed after the snapshot).
+            self.note(f);
+            self.frames.notify(set, &g);
+        }
+    }
+
+    /// Writes the committed view (with `records` applied) of every table
+    /// page changed since the last checkpoint, then restarts the journal.
+    fn checkpoint(&self, j: &mut JournalState, records: &[(u64, u64)]) -> Result<(), EngineError> {
+        let mut pages = std::mem::take(&mut j.touched_pages);
+        let overrides: std::collections::HashMap<u64, u64> = records.iter().copied().collect();
+        for &(f, _) in records {
+            pages.insert(f / ENTRIES_PER_PAGE);
+        }
+        let frames = self.layout.cache_blocks;
+        let mut buf = AlignedBuf::new(META_PAGE as usize);
+        for &p in &pages {
+            let start = p * ENTRIES_PER_PAGE;
+            let end = (start + ENTRIES_PER_PAGE).min(frames);
+            let entries: Vec<u64> = (start..end)
+                .map(|f| match overrides.get(&f) {
+                    Some(&v) => v,
+                    None => {
+                        let set = f / u64::from(self.layout.assoc);
+                        let _g = self.lock(set);
+                        self.frames.get(f).committed()
+                    }
+                })
+                .collect();
+            buf.copy_from_slice(&meta::encode_page(p, &entries));
+            self.cache
+                .write_at(&buf, self.layout.table_offset + p * META_PAGE)
+                .map_err(EngineError::Cache)?;
+        }
+        self.cache.flush().map_err(EngineError::Cache)?;
+        j.seq += 1;
+        j.sb.commit_seq = j.seq;
+        j.sb.journal_pos = 0;
+        j.sb.seq += 1;
+        j.slot = 1 - j.slot;
+        meta::write_superblock(&*self.cache, &j.sb, j.slot).map_err(|e| EngineError::Meta {
+            device: self.cache.name(),
+            source: e,
+        })?;
+        j.pos = 0;
+        j.checkpoints += 1;
+        Ok(())
+    }
+}
+
+/// What replaying the journal found.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Replay {
+    pub commits: u64,
+    pub records: u64,
+    /// Sequence number after the last valid commit.
+    pub next_seq: u64,
+}
+
+/// Replays the journal of an uncleanly shut down cache onto `entries`.
+///
+/// Replay starts at the superblock's position and sequence number and stops
+/// at the first block that is not the next commit. A commit cut short by the
+/// crash is ignored. A damaged block followed by a later commit is
+/// corruption, not a torn tail, and is an error.
+pub(crate) fn replay(
+    dev: &dyn BlockDevice,
+    l: &Layout,
+    sb: &Superblock,
+    entries: &mut [u64],
+) -> Result<Replay, meta::MetaError> {
+    let nblocks = l.journal_len / META_PAGE;
+    let read = |i: u64| -> Result<Vec<u8>, meta::MetaError> {
+        let mut b = AlignedBuf::new(META_PAGE as usize);
+        dev.read_at(&mut b, l.journal_offset + i * META_PAGE)?;
+        Ok(b.to_vec())
+    };
+    let mut out = Replay {
+        next_seq: sb.commit_seq,
+        ..Replay::default()
+    };
+    let mut i = sb.journal_pos / META_PAGE;
+    'commits: while i < nblocks {
+        let first = match journal::decode_block(&read(i)?) {
+            Ok(b) if b.seq == out.next_seq && b.index == 0 => b,
+            _ => break,
+        };
+        let count = u64::from(first.count);
+        if i + count > nblocks {
+            break;
+        }
+        let mut recs = first.records;
+        for k in 1..count {
+            match journal::decode_block(&read(i + k)?) {
+                Ok(b)
+                    if b.seq == out.next_seq
+                        && u64::from(b.index) == k
+                        && b.count == first.count =>
+                {
+                    recs.extend(b.records)
+                }
+                _ => break 'commits,
+            }
+        }
+        for (f, v) in recs {
+            let slot = entries
+                .get_mut(f as usize)
+                .ok_or(meta::MetaError::JournalRecord {
+                    frame: f,
+                    frames: l.cache_blocks,
+                })?;
+            if v != 0 && v & !(VALID | DIRTY | BLOCK_MASK) != 0 {
+                return Err(meta::MetaError::JournalCorrupt {
+                    offset: l.journal_offset + i * META_PAGE,
+                    what: format!("record value {v:#x} has unknown bits"),
+                });
+            }
+            *slot = v;
+            out.records += 1;
+        }
+        out.commits += 1;
+        out.next_seq += 1;
+        i += count;
+    }
+    // Anything after the stop point with a newer sequence means the stop was
+    // caused by damage, not by the crash.
+    let stop = i;
+    for k in stop..nblocks {
+        if let Ok(b) = journal::decode_block(&read(k)?) {
+            if b.seq > out.next_seq {
+                let what = match journal::decode_block(&read(stop)?) {
+                    Ok(_) => String::from("unexpected sequence number"),
+                    Err(e) => e,
+                };
+                return Err(meta::MetaError::JournalCorrupt {
+                    offset: l.journal_offset + stop * META_PAGE,
+                    what,
+                });
+            }
+        }
+    }
+    Ok(out)
+}
