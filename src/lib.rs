@@ -7,3 +7,10 @@
 pub mod device;
 pub mod engine;
 pub mod control;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod size;
+pub mod virtio;
+
+pub use daemon::{run, Error};
