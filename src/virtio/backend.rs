@@ -38,6 +38,8 @@ pub type GuestMem = GuestMemoryMmap<()>;
 pub type GuestMemAtomic = GuestMemoryAtomic<GuestMem>;
 /// One virtqueue with its kick/call fds.
 pub type Vring = VringRwLock<GuestMemAtomic>;
+/// A descriptor chain holding its own reference to guest memory.
+type Chain = virtio_queue::DescriptorChain<Arc<GuestMem>>;
 
 /// How long `stop_vring` waits for in-flight requests before giving up.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -149,25 +151,15 @@ impl BlkBackend {
         let Some(inflight) = self.inner.inflight.get(q) else {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "queue index out of range"));
         };
-        let mem = self.memory().memory().into_inner();
         let event_idx = self.inner.event_idx.load(Ordering::Acquire);
         loop {
             if event_idx {
                 vring.disable_notification().map_err(io::Error::other)?;
             }
-            loop {
-                let chain = {
-                    let mut state = vring.get_mut();
-                    let chain = state.get_queue_mut().pop_descriptor_chain(Arc::clone(&mem));
-                    if chain.is_some() {
-                        inflight.begin();
-                    }
-                    chain
-                };
-                let Some(chain) = chain else { break };
+            while let Some((chain, mem)) = self.pop(vring, inflight) {
                 let head = chain.head_index();
                 match Request::parse(chain, &self.inner.cfg.limits) {
-                    Ok(req) => self.submit(q, vring, Arc::clone(&mem), head, req),
+                    Ok(req) => self.submit(q, vring, mem, head, req),
                     Err(e) => {
                         log::debug!("queue {q}: rejected request {head}: {e}");
                         let used = match e.status_addr {
@@ -182,6 +174,26 @@ impl BlkBackend {
                 return Ok(());
             }
         }
+    }
+
+    /// Pops the next available chain, counting it as in flight.
+    ///
+    /// The memory snapshot is taken after the available index was seen to
+    /// move: the driver maps a buffer (ADD_MEM_REGION, acknowledged) before it
+    /// publishes a request using it, so a snapshot taken earlier could miss
+    /// that region and fail a valid request.
+    fn pop(&self, vring: &Vring, inflight: &InFlight) -> Option<(Chain, Arc<GuestMem>)> {
+        let mut state = vring.get_mut();
+        let queue = state.get_queue_mut();
+        let probe = self.memory().memory();
+        match queue.avail_idx(&*probe, std::sync::atomic::Ordering::Acquire) {
+            Ok(idx) if idx.0 != queue.next_avail() => {}
+            _ => return None,
+        }
+        let mem = self.memory().memory().into_inner();
+        let chain = queue.pop_descriptor_chain(Arc::clone(&mem))?;
+        inflight.begin();
+        Some((chain, mem))
     }
 
     fn submit(&self, q: usize, vring: &Vring, mem: Arc<GuestMem>, head: u16, req: Request) {
