@@ -188,8 +188,8 @@ impl TryFrom<ServeArgs> for ServeConfig {
             ),
             None => None,
         };
-        let block_size = u32::try_from(a.block_size)
-            .map_err(|_| ConfigError::BlockSize(a.block_size))?;
+        let block_size =
+            u32::try_from(a.block_size).map_err(|_| ConfigError::BlockSize(a.block_size))?;
         let geometry = GeometryRequest {
             block_size,
             cache_blocks: a.cache_blocks,
@@ -219,8 +219,8 @@ impl TryFrom<ServeArgs> for ServeConfig {
         if a.serial.len() > MAX_SERIAL_BYTES {
             return Err(ConfigError::Serial(a.serial));
         }
-        let socket_mode =
-            parse_mode(&a.socket_mode).ok_or_else(|| ConfigError::SocketMode(a.socket_mode.clone()))?;
+        let socket_mode = parse_mode(&a.socket_mode)
+            .ok_or_else(|| ConfigError::SocketMode(a.socket_mode.clone()))?;
         check_device_path("--source", &a.source)?;
         check_device_path("--cache", &a.cache)?;
         if same_file(&a.source, &a.cache) {
@@ -372,6 +372,9 @@ mod tests {
         ])
         .unwrap();
         let e = Config::try_from(args).unwrap_err();
-        assert!(e.to_string().starts_with("--source: /nonexistent/src"), "{e}");
+        assert!(
+            e.to_string().starts_with("--source: /nonexistent/src"),
+            "{e}"
+        );
     }
 }

@@ -7,6 +7,8 @@
 pub mod device;
 pub mod engine;
 pub mod control;
+
+// The daemon: command line, configuration, virtio-blk device and lifecycle.
 pub mod cli;
 pub mod config;
 pub mod daemon;

@@ -77,7 +77,10 @@ mod tests {
             parse_size("18446744073709551616"),
             Err(SizeError::Overflow(_))
         ));
-        assert!(matches!(parse_size("16777216T"), Err(SizeError::Overflow(_))));
+        assert!(matches!(
+            parse_size("16777216T"),
+            Err(SizeError::Overflow(_))
+        ));
         assert_eq!(parse_size("16777215T"), Ok(16_777_215u64 << 40));
     }
 }

@@ -85,7 +85,10 @@ fn random_io_flush_discard_write_zeroes_match_reference() {
         .chunks(512)
         .zip(want[4096..4096 + dlen].chunks(512))
     {
-        assert!(g == w || g.iter().all(|b| *b == 0), "discarded sector is garbage");
+        assert!(
+            g == w || g.iter().all(|b| *b == 0),
+            "discarded sector is garbage"
+        );
     }
     let discarded = got[4096..4096 + dlen].to_vec();
     reference[dofs..dofs + dlen].copy_from_slice(&discarded);
@@ -95,7 +98,10 @@ fn random_io_flush_discard_write_zeroes_match_reference() {
 
     // Full comparison.
     for off in (0..reference.len()).step_by(4 * MIB) {
-        assert!(q.read(off as u64, 4 * MIB) == reference[off..off + 4 * MIB], "at {off}");
+        assert!(
+            q.read(off as u64, 4 * MIB) == reference[off..off + 4 * MIB],
+            "at {off}"
+        );
     }
     drop(q);
     drop(client);
@@ -110,12 +116,18 @@ fn readonly_is_advertised_and_reads_work() {
     // libblkio refuses a read-only device unless asked for read-only, which
     // shows the RO feature is offered (the daemon's own rejection of writes
     // is covered by the parser unit tests).
-    let err = Client::try_connect(&files.socket, 1, false).err().expect("RO not advertised");
+    let err = Client::try_connect(&files.socket, 1, false)
+        .err()
+        .expect("RO not advertised");
     assert!(err.message().contains("read-only"), "{}", err.message());
     let mut client = Client::try_connect(&files.socket, 1, true).unwrap();
     let mut q = client.queue(0);
     assert!(q.read(4096, 65536) == files.initial[4096..4096 + 65536]);
-    assert_ne!(q.try_write(0, &[1u8; 512]), 0, "write on a read-only disk succeeded");
+    assert_ne!(
+        q.try_write(0, &[1u8; 512]),
+        0,
+        "write on a read-only disk succeeded"
+    );
     drop(q);
     drop(client);
     assert!(daemon.stop().success());
@@ -157,7 +169,10 @@ fn two_queues_concurrently() {
     // Queue 0 sees what queue 1 wrote.
     let whole: Vec<u8> = [ref0, ref1].concat();
     for off in (0..whole.len()).step_by(4 * MIB) {
-        assert!(q0.read(off as u64, 4 * MIB) == whole[off..off + 4 * MIB], "at {off}");
+        assert!(
+            q0.read(off as u64, 4 * MIB) == whole[off..off + 4 * MIB],
+            "at {off}"
+        );
     }
     drop(q0);
     drop(_q1);
@@ -175,7 +190,12 @@ fn next_client_after_disconnect() {
         let mut q = client.queue(0);
         if round > 0 {
             let got = q.try_read((round - 1) * 65536, 65536);
-            assert!(got.as_ref() == Ok(&data), "round {round}: {:?} {}", got.err(), daemon.log_text());
+            assert!(
+                got.as_ref() == Ok(&data),
+                "round {round}: {:?} {}",
+                got.err(),
+                daemon.log_text()
+            );
         }
         q.write(round * 65536, &data);
         drop(q);
@@ -213,7 +233,10 @@ fn data_survives_restart_and_dirty_data_survives_sigterm() {
         let mut client = Client::connect(&files.socket, 1);
         let mut q = client.queue(0);
         for off in (0..reference.len()).step_by(4 * MIB) {
-            assert!(q.read(off as u64, 4 * MIB) == reference[off..off + 4 * MIB], "at {off}");
+            assert!(
+                q.read(off as u64, 4 * MIB) == reference[off..off + 4 * MIB],
+                "at {off}"
+            );
         }
         // Dirty again, then stop with a front-end still connected, writing
         // everything back to the source.
@@ -227,7 +250,10 @@ fn data_survives_restart_and_dirty_data_survives_sigterm() {
     let d = Daemon::start(&files, &["--writeback-on-exit"]);
     assert!(d.stop().success());
     let source = std::fs::read(&files.source).unwrap();
-    assert!(source == reference, "source does not hold the written data after --writeback-on-exit");
+    assert!(
+        source == reference,
+        "source does not hold the written data after --writeback-on-exit"
+    );
 }
 
 fn run_bad(args: &[String]) -> (i32, String) {
@@ -257,8 +283,15 @@ fn bad_command_lines_exit_2_and_create_nothing() {
     for (extra, name) in cases {
         let (code, err) = run_bad(&files.serve_args(extra));
         assert_eq!(code, 2, "{extra:?}: {err}");
-        assert_eq!(err.trim_end().lines().count(), 1, "{extra:?}: not one line: {err}");
-        assert!(err.contains(name), "{extra:?}: message does not name {name}: {err}");
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "{extra:?}: not one line: {err}"
+        );
+        assert!(
+            err.contains(name),
+            "{extra:?}: message does not name {name}: {err}"
+        );
         assert!(!files.socket.exists(), "{extra:?} created the socket");
     }
     let mut missing = files.serve_args(&[]);
@@ -266,11 +299,19 @@ fn bad_command_lines_exit_2_and_create_nothing() {
     let (code, err) = run_bad(&missing);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--source"), "{err}");
-    let (code, err) = run_bad(&["set-mode".into(), "fast".into(), "--control".into(), "/x".into()]);
+    let (code, err) = run_bad(&[
+        "set-mode".into(),
+        "fast".into(),
+        "--control".into(),
+        "/x".into(),
+    ]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--mode") || err.contains("mode"), "{err}");
     assert!(!files.socket.exists());
-    assert!(std::fs::read(&files.cache).unwrap() == cache_before, "cache was modified");
+    assert!(
+        std::fs::read(&files.cache).unwrap() == cache_before,
+        "cache was modified"
+    );
 }
 
 #[test]
@@ -279,7 +320,10 @@ fn regular_file_at_socket_path_is_kept_and_stale_socket_replaced() {
     std::fs::write(&files.socket, b"not a socket").unwrap();
     let (code, err) = run_bad(&files.serve_args(&[]));
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("--socket") && err.contains("not a socket"), "{err}");
+    assert!(
+        err.contains("--socket") && err.contains("not a socket"),
+        "{err}"
+    );
     assert_eq!(std::fs::read(&files.socket).unwrap(), b"not a socket");
 
     // A stale socket (nobody listening) is replaced.
@@ -321,15 +365,24 @@ fn direct_on_tmpfs_fails_clearly() {
     }
     let sock = dir.path().join("d.sock");
     let args: Vec<String> = [
-        "serve", "--source", src.to_str().unwrap(), "--cache", cache.to_str().unwrap(),
-        "--socket", sock.to_str().unwrap(), "--direct",
+        "serve",
+        "--source",
+        src.to_str().unwrap(),
+        "--cache",
+        cache.to_str().unwrap(),
+        "--socket",
+        sock.to_str().unwrap(),
+        "--direct",
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
     let (code, err) = run_bad(&args);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("--direct") && err.contains("O_DIRECT"), "{err}");
+    assert!(
+        err.contains("--direct") && err.contains("O_DIRECT"),
+        "{err}"
+    );
     assert!(!sock.exists());
 }
 

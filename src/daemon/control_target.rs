@@ -20,7 +20,9 @@ impl ControlTarget for EngineControl {
     }
 
     fn set_mode(&self, mode: &str) -> Result<(), String> {
-        let mode: WriteMode = mode.parse().map_err(|e: crate::engine::mode::UnknownMode| e.to_string())?;
+        let mode: WriteMode = mode
+            .parse()
+            .map_err(|e: crate::engine::mode::UnknownMode| e.to_string())?;
         self.0.set_mode(mode).map_err(|e| e.to_string())
     }
 

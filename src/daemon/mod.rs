@@ -105,16 +105,14 @@ fn open_source(cfg: &ServeConfig) -> Result<Arc<dyn BlockDevice>, Error> {
         Err(Error::Open {
             source: DeviceError::Io { ref source, .. },
             ..
-        }) if cfg.readonly && source.kind() == std::io::ErrorKind::PermissionDenied => {
-            open_device(
-                "--source",
-                &cfg.source,
-                OpenOptions {
-                    read_only: true,
-                    ..rw
-                },
-            )
-        }
+        }) if cfg.readonly && source.kind() == std::io::ErrorKind::PermissionDenied => open_device(
+            "--source",
+            &cfg.source,
+            OpenOptions {
+                read_only: true,
+                ..rw
+            },
+        ),
         other => other,
     }
 }
@@ -199,7 +197,11 @@ fn serve_engine(cfg: &ServeConfig, stop: &Arc<Stop>, engine: &Arc<Engine>) -> Re
     let backend_cfg = BlkBackendConfig {
         num_queues: cfg.queues,
         queue_size: cfg.queue_size,
-        limits: DeviceLimits::new(engine.size(), engine.status().geometry.block_size, cfg.readonly),
+        limits: DeviceLimits::new(
+            engine.size(),
+            engine.status().geometry.block_size,
+            cfg.readonly,
+        ),
         serial: cfg.serial.clone(),
     };
     log::info!("listening on {}", cfg.socket.display());
@@ -264,8 +266,9 @@ fn accept_loop(
     let vhost_err = |e: vhost_user_backend::Error| Error::Vhost(e.to_string());
     while wait_for_connection(bound, stop)? {
         let backend = BlkBackend::new(Arc::clone(engine), backend_cfg.clone(), pool.handle());
-        let mut daemon = VhostUserDaemon::new("vblk-vhost".into(), backend.clone(), backend.memory())
-            .map_err(vhost_err)?;
+        let mut daemon =
+            VhostUserDaemon::new("vblk-vhost".into(), backend.clone(), backend.memory())
+                .map_err(vhost_err)?;
         // A listener made from a duplicate fd has no path, so dropping it
         // does not unlink our socket.
         let fd = bound.listener.try_clone().map_err(|source| Error::Socket {

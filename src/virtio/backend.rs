@@ -26,11 +26,15 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::bindings::virtio_blk::*;
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_bindings::bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 /// Guest memory as mapped from the front-end's memory table.
 pub type GuestMem = GuestMemoryMmap<()>;
@@ -130,15 +134,20 @@ impl BlkBackend {
 
     /// The guest memory handle to give `VhostUserDaemon::new`.
     pub fn memory(&self) -> GuestMemAtomic {
-        self.inner.mem.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.inner
+            .mem
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Waits for every in-flight request of every queue; false on timeout.
     pub fn drain(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
-        self.inner.inflight.iter().all(|f| {
-            f.wait_idle(deadline.saturating_duration_since(Instant::now()))
-        })
+        self.inner
+            .inflight
+            .iter()
+            .all(|f| f.wait_idle(deadline.saturating_duration_since(Instant::now())))
     }
 
     fn wce(&self) -> bool {
@@ -149,7 +158,10 @@ impl BlkBackend {
     /// notifications (EVENT_IDX) and re-checking so that no kick is lost.
     fn process_queue(&self, q: usize, vring: &Vring) -> io::Result<()> {
         let Some(inflight) = self.inner.inflight.get(q) else {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "queue index out of range"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "queue index out of range",
+            ));
         };
         let event_idx = self.inner.event_idx.load(Ordering::Acquire);
         loop {
@@ -286,7 +298,11 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let image = config_space::build(&self.inner.cfg.limits, self.inner.cfg.num_queues, self.wce());
+        let image = config_space::build(
+            &self.inner.cfg.limits,
+            self.inner.cfg.num_queues,
+            self.wce(),
+        );
         config_space::read(&image, offset, size)
     }
 
@@ -303,8 +319,14 @@ impl VhostUserBackend for BlkBackend {
             (false, m) => m,
         };
         if target != current {
-            log::info!("guest set wce={}: switching {current} -> {target}", u8::from(wce));
-            self.inner.engine.set_mode(target).map_err(io::Error::other)?;
+            log::info!(
+                "guest set wce={}: switching {current} -> {target}",
+                u8::from(wce)
+            );
+            self.inner
+                .engine
+                .set_mode(target)
+                .map_err(io::Error::other)?;
         }
         Ok(())
     }

@@ -110,7 +110,10 @@ mod tests {
         let img = build(&limits, 4, true);
         assert_eq!(img.len(), CONFIG_LEN);
         // Offsets from the virtio spec (5.2.4).
-        assert_eq!(u64::from_le_bytes(img[0..8].try_into().unwrap()), (64 << 20) / 512);
+        assert_eq!(
+            u64::from_le_bytes(img[0..8].try_into().unwrap()),
+            (64 << 20) / 512
+        );
         assert_eq!(u32_at(&img, 8), limits.size_max);
         assert_eq!(u32_at(&img, 12), limits.seg_max);
         assert_eq!(u32_at(&img, 20), 512); // blk_size
@@ -145,7 +148,10 @@ mod tests {
     fn only_wce_is_writable() {
         assert_eq!(parse_write(WCE_OFFSET, &[1]), Ok(true));
         assert_eq!(parse_write(WCE_OFFSET, &[0]), Ok(false));
-        assert_eq!(parse_write(WCE_OFFSET, &[2]), Err(ConfigSpaceError::BadWce(2)));
+        assert_eq!(
+            parse_write(WCE_OFFSET, &[2]),
+            Err(ConfigSpaceError::BadWce(2))
+        );
         assert!(parse_write(0, &[0; 8]).is_err());
         assert!(parse_write(WCE_OFFSET, &[1, 0]).is_err());
     }

@@ -133,7 +133,9 @@ where
         seg_start = seg_end;
     }
     if pos != len {
-        return Err(BlkError::GuestMemory("request data shorter than expected".into()));
+        return Err(BlkError::GuestMemory(
+            "request data shorter than expected".into(),
+        ));
     }
     Ok(())
 }

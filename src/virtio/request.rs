@@ -60,7 +60,11 @@ pub enum BlkError {
     #[error("data length {len} is larger than the limit of {max} bytes")]
     TooLarge { len: u64, max: u64 },
     #[error("sector {sector} + {len} bytes overflows or passes the end of the disk ({capacity} sectors)")]
-    OutOfRange { sector: u64, len: u64, capacity: u64 },
+    OutOfRange {
+        sector: u64,
+        len: u64,
+        capacity: u64,
+    },
     #[error("write to a read-only disk")]
     ReadOnly,
     #[error("unsupported request type {0}")]
@@ -72,7 +76,11 @@ pub enum BlkError {
     #[error("discard/write-zeroes segment has invalid flags {0:#x}")]
     SegmentFlags(u32),
     #[error("discard/write-zeroes segment at sector {sector} of {sectors} sectors is not aligned to {align} sectors")]
-    SegmentUnaligned { sector: u64, sectors: u32, align: u32 },
+    SegmentUnaligned {
+        sector: u64,
+        sectors: u32,
+        align: u32,
+    },
     #[error("guest memory access failed: {0}")]
     GuestMemory(String),
     #[error(transparent)]

@@ -48,7 +48,11 @@ fn segment(m: &Mem, at: u64, sector: u64, sectors: u32, flags: u32) {
     m.write_slice(&s, GuestAddress(at)).unwrap();
 }
 
-fn parse_with(m: &Mem, descs: &[RawDescriptor], l: &DeviceLimits) -> Result<Request, super::ParseError> {
+fn parse_with(
+    m: &Mem,
+    descs: &[RawDescriptor],
+    l: &DeviceLimits,
+) -> Result<Request, super::ParseError> {
     let vq = MockSplitQueue::new(m, 16);
     let chain = vq.build_desc_chain(descs).unwrap();
     Request::parse(chain, l)
@@ -58,9 +62,18 @@ fn parse(m: &Mem, descs: &[RawDescriptor]) -> Result<Request, super::ParseError>
     parse_with(m, descs, &limits())
 }
 
-fn rw(m: &Mem, t: u32, sector: u64, len: u32, data_flags: u16) -> Result<Request, super::ParseError> {
+fn rw(
+    m: &Mem,
+    t: u32,
+    sector: u64,
+    len: u32,
+    data_flags: u16,
+) -> Result<Request, super::ParseError> {
     header(m, t, sector);
-    parse(m, &[d(HDR, 16, 0), d(DATA, len, data_flags), d(STATUS, 1, W)])
+    parse(
+        m,
+        &[d(HDR, 16, 0), d(DATA, len, data_flags), d(STATUS, 1, W)],
+    )
 }
 
 #[test]
@@ -68,7 +81,13 @@ fn valid_read_and_write() {
     let m = mem();
     let r = rw(&m, VIRTIO_BLK_T_IN, 2, 4096, W).unwrap();
     assert_eq!(r.kind, RequestKind::Read { offset: 1024 });
-    assert_eq!(r.data, vec![Segment { addr: GuestAddress(DATA), len: 4096 }]);
+    assert_eq!(
+        r.data,
+        vec![Segment {
+            addr: GuestAddress(DATA),
+            len: 4096
+        }]
+    );
     assert_eq!(r.data_len, 4096);
     assert_eq!(r.status_addr, GuestAddress(STATUS));
     let w = rw(&m, VIRTIO_BLK_T_OUT, 0, 512, 0).unwrap();
@@ -122,18 +141,30 @@ fn data_outside_guest_memory() {
     header(&m, VIRTIO_BLK_T_IN, 0);
     // Entirely outside, and straddling the end of memory.
     for (addr, len) in [(0x1000_0000u64, 512u32), (MEM_SIZE as u64 - 512, 1024)] {
-        let (e, _) = err(parse(&m, &[d(HDR, 16, 0), d(addr, len, W), d(STATUS, 1, W)]));
+        let (e, _) = err(parse(
+            &m,
+            &[d(HDR, 16, 0), d(addr, len, W), d(STATUS, 1, W)],
+        ));
         assert!(matches!(e, BlkError::OutsideGuestMemory { .. }), "{e}");
     }
     // Address + length wraps around.
-    let (e, _) = err(parse(&m, &[d(HDR, 16, 0), d(u64::MAX - 100, 512, W), d(STATUS, 1, W)]));
+    let (e, _) = err(parse(
+        &m,
+        &[d(HDR, 16, 0), d(u64::MAX - 100, 512, W), d(STATUS, 1, W)],
+    ));
     assert!(matches!(e, BlkError::OutsideGuestMemory { .. }), "{e}");
     // A status byte outside memory cannot be reported at all.
-    let (e, st) = err(parse(&m, &[d(HDR, 16, 0), d(DATA, 512, W), d(0x1000_0000, 1, W)]));
+    let (e, st) = err(parse(
+        &m,
+        &[d(HDR, 16, 0), d(DATA, 512, W), d(0x1000_0000, 1, W)],
+    ));
     assert!(matches!(e, BlkError::OutsideGuestMemory { .. }), "{e}");
     assert_eq!(st, None);
     // Header outside memory.
-    let (e, st) = err(parse(&m, &[d(0x1000_0000, 16, 0), d(DATA, 512, W), d(STATUS, 1, W)]));
+    let (e, st) = err(parse(
+        &m,
+        &[d(0x1000_0000, 16, 0), d(DATA, 512, W), d(STATUS, 1, W)],
+    ));
     assert!(matches!(e, BlkError::OutsideGuestMemory { .. }), "{e}");
     assert_eq!(st, Some(GuestAddress(STATUS)));
 }
@@ -149,7 +180,10 @@ fn wrong_directions() {
     let (e, _) = err(parse(&m, &[d(HDR, 16, 0), d(DATA, 20, 0), d(STATUS, 1, W)]));
     assert!(matches!(e, BlkError::WrongDirection(_)), "{e}");
     header(&m, VIRTIO_BLK_T_IN, 0);
-    let (e, _) = err(parse(&m, &[d(HDR, 16, W), d(DATA, 512, W), d(STATUS, 1, W)]));
+    let (e, _) = err(parse(
+        &m,
+        &[d(HDR, 16, W), d(DATA, 512, W), d(STATUS, 1, W)],
+    ));
     assert!(matches!(e, BlkError::HeaderWritable), "{e}");
     let (e, _) = err(parse(&m, &[d(HDR, 8, 0), d(DATA, 512, W), d(STATUS, 1, W)]));
     assert!(matches!(e, BlkError::HeaderLength(8)), "{e}");
@@ -178,10 +212,18 @@ fn writes_to_a_read_only_disk_fail() {
     let m = mem();
     let mut ro = limits();
     ro.read_only = true;
-    for t in [VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES] {
+    for t in [
+        VIRTIO_BLK_T_OUT,
+        VIRTIO_BLK_T_DISCARD,
+        VIRTIO_BLK_T_WRITE_ZEROES,
+    ] {
         header(&m, t, 0);
         segment(&m, DATA, 0, 8, 0);
-        let (e, _) = err(parse_with(&m, &[d(HDR, 16, 0), d(DATA, 16, 0), d(STATUS, 1, W)], &ro));
+        let (e, _) = err(parse_with(
+            &m,
+            &[d(HDR, 16, 0), d(DATA, 16, 0), d(STATUS, 1, W)],
+            &ro,
+        ));
         assert!(matches!(e, BlkError::ReadOnly), "{t}: {e}");
         assert_eq!(e.status(), VIRTIO_BLK_S_IOERR as u8);
     }
@@ -199,7 +241,10 @@ fn discard_and_write_zeroes_segments() {
     assert_eq!(
         r.kind,
         RequestKind::Discard {
-            ranges: vec![ByteRange { offset: 4096, len: 8192 }]
+            ranges: vec![ByteRange {
+                offset: 4096,
+                len: 8192
+            }]
         }
     );
     // Unmap is only allowed on write-zeroes.
@@ -208,7 +253,10 @@ fn discard_and_write_zeroes_segments() {
     assert!(matches!(e, BlkError::SegmentFlags(1)), "{e}");
     header(&m, VIRTIO_BLK_T_WRITE_ZEROES, 0);
     let r = parse(&m, &[d(HDR, 16, 0), d(DATA, 16, 0), d(STATUS, 1, W)]).unwrap();
-    assert!(matches!(r.kind, RequestKind::WriteZeroes { unmap: true, .. }));
+    assert!(matches!(
+        r.kind,
+        RequestKind::WriteZeroes { unmap: true, .. }
+    ));
     // Reserved flag bits.
     segment(&m, DATA, 8, 16, 4);
     let (e, _) = err(parse(&m, &[d(HDR, 16, 0), d(DATA, 16, 0), d(STATUS, 1, W)]));
@@ -218,7 +266,10 @@ fn discard_and_write_zeroes_segments() {
     segment(&m, DATA, 0, 8, 0);
     segment(&m, DATA + 16, 8, 8, 0);
     for len in [32, 8] {
-        let (e, _) = err(parse(&m, &[d(HDR, 16, 0), d(DATA, len, 0), d(STATUS, 1, W)]));
+        let (e, _) = err(parse(
+            &m,
+            &[d(HDR, 16, 0), d(DATA, len, 0), d(STATUS, 1, W)],
+        ));
         assert!(matches!(e, BlkError::SegmentCount { .. }), "{e}");
     }
     // Past the end of the disk, and larger than max_discard_sectors.
@@ -232,7 +283,11 @@ fn discard_and_write_zeroes_segments() {
     let mut l4k = limits();
     l4k.logical_block_sectors = 8;
     segment(&m, DATA, 3, 8, 0);
-    let (e, _) = err(parse_with(&m, &[d(HDR, 16, 0), d(DATA, 16, 0), d(STATUS, 1, W)], &l4k));
+    let (e, _) = err(parse_with(
+        &m,
+        &[d(HDR, 16, 0), d(DATA, 16, 0), d(STATUS, 1, W)],
+        &l4k,
+    ));
     assert!(matches!(e, BlkError::SegmentUnaligned { .. }), "{e}");
     segment(&m, DATA, 8, 8, 0);
     assert!(parse_with(&m, &[d(HDR, 16, 0), d(DATA, 16, 0), d(STATUS, 1, W)], &l4k).is_ok());
@@ -257,7 +312,12 @@ fn chain_and_data_limits() {
     let mut small = limits();
     small.seg_max = 2;
     header(&m, VIRTIO_BLK_T_IN, 0);
-    let ok = [d(HDR, 16, 0), d(DATA, 512, W), d(DATA + 512, 512, W), d(STATUS, 1, W)];
+    let ok = [
+        d(HDR, 16, 0),
+        d(DATA, 512, W),
+        d(DATA + 512, 512, W),
+        d(STATUS, 1, W),
+    ];
     assert!(parse_with(&m, &ok, &small).is_ok());
     let long = [
         d(HDR, 16, 0),
@@ -270,9 +330,23 @@ fn chain_and_data_limits() {
     assert!(matches!(e, BlkError::ChainTooLong { max: 4 }), "{e}");
     // Total data above size_max * seg_max.
     small.size_max = 512;
-    let big = [d(HDR, 16, 0), d(DATA, 512, W), d(DATA + 512, 1024, W), d(STATUS, 1, W)];
+    let big = [
+        d(HDR, 16, 0),
+        d(DATA, 512, W),
+        d(DATA + 512, 1024, W),
+        d(STATUS, 1, W),
+    ];
     let (e, _) = err(parse_with(&m, &big, &small));
-    assert!(matches!(e, BlkError::TooLarge { len: 1536, max: 1024 }), "{e}");
+    assert!(
+        matches!(
+            e,
+            BlkError::TooLarge {
+                len: 1536,
+                max: 1024
+            }
+        ),
+        "{e}"
+    );
 }
 
 #[test]
@@ -314,8 +388,10 @@ fn execute_scatters_and_gathers_across_segments() {
     let pattern: Vec<u8> = (0..6144u32).map(|i| (i * 7 % 251) as u8).collect();
     // Write 6 KiB from three uneven segments at sector 3.
     m.write_slice(&pattern[..1000], GuestAddress(DATA)).unwrap();
-    m.write_slice(&pattern[1000..1512], GuestAddress(DATA + 0x2000)).unwrap();
-    m.write_slice(&pattern[1512..], GuestAddress(DATA + 0x4000)).unwrap();
+    m.write_slice(&pattern[1000..1512], GuestAddress(DATA + 0x2000))
+        .unwrap();
+    m.write_slice(&pattern[1512..], GuestAddress(DATA + 0x4000))
+        .unwrap();
     header(&m, VIRTIO_BLK_T_OUT, 3);
     let w = parse(
         &m,
@@ -335,8 +411,20 @@ fn execute_scatters_and_gathers_across_segments() {
     // Read it back through a different split.
     header(&m, VIRTIO_BLK_T_IN, 3);
     let out = 0x20_0000u64;
-    let r = parse(&m, &[d(HDR, 16, 0), d(out, 4096, W), d(out + 4096, 2048, W), d(STATUS, 1, W)]).unwrap();
-    assert_eq!(execute(&r, &m, &engine, &[0; 20], &mut Vec::new()).unwrap(), 6144);
+    let r = parse(
+        &m,
+        &[
+            d(HDR, 16, 0),
+            d(out, 4096, W),
+            d(out + 4096, 2048, W),
+            d(STATUS, 1, W),
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        execute(&r, &m, &engine, &[0; 20], &mut Vec::new()).unwrap(),
+        6144
+    );
     let mut back = vec![0u8; 6144];
     m.read_slice(&mut back, GuestAddress(out)).unwrap();
     assert_eq!(back, pattern);

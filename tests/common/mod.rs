@@ -95,13 +95,16 @@ impl Daemon {
     /// socket is a new inode.
     pub fn start(files: &Files, extra: &[&str]) -> Daemon {
         let old_ino = inode(&files.socket);
-        let log = files
-            .dir
-            .path()
-            .join(format!("daemon-{}.log", Instant::now().elapsed().as_nanos()));
+        let log = files.dir.path().join(format!(
+            "daemon-{}.log",
+            Instant::now().elapsed().as_nanos()
+        ));
         let child = Command::new(BIN)
             .args(files.serve_args(extra))
-            .env("RUST_LOG", std::env::var("VBLK_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("VBLK_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(File::create(&log).unwrap())
             .spawn()
@@ -139,7 +142,11 @@ impl Daemon {
             status = child.try_wait().unwrap();
             status.is_some()
         });
-        assert!(done, "daemon did not exit after signal {sig}: {}", self.log_text());
+        assert!(
+            done,
+            "daemon did not exit after signal {sig}: {}",
+            self.log_text()
+        );
         status.unwrap()
     }
 
@@ -238,7 +245,8 @@ impl QueueIo {
     pub fn wait(&mut self, n: usize) -> Vec<(usize, i32)> {
         let mut out = Vec::new();
         while out.len() < n {
-            let mut c: Vec<MaybeUninit<Completion>> = (0..n).map(|_| MaybeUninit::uninit()).collect();
+            let mut c: Vec<MaybeUninit<Completion>> =
+                (0..n).map(|_| MaybeUninit::uninit()).collect();
             let got = self.q.do_io(&mut c, 1, None, None).unwrap();
             for slot in c.iter().take(got) {
                 // SAFETY: do_io initialised the first `got` entries.
@@ -277,7 +285,12 @@ impl QueueIo {
     }
 
     pub fn write(&mut self, offset: u64, data: &[u8]) {
-        assert_eq!(self.try_write(offset, data), 0, "write {} at {offset}", data.len());
+        assert_eq!(
+            self.try_write(offset, data),
+            0,
+            "write {} at {offset}",
+            data.len()
+        );
     }
 
     /// Submits several writes at once (non-overlapping buffers) and waits for
@@ -297,7 +310,10 @@ impl QueueIo {
             self.q.write(*off, ptr, *len, i, ReqFlags::empty());
         }
         let done = self.wait(writes.len());
-        assert!(done.iter().all(|(_, r)| *r == 0), "batch write failed: {done:?}");
+        assert!(
+            done.iter().all(|(_, r)| *r == 0),
+            "batch write failed: {done:?}"
+        );
     }
 
     pub fn flush(&mut self) {
