@@ -278,6 +278,8 @@ fn accept_loop(
         let mut listener = vhost::vhost_user::Listener::from(fd);
         if let Err(e) = daemon.start(&mut listener) {
             log::warn!("accepting a front-end failed: {}", vhost_err(e));
+            // Do not spin if accept keeps failing (e.g. out of fds).
+            std::thread::sleep(Duration::from_millis(100));
             continue;
         }
         log::info!("front-end connected");

@@ -378,3 +378,84 @@ impl VhostUserBackend for BlkBackend {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::{BlockDevice, MemDevice};
+    use crate::engine::{EngineConfig, GeometryRequest};
+    use crate::virtio::pool::IoPool;
+
+    fn backend(read_only: bool) -> (BlkBackend, Arc<Engine>, IoPool) {
+        let source: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(1 << 20));
+        let cache: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(1 << 20));
+        let cfg = EngineConfig {
+            geometry: GeometryRequest {
+                block_size: 4096,
+                cache_blocks: None,
+                assoc: None,
+            },
+            mode: Some(WriteMode::Writeback),
+            ..EngineConfig::default()
+        };
+        let engine = Arc::new(Engine::open(source, cache, cfg).unwrap());
+        let pool = IoPool::new(1, 4).unwrap();
+        let b = BlkBackend::new(
+            Arc::clone(&engine),
+            BlkBackendConfig {
+                num_queues: 3,
+                queue_size: 128,
+                limits: DeviceLimits::new(1 << 20, 4096, read_only),
+                serial: "s".into(),
+            },
+            pool.handle(),
+        );
+        (b, engine, pool)
+    }
+
+    #[test]
+    fn wce_follows_and_sets_the_mode() {
+        let (b, engine, _pool) = backend(false);
+        let wce = |b: &BlkBackend| b.get_config(config_space::WCE_OFFSET, 1)[0];
+        assert_eq!(wce(&b), 1);
+        b.set_config(config_space::WCE_OFFSET, &[0]).unwrap();
+        assert_eq!(engine.mode(), WriteMode::Writethrough);
+        assert_eq!(wce(&b), 0);
+        b.set_config(config_space::WCE_OFFSET, &[1]).unwrap();
+        assert_eq!(engine.mode(), WriteMode::Writeback);
+        // wce=0 leaves writearound alone: it already completes on the source.
+        engine.set_mode(WriteMode::Writearound).unwrap();
+        b.set_config(config_space::WCE_OFFSET, &[0]).unwrap();
+        assert_eq!(engine.mode(), WriteMode::Writearound);
+        // Nothing else is writable.
+        assert!(b.set_config(0, &[0; 8]).is_err());
+    }
+
+    #[test]
+    fn features_and_threads() {
+        let (rw, _, _p1) = backend(false);
+        let (ro, _, _p2) = backend(true);
+        assert_eq!(rw.features() & (1 << VIRTIO_BLK_F_RO), 0);
+        assert_ne!(ro.features() & (1 << VIRTIO_BLK_F_RO), 0);
+        for bit in [
+            VIRTIO_BLK_F_FLUSH,
+            VIRTIO_BLK_F_MQ,
+            VIRTIO_BLK_F_DISCARD,
+            VIRTIO_BLK_F_CONFIG_WCE,
+        ] {
+            assert_ne!(rw.features() & (1 << bit), 0, "bit {bit}");
+        }
+        assert_ne!(
+            rw.features() & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
+            0
+        );
+        let needed = VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::MQ;
+        assert!(rw.protocol_features().contains(needed));
+        assert_eq!(rw.queues_per_thread(), vec![1, 2, 4]);
+        let cap = rw.get_config(0, 8);
+        assert_eq!(u64::from_le_bytes(cap.try_into().unwrap()), 2048);
+    }
+}
