@@ -4,9 +4,9 @@
 //! Layers, bottom up: [`device`] (storage behind one trait), [`engine`] (the
 //! block cache, which knows nothing of virtio), and the daemon on top.
 
-pub mod control;
 pub mod device;
 pub mod engine;
+pub mod control;
 
 // The daemon: command line, configuration, virtio-blk device and lifecycle.
 pub mod cli;
