@@ -7,3 +7,12 @@
 pub mod control;
 pub mod device;
 pub mod engine;
+
+// The daemon: command line, configuration, virtio-blk device and lifecycle.
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod size;
+pub mod virtio;
+
+pub use daemon::{run, Error};

@@ -151,7 +151,7 @@ fn geometry_errors_have_clear_messages() {
             "a refused open wrote to the cache"
         );
     }
-    let tiny = Arc::new(MemDevice::new(1 << 20));
+    let tiny = Arc::new(MemDevice::new(64 << 10));
     let err = Engine::open(src, tiny, cfg(65536, None, None, None))
         .err()
         .unwrap();
@@ -223,7 +223,12 @@ fn corrupted_metadata_is_detected() {
     }
     // Table page corrupted: refused with the page named.
     let mut img = good.clone();
-    let table = 8192 + (4 << 20);
+    let g = vblkcache::engine::Geometry::resolve(
+        &GeometryRequest { block_size: Some(4096), cache_blocks: Some(512), assoc: Some(8) },
+        512,
+    )
+    .unwrap();
+    let table = vblkcache::engine::meta::Layout::new(&g).table_offset as usize;
     img[table + 40] ^= 0x10;
     cache.write_at(&img, 0).unwrap();
     let err = Engine::open(src.clone(), cache.clone(), EngineConfig::default())

@@ -5,8 +5,10 @@ use crate::engine::geometry::Geometry;
 
 /// Size of a superblock slot and of a table page.
 pub const META_PAGE: u64 = 4096;
-/// Bytes reserved for the commit journal.
+/// Largest commit journal (smaller caches get a journal twice their table,
+/// but at least [`MIN_JOURNAL_LEN`]).
 pub const JOURNAL_LEN: u64 = 4 << 20;
+pub const MIN_JOURNAL_LEN: u64 = 64 << 10;
 const JOURNAL_OFFSET: u64 = 2 * META_PAGE;
 
 /// Offsets of the metadata regions and the data area for one geometry.
@@ -28,8 +30,9 @@ pub struct Layout {
 
 impl Layout {
     pub fn new(g: &Geometry) -> Layout {
-        let table_offset = JOURNAL_OFFSET + JOURNAL_LEN;
         let table_len = g.cache_blocks.div_ceil(ENTRIES_PER_PAGE) * META_PAGE;
+        let journal_len = (2 * table_len).clamp(MIN_JOURNAL_LEN, JOURNAL_LEN);
+        let table_offset = JOURNAL_OFFSET + journal_len;
         let align = u64::from(g.block_size).max(META_PAGE);
         let data_offset = (table_offset + table_len).div_ceil(align) * align;
         Layout {
@@ -38,7 +41,7 @@ impl Layout {
             assoc: g.assoc,
             run: g.run,
             journal_offset: JOURNAL_OFFSET,
-            journal_len: JOURNAL_LEN,
+            journal_len,
             table_offset,
             data_offset,
         }
@@ -135,6 +138,6 @@ mod tests {
             };
             assert!(Layout::new(&g2).device_len() > dev);
         }
-        assert_eq!(Layout::fit_blocks(1 << 20, 4096, 1), 0);
+        assert_eq!(Layout::fit_blocks(64 << 10, 4096, 1), 0);
     }
 }

@@ -1,0 +1,111 @@
+//! Command-line arguments (clap derive). These are raw user input: every value
+//! is checked in [`crate::config`] before anything is opened or created.
+
+use crate::size::clap_size;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+/// vblkcache: a vhost-user-blk daemon serving a VM disk from an SSD cache in
+/// front of a slow source image.
+#[derive(Debug, Parser)]
+#[command(name = "vblkcache", version, about)]
+pub struct Args {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the cached disk on a vhost-user-blk socket until SIGINT/SIGTERM.
+    Serve(ServeArgs),
+    /// Print the status of a running daemon.
+    Status {
+        /// Print JSON instead of a table [default: table].
+        #[arg(long)]
+        json: bool,
+        /// Control socket of the daemon.
+        #[arg(long, value_name = "PATH")]
+        control: PathBuf,
+    },
+    /// Write every dirty cache block back to the source.
+    Flush {
+        /// Control socket of the daemon.
+        #[arg(long, value_name = "PATH")]
+        control: PathBuf,
+    },
+    /// Switch the write mode (writeback, writethrough, writearound, passthrough).
+    SetMode {
+        /// The new mode.
+        mode: String,
+        /// Control socket of the daemon.
+        #[arg(long, value_name = "PATH")]
+        control: PathBuf,
+    },
+    /// Zero the statistics counters.
+    ResetStats {
+        /// Control socket of the daemon.
+        #[arg(long, value_name = "PATH")]
+        control: PathBuf,
+    },
+}
+
+/// Arguments of `vblkcache serve`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Source image (regular file or block device); its size is the disk size.
+    #[arg(long, value_name = "IMG")]
+    pub source: PathBuf,
+    /// Cache device (regular file or block device).
+    #[arg(long, value_name = "DEV")]
+    pub cache: PathBuf,
+    /// Path of the vhost-user socket to create.
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
+    /// Write mode: writeback, writethrough, writearound or passthrough
+    /// [default: the mode stored in the cache, writeback for a new cache].
+    #[arg(long, value_name = "MODE")]
+    pub mode: Option<String>,
+    /// Cache block size, a power of two from 4K to 1M (K/M suffixes accepted)
+    /// [default: the size stored in the cache, 64K for a new cache].
+    #[arg(long, value_name = "SIZE", value_parser = clap_size)]
+    pub block_size: Option<u64>,
+    /// Number of cache blocks [default: as many as fit on the cache device].
+    #[arg(long, value_name = "N")]
+    pub cache_blocks: Option<u64>,
+    /// Associativity (blocks per set), a power of two [default: 256, or the
+    /// largest power of two dividing the number of cache blocks].
+    #[arg(long, value_name = "N")]
+    pub assoc: Option<u32>,
+    /// Number of virtqueues offered to the front-end (1 to 16).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub queues: u16,
+    /// Virtqueue size, a power of two from 2 to 1024.
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    pub queue_size: u16,
+    /// Threads executing requests (0 = 8 per queue, at most 64).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub io_threads: u16,
+    /// Export the disk read-only [default: read-write].
+    #[arg(long)]
+    pub readonly: bool,
+    /// Serial number reported to the guest (at most 20 bytes).
+    #[arg(long, value_name = "ID", default_value = "vblkcache")]
+    pub serial: String,
+    /// Control socket for `vblkcache status|flush|set-mode|reset-stats` [default: none].
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// Open the source and cache with O_DIRECT (bypass the host page cache) [default: off].
+    #[arg(long)]
+    pub direct: bool,
+    /// Format the cache device even if it holds data that is not a vblkcache
+    /// cache [default: refuse].
+    #[arg(long)]
+    pub format: bool,
+    /// File mode of the sockets, in octal.
+    #[arg(long, value_name = "MODE", default_value = "0600")]
+    pub socket_mode: String,
+    /// On shutdown, write every dirty block back to the source [default: keep
+    /// dirty blocks in the cache].
+    #[arg(long)]
+    pub writeback_on_exit: bool,
+}

@@ -1,0 +1,382 @@
+//! Validated configuration. `TryFrom<Args>` checks every value (and that the
+//! input files exist) before anything is opened or created, so a bad command
+//! line never leaves a socket, a formatted cache or a half-started daemon.
+
+use crate::cli::{Args, Command, ServeArgs};
+use crate::control::ClientCommand;
+use crate::engine::{EngineConfig, Geometry, GeometryError, GeometryRequest, WriteMode};
+use std::path::{Path, PathBuf};
+
+/// Largest number of virtqueues (one worker thread each).
+pub const MAX_QUEUES: u16 = 16;
+/// Largest virtqueue size.
+pub const MAX_QUEUE_SIZE: u16 = 1024;
+/// Serial numbers are reported in a 20-byte field (VIRTIO_BLK_ID_BYTES).
+pub const MAX_SERIAL_BYTES: usize = 20;
+/// I/O threads per queue when `--io-threads` is 0.
+pub const DEFAULT_IO_THREADS_PER_QUEUE: usize = 8;
+/// Upper bound on I/O threads.
+pub const MAX_IO_THREADS: usize = 64;
+
+/// A configuration error. Each message names the offending option.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--mode: {0}")]
+    Mode(String),
+    #[error("--block-size: {0} is not a power of two between 4K and 1M")]
+    BlockSize(u64),
+    #[error("{option}: {source}")]
+    Geometry {
+        option: &'static str,
+        #[source]
+        source: GeometryError,
+    },
+    #[error("--queues: {0} is not between 1 and {MAX_QUEUES}")]
+    Queues(u16),
+    #[error("--queue-size: {0} is not a power of two between 2 and {MAX_QUEUE_SIZE}")]
+    QueueSize(u16),
+    #[error("--io-threads: {0} is more than {MAX_IO_THREADS}")]
+    IoThreads(u16),
+    #[error("--serial: '{0}' is longer than {MAX_SERIAL_BYTES} bytes")]
+    Serial(String),
+    #[error("--socket-mode: '{0}' is not an octal file mode between 0 and 0777")]
+    SocketMode(String),
+    #[error("{option}: {path}: {reason}")]
+    Path {
+        option: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("--control: {0} is the same path as --socket")]
+    ControlIsSocket(PathBuf),
+    #[error("--source and --cache are the same file ({0})")]
+    SameDevice(PathBuf),
+}
+
+/// Everything `vblkcache serve` needs.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub source: PathBuf,
+    pub cache: PathBuf,
+    pub socket: PathBuf,
+    /// Control socket; none by default.
+    pub control: Option<PathBuf>,
+    pub engine: EngineConfig,
+    /// Virtqueues, 1..=16 (default 1).
+    pub queues: u16,
+    /// Virtqueue size, a power of two in 2..=1024 (default 256).
+    pub queue_size: u16,
+    /// Request-executing threads, 1..=64 (default 8 per queue).
+    pub io_threads: usize,
+    pub readonly: bool,
+    /// At most 20 bytes (default "vblkcache").
+    pub serial: String,
+    /// O_DIRECT on both devices (default off).
+    pub direct: bool,
+    /// Permission bits of the sockets (default 0o600).
+    pub socket_mode: u32,
+    /// Write dirty blocks back to the source on shutdown (default off).
+    pub writeback_on_exit: bool,
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub enum Config {
+    Serve(Box<ServeConfig>),
+    Client {
+        control: PathBuf,
+        command: ClientCommand,
+    },
+}
+
+impl TryFrom<Args> for Config {
+    type Error = ConfigError;
+
+    fn try_from(args: Args) -> Result<Self, Self::Error> {
+        Ok(match args.command {
+            Command::Serve(s) => Config::Serve(Box::new(ServeConfig::try_from(s)?)),
+            Command::Status { json, control } => Config::Client {
+                control,
+                command: ClientCommand::Status { json },
+            },
+            Command::Flush { control } => Config::Client {
+                control,
+                command: ClientCommand::Flush,
+            },
+            Command::SetMode { mode, control } => {
+                mode.parse::<WriteMode>()
+                    .map_err(|e| ConfigError::Mode(e.to_string()))?;
+                Config::Client {
+                    control,
+                    command: ClientCommand::SetMode(mode),
+                }
+            }
+            Command::ResetStats { control } => Config::Client {
+                control,
+                command: ClientCommand::ResetStats,
+            },
+        })
+    }
+}
+
+/// Parses an octal permission string such as `0600` or `660`.
+fn parse_mode(s: &str) -> Option<u32> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    if digits.is_empty() || digits.len() > 4 {
+        return None;
+    }
+    u32::from_str_radix(digits, 8).ok().filter(|m| *m <= 0o777)
+}
+
+/// The source and cache must exist and be regular files or block devices.
+fn check_device_path(option: &'static str, path: &Path) -> Result<(), ConfigError> {
+    use std::os::unix::fs::FileTypeExt;
+    let err = |reason: String| ConfigError::Path {
+        option,
+        path: path.to_path_buf(),
+        reason,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+    let ft = meta.file_type();
+    if !(ft.is_file() || ft.is_block_device()) {
+        return Err(err("not a regular file or block device".into()));
+    }
+    Ok(())
+}
+
+/// The socket's directory must exist; the socket itself is checked (stale or
+/// in use) when the daemon binds it, because that check connects to it.
+fn check_socket_dir(option: &'static str, path: &Path) -> Result<(), ConfigError> {
+    let err = |reason: &str| ConfigError::Path {
+        option,
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    };
+    if path.as_os_str().is_empty() {
+        return Err(err("empty path"));
+    }
+    // sun_path holds 108 bytes including the terminating NUL.
+    if path.as_os_str().len() > 107 {
+        return Err(err("too long for a Unix socket path (at most 107 bytes)"));
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !parent.is_dir() {
+        return Err(err("parent directory does not exist"));
+    }
+    Ok(())
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
+impl TryFrom<ServeArgs> for ServeConfig {
+    type Error = ConfigError;
+
+    fn try_from(a: ServeArgs) -> Result<Self, Self::Error> {
+        let mode = match &a.mode {
+            Some(m) => Some(
+                m.parse::<WriteMode>()
+                    .map_err(|e| ConfigError::Mode(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let block_size = match a.block_size {
+            Some(b) => Some(u32::try_from(b).map_err(|_| ConfigError::BlockSize(b))?),
+            None => None,
+        };
+        let geometry = GeometryRequest {
+            block_size,
+            cache_blocks: a.cache_blocks,
+            assoc: a.assoc,
+        };
+        Geometry::check_request(&geometry).map_err(|source| {
+            let option = match source {
+                GeometryError::BlockSize(_) => "--block-size",
+                GeometryError::AssocNotPowerOfTwo(_)
+                | GeometryError::AssocTooLarge { .. }
+                | GeometryError::BlocksNotMultiple { .. } => "--assoc",
+                _ => "--cache-blocks",
+            };
+            ConfigError::Geometry { option, source }
+        })?;
+        if a.queues == 0 || a.queues > MAX_QUEUES {
+            return Err(ConfigError::Queues(a.queues));
+        }
+        if !a.queue_size.is_power_of_two() || !(2..=MAX_QUEUE_SIZE).contains(&a.queue_size) {
+            return Err(ConfigError::QueueSize(a.queue_size));
+        }
+        let io_threads = match usize::from(a.io_threads) {
+            0 => (usize::from(a.queues) * DEFAULT_IO_THREADS_PER_QUEUE).min(MAX_IO_THREADS),
+            n if n > MAX_IO_THREADS => return Err(ConfigError::IoThreads(a.io_threads)),
+            n => n,
+        };
+        if a.serial.len() > MAX_SERIAL_BYTES {
+            return Err(ConfigError::Serial(a.serial));
+        }
+        let socket_mode = parse_mode(&a.socket_mode)
+            .ok_or_else(|| ConfigError::SocketMode(a.socket_mode.clone()))?;
+        check_device_path("--source", &a.source)?;
+        check_device_path("--cache", &a.cache)?;
+        if same_file(&a.source, &a.cache) {
+            return Err(ConfigError::SameDevice(a.source));
+        }
+        check_socket_dir("--socket", &a.socket)?;
+        if let Some(c) = &a.control {
+            check_socket_dir("--control", c)?;
+            if c == &a.socket {
+                return Err(ConfigError::ControlIsSocket(c.clone()));
+            }
+        }
+        Ok(ServeConfig {
+            source: a.source,
+            cache: a.cache,
+            socket: a.socket,
+            control: a.control,
+            engine: EngineConfig {
+                geometry,
+                mode,
+                format: a.format,
+                ..EngineConfig::default()
+            },
+            queues: a.queues,
+            queue_size: a.queue_size,
+            io_threads,
+            readonly: a.readonly,
+            serial: a.serial,
+            direct: a.direct,
+            socket_mode,
+            writeback_on_exit: a.writeback_on_exit,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn parse(extra: &[&str]) -> Result<ServeConfig, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src.img");
+        let cache = dir.path().join("cache.img");
+        std::fs::write(&src, vec![0u8; 4096]).unwrap();
+        std::fs::write(&cache, vec![0u8; 4096]).unwrap();
+        let sock = dir.path().join("s.sock");
+        let mut argv = vec![
+            "vblkcache".to_string(),
+            "serve".into(),
+            "--source".into(),
+            src.display().to_string(),
+            "--cache".into(),
+            cache.display().to_string(),
+            "--socket".into(),
+            sock.display().to_string(),
+        ];
+        argv.extend(extra.iter().map(|s| s.to_string()));
+        let args = Args::try_parse_from(argv).unwrap();
+        match Config::try_from(args)? {
+            Config::Serve(s) => Ok(*s),
+            Config::Client { .. } => panic!("not serve"),
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.queues, 1);
+        assert_eq!(c.queue_size, 256);
+        assert_eq!(c.io_threads, 8);
+        assert_eq!(c.socket_mode, 0o600);
+        assert_eq!(c.engine.geometry.block_size, None);
+        assert_eq!(c.engine.mode, None);
+        assert_eq!(c.serial, "vblkcache");
+        assert!(!c.readonly && !c.direct && !c.engine.format);
+    }
+
+    #[test]
+    fn each_bad_value_names_its_option() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["--mode", "fast"], "--mode"),
+            (&["--block-size", "3K"], "--block-size"),
+            (&["--block-size", "8G"], "--block-size"),
+            (&["--assoc", "3"], "--assoc"),
+            (&["--cache-blocks", "0"], "--cache-blocks"),
+            (&["--cache-blocks", "100", "--assoc", "8"], "--assoc"),
+            (&["--queues", "0"], "--queues"),
+            (&["--queues", "17"], "--queues"),
+            (&["--queue-size", "100"], "--queue-size"),
+            (&["--queue-size", "2048"], "--queue-size"),
+            (&["--io-threads", "65"], "--io-threads"),
+            (&["--serial", "123456789012345678901"], "--serial"),
+            (&["--socket-mode", "0800"], "--socket-mode"),
+            (&["--socket-mode", "rw"], "--socket-mode"),
+            (&["--control", "/nonexistent-dir/x.sock"], "--control"),
+        ];
+        for (extra, option) in cases {
+            let e = parse(extra).unwrap_err();
+            let msg = e.to_string();
+            assert!(msg.contains(option), "{extra:?}: {msg}");
+            assert!(!msg.contains('\n'), "{msg}");
+        }
+    }
+
+    #[test]
+    fn good_values_are_mapped() {
+        let c = parse(&[
+            "--mode",
+            "writethrough",
+            "--block-size",
+            "128K",
+            "--cache-blocks",
+            "64",
+            "--assoc",
+            "8",
+            "--queues",
+            "4",
+            "--queue-size",
+            "1024",
+            "--socket-mode",
+            "660",
+            "--serial",
+            "12345678901234567890",
+            "--readonly",
+        ])
+        .unwrap();
+        assert_eq!(c.engine.mode, Some(WriteMode::Writethrough));
+        assert_eq!(c.engine.geometry.block_size, Some(128 * 1024));
+        assert_eq!(c.engine.geometry.cache_blocks, Some(64));
+        assert_eq!(c.engine.geometry.assoc, Some(8));
+        assert_eq!(c.queues, 4);
+        assert_eq!(c.io_threads, 32);
+        assert_eq!(c.socket_mode, 0o660);
+        assert!(c.readonly);
+    }
+
+    #[test]
+    fn missing_source_is_rejected() {
+        let args = Args::try_parse_from([
+            "vblkcache",
+            "serve",
+            "--source",
+            "/nonexistent/src",
+            "--cache",
+            "/nonexistent/cache",
+            "--socket",
+            "/tmp/x.sock",
+        ])
+        .unwrap();
+        let e = Config::try_from(args).unwrap_err();
+        assert!(
+            e.to_string().starts_with("--source: /nonexistent/src"),
+            "{e}"
+        );
+    }
+}

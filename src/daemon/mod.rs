@@ -1,0 +1,304 @@
+//! The daemon: opens the devices and the engine, serves vhost-user-blk
+//! front-ends one connection after another, and shuts down cleanly on
+//! SIGINT/SIGTERM.
+//!
+//! Lifecycle. The listening socket is polled together with a wake eventfd,
+//! so a signal that arrives while no front-end is connected ends the wait at
+//! once. For each connection a fresh backend and `VhostUserDaemon` are made
+//! (the library's daemon serves one connection); when the front-end goes
+//! away, in-flight requests are drained and the next connection is accepted.
+//! On a signal the current connection is shut down, in-flight requests are
+//! drained, the engine is shut down (optionally writing back dirty blocks)
+//! and the socket files are removed.
+
+mod error;
+mod socket;
+
+pub use error::Error;
+
+use crate::config::{Config, ServeConfig};
+use crate::control::{self, ControlServer};
+use crate::device::{BlockDevice, DeviceError, FileDevice, OpenOptions};
+use crate::engine::Engine;
+use crate::virtio::pool::IoPool;
+use crate::virtio::{BlkBackend, BlkBackendConfig, DeviceLimits};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use socket::BoundSocket;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// How long to wait for in-flight requests when a connection ends.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Runs what the configuration asks for: the daemon or one client command.
+pub fn run(config: Config) -> Result<(), Error> {
+    match config {
+        Config::Serve(cfg) => serve(*cfg),
+        Config::Client { control, command } => {
+            let stdout = std::io::stdout();
+            let mut out = stdout.lock();
+            control::run_client(&control, command, &mut out)?;
+            Ok(())
+        }
+    }
+}
+
+/// State shared with the signal thread.
+struct Stop {
+    requested: AtomicBool,
+    wake: EventFd,
+    connection: Mutex<Option<ShutdownHandle>>,
+}
+
+impl Stop {
+    fn request(&self) {
+        self.requested.store(true, Ordering::SeqCst);
+        let _ = self.wake.write(1);
+        if let Some(h) = self.lock_connection().as_ref() {
+            h.shutdown();
+        }
+    }
+
+    fn is_requested(&self) -> bool {
+        self.requested.load(Ordering::SeqCst)
+    }
+
+    fn lock_connection(&self) -> std::sync::MutexGuard<'_, Option<ShutdownHandle>> {
+        self.connection.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn open_device(
+    what: &'static str,
+    path: &Path,
+    opts: OpenOptions,
+) -> Result<Arc<dyn BlockDevice>, Error> {
+    match FileDevice::open(path, opts) {
+        Ok(d) => Ok(Arc::new(d)),
+        Err(DeviceError::Io { ref source, .. })
+            if opts.direct && source.raw_os_error() == Some(libc::EINVAL) =>
+        {
+            Err(Error::DirectUnsupported {
+                path: path.to_path_buf(),
+            })
+        }
+        Err(source) => Err(Error::Open { what, source }),
+    }
+}
+
+/// Opens the source, read-only if the disk is exported read-only and the
+/// file is not writable.
+fn open_source(cfg: &ServeConfig) -> Result<Arc<dyn BlockDevice>, Error> {
+    let rw = OpenOptions {
+        direct: cfg.direct,
+        read_only: false,
+    };
+    match open_device("--source", &cfg.source, rw) {
+        Err(Error::Open {
+            source: DeviceError::Io { ref source, .. },
+            ..
+        }) if cfg.readonly && source.kind() == std::io::ErrorKind::PermissionDenied => open_device(
+            "--source",
+            &cfg.source,
+            OpenOptions {
+                read_only: true,
+                ..rw
+            },
+        ),
+        other => other,
+    }
+}
+
+/// Runs the daemon until SIGINT/SIGTERM.
+pub fn serve(cfg: ServeConfig) -> Result<(), Error> {
+    let setup = |what| move |source| Error::Setup { what, source };
+    let stop = Arc::new(Stop {
+        requested: AtomicBool::new(false),
+        wake: EventFd::new(EFD_NONBLOCK).map_err(setup("eventfd"))?,
+        connection: Mutex::new(None),
+    });
+    // Install the handlers first: a signal during startup must not kill the
+    // process halfway through formatting the cache.
+    let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(setup("signal handlers"))?;
+    let signal_handle = signals.handle();
+    let signal_stop = Arc::clone(&stop);
+    let signal_thread = std::thread::Builder::new()
+        .name("vblk-signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                log::info!("signal {sig}: shutting down");
+                signal_stop.request();
+            }
+        })
+        .map_err(setup("signal thread"))?;
+
+    let result = serve_inner(&cfg, &stop);
+    signal_handle.close();
+    if signal_thread.join().is_err() {
+        log::error!("the signal thread panicked");
+    }
+    result
+}
+
+fn serve_inner(cfg: &ServeConfig, stop: &Arc<Stop>) -> Result<(), Error> {
+    // Refuse an occupied socket path before touching the devices.
+    socket::clear_stale("--socket", &cfg.socket)?;
+    if let Some(c) = &cfg.control {
+        socket::clear_stale("--control", c)?;
+    }
+    let source = open_source(cfg)?;
+    let cache = open_device(
+        "--cache",
+        &cfg.cache,
+        OpenOptions {
+            direct: cfg.direct,
+            read_only: false,
+        },
+    )?;
+    let engine = Arc::new(Engine::open(source, cache, cfg.engine.clone())?);
+    let status = engine.status();
+    log::info!(
+        "engine up: disk {} bytes, mode {}, {} cache blocks of {} bytes",
+        engine.size(),
+        status.mode,
+        status.geometry.cache_blocks,
+        status.geometry.block_size
+    );
+
+    let result = serve_engine(cfg, stop, &engine);
+    let shut = engine.shutdown(cfg.writeback_on_exit);
+    result?;
+    shut.map_err(Error::Shutdown)
+}
+
+fn serve_engine(cfg: &ServeConfig, stop: &Arc<Stop>, engine: &Arc<Engine>) -> Result<(), Error> {
+    let bound = BoundSocket::bind(&cfg.socket, cfg.socket_mode)?;
+    let control = match &cfg.control {
+        Some(path) => Some(ControlServer::spawn(
+            path,
+            cfg.socket_mode,
+            Arc::clone(engine) as Arc<dyn control::ControlTarget>,
+        )?),
+        None => None,
+    };
+    let depth = usize::from(cfg.queues) * usize::from(cfg.queue_size);
+    let pool = IoPool::new(cfg.io_threads, depth).map_err(|e| Error::Setup {
+        what: "I/O threads",
+        source: std::io::Error::other(e),
+    })?;
+    let backend_cfg = BlkBackendConfig {
+        num_queues: cfg.queues,
+        queue_size: cfg.queue_size,
+        limits: DeviceLimits::new(
+            engine.size(),
+            engine.status().geometry.block_size,
+            cfg.readonly,
+        ),
+        serial: cfg.serial.clone(),
+    };
+    log::info!("listening on {}", cfg.socket.display());
+
+    let result = accept_loop(&bound, stop, engine, &backend_cfg, &pool);
+    pool.shutdown();
+    if let Some(c) = control {
+        c.shutdown();
+    }
+    drop(bound);
+    result
+}
+
+/// Waits until the listener has a connection (true) or a stop was
+/// requested (false).
+fn wait_for_connection(bound: &BoundSocket, stop: &Stop) -> Result<bool, Error> {
+    loop {
+        if stop.is_requested() {
+            return Ok(false);
+        }
+        let mut fds = [
+            libc::pollfd {
+                fd: bound.listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a live array of two initialised pollfd structs
+        // and the length passed matches it.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(Error::Setup {
+                what: "poll on the listening socket",
+                source: e,
+            });
+        }
+        if fds[1].revents != 0 || stop.is_requested() {
+            return Ok(false);
+        }
+        if fds[0].revents != 0 {
+            return Ok(true);
+        }
+    }
+}
+
+fn accept_loop(
+    bound: &BoundSocket,
+    stop: &Arc<Stop>,
+    engine: &Arc<Engine>,
+    backend_cfg: &BlkBackendConfig,
+    pool: &IoPool,
+) -> Result<(), Error> {
+    let vhost_err = |e: vhost_user_backend::Error| Error::Vhost(e.to_string());
+    while wait_for_connection(bound, stop)? {
+        let backend = BlkBackend::new(Arc::clone(engine), backend_cfg.clone(), pool.handle());
+        let mut daemon =
+            VhostUserDaemon::new("vblk-vhost".into(), backend.clone(), backend.memory())
+                .map_err(vhost_err)?;
+        // A listener made from a duplicate fd has no path, so dropping it
+        // does not unlink our socket.
+        let fd = bound.listener.try_clone().map_err(|source| Error::Socket {
+            path: "listener".into(),
+            source,
+        })?;
+        let mut listener = vhost::vhost_user::Listener::from(fd);
+        if let Err(e) = daemon.start(&mut listener) {
+            log::warn!("accepting a front-end failed: {}", vhost_err(e));
+            // Do not spin if accept keeps failing (e.g. out of fds).
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        log::info!("front-end connected");
+        *stop.lock_connection() = daemon.shutdown_handle();
+        // A signal between start and publishing the handle saw no connection.
+        if stop.is_requested() {
+            daemon.request_shutdown();
+        }
+        let ended = daemon.wait();
+        *stop.lock_connection() = None;
+        for h in daemon.get_epoll_handlers() {
+            h.send_exit_event();
+        }
+        if !backend.drain(DRAIN_TIMEOUT) {
+            log::error!("requests still in flight {DRAIN_TIMEOUT:?} after the front-end left");
+        }
+        drop(daemon);
+        match ended {
+            Ok(()) => log::info!("front-end disconnected"),
+            Err(e) => log::info!("front-end connection ended: {}", vhost_err(e)),
+        }
+    }
+    Ok(())
+}
