@@ -139,7 +139,13 @@ if ! wait_for_listen "$SOCK" 30 "$DPID"; then
     die "backend did not start"
 fi
 if [[ $BACKEND == vblkcache ]]; then
-    wait_for_listen "$CTL" 30 "$DPID" || { cat "$DLOG" >&2; die "control socket did not appear"; }
+    # The control socket answers many clients: poll it with the status command.
+    deadline=$((SECONDS + 30))
+    until "$BIN" status --control "$CTL" >/dev/null 2>&1; do
+        kill -0 "$DPID" 2>/dev/null || { cat "$DLOG" >&2; die "daemon exited before its control socket answered"; }
+        ((SECONDS < deadline)) || { cat "$DLOG" >&2; die "control socket did not answer"; }
+        sleep 0.05
+    done
 fi
 echo "serve-and-boot.sh: backend listening after $((SECONDS - t0))s" >&2
 

@@ -224,7 +224,11 @@ fn corrupted_metadata_is_detected() {
     // Table page corrupted: refused with the page named.
     let mut img = good.clone();
     let g = vblkcache::engine::Geometry::resolve(
-        &GeometryRequest { block_size: Some(4096), cache_blocks: Some(512), assoc: Some(8) },
+        &GeometryRequest {
+            block_size: Some(4096),
+            cache_blocks: Some(512),
+            assoc: Some(8),
+        },
         512,
     )
     .unwrap();

@@ -159,7 +159,11 @@ impl Daemon {
             .unwrap();
         let mut d = Daemon { child, log, socket };
         let deadline = Instant::now() + DAEMON_TIMEOUT;
-        while !(is_listening(&d.socket) && is_listening(&control)) {
+        // The control server accepts many clients, so a test connection is harmless;
+        // it binds through a temporary name, so /proc/net/unix does not show the path.
+        while !(is_listening(&d.socket)
+            && std::os::unix::net::UnixStream::connect(&control).is_ok())
+        {
             if let Some(status) = d.child.try_wait().unwrap() {
                 panic!(
                     "vblkcache serve exited ({status}) before listening on {} and {}\n{}",
