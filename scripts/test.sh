@@ -4,4 +4,4 @@
 # work per second and the guest test is I/O bound anyway.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo test --release --all-targets "$@"
+cargo test --release "$@"
