@@ -256,11 +256,12 @@ impl Engine {
                 let block = e & frames::BLOCK_MASK;
                 let set = core.set_of(block);
                 let mut guard = core.lock(set);
-                core.install(
-                    f as u64,
-                    frames::Entry::new(block, e & frames::DIRTY != 0, frames::FrameState::Idle),
-                    &mut guard,
-                );
+                let dirty = e & frames::DIRTY != 0;
+                // A loaded dirty entry is committed dirty already (it is in
+                // the table on the cache device).
+                let entry = frames::Entry::new(block, dirty, frames::FrameState::Idle)
+                    .with_flag(frames::CDIRTY, dirty);
+                core.install(f as u64, entry, &mut guard);
             }
         }
         let mut threads = Vec::new();
@@ -481,6 +482,30 @@ impl Engine {
             c.flush_all(&mut |_| {})?;
         }
         self.persist()
+    }
+
+    /// Stops the background threads and waits for them, persisting nothing:
+    /// the cache device is left as a crash would leave it. For crash tests.
+    pub fn halt(&self) {
+        if self.shut.swap(true, SeqCst) {
+            return;
+        }
+        let c = &self.core;
+        c.closed.store(true, SeqCst);
+        {
+            let mut s = c.wb_signal.lock().unwrap_or_else(|p| p.into_inner());
+            s.stop = true;
+            c.wb_cond.notify_all();
+        }
+        c.store.close();
+        for t in self
+            .threads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            let _ = t.join();
+        }
     }
 
     /// Writes the table and a clean superblock.

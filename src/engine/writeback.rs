@@ -214,7 +214,11 @@ pub(crate) fn run_writeback(core: Arc<Core>) {
                 Ok(_) => {}
                 Err(e) => {
                     log::warn!("background writeback: {e}; retrying later");
-                    std::thread::sleep(Duration::from_secs(1));
+                    // Back off, but wake at once on stop.
+                    let s = core.wb_signal.lock().unwrap_or_else(|p| p.into_inner());
+                    if !s.stop {
+                        drop(core.wb_cond.wait_timeout(s, Duration::from_secs(1)));
+                    }
                     break;
                 }
             }

@@ -1,0 +1,393 @@
+//! Crash-point test of the write-back contract.
+//!
+//! Both devices model a volatile write cache. A seeded workload runs until
+//! the power is cut at I/O number `k` (counted over both devices), every
+//! unflushed write is then kept or dropped sector by sector, the engine is
+//! reopened (crash recovery) and every sector of the disk is checked against
+//! an oracle: it must hold the content it had at the last completed FLUSH or
+//! the content of a write issued after that FLUSH. Run for every `k` of
+//! several workloads and write modes.
+
+use rand::{Rng, SeedableRng};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::Arc;
+use vblkcache::device::{BlockDevice, DeviceError, MemDevice, VolatileCacheDevice};
+use vblkcache::engine::meta::Layout;
+use vblkcache::engine::{Engine, EngineConfig, Geometry, GeometryRequest, WriteMode};
+
+const SECTOR: u64 = 512;
+const BS: u32 = 4096;
+const CACHE_BLOCKS: u64 = 16;
+const SOURCE_BLOCKS: u64 = 48;
+
+/// Power shared by both devices: after `limit` operations everything fails.
+struct Power {
+    ops: AtomicU64,
+    limit: AtomicU64,
+    off: AtomicBool,
+}
+
+impl Power {
+    fn tick(&self) -> Result<(), DeviceError> {
+        if self.off.load(SeqCst) {
+            return Err(DeviceError::PoweredOff);
+        }
+        let n = self.ops.fetch_add(1, SeqCst) + 1;
+        if n > self.limit.load(SeqCst) {
+            self.off.store(true, SeqCst);
+            return Err(DeviceError::PoweredOff);
+        }
+        Ok(())
+    }
+}
+
+struct Powered {
+    dev: Arc<VolatileCacheDevice<Arc<MemDevice>>>,
+    power: Arc<Power>,
+}
+
+impl BlockDevice for Powered {
+    fn size(&self) -> u64 {
+        self.dev.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DeviceError> {
+        self.power.tick()?;
+        self.dev.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DeviceError> {
+        self.power.tick()?;
+        self.dev.write_at(buf, offset)
+    }
+    fn flush(&self) -> Result<(), DeviceError> {
+        self.power.tick()?;
+        self.dev.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        self.power.tick()?;
+        self.dev.write_zeroes(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        self.power.tick()?;
+        self.dev.write_zeroes(offset, len)
+    }
+}
+
+/// Content of `sector` written by version `v` (0 = initial content, u32::MAX = zeros).
+fn content(v: u32, sector: u64) -> Vec<u8> {
+    if v == u32::MAX {
+        return vec![0u8; SECTOR as usize];
+    }
+    let mut out = Vec::with_capacity(SECTOR as usize);
+    while out.len() < SECTOR as usize {
+        out.extend_from_slice(&v.to_le_bytes());
+        out.extend_from_slice(&(sector as u32).to_le_bytes());
+    }
+    out
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Write { sector: u64, count: u64 },
+    Zero { sector: u64, count: u64 },
+    Read { sector: u64, count: u64 },
+    Flush,
+    FlushAll,
+    Restart,
+}
+
+fn workload(seed: u64, len: usize) -> Vec<Op> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let sectors = SOURCE_BLOCKS * u64::from(BS) / SECTOR;
+    (0..len)
+        .map(|_| {
+            let sector = rng.gen_range(0..sectors);
+            let count = rng.gen_range(1..=(sectors - sector).min(20));
+            match rng.gen_range(0..20) {
+                0..=8 => Op::Write { sector, count },
+                9 => Op::Zero { sector, count },
+                10..=14 => Op::Read { sector, count },
+                15..=17 => Op::Flush,
+                18 => Op::FlushAll,
+                _ => Op::Restart,
+            }
+        })
+        .collect()
+}
+
+struct Oracle {
+    /// Content version of each sector at the last completed flush.
+    stable: Vec<u32>,
+    /// Versions written to each sector since (issued, completed or not).
+    after: Vec<Vec<u32>>,
+    /// Latest version of each sector.
+    latest: Vec<u32>,
+}
+
+struct Outcome {
+    ops_used: u64,
+    crashed: bool,
+}
+
+fn cfg(mode: WriteMode) -> EngineConfig {
+    EngineConfig {
+        geometry: GeometryRequest {
+            block_size: Some(BS),
+            cache_blocks: Some(CACHE_BLOCKS),
+            assoc: Some(4),
+        },
+        mode: Some(mode),
+        ..EngineConfig::default()
+    }
+}
+
+/// Runs `ops` with the power cut after `limit` device operations; returns
+/// whether the cut happened, after recovering and checking the disk.
+fn run(ops: &[Op], mode: WriteMode, limit: u64, keep_seed: u64) -> Outcome {
+    let size = SOURCE_BLOCKS * u64::from(BS);
+    let sectors = size / SECTOR;
+    let mut initial = Vec::with_capacity(size as usize);
+    for s in 0..sectors {
+        initial.extend(content(0, s));
+    }
+    let src_mem = Arc::new(MemDevice::from_bytes(&initial));
+    let g = Geometry::resolve(&cfg(mode).geometry, CACHE_BLOCKS).unwrap();
+    let cache_mem = Arc::new(MemDevice::new(Layout::new(&g).device_len()));
+    let src_vol = Arc::new(VolatileCacheDevice::new(src_mem.clone()));
+    let cache_vol = Arc::new(VolatileCacheDevice::new(cache_mem.clone()));
+    let power = Arc::new(Power {
+        ops: AtomicU64::new(0),
+        limit: AtomicU64::new(u64::MAX),
+        off: AtomicBool::new(false),
+    });
+    let source: Arc<dyn BlockDevice> = Arc::new(Powered {
+        dev: src_vol.clone(),
+        power: power.clone(),
+    });
+    let cache: Arc<dyn BlockDevice> = Arc::new(Powered {
+        dev: cache_vol.clone(),
+        power: power.clone(),
+    });
+    // Format with power on, then arm the cut.
+    let mut engine = Engine::open(source.clone(), cache.clone(), cfg(mode)).unwrap();
+    engine.flush().unwrap();
+    src_vol.flush().unwrap();
+    cache_vol.flush().unwrap();
+    power.ops.store(0, SeqCst);
+    power.limit.store(limit, SeqCst);
+
+    let mut o = Oracle {
+        stable: vec![0; sectors as usize],
+        after: vec![Vec::new(); sectors as usize],
+        latest: vec![0; sectors as usize],
+    };
+    let mut version = 0u32;
+    let mut crashed = false;
+    for (idx, op) in ops.iter().enumerate() {
+        if std::env::var("CRASH_DEBUG").is_ok() {
+            eprintln!("op {idx} starts at device op {}", power.ops.load(SeqCst));
+        }
+        let r = match *op {
+            Op::Write { sector, count } | Op::Zero { sector, count } => {
+                let zero = matches!(op, Op::Zero { .. });
+                version += 1;
+                let v = if zero { u32::MAX } else { version };
+                for s in sector..sector + count {
+                    o.after[s as usize].push(v);
+                    o.latest[s as usize] = v;
+                }
+                if zero {
+                    engine.write_zeroes(sector * SECTOR, count * SECTOR)
+                } else {
+                    let mut data = Vec::with_capacity((count * SECTOR) as usize);
+                    for s in sector..sector + count {
+                        data.extend(content(v, s));
+                    }
+                    engine.write(sector * SECTOR, &data)
+                }
+            }
+            Op::Read { sector, count } => {
+                let mut buf = vec![0u8; (count * SECTOR) as usize];
+                let r = engine.read(sector * SECTOR, &mut buf);
+                if r.is_ok() {
+                    for (i, s) in (sector..sector + count).enumerate() {
+                        let got = &buf[i * SECTOR as usize..(i + 1) * SECTOR as usize];
+                        assert!(
+                            got == content(o.latest[s as usize], s),
+                            "read of sector {s} before the crash is wrong"
+                        );
+                    }
+                }
+                r
+            }
+            Op::Flush | Op::FlushAll => {
+                let r = if matches!(op, Op::Flush) {
+                    engine.flush()
+                } else {
+                    engine.flush_all(&mut |_| {}).and_then(|_| engine.flush())
+                };
+                if r.is_ok() {
+                    for s in 0..sectors as usize {
+                        o.stable[s] = o.latest[s];
+                        o.after[s].clear();
+                    }
+                }
+                r
+            }
+            Op::Restart => {
+                let r = engine.shutdown(false);
+                if r.is_ok() {
+                    // A clean shutdown flushes everything.
+                    for s in 0..sectors as usize {
+                        o.stable[s] = o.latest[s];
+                        o.after[s].clear();
+                    }
+                    match Engine::open(
+                        source.clone(),
+                        cache.clone(),
+                        EngineConfig {
+                            mode: None,
+                            ..cfg(mode)
+                        },
+                    ) {
+                        Ok(e) => {
+                            engine = e;
+                            Ok(())
+                        }
+                        Err(e) => Err(e),
+                    }
+                } else {
+                    r
+                }
+            }
+        };
+        if r.is_err() {
+            assert!(
+                power.off.load(SeqCst),
+                "operation failed with the power on: {:?}",
+                r.err()
+            );
+            crashed = true;
+            break;
+        }
+    }
+    let ops_used = power.ops.load(SeqCst);
+    engine.halt();
+    drop(engine);
+    if !crashed {
+        return Outcome { ops_used, crashed };
+    }
+    // Power cut: each unflushed sector write survives or not.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(keep_seed);
+    let policy = keep_seed % 3; // 0: drop all, 1: keep all, 2: random
+    src_vol
+        .power_cut(|_, _| match policy {
+            0 => false,
+            1 => true,
+            _ => rng.gen_bool(0.5),
+        })
+        .unwrap();
+    cache_vol
+        .power_cut(|_, _| match policy {
+            0 => false,
+            1 => true,
+            _ => rng.gen_bool(0.5),
+        })
+        .unwrap();
+
+    if std::env::var("CRASH_DEBUG").is_ok() {
+        use vblkcache::engine::meta;
+        if let Ok(meta::Found::Superblock(sb, slot)) = meta::read_superblock(&*cache_mem) {
+            eprintln!(
+                "sb slot {slot}: seq {} clean {} commit_seq {} pos {}",
+                sb.seq, sb.clean, sb.commit_seq, sb.journal_pos
+            );
+            let l = sb.layout;
+            for i in 0..l.journal_len / 4096 {
+                let mut b = vec![0u8; 4096];
+                cache_mem
+                    .read_at(&mut b, l.journal_offset + i * 4096)
+                    .unwrap();
+                if let Ok(j) = meta::journal::decode_block(&b) {
+                    eprintln!("journal[{i}] seq {} recs {:x?}", j.seq, j.records);
+                }
+            }
+            let mut t = vec![0u8; 4096];
+            cache_mem.read_at(&mut t, l.table_offset).unwrap();
+            let mut out = Vec::new();
+            let _ = meta::decode_page(&t, 0, 16, &mut out);
+            eprintln!("table {:x?}", out);
+        }
+    }
+    let e = match Engine::open(src_mem.clone(), cache_mem.clone(), EngineConfig::default()) {
+        Ok(e) => e,
+        Err(err) => {
+            panic!("recovery failed after a cut at {limit} ({mode}, keep seed {keep_seed}): {err}")
+        }
+    };
+    let mut disk = vec![0u8; size as usize];
+    e.read(0, &mut disk).unwrap();
+    for s in 0..sectors {
+        let got = &disk[(s * SECTOR) as usize..((s + 1) * SECTOR) as usize];
+        let st = o.stable[s as usize];
+        let ok = got == content(st, s) || o.after[s as usize].iter().any(|&v| got == content(v, s));
+        if !ok {
+            let v = u32::from_le_bytes([got[0], got[1], got[2], got[3]]);
+            let from = u32::from_le_bytes([got[4], got[5], got[6], got[7]]);
+            panic!(
+                "cut at op {limit} ({mode}, keep seed {keep_seed}): sector {s} holds version {v} of sector {from}; \
+                 allowed: flushed {st} or later {:?}",
+                o.after[s as usize]
+            );
+        }
+    }
+    // Recovered data must also reach the source intact.
+    e.flush_all(&mut |_| {}).unwrap();
+    let src = src_mem.to_vec();
+    assert!(
+        src == disk,
+        "source after recovery + flush_all differs from what the cache served"
+    );
+    e.shutdown(false).unwrap();
+    Outcome { ops_used, crashed }
+}
+
+fn sweep(mode: WriteMode, seeds: std::ops::Range<u64>, ops_per_workload: usize) -> u64 {
+    let mut points = 0;
+    for seed in seeds {
+        let ops = workload(seed, ops_per_workload);
+        let total = run(&ops, mode, u64::MAX, 0).ops_used;
+        for k in 0..total {
+            let out = run(&ops, mode, k, seed * 1000 + k);
+            assert!(out.crashed || out.ops_used <= k, "expected a cut at {k}");
+            points += 1;
+        }
+    }
+    points
+}
+
+#[test]
+fn crash_at_every_io_writeback() {
+    let n = sweep(WriteMode::Writeback, 0..6, 40);
+    eprintln!("writeback: {n} crash points checked");
+    assert!(n > 500);
+}
+
+#[test]
+fn crash_at_every_io_writethrough_and_writearound() {
+    let a = sweep(WriteMode::Writethrough, 100..103, 40);
+    let b = sweep(WriteMode::Writearound, 200..203, 40);
+    eprintln!("writethrough: {a}, writearound: {b} crash points checked");
+    assert!(a > 100 && b > 100);
+}
+
+#[test]
+#[ignore]
+fn debug_one() {
+    let seed: u64 = std::env::var("SEED").unwrap().parse().unwrap();
+    let k: u64 = std::env::var("K").unwrap().parse().unwrap();
+    let ops = workload(seed, 40);
+    for (i, op) in ops.iter().enumerate() {
+        eprintln!("{i}: {op:?}");
+    }
+    run(&ops, WriteMode::Writeback, k, seed * 1000 + k);
+}
