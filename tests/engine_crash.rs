@@ -96,12 +96,25 @@ enum Op {
 }
 
 fn workload(seed: u64, len: usize) -> Vec<Op> {
+    workload_with(seed, len, false)
+}
+
+/// With `commit_heavy`, small writes and flushes dominate and there are no
+/// restarts, so the journal fills and checkpoints happen.
+fn workload_with(seed: u64, len: usize, commit_heavy: bool) -> Vec<Op> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let sectors = SOURCE_BLOCKS * u64::from(BS) / SECTOR;
     (0..len)
         .map(|_| {
             let sector = rng.gen_range(0..sectors);
             let count = rng.gen_range(1..=(sectors - sector).min(20));
+            if commit_heavy {
+                return match rng.gen_range(0..10) {
+                    0..=4 => Op::Write { sector, count },
+                    5 => Op::FlushAll,
+                    _ => Op::Flush,
+                };
+            }
             match rng.gen_range(0..20) {
                 0..=8 => Op::Write { sector, count },
                 9 => Op::Zero { sector, count },
@@ -270,9 +283,12 @@ fn run(ops: &[Op], mode: WriteMode, limit: u64, keep_seed: u64) -> Outcome {
             break;
         }
     }
-    let ops_used = power.ops.load(SeqCst);
     engine.halt();
     drop(engine);
+    let ops_used = power.ops.load(SeqCst);
+    // A background store or writeback may have met the cut after the last
+    // foreground operation: that is a crash point too.
+    crashed |= power.off.load(SeqCst);
     if !crashed {
         return Outcome { ops_used, crashed };
     }
@@ -352,9 +368,18 @@ fn run(ops: &[Op], mode: WriteMode, limit: u64, keep_seed: u64) -> Outcome {
 }
 
 fn sweep(mode: WriteMode, seeds: std::ops::Range<u64>, ops_per_workload: usize) -> u64 {
+    sweep_with(mode, seeds, ops_per_workload, false)
+}
+
+fn sweep_with(
+    mode: WriteMode,
+    seeds: std::ops::Range<u64>,
+    ops_per_workload: usize,
+    heavy: bool,
+) -> u64 {
     let mut points = 0;
     for seed in seeds {
-        let ops = workload(seed, ops_per_workload);
+        let ops = workload_with(seed, ops_per_workload, heavy);
         let total = run(&ops, mode, u64::MAX, 0).ops_used;
         for k in 0..total {
             let out = run(&ops, mode, k, seed * 1000 + k);
@@ -370,6 +395,39 @@ fn crash_at_every_io_writeback() {
     let n = sweep(WriteMode::Writeback, 0..6, 40);
     eprintln!("writeback: {n} crash points checked");
     assert!(n > 500);
+}
+
+/// Enough commits to fill the journal, so checkpoints (table copy switch)
+/// are crashed into too.
+#[test]
+fn crash_at_every_io_through_checkpoints() {
+    let n = sweep_with(WriteMode::Writeback, 300..302, 80, true);
+    eprintln!("writeback with checkpoints: {n} crash points checked");
+    assert!(
+        checkpoints_in(workload_with(300, 80, true)) > 0,
+        "the workload never checkpoints"
+    );
+    assert!(n > 300);
+}
+
+/// Runs a workload without a cut and returns the checkpoints it caused.
+fn checkpoints_in(ops: Vec<Op>) -> u64 {
+    let size = SOURCE_BLOCKS * u64::from(BS);
+    let src = Arc::new(MemDevice::new(size));
+    let g = Geometry::resolve(&cfg(WriteMode::Writeback).geometry, CACHE_BLOCKS).unwrap();
+    let cache = Arc::new(MemDevice::new(Layout::new(&g).device_len()));
+    let e = Engine::open(src, cache, cfg(WriteMode::Writeback)).unwrap();
+    for op in ops {
+        match op {
+            Op::Write { sector, count } => e
+                .write(sector * SECTOR, &vec![7u8; (count * SECTOR) as usize])
+                .unwrap(),
+            Op::Flush => e.flush().unwrap(),
+            Op::FlushAll => e.flush_all(&mut |_| {}).unwrap(),
+            _ => {}
+        }
+    }
+    e.status().metadata_checkpoints
 }
 
 #[test]

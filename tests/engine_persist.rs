@@ -232,7 +232,12 @@ fn corrupted_metadata_is_detected() {
         512,
     )
     .unwrap();
-    let table = vblkcache::engine::meta::Layout::new(&g).table_offset as usize;
+    let active =
+        match vblkcache::engine::meta::read_superblock(&MemDevice::from_bytes(&good)).unwrap() {
+            vblkcache::engine::meta::Found::Superblock(sb, _) => sb.table_copy,
+            _ => panic!("no superblock"),
+        };
+    let table = vblkcache::engine::meta::Layout::new(&g).table_copy_offset(active) as usize;
     img[table + 40] ^= 0x10;
     cache.write_at(&img, 0).unwrap();
     let err = Engine::open(src.clone(), cache.clone(), EngineConfig::default())

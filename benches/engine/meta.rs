@@ -155,7 +155,7 @@ fn one_size(report: &mut Report, n: u64, children: usize) -> R<()> {
     let layout = Layout::new(&g);
     let entries = full_table(&g, source_blocks);
     let filled = entries.iter().filter(|&&x| x != 0).count() as u64;
-    meta::save_table(&*cdev, &layout, &entries)?;
+    meta::save_table(&*cdev, &layout, 0, &entries)?;
     cdev.flush()?;
     drop(entries);
     report.fact(
@@ -173,7 +173,7 @@ fn one_size(report: &mut Report, n: u64, children: usize) -> R<()> {
     let decoded = read_decode(&*cdev, &layout)?;
     let t_decode = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    let loaded = meta::load_table(&*cdev, &layout, source_blocks)?;
+    let loaded = meta::load_table(&*cdev, &layout, 0, source_blocks)?;
     let t_load = t.elapsed().as_secs_f64();
     drop(loaded);
     report.row(

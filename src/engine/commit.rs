@@ -20,10 +20,9 @@
 
 use super::core::Core;
 use super::frames::{BLOCK_MASK, CDIRTY, DIRTY, QUEUED, VALID};
-use super::meta::{self, journal, Layout, Superblock, ENTRIES_PER_PAGE, META_PAGE};
+use super::meta::{self, journal, Layout, Superblock, META_PAGE};
 use super::EngineError;
 use crate::device::{AlignedBuf, BlockDevice};
-use std::collections::BTreeSet;
 use std::sync::atomic::Ordering::SeqCst;
 
 /// The journal writer's position; its mutex serialises commits.
@@ -32,8 +31,6 @@ pub(crate) struct JournalState {
     pub pos: u64,
     /// Sequence number of the next commit.
     pub seq: u64,
-    /// Table pages changed by commits now in the journal.
-    pub touched_pages: BTreeSet<u64>,
     /// The superblock and the slot it was last written to.
     pub sb: Superblock,
     pub slot: usize,
@@ -51,8 +48,9 @@ impl Core {
         let records = self.take_records();
         let r = self.commit_locked(&mut j, &records);
         if r.is_err() {
-            // Nothing recorded became durable: requeue for the next attempt.
-            self.requeue(&records);
+            // Some records may or may not be durable now: the next commit
+            // states every frame again.
+            self.rerecord.store(true, SeqCst);
         }
         r
     }
@@ -91,9 +89,6 @@ impl Core {
             self.cache.flush().map_err(EngineError::Cache)?;
             j.pos += need;
             j.seq += 1;
-            for &(f, _) in records {
-                j.touched_pages.insert(f / ENTRIES_PER_PAGE);
-            }
         }
         j.commits += 1;
         self.apply_committed(records);
@@ -101,9 +96,18 @@ impl Core {
     }
 
     /// Drains the commit queue into records (frame, value to commit).
+    ///
+    /// A frame recorded dirty gets `CDIRTY` at once, before the record is
+    /// durable: from here on the journal may map it dirty, so it must not be
+    /// given to another block even if it is written back and evicted while
+    /// this commit is in flight.
     fn take_records(&self) -> Vec<(u64, u64)> {
-        let queued =
+        let full = self.rerecord.swap(false, SeqCst);
+        let mut queued =
             std::mem::take(&mut *self.commit_queue.lock().unwrap_or_else(|p| p.into_inner()));
+        if full {
+            queued = (0..self.layout.cache_blocks).collect();
+        }
         let mut records = Vec::with_capacity(queued.len());
         let mut again = Vec::new();
         for f in queued {
@@ -111,13 +115,21 @@ impl Core {
             let _g = self.lock(set);
             let e = self.frames.get(f);
             if e.state() == super::frames::FrameState::Filling {
+                if !e.queued() {
+                    self.frames.set(f, e.with_flag(QUEUED, true));
+                }
                 again.push(f);
                 continue;
             }
-            self.frames.set(f, e.with_flag(QUEUED, false));
-            if e.wanted() != e.committed() {
-                records.push((f, e.wanted()));
+            let want = e.wanted();
+            let mut e = e.with_flag(QUEUED, false);
+            if want != e.committed() || (full && (want != 0 || e.cdirty())) {
+                records.push((f, want));
+                if want != 0 {
+                    e = e.with_flag(CDIRTY, true);
+                }
             }
+            self.frames.set(f, e);
         }
         if !again.is_empty() {
             self.commit_queue
@@ -126,14 +138,6 @@ impl Core {
                 .extend(again);
         }
         records
-    }
-
-    fn requeue(&self, records: &[(u64, u64)]) {
-        for &(f, _) in records {
-            let set = f / u64::from(self.layout.assoc);
-            let _g = self.lock(set);
-            self.note(f);
-        }
     }
 
     /// Sets each recorded frame's committed flag and wakes waiters.
@@ -149,44 +153,35 @@ impl Core {
         }
     }
 
-    /// Writes the committed view (with `records` applied) of every table
-    /// page changed since the last checkpoint, then restarts the journal.
+    /// Writes the committed view (with `records` applied) of the whole
+    /// table into the inactive table copy, then switches the superblock to it
+    /// and restarts the journal. A crash before the switch leaves the old copy
+    /// and journal in charge; after it, the new copy.
     fn checkpoint(&self, j: &mut JournalState, records: &[(u64, u64)]) -> Result<(), EngineError> {
-        let mut pages = std::mem::take(&mut j.touched_pages);
         let overrides: std::collections::HashMap<u64, u64> = records.iter().copied().collect();
-        for &(f, _) in records {
-            pages.insert(f / ENTRIES_PER_PAGE);
-        }
-        let frames = self.layout.cache_blocks;
-        let mut buf = AlignedBuf::new(META_PAGE as usize);
-        for &p in &pages {
-            let start = p * ENTRIES_PER_PAGE;
-            let end = (start + ENTRIES_PER_PAGE).min(frames);
-            let entries: Vec<u64> = (start..end)
-                .map(|f| match overrides.get(&f) {
-                    Some(&v) => v,
-                    None => {
-                        let set = f / u64::from(self.layout.assoc);
-                        let _g = self.lock(set);
-                        self.frames.get(f).committed()
-                    }
-                })
-                .collect();
-            buf.copy_from_slice(&meta::encode_page(p, &entries));
-            self.cache
-                .write_at(&buf, self.layout.table_offset + p * META_PAGE)
-                .map_err(EngineError::Cache)?;
-        }
+        let entries: Vec<u64> = (0..self.layout.cache_blocks)
+            .map(|f| match overrides.get(&f) {
+                Some(&v) => v,
+                None => {
+                    let _g = self.lock(f / u64::from(self.layout.assoc));
+                    self.frames.get(f).committed()
+                }
+            })
+            .collect();
+        let copy = j.sb.table_copy ^ 1;
+        let meta_err = |e| EngineError::Meta {
+            device: self.cache.name(),
+            source: e,
+        };
+        meta::save_table(&*self.cache, &self.layout, copy, &entries).map_err(meta_err)?;
         self.cache.flush().map_err(EngineError::Cache)?;
         j.seq += 1;
         j.sb.commit_seq = j.seq;
         j.sb.journal_pos = 0;
+        j.sb.table_copy = copy;
         j.sb.seq += 1;
         j.slot = 1 - j.slot;
-        meta::write_superblock(&*self.cache, &j.sb, j.slot).map_err(|e| EngineError::Meta {
-            device: self.cache.name(),
-            source: e,
-        })?;
+        meta::write_superblock(&*self.cache, &j.sb, j.slot).map_err(meta_err)?;
         j.pos = 0;
         j.checkpoints += 1;
         Ok(())

@@ -66,6 +66,8 @@ pub(crate) struct Core {
     pub store: StoreQueue,
     /// Frames whose committed state may be out of date (see `commit`).
     pub commit_queue: Mutex<Vec<u64>>,
+    /// Set after a failed commit: the next one records every frame.
+    pub rerecord: AtomicBool,
     /// The journal writer; its mutex also serialises commits.
     pub journal: Mutex<super::commit::JournalState>,
 }

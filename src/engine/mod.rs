@@ -182,6 +182,10 @@ pub struct Status {
     /// RAM used by the mapping and the policy per cache block, in bytes.
     pub ram_bytes_per_block: f64,
     pub uptime_secs: f64,
+    /// Metadata commits written to the journal since start.
+    pub metadata_commits: u64,
+    /// Journal checkpoints (full table writes) since start.
+    pub metadata_checkpoints: u64,
     pub start: StartInfo,
     pub stats: StatsSnapshot,
 }
@@ -241,10 +245,10 @@ impl Engine {
             wb_cond: Condvar::new(),
             store,
             commit_queue: Mutex::new(Vec::new()),
+            rerecord: AtomicBool::new(false),
             journal: Mutex::new(commit::JournalState {
                 pos: opened.sb.journal_pos,
                 seq: opened.sb.commit_seq,
-                touched_pages: Default::default(),
                 sb: opened.sb.clone(),
                 slot: opened.slot,
                 commits: 0,
@@ -445,6 +449,8 @@ impl Engine {
             },
             ram_bytes_per_block: self.ram_bytes_per_block(),
             uptime_secs: self.started.elapsed().as_secs_f64(),
+            metadata_commits: self.core.journal.lock().map(|j| j.commits).unwrap_or(0),
+            metadata_checkpoints: self.core.journal.lock().map(|j| j.checkpoints).unwrap_or(0),
             start: self.start.clone(),
             stats,
         }
@@ -515,10 +521,7 @@ impl Engine {
             device: c.cache.name(),
             source: e,
         };
-        let entries: Vec<u64> = (0..c.frames.frames())
-            .map(|f| c.frames.get(f).persistent())
-            .collect();
-        meta::save_table(&*c.cache, &c.layout, &entries).map_err(meta_err)?;
+        // Data first: the table written next points at it.
         c.cache.flush().map_err(EngineError::Cache)?;
         c.cache_written.store(false, SeqCst);
         if c.source_written.swap(false, SeqCst) {
@@ -526,6 +529,13 @@ impl Engine {
         }
         let mut j = c.journal.lock().unwrap_or_else(|p| p.into_inner());
         let j = &mut *j;
+        // The full table goes to the inactive copy; the superblock switches.
+        let entries: Vec<u64> = (0..c.frames.frames())
+            .map(|f| c.frames.get(f).persistent())
+            .collect();
+        j.sb.table_copy ^= 1;
+        meta::save_table(&*c.cache, &c.layout, j.sb.table_copy, &entries).map_err(meta_err)?;
+        c.cache.flush().map_err(EngineError::Cache)?;
         j.seq += 1;
         j.sb.clean = true;
         j.sb.mode = c.mode();

@@ -146,7 +146,7 @@ fn format(
     cache.write_at(&zero, 0).map_err(EngineError::Cache)?;
     cache.flush().map_err(EngineError::Cache)?;
     let entries = vec![0u64; g.cache_blocks as usize];
-    meta::save_table(cache, &layout, &entries).map_err(meta_err)?;
+    meta::save_table(cache, &layout, 0, &entries).map_err(meta_err)?;
     cache.flush().map_err(EngineError::Cache)?;
     let mut uuid = [0u8; 16];
     let now = std::time::SystemTime::now()
@@ -164,6 +164,7 @@ fn format(
         uuid,
         commit_seq: 1,
         journal_pos: 0,
+        table_copy: 0,
     };
     meta::write_superblock(cache, &sb, 0).map_err(meta_err)?;
     log::info!(
@@ -239,11 +240,12 @@ fn load(
         });
     }
     let source_blocks = source_size.div_ceil(u64::from(l.block_size));
-    let mut entries =
-        meta::load_table(cache, &l, source_blocks).map_err(|e| EngineError::Meta {
+    let mut entries = meta::load_table(cache, &l, sb.table_copy, source_blocks).map_err(|e| {
+        EngineError::Meta {
             device: cache.name(),
             source: e,
-        })?;
+        }
+    })?;
     let clean_shutdown = sb.clean;
     let mut replayed = super::commit::Replay::default();
     let mut clean_dropped = 0;
@@ -262,8 +264,10 @@ fn load(
             }
         }
         meta::validate_entries(&entries, source_blocks, &l).map_err(meta_err)?;
-        // Make the recovered state the new baseline before serving.
-        meta::save_table(cache, &l, &entries).map_err(meta_err)?;
+        // Make the recovered state the new baseline before serving: into the
+        // other table copy, which the superblock written below switches to.
+        sb.table_copy ^= 1;
+        meta::save_table(cache, &l, sb.table_copy, &entries).map_err(meta_err)?;
         cache.flush().map_err(EngineError::Cache)?;
         log::warn!(
             "cache {} was not shut down cleanly: replayed {} commits, recovered {} dirty blocks, dropped {} clean entries",

@@ -34,7 +34,10 @@ impl Layout {
         let journal_len = (2 * table_len).clamp(MIN_JOURNAL_LEN, JOURNAL_LEN);
         let table_offset = JOURNAL_OFFSET + journal_len;
         let align = u64::from(g.block_size).max(META_PAGE);
-        let data_offset = (table_offset + table_len).div_ceil(align) * align;
+        // Two copies of the table: a checkpoint writes the inactive one and
+        // then switches the superblock over, so a torn table write never
+        // damages the table recovery relies on.
+        let data_offset = (table_offset + 2 * table_len).div_ceil(align) * align;
         Layout {
             block_size: g.block_size,
             cache_blocks: g.cache_blocks,
@@ -62,6 +65,11 @@ impl Layout {
 
     pub fn table_pages(&self) -> u64 {
         self.cache_blocks.div_ceil(ENTRIES_PER_PAGE)
+    }
+
+    /// Byte offset of table copy `copy` (0 or 1).
+    pub fn table_copy_offset(&self, copy: u8) -> u64 {
+        self.table_offset + u64::from(copy & 1) * self.table_pages() * META_PAGE
     }
 
     /// Bytes of metadata in front of the data area.

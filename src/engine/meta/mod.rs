@@ -4,7 +4,7 @@
 //! offset 0       superblock slot A (4 KiB)
 //! offset 4096    superblock slot B (4 KiB)
 //! offset 8192    journal (reserved, `journal_len` bytes)
-//! table_offset   mapping table: 4 KiB pages of 510 entries
+//! table_offset   mapping table, two copies: 4 KiB pages of 510 entries
 //! data_offset    data area: cache_blocks frames of block_size bytes
 //! ```
 //!
@@ -124,6 +124,7 @@ pub fn write_superblock(
 pub fn load_table(
     dev: &dyn BlockDevice,
     layout: &Layout,
+    copy: u8,
     source_blocks: u64,
 ) -> Result<Vec<u64>, MetaError> {
     let frames = layout.cache_blocks;
@@ -136,7 +137,10 @@ pub fn load_table(
     while page < pages {
         let n = CHUNK.min(pages - page);
         let bytes = (n * META_PAGE) as usize;
-        dev.read_at(&mut buf[..bytes], layout.table_offset + page * META_PAGE)?;
+        dev.read_at(
+            &mut buf[..bytes],
+            layout.table_copy_offset(copy) + page * META_PAGE,
+        )?;
         for i in 0..n {
             let p = page + i;
             let off = (i * META_PAGE) as usize;
@@ -144,7 +148,7 @@ pub fn load_table(
             decode_page(&buf[off..off + META_PAGE as usize], p, want, &mut out).map_err(
                 |what| MetaError::BadTablePage {
                     page: p,
-                    offset: layout.table_offset + p * META_PAGE,
+                    offset: layout.table_copy_offset(copy) + p * META_PAGE,
                     what,
                 },
             )?;
@@ -161,6 +165,7 @@ pub fn load_table(
 pub fn save_table(
     dev: &dyn BlockDevice,
     layout: &Layout,
+    copy: u8,
     entries: &[u64],
 ) -> Result<(), MetaError> {
     const CHUNK: u64 = 256;
@@ -178,7 +183,10 @@ pub fn save_table(
             buf[off..off + META_PAGE as usize].copy_from_slice(&enc);
         }
         let bytes = (n * META_PAGE) as usize;
-        dev.write_at(&buf[..bytes], layout.table_offset + page * META_PAGE)?;
+        dev.write_at(
+            &buf[..bytes],
+            layout.table_copy_offset(copy) + page * META_PAGE,
+        )?;
         page += n;
     }
     Ok(())

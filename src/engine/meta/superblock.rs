@@ -5,7 +5,7 @@
 //!  0 magic "VBLKCACH"     8 version u32    12 flags u32
 //! 16 seq u64             24 block_size u32 28 assoc u32
 //! 32 cache_blocks u64    40 source_size u64
-//! 48 mode u8  49 clean u8  50 run u16  52 reserved u32
+//! 48 mode u8  49 clean u8  50 run u16  52 table_copy u8  53 reserved
 //! 56 journal_offset u64  64 journal_len u64
 //! 72 table_offset u64    80 data_offset u64
 //! 88 uuid [u8;16]        104 commit_seq u64 (sequence of the first commit in the journal)
@@ -32,6 +32,8 @@ pub struct Superblock {
     pub uuid: [u8; 16],
     pub commit_seq: u64,
     pub journal_pos: u64,
+    /// Which of the two table copies is current (0 or 1).
+    pub table_copy: u8,
 }
 
 fn put64(p: &mut [u8], o: usize, v: u64) {
@@ -66,6 +68,7 @@ impl Superblock {
         p[48] = self.mode.to_u8();
         p[49] = u8::from(self.clean);
         p[50..52].copy_from_slice(&(l.run as u16).to_le_bytes());
+        p[52] = self.table_copy;
         put64(&mut p, 56, l.journal_offset);
         put64(&mut p, 64, l.journal_len);
         put64(&mut p, 72, l.table_offset);
@@ -133,6 +136,9 @@ impl Superblock {
         {
             return Err(String::from("region offsets do not match the geometry"));
         }
+        if p[52] > 1 {
+            return Err(format!("table copy {} is not 0 or 1", p[52]));
+        }
         let mut uuid = [0u8; 16];
         uuid.copy_from_slice(&p[88..104]);
         Ok(Superblock {
@@ -144,6 +150,7 @@ impl Superblock {
             clean: p[49] != 0,
             uuid,
             commit_seq: get64(p, 104),
+            table_copy: p[52],
             journal_pos: {
                 let pos = get64(p, 112);
                 if pos % META_PAGE != 0 || pos >= layout.journal_len {
@@ -177,6 +184,7 @@ mod tests {
             uuid: [7; 16],
             commit_seq: 3,
             journal_pos: 8192,
+            table_copy: 1,
         }
     }
 

@@ -77,7 +77,6 @@ pub fn validate_entries(
         assoc,
         run,
     };
-    let mut seen = std::collections::HashSet::new();
     for (f, &e) in entries.iter().enumerate() {
         let frame = f as u64;
         if e == 0 {
@@ -98,10 +97,25 @@ pub fn validate_entries(
                 "maps source block {block}, which belongs to another set"
             )));
         }
-        if !seen.insert(block) {
-            return Err(bad(format!(
-                "maps source block {block}, which another frame maps too"
-            )));
+    }
+    // Every entry is in its own set, so a block mapped twice is mapped twice
+    // within one set: check each set on its own (no table-wide hash set).
+    let mut blocks: Vec<(u64, u64)> = Vec::with_capacity(assoc as usize);
+    for (s, set) in entries.chunks(assoc as usize).enumerate() {
+        blocks.clear();
+        let first = s as u64 * u64::from(assoc);
+        blocks.extend(
+            set.iter()
+                .enumerate()
+                .filter(|(_, &e)| e != 0)
+                .map(|(w, &e)| (e & BLOCK_MASK, first + w as u64)),
+        );
+        blocks.sort_unstable();
+        if let Some(w) = blocks.windows(2).find(|w| w[0].0 == w[1].0) {
+            return Err(MetaError::BadEntry {
+                frame: w[1].1,
+                what: format!("maps source block {}, which another frame maps too", w[1].0),
+            });
         }
     }
     Ok(())
