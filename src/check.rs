@@ -94,6 +94,10 @@ pub struct SuperblockReport {
     pub source_size: u64,
     pub commit_seq: u64,
     pub journal_pos: u64,
+    pub journal_offset: u64,
+    pub journal_len: u64,
+    pub table_offset: u64,
+    pub data_offset: u64,
     pub device_len: u64,
 }
 
@@ -201,6 +205,10 @@ pub fn check_device(dev: &dyn BlockDevice, repair: bool) -> Result<Report, Check
         source_size: sb.source_size,
         commit_seq: sb.commit_seq,
         journal_pos: sb.journal_pos,
+        journal_offset: l.journal_offset,
+        journal_len: l.journal_len,
+        table_offset: l.table_offset,
+        data_offset: l.data_offset,
         device_len: l.device_len(),
     });
     if l.device_len() > dev.size() {

@@ -229,7 +229,7 @@ fn bad_entries_are_each_reported() {
     let in_set0 = (0..source_blocks).find(|&b| g.set_of(b) == 0).unwrap();
     let other = (0..source_blocks).find(|&b| g.set_of(b) != 0).unwrap();
     edit_page0(&dev, &l, |e| {
-        e[0] = VALID | source_blocks + 5; // past the end
+        e[0] = VALID | (source_blocks + 5); // past the end
         e[1] = VALID | DIRTY | other; // wrong set
         e[2] = VALID | in_set0;
         e[3] = VALID | DIRTY | in_set0; // duplicate
