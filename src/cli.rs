@@ -41,6 +41,20 @@ pub enum Command {
         #[arg(long, value_name = "PATH")]
         control: PathBuf,
     },
+    /// Verify a cache device offline (superblocks, journal, mapping table).
+    /// Exit status 0 when consistent, 1 when not.
+    Check {
+        /// Cache device (regular file or block device); must not be in use.
+        #[arg(long, value_name = "DEV")]
+        cache: PathBuf,
+        /// Print JSON instead of a summary [default: summary].
+        #[arg(long)]
+        json: bool,
+        /// Fix what can be fixed without losing dirty data (a corrupted
+        /// superblock slot is rewritten from the valid one) [default: off].
+        #[arg(long)]
+        repair: bool,
+    },
     /// Zero the statistics counters.
     ResetStats {
         /// Control socket of the daemon.

@@ -87,6 +87,12 @@ pub enum Config {
         control: PathBuf,
         command: ClientCommand,
     },
+    /// `vblkcache check`: verify a cache device offline.
+    Check {
+        cache: PathBuf,
+        json: bool,
+        repair: bool,
+    },
 }
 
 impl TryFrom<Args> for Config {
@@ -115,6 +121,18 @@ impl TryFrom<Args> for Config {
                 control,
                 command: ClientCommand::ResetStats,
             },
+            Command::Check {
+                cache,
+                json,
+                repair,
+            } => {
+                check_device_path("--cache", &cache)?;
+                Config::Check {
+                    cache,
+                    json,
+                    repair,
+                }
+            }
         })
     }
 }
@@ -284,7 +302,7 @@ mod tests {
         let args = Args::try_parse_from(argv).unwrap();
         match Config::try_from(args)? {
             Config::Serve(s) => Ok(*s),
-            Config::Client { .. } => panic!("not serve"),
+            Config::Client { .. } | Config::Check { .. } => panic!("not serve"),
         }
     }
 

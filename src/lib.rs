@@ -9,6 +9,7 @@ pub mod device;
 pub mod engine;
 
 // The daemon: command line, configuration, virtio-blk device and lifecycle.
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod daemon;

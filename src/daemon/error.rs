@@ -42,6 +42,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Check(#[from] crate::check::CheckError),
     #[error("shutdown: {0}")]
     Shutdown(#[source] EngineError),
 }
@@ -56,7 +58,8 @@ impl Error {
             Error::Config(_)
             | Error::NotASocket { .. }
             | Error::SocketInUse { .. }
-            | Error::DirectUnsupported { .. } => true,
+            | Error::DirectUnsupported { .. }
+            | Error::Check(crate::check::CheckError::InUse(_)) => true,
             Error::Engine(e) => e.is_config_error(),
             _ => false,
         }

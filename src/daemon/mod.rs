@@ -25,6 +25,7 @@ use crate::virtio::{BlkBackend, BlkBackendConfig, DeviceLimits};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use socket::BoundSocket;
+use std::io::Write;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -46,6 +47,48 @@ pub fn run(config: Config) -> Result<(), Error> {
             control::run_client(&control, command, &mut out)?;
             Ok(())
         }
+        Config::Check {
+            cache,
+            json,
+            repair,
+        } => check(&cache, json, repair),
+    }
+}
+
+/// `vblkcache check`: prints the report; an inconsistent device is an error
+/// (exit status 1) after the report is printed.
+fn check(path: &Path, json: bool, repair: bool) -> Result<(), Error> {
+    let _lock = crate::check::lock_cache(path)?;
+    let dev = open_device(
+        "--cache",
+        path,
+        OpenOptions {
+            direct: false,
+            read_only: !repair,
+        },
+    )?;
+    let report = crate::check::check_device(&*dev, repair)?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let printed = if json {
+        serde_json::to_writer_pretty(&mut out, &report)
+            .map_err(std::io::Error::other)
+            .and_then(|()| writeln!(out))
+    } else {
+        crate::check::write_human(&report, &mut out)
+    };
+    printed.map_err(|source| Error::Setup {
+        what: "writing the report",
+        source,
+    })?;
+    if report.consistent {
+        Ok(())
+    } else {
+        Err(crate::check::CheckError::Inconsistent {
+            device: report.device,
+            problems: report.problems.len(),
+        }
+        .into())
     }
 }
 
@@ -153,6 +196,9 @@ fn serve_inner(cfg: &ServeConfig, stop: &Arc<Stop>) -> Result<(), Error> {
         socket::clear_stale("--control", c)?;
     }
     let source = open_source(cfg)?;
+    // Held until the daemon exits, so `vblkcache check` and a second daemon
+    // cannot use the cache device meanwhile.
+    let _cache_lock = crate::check::lock_cache(&cfg.cache)?;
     let cache = open_device(
         "--cache",
         &cfg.cache,

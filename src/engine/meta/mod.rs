@@ -18,6 +18,8 @@ mod layout;
 mod superblock;
 mod table;
 
+/// Entry bits of the persistent table and journal records (for `check`).
+pub use crate::engine::frames::{BLOCK_MASK, DIRTY, VALID};
 pub use layout::{Layout, JOURNAL_LEN, META_PAGE};
 pub use superblock::{Superblock, FORMAT_VERSION, MAGIC};
 pub use table::{decode_page, encode_page, ENTRIES_PER_PAGE};

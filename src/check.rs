@@ -1,0 +1,695 @@
+//! Offline verification of a cache device (`vblkcache check`).
+//!
+//! The checker reads the on-disk format (see [`crate::engine::meta`]) the
+//! way a starting daemon would, but instead of stopping at the first problem
+//! it collects every one into a typed [`Report`]:
+//!
+//! - **superblock**: both slots decoded; the newer valid one is used. A
+//!   corrupted slot next to a valid one is a problem that `--repair` fixes by
+//!   copying the valid slot (no data can be lost by that).
+//! - **journal**: walked from the superblock's position and sequence number
+//!   exactly as recovery replays it. A commit cut short by a crash (a *torn
+//!   tail*) is not a problem: it is what a crash leaves, and recovery ignores
+//!   it. A damaged block followed by a newer commit is corruption.
+//! - **table**: page checksums and indexes, then every entry (unknown bits,
+//!   blocks past the end of the recorded source, entries in the wrong set,
+//!   blocks mapped twice) both as stored and, after an unclean shutdown, as
+//!   recovery would rebuild it (journal applied, clean entries dropped).
+//!
+//! Nothing here changes the device except `repair`, and only where no dirty
+//! data can be lost.
+
+use crate::device::{AlignedBuf, BlockDevice, DeviceError};
+use crate::engine::meta::{
+    self, journal, Layout, Superblock, BLOCK_MASK, DIRTY, ENTRIES_PER_PAGE, MAGIC, META_PAGE, VALID,
+};
+use crate::engine::WriteMode;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+/// At most this many entry problems are listed one by one; the rest are counted.
+pub const MAX_LISTED: usize = 64;
+
+/// Errors that stop a check (as opposed to problems found on the device).
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error("cache device I/O: {0}")]
+    Io(#[from] DeviceError),
+    #[error("{0}")]
+    Meta(#[from] meta::MetaError),
+    #[error("cache device {0} is in use by another vblkcache")]
+    InUse(PathBuf),
+    #[error("cache device {path}: cannot lock it: {source}")]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cache device {device} is not consistent ({problems} problems)")]
+    Inconsistent { device: String, problems: usize },
+}
+
+/// Which part of the device a problem is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Area {
+    Superblock,
+    Journal,
+    Table,
+    /// The table as recovery would rebuild it after an unclean shutdown.
+    Recovered,
+}
+
+/// One thing wrong with the device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Problem {
+    pub area: Area,
+    pub what: String,
+    /// True when `--repair` can fix it without losing dirty data.
+    pub repairable: bool,
+}
+
+/// One superblock slot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SlotReport {
+    pub valid: bool,
+    pub seq: Option<u64>,
+    pub clean: Option<bool>,
+    pub error: Option<String>,
+}
+
+/// The superblock in use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SuperblockReport {
+    pub slot: usize,
+    pub seq: u64,
+    pub clean: bool,
+    pub mode: WriteMode,
+    pub block_size: u32,
+    pub cache_blocks: u64,
+    pub assoc: u32,
+    pub source_size: u64,
+    pub commit_seq: u64,
+    pub journal_pos: u64,
+    pub journal_offset: u64,
+    pub journal_len: u64,
+    pub table_offset: u64,
+    pub data_offset: u64,
+    pub device_len: u64,
+}
+
+/// How the journal walk ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JournalEnd {
+    /// The next block is not a journal block of the next commit (stale or blank).
+    End,
+    /// The next commit was cut short by a crash (ignored by recovery).
+    TornTail,
+    /// The walk reached the end of the journal area.
+    Full,
+    /// A damaged block is followed by a newer commit.
+    Corrupt,
+}
+
+/// The journal walk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct JournalReport {
+    /// False after a clean shutdown: the table is complete and the journal
+    /// is not replayed (the walk is informational).
+    pub replayed_on_start: bool,
+    pub start_pos: u64,
+    pub start_seq: u64,
+    pub commits: u64,
+    pub records: u64,
+    /// Offset inside the journal where the walk stopped.
+    pub end_pos: u64,
+    pub next_seq: u64,
+    pub end: JournalEnd,
+}
+
+/// Mapping counts of one view of the table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    pub valid: u64,
+    pub dirty: u64,
+}
+
+/// The mapping table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TableReport {
+    pub pages: u64,
+    pub bad_pages: u64,
+    /// The table as stored.
+    pub stored: Counts,
+    /// What recovery keeps (equal to `stored` after a clean shutdown).
+    pub recovered: Counts,
+    /// Entry problems beyond the first [`MAX_LISTED`] (counted, not listed).
+    pub unlisted_problems: u64,
+}
+
+/// Everything the check found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Report {
+    pub device: String,
+    pub device_size: u64,
+    pub consistent: bool,
+    pub slots: Vec<SlotReport>,
+    pub superblock: Option<SuperblockReport>,
+    pub journal: Option<JournalReport>,
+    pub table: Option<TableReport>,
+    pub problems: Vec<Problem>,
+    pub repairs: Vec<String>,
+}
+
+impl Report {
+    fn problem(&mut self, area: Area, what: String) {
+        self.problems.push(Problem {
+            area,
+            what,
+            repairable: false,
+        });
+    }
+}
+
+/// Checks the cache device; with `repair`, fixes what can be fixed without
+/// losing dirty data (then `problems` lists only what is left).
+pub fn check_device(dev: &dyn BlockDevice, repair: bool) -> Result<Report, CheckError> {
+    let mut r = Report {
+        device: dev.name(),
+        device_size: dev.size(),
+        consistent: false,
+        slots: Vec::new(),
+        superblock: None,
+        journal: None,
+        table: None,
+        problems: Vec::new(),
+        repairs: Vec::new(),
+    };
+    let Some((sb, slot)) = check_superblocks(dev, &mut r, repair)? else {
+        r.consistent = false;
+        return Ok(r);
+    };
+    let l = sb.layout;
+    r.superblock = Some(SuperblockReport {
+        slot,
+        seq: sb.seq,
+        clean: sb.clean,
+        mode: sb.mode,
+        block_size: l.block_size,
+        cache_blocks: l.cache_blocks,
+        assoc: l.assoc,
+        source_size: sb.source_size,
+        commit_seq: sb.commit_seq,
+        journal_pos: sb.journal_pos,
+        journal_offset: l.journal_offset,
+        journal_len: l.journal_len,
+        table_offset: l.table_offset,
+        data_offset: l.data_offset,
+        device_len: l.device_len(),
+    });
+    if l.device_len() > dev.size() {
+        r.problem(
+            Area::Superblock,
+            format!(
+                "the cache needs {} bytes but the device has only {}",
+                l.device_len(),
+                dev.size()
+            ),
+        );
+        r.consistent = false;
+        return Ok(r);
+    }
+    let source_blocks = sb.source_size.div_ceil(u64::from(l.block_size));
+    let (mut entries, bad_pages) = read_table(dev, &l, &mut r)?;
+    let stored = counts(&entries);
+    let mut listed = 0usize;
+    let mut unlisted = 0u64;
+    for (frame, what) in entry_problems(&entries, source_blocks, &l) {
+        push_limited(&mut r, Area::Table, frame, what, &mut listed, &mut unlisted);
+    }
+    let (jr, records) = walk_journal(dev, &l, &sb, &mut r)?;
+    r.journal = Some(JournalReport {
+        replayed_on_start: !sb.clean,
+        ..jr
+    });
+    let recovered = if sb.clean {
+        stored
+    } else {
+        for (f, v) in records {
+            if let Some(slot) = entries.get_mut(f as usize) {
+                *slot = v;
+            }
+        }
+        for e in entries.iter_mut() {
+            if *e & DIRTY == 0 {
+                *e = 0;
+            }
+        }
+        for (frame, what) in entry_problems(&entries, source_blocks, &l) {
+            push_limited(
+                &mut r,
+                Area::Recovered,
+                frame,
+                what,
+                &mut listed,
+                &mut unlisted,
+            );
+        }
+        counts(&entries)
+    };
+    r.table = Some(TableReport {
+        pages: l.table_pages(),
+        bad_pages,
+        stored,
+        recovered,
+        unlisted_problems: unlisted,
+    });
+    r.consistent = r.problems.is_empty() && unlisted == 0;
+    Ok(r)
+}
+
+fn push_limited(
+    r: &mut Report,
+    area: Area,
+    frame: u64,
+    what: String,
+    listed: &mut usize,
+    unlisted: &mut u64,
+) {
+    if *listed < MAX_LISTED {
+        *listed += 1;
+        r.problem(area, format!("entry {frame}: {what}"));
+    } else {
+        *unlisted += 1;
+    }
+}
+
+fn counts(entries: &[u64]) -> Counts {
+    Counts {
+        valid: entries.iter().filter(|&&e| e & VALID != 0).count() as u64,
+        dirty: entries
+            .iter()
+            .filter(|&&e| e & VALID != 0 && e & DIRTY != 0)
+            .count() as u64,
+    }
+}
+
+fn read_page(dev: &dyn BlockDevice, offset: u64) -> Result<AlignedBuf, CheckError> {
+    let mut b = AlignedBuf::new(META_PAGE as usize);
+    dev.read_at(&mut b, offset)?;
+    Ok(b)
+}
+
+/// Decodes both slots; returns the superblock to use and its slot.
+fn check_superblocks(
+    dev: &dyn BlockDevice,
+    r: &mut Report,
+    repair: bool,
+) -> Result<Option<(Superblock, usize)>, CheckError> {
+    let mut decoded = Vec::new();
+    let mut blank = [false; 2];
+    let mut magic = false;
+    for slot in 0..2u64 {
+        if dev.size() < (slot + 1) * META_PAGE {
+            decoded.push(Err(String::from("device too small")));
+            continue;
+        }
+        let page = read_page(dev, slot * META_PAGE)?;
+        magic |= page.starts_with(MAGIC);
+        blank[slot as usize] = page.iter().all(|&b| b == 0);
+        decoded.push(Superblock::decode(&page));
+    }
+    r.slots = decoded
+        .iter()
+        .map(|d| match d {
+            Ok(sb) => SlotReport {
+                valid: true,
+                seq: Some(sb.seq),
+                clean: Some(sb.clean),
+                error: None,
+            },
+            Err(e) => SlotReport {
+                valid: false,
+                seq: None,
+                clean: None,
+                error: Some(e.clone()),
+            },
+        })
+        .collect();
+    let best = decoded
+        .iter()
+        .enumerate()
+        .filter_map(|(i, d)| d.as_ref().ok().map(|sb| (sb.clone(), i)))
+        .max_by_key(|(sb, _)| sb.seq);
+    let Some((sb, slot)) = best else {
+        let what = if magic {
+            String::from("both superblock copies are corrupted")
+        } else {
+            String::from("no vblkcache superblock (blank device or not a vblkcache cache)")
+        };
+        r.problem(Area::Superblock, what);
+        return Ok(None);
+    };
+    let other = 1 - slot;
+    match &decoded[other] {
+        // A freshly formatted cache has written only one slot.
+        Err(_) if blank[other] => {}
+        Err(e) => {
+            let what = format!("slot {other}: {e}");
+            if repair {
+                meta::write_superblock(dev, &sb, other)?;
+                r.repairs
+                    .push(format!("{what}: rewritten from slot {slot}"));
+                r.slots[other] = r.slots[slot].clone();
+            } else {
+                r.problems.push(Problem {
+                    area: Area::Superblock,
+                    what,
+                    repairable: true,
+                });
+            }
+        }
+        Ok(o) => {
+            if o.uuid != sb.uuid || o.layout != sb.layout || o.source_size != sb.source_size {
+                r.problem(
+                    Area::Superblock,
+                    String::from("the two slots describe different caches (uuid, geometry or source size differ)"),
+                );
+            }
+        }
+    }
+    Ok(Some((sb, slot)))
+}
+
+/// Reads every table page; a bad page is reported and read as free entries.
+fn read_table(
+    dev: &dyn BlockDevice,
+    l: &Layout,
+    r: &mut Report,
+) -> Result<(Vec<u64>, u64), CheckError> {
+    let mut entries = Vec::with_capacity(l.cache_blocks as usize);
+    let mut bad = 0;
+    for p in 0..l.table_pages() {
+        let offset = l.table_offset + p * META_PAGE;
+        let want = (l.cache_blocks - p * ENTRIES_PER_PAGE).min(ENTRIES_PER_PAGE) as usize;
+        let page = read_page(dev, offset)?;
+        let before = entries.len();
+        if let Err(what) = meta::decode_page(&page, p, want, &mut entries) {
+            entries.truncate(before);
+            entries.resize(before + want, 0);
+            bad += 1;
+            r.problem(Area::Table, format!("page {p} at offset {offset}: {what}"));
+        }
+    }
+    Ok((entries, bad))
+}
+
+/// Every problem of the entries: (frame, description).
+fn entry_problems(entries: &[u64], source_blocks: u64, l: &Layout) -> Vec<(u64, String)> {
+    let g = l.geometry();
+    let mut out = Vec::new();
+    let mut owner: HashMap<u64, u64> = HashMap::new();
+    for (f, &e) in entries.iter().enumerate() {
+        let frame = f as u64;
+        if e == 0 {
+            continue;
+        }
+        if e & VALID == 0 || e & !(VALID | DIRTY | BLOCK_MASK) != 0 {
+            out.push((frame, format!("invalid entry bits {e:#018x}")));
+            continue;
+        }
+        let block = e & BLOCK_MASK;
+        if block >= source_blocks {
+            out.push((
+                frame,
+                format!("maps source block {block}, past the end of the source ({source_blocks} blocks)"),
+            ));
+            continue;
+        }
+        if g.set_of(block) != frame / u64::from(l.assoc) {
+            out.push((
+                frame,
+                format!(
+                    "maps source block {block} of set {}, but the frame is in set {}",
+                    g.set_of(block),
+                    frame / u64::from(l.assoc)
+                ),
+            ));
+        }
+        if let Some(first) = owner.insert(block, frame) {
+            out.push((
+                frame,
+                format!("maps source block {block}, which frame {first} maps too"),
+            ));
+        }
+    }
+    out
+}
+
+/// Walks the journal as recovery replays it. Returns the report and the
+/// records of every complete commit, in order.
+fn walk_journal(
+    dev: &dyn BlockDevice,
+    l: &Layout,
+    sb: &Superblock,
+    r: &mut Report,
+) -> Result<(JournalReport, Vec<(u64, u64)>), CheckError> {
+    let nblocks = l.journal_len / META_PAGE;
+    let block = |i: u64| -> Result<Result<journal::JournalBlock, String>, CheckError> {
+        let page = read_page(dev, l.journal_offset + i * META_PAGE)?;
+        Ok(journal::decode_block(&page))
+    };
+    let mut rep = JournalReport {
+        replayed_on_start: !sb.clean,
+        start_pos: sb.journal_pos,
+        start_seq: sb.commit_seq,
+        commits: 0,
+        records: 0,
+        end_pos: sb.journal_pos,
+        next_seq: sb.commit_seq,
+        end: JournalEnd::End,
+    };
+    let mut records = Vec::new();
+    let mut i = sb.journal_pos / META_PAGE;
+    'commits: loop {
+        if i >= nblocks {
+            rep.end = JournalEnd::Full;
+            break;
+        }
+        let first = match block(i)? {
+            Ok(b) if b.seq == rep.next_seq && b.index == 0 => b,
+            Ok(b) if b.seq == rep.next_seq => {
+                // The right commit but not its first block: torn.
+                rep.end = JournalEnd::TornTail;
+                break;
+            }
+            Ok(_) => break,
+            Err(e) => {
+                if e != "no journal magic" {
+                    rep.end = JournalEnd::TornTail;
+                }
+                break;
+            }
+        };
+        let count = u64::from(first.count);
+        if i + count > nblocks {
+            rep.end = JournalEnd::TornTail;
+            break;
+        }
+        let mut recs = first.records;
+        for k in 1..count {
+            match block(i + k)? {
+                Ok(b)
+                    if b.seq == rep.next_seq
+                        && u64::from(b.index) == k
+                        && b.count == first.count =>
+                {
+                    recs.extend(b.records)
+                }
+                _ => {
+                    rep.end = JournalEnd::TornTail;
+                    break 'commits;
+                }
+            }
+        }
+        for &(f, v) in &recs {
+            if f >= l.cache_blocks {
+                r.problem(
+                    Area::Journal,
+                    format!(
+                        "commit {} records frame {f}, past the last frame ({})",
+                        rep.next_seq, l.cache_blocks
+                    ),
+                );
+            } else if v != 0 && (v & VALID == 0 || v & !(VALID | DIRTY | BLOCK_MASK) != 0) {
+                r.problem(
+                    Area::Journal,
+                    format!(
+                        "commit {} records value {v:#018x} with unknown bits for frame {f}",
+                        rep.next_seq
+                    ),
+                );
+            }
+        }
+        rep.records += recs.len() as u64;
+        records.extend(recs.into_iter().filter(|&(f, _)| f < l.cache_blocks));
+        rep.commits += 1;
+        rep.next_seq += 1;
+        i += count;
+    }
+    rep.end_pos = i * META_PAGE;
+    // A newer commit after the stop point means the stop was damage.
+    for k in i..nblocks {
+        if let Ok(b) = block(k)? {
+            if b.seq > rep.next_seq {
+                rep.end = JournalEnd::Corrupt;
+                if !sb.clean {
+                    r.problem(
+                        Area::Journal,
+                        format!(
+                            "block at journal offset {} stops the replay after {} commits, but commit {} follows at offset {}: committed metadata would be lost",
+                            i * META_PAGE,
+                            rep.commits,
+                            b.seq,
+                            k * META_PAGE
+                        ),
+                    );
+                }
+                break;
+            }
+        }
+    }
+    Ok((rep, records))
+}
+
+/// Takes an exclusive, non-blocking `flock` on `path` and returns the open
+/// file that holds it (the lock lasts as long as the file stays open).
+///
+/// Both the daemon and `check` take it, so a check never reads metadata that
+/// a running daemon is changing. It is advisory: only vblkcache honours it.
+pub fn lock_cache(path: &Path) -> Result<File, CheckError> {
+    let file = File::open(path).map_err(|source| CheckError::Lock {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    // SAFETY: flock only reads the flags; the fd belongs to `file`, which is
+    // alive for the call.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(CheckError::InUse(path.to_path_buf()));
+        }
+        return Err(CheckError::Lock {
+            path: path.to_path_buf(),
+            source: e,
+        });
+    }
+    Ok(file)
+}
+
+/// Writes the report for humans.
+pub fn write_human(r: &Report, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    writeln!(out, "cache device {} ({} bytes)", r.device, r.device_size)?;
+    for (i, s) in r.slots.iter().enumerate() {
+        match (&s.error, s.seq) {
+            (None, Some(seq)) => writeln!(
+                out,
+                "  superblock slot {i}: valid, seq {seq}, {}",
+                if s.clean == Some(true) {
+                    "clean"
+                } else {
+                    "in use or crashed"
+                }
+            )?,
+            (e, _) => writeln!(
+                out,
+                "  superblock slot {i}: invalid ({})",
+                e.as_deref().unwrap_or("?")
+            )?,
+        }
+    }
+    if let Some(sb) = &r.superblock {
+        writeln!(
+            out,
+            "  using slot {}: mode {}, {} blocks of {} bytes, associativity {}, source {} bytes, {}",
+            sb.slot,
+            sb.mode,
+            sb.cache_blocks,
+            sb.block_size,
+            sb.assoc,
+            sb.source_size,
+            if sb.clean { "clean shutdown" } else { "not shut down cleanly" }
+        )?;
+    }
+    if let Some(j) = &r.journal {
+        writeln!(
+            out,
+            "  journal: {} commits ({} records) from offset {} (seq {}), stops at offset {}: {}{}",
+            j.commits,
+            j.records,
+            j.start_pos,
+            j.start_seq,
+            j.end_pos,
+            match j.end {
+                JournalEnd::End => "end of the log",
+                JournalEnd::TornTail => "torn tail (a commit cut short by a crash; ignored)",
+                JournalEnd::Full => "end of the journal area",
+                JournalEnd::Corrupt => "damaged block before newer commits",
+            },
+            if j.replayed_on_start {
+                ""
+            } else {
+                " (not replayed: clean shutdown)"
+            }
+        )?;
+    }
+    if let Some(t) = &r.table {
+        writeln!(
+            out,
+            "  table: {} pages ({} bad), {} valid / {} dirty entries stored, {} valid / {} dirty after recovery",
+            t.pages, t.bad_pages, t.stored.valid, t.stored.dirty, t.recovered.valid, t.recovered.dirty
+        )?;
+    }
+    for p in &r.problems {
+        let area = serde_json::to_value(p.area)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default();
+        writeln!(
+            out,
+            "  PROBLEM ({area}{}): {}",
+            if p.repairable {
+                ", repairable with --repair"
+            } else {
+                ""
+            },
+            p.what
+        )?;
+    }
+    if let Some(t) = &r.table {
+        if t.unlisted_problems > 0 {
+            writeln!(out, "  ... and {} more entry problems", t.unlisted_problems)?;
+        }
+    }
+    for fix in &r.repairs {
+        writeln!(out, "  REPAIRED: {fix}")?;
+    }
+    writeln!(
+        out,
+        "{}",
+        if r.consistent {
+            "consistent"
+        } else {
+            "NOT consistent"
+        }
+    )
+}
+
+#[cfg(test)]
+#[path = "check_tests.rs"]
+mod tests;

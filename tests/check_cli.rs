@@ -1,0 +1,128 @@
+//! `vblkcache check` through the binary: exit codes, JSON fields, repair,
+//! and the lock that keeps it (and a second daemon) off a cache in use.
+
+mod common;
+
+use common::{Client, Daemon, Files, BIN};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn check(cache: &Path, extra: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("check")
+        .args(extra)
+        .arg("--cache")
+        .arg(cache)
+        .output()
+        .unwrap()
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {out:?}"))
+}
+
+fn flip(path: &Path, offset: u64) {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, offset).unwrap();
+    b[0] ^= 0x20;
+    f.write_all_at(&b, offset).unwrap();
+}
+
+#[test]
+fn check_of_a_daemon_cache_lock_json_repair_and_exit_codes() {
+    let files = Files::new(8 << 20, 8 << 20, 5);
+    let daemon = Daemon::start(&files, &["--block-size", "4K", "--mode", "writeback"]);
+    let mut client = Client::connect(&files.socket, 1);
+    let mut q = client.queue(0);
+    q.write(0, &vec![0x5A; 64 << 10]);
+    q.flush();
+
+    // In use: check and a second daemon refuse.
+    let out = check(&files.cache, &[]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is in use by another vblkcache"), "{err}");
+    let other = files.dir.path().join("other.sock");
+    let out = Command::new(BIN)
+        .args(files.serve_args(&[]).iter().take(5))
+        .arg("--socket")
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("in use by another vblkcache"));
+    assert!(!other.exists());
+
+    drop(q);
+    drop(client);
+    assert!(daemon.stop().success());
+
+    // Clean shutdown: consistent, both output forms.
+    let out = check(&files.cache, &["--json"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let v = json(&out);
+    assert_eq!(v["consistent"], true);
+    assert_eq!(v["superblock"]["clean"], true);
+    assert_eq!(v["superblock"]["block_size"], 4096);
+    assert_eq!(v["table"]["stored"]["dirty"], 16);
+    assert_eq!(v["problems"].as_array().unwrap().len(), 0);
+    let human = check(&files.cache, &[]);
+    assert_eq!(human.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&human.stdout);
+    assert!(
+        text.trim_end().ends_with("consistent") && text.contains("16 dirty"),
+        "{text}"
+    );
+
+    // A corrupted superblock slot: exit 1, repairable, repaired.
+    let slot = v["superblock"]["slot"].as_u64().unwrap();
+    flip(&files.cache, slot * 4096 + 30);
+    let out = check(&files.cache, &["--json"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let bad = json(&out);
+    assert_eq!(bad["consistent"], false);
+    assert_eq!(bad["problems"][0]["area"], "superblock");
+    assert_eq!(bad["problems"][0]["repairable"], true);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not consistent"));
+    let out = check(&files.cache, &["--json", "--repair"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(json(&out)["repairs"].as_array().unwrap().len(), 1);
+    assert_eq!(check(&files.cache, &[]).status.code(), Some(0));
+
+    // A corrupted table page cannot be repaired; the daemon refuses it too.
+    let table = v["superblock"]["table_offset"].as_u64().unwrap();
+    flip(&files.cache, table + 100);
+    let out = check(&files.cache, &["--json", "--repair"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let bad = json(&out);
+    assert_eq!(bad["problems"][0]["area"], "table");
+    assert_eq!(bad["repairs"].as_array().unwrap().len(), 0);
+}
+
+#[test]
+fn check_argument_errors_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = check(&dir.path().join("missing.img"), &[]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--cache"));
+    let out = Command::new(BIN).arg("check").output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    // A blank file is not a cache: exit 1 with the reason.
+    let blank = dir.path().join("blank.img");
+    std::fs::File::create(&blank)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let out = check(&blank, &["--json"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(json(&out)["problems"][0]["what"]
+        .as_str()
+        .unwrap()
+        .contains("no vblkcache superblock"));
+}
