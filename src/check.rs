@@ -207,7 +207,7 @@ pub fn check_device(dev: &dyn BlockDevice, repair: bool) -> Result<Report, Check
         journal_pos: sb.journal_pos,
         journal_offset: l.journal_offset,
         journal_len: l.journal_len,
-        table_offset: l.table_offset,
+        table_offset: l.table_copy_offset(sb.table_copy),
         data_offset: l.data_offset,
         device_len: l.device_len(),
     });
@@ -224,7 +224,7 @@ pub fn check_device(dev: &dyn BlockDevice, repair: bool) -> Result<Report, Check
         return Ok(r);
     }
     let source_blocks = sb.source_size.div_ceil(u64::from(l.block_size));
-    let (mut entries, bad_pages) = read_table(dev, &l, &mut r)?;
+    let (mut entries, bad_pages) = read_table(dev, &l, sb.table_copy, &mut r)?;
     let stored = counts(&entries);
     let mut listed = 0usize;
     let mut unlisted = 0u64;
@@ -389,12 +389,13 @@ fn check_superblocks(
 fn read_table(
     dev: &dyn BlockDevice,
     l: &Layout,
+    copy: u8,
     r: &mut Report,
 ) -> Result<(Vec<u64>, u64), CheckError> {
     let mut entries = Vec::with_capacity(l.cache_blocks as usize);
     let mut bad = 0;
     for p in 0..l.table_pages() {
-        let offset = l.table_offset + p * META_PAGE;
+        let offset = l.table_copy_offset(copy) + p * META_PAGE;
         let want = (l.cache_blocks - p * ENTRIES_PER_PAGE).min(ENTRIES_PER_PAGE) as usize;
         let page = read_page(dev, offset)?;
         let before = entries.len();

@@ -56,6 +56,15 @@ fn clean_image() -> MemDevice {
     MemDevice::from_bytes(&cache.to_vec())
 }
 
+/// Offset of the table copy the superblock says is current.
+fn active_table(dev: &MemDevice) -> u64 {
+    check_device(dev, false)
+        .unwrap()
+        .superblock
+        .unwrap()
+        .table_offset
+}
+
 fn layout(dev: &MemDevice) -> Layout {
     let r = check_device(dev, false).unwrap();
     let sb = r.superblock.unwrap();
@@ -198,8 +207,7 @@ fn both_slots_corrupted_or_blank_is_inconsistent() {
 #[test]
 fn table_page_checksum_is_checked() {
     let dev = clean_image();
-    let l = layout(&dev);
-    flip(&dev, l.table_offset + 200);
+    flip(&dev, active_table(&dev) + 200);
     let r = check_device(&dev, true).unwrap();
     assert!(!r.consistent && r.repairs.is_empty());
     assert_eq!(areas(&r), vec![Area::Table]);
@@ -210,13 +218,13 @@ fn table_page_checksum_is_checked() {
 /// Rewrites table page 0 with `f` applied to its entries (valid checksum).
 fn edit_page0(dev: &MemDevice, l: &Layout, f: impl FnOnce(&mut Vec<u64>)) {
     let mut page = vec![0u8; META_PAGE as usize];
-    dev.read_at(&mut page, l.table_offset).unwrap();
+    let at = active_table(dev);
+    dev.read_at(&mut page, at).unwrap();
     let want = l.cache_blocks.min(ENTRIES_PER_PAGE) as usize;
     let mut entries = Vec::new();
     meta::decode_page(&page, 0, want, &mut entries).unwrap();
     f(&mut entries);
-    dev.write_at(&meta::encode_page(0, &entries), l.table_offset)
-        .unwrap();
+    dev.write_at(&meta::encode_page(0, &entries), at).unwrap();
 }
 
 #[test]
