@@ -86,7 +86,7 @@ pub struct ServeArgs {
     /// Number of cache blocks [default: as many as fit on the cache device].
     #[arg(long, value_name = "N")]
     pub cache_blocks: Option<u64>,
-    /// Associativity (blocks per set), a power of two [default: 256, or the
+    /// Associativity (blocks per set), a power of two [default: 64, or the
     /// largest power of two dividing the number of cache blocks].
     #[arg(long, value_name = "N")]
     pub assoc: Option<u32>,

@@ -23,7 +23,7 @@ pub struct GeometryRequest {
 /// Default cache block size: 64 KiB.
 pub const DEFAULT_BLOCK_SIZE: u32 = 64 * 1024;
 /// Default associativity.
-pub const DEFAULT_ASSOC: u32 = 256;
+pub const DEFAULT_ASSOC: u32 = 64;
 
 /// A geometry error. Messages name the parameter and the sizes involved.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
