@@ -459,71 +459,46 @@ fn walk_journal(
     sb: &Superblock,
     r: &mut Report,
 ) -> Result<(JournalReport, Vec<(u64, u64)>), CheckError> {
-    let nblocks = l.journal_len / META_PAGE;
-    let block = |i: u64| -> Result<Result<journal::JournalBlock, String>, CheckError> {
-        let page = read_page(dev, l.journal_offset + i * META_PAGE)?;
-        Ok(journal::decode_block(&page))
-    };
+    let mut area = crate::device::AlignedBuf::new(l.journal_len as usize);
+    dev.read_at(&mut area, l.journal_offset)?;
+    let scan = journal::scan(&area, sb.journal_pos, sb.commit_seq);
     let mut rep = JournalReport {
         replayed_on_start: !sb.clean,
         start_pos: sb.journal_pos,
         start_seq: sb.commit_seq,
-        commits: 0,
+        commits: scan.commits.len() as u64,
         records: 0,
-        end_pos: sb.journal_pos,
-        next_seq: sb.commit_seq,
-        end: JournalEnd::End,
+        end_pos: scan.end_offset,
+        next_seq: scan.next_seq,
+        end: match scan.end {
+            journal::ScanEnd::End => JournalEnd::End,
+            journal::ScanEnd::TornTail => JournalEnd::TornTail,
+            journal::ScanEnd::Full => JournalEnd::Full,
+            journal::ScanEnd::Corrupt { .. } => JournalEnd::Corrupt,
+        },
     };
+    if let journal::ScanEnd::Corrupt { offset, what } = &scan.end {
+        // After a clean shutdown the journal is not used: damage there loses nothing.
+        if !sb.clean {
+            r.problem(
+                Area::Journal,
+                format!(
+                    "journal damaged at offset {} ({what}) after {} commits: committed metadata would be lost",
+                    l.journal_offset + offset,
+                    rep.commits
+                ),
+            );
+        }
+    }
     let mut records = Vec::new();
-    let mut i = sb.journal_pos / META_PAGE;
-    'commits: loop {
-        if i >= nblocks {
-            rep.end = JournalEnd::Full;
-            break;
-        }
-        let first = match block(i)? {
-            Ok(b) if b.seq == rep.next_seq && b.index == 0 => b,
-            Ok(b) if b.seq == rep.next_seq => {
-                // The right commit but not its first block: torn.
-                rep.end = JournalEnd::TornTail;
-                break;
-            }
-            Ok(_) => break,
-            Err(e) => {
-                if e != "no journal magic" {
-                    rep.end = JournalEnd::TornTail;
-                }
-                break;
-            }
-        };
-        let count = u64::from(first.count);
-        if i + count > nblocks {
-            rep.end = JournalEnd::TornTail;
-            break;
-        }
-        let mut recs = first.records;
-        for k in 1..count {
-            match block(i + k)? {
-                Ok(b)
-                    if b.seq == rep.next_seq
-                        && u64::from(b.index) == k
-                        && b.count == first.count =>
-                {
-                    recs.extend(b.records)
-                }
-                _ => {
-                    rep.end = JournalEnd::TornTail;
-                    break 'commits;
-                }
-            }
-        }
-        for &(f, v) in &recs {
+    for c in scan.commits {
+        for &(f, v) in &c.records {
             if f >= l.cache_blocks {
                 r.problem(
                     Area::Journal,
                     format!(
                         "commit {} records frame {f}, past the last frame ({})",
-                        rep.next_seq, l.cache_blocks
+                        c.seq, l.cache_blocks
                     ),
                 );
             } else if v != 0 && (v & VALID == 0 || v & !(VALID | DIRTY | BLOCK_MASK) != 0) {
@@ -531,38 +506,13 @@ fn walk_journal(
                     Area::Journal,
                     format!(
                         "commit {} records value {v:#018x} with unknown bits for frame {f}",
-                        rep.next_seq
+                        c.seq
                     ),
                 );
             }
         }
-        rep.records += recs.len() as u64;
-        records.extend(recs.into_iter().filter(|&(f, _)| f < l.cache_blocks));
-        rep.commits += 1;
-        rep.next_seq += 1;
-        i += count;
-    }
-    rep.end_pos = i * META_PAGE;
-    // A newer commit after the stop point means the stop was damage.
-    for k in i..nblocks {
-        if let Ok(b) = block(k)? {
-            if b.seq > rep.next_seq {
-                rep.end = JournalEnd::Corrupt;
-                if !sb.clean {
-                    r.problem(
-                        Area::Journal,
-                        format!(
-                            "block at journal offset {} stops the replay after {} commits, but commit {} follows at offset {}: committed metadata would be lost",
-                            i * META_PAGE,
-                            rep.commits,
-                            b.seq,
-                            k * META_PAGE
-                        ),
-                    );
-                }
-                break;
-            }
-        }
+        rep.records += c.records.len() as u64;
+        records.extend(c.records.into_iter().filter(|&(f, _)| f < l.cache_blocks));
     }
     Ok((rep, records))
 }

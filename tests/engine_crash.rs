@@ -310,30 +310,6 @@ fn run(ops: &[Op], mode: WriteMode, limit: u64, keep_seed: u64) -> Outcome {
         })
         .unwrap();
 
-    if std::env::var("CRASH_DEBUG").is_ok() {
-        use vblkcache::engine::meta;
-        if let Ok(meta::Found::Superblock(sb, slot)) = meta::read_superblock(&*cache_mem) {
-            eprintln!(
-                "sb slot {slot}: seq {} clean {} commit_seq {} pos {}",
-                sb.seq, sb.clean, sb.commit_seq, sb.journal_pos
-            );
-            let l = sb.layout;
-            for i in 0..l.journal_len / 4096 {
-                let mut b = vec![0u8; 4096];
-                cache_mem
-                    .read_at(&mut b, l.journal_offset + i * 4096)
-                    .unwrap();
-                if let Ok(j) = meta::journal::decode_block(&b) {
-                    eprintln!("journal[{i}] seq {} recs {:x?}", j.seq, j.records);
-                }
-            }
-            let mut t = vec![0u8; 4096];
-            cache_mem.read_at(&mut t, l.table_offset).unwrap();
-            let mut out = Vec::new();
-            let _ = meta::decode_page(&t, 0, 16, &mut out);
-            eprintln!("table {:x?}", out);
-        }
-    }
     let e = match Engine::open(src_mem.clone(), cache_mem.clone(), EngineConfig::default()) {
         Ok(e) => e,
         Err(err) => {

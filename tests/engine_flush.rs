@@ -15,7 +15,11 @@ fn rig(mode: WriteMode) -> Rig {
     let src = Arc::new(CountingDevice::new(MemDevice::new(4 << 20)));
     let cache = Arc::new(CountingDevice::new(MemDevice::new(8 << 20)));
     let cfg = EngineConfig {
-        geometry: GeometryRequest { block_size: Some(4096), cache_blocks: Some(256), assoc: Some(16) },
+        geometry: GeometryRequest {
+            block_size: Some(4096),
+            cache_blocks: Some(256),
+            assoc: Some(16),
+        },
         mode: Some(mode),
         ..EngineConfig::default()
     };
@@ -46,7 +50,11 @@ fn idle_flush_does_no_io() {
     for mode in WriteMode::ALL {
         let r = rig(mode);
         let (s, c) = delta(&r, |e| e.flush().unwrap());
-        assert_eq!((s.flushes, s.writes, c.flushes, c.writes), (0, 0, 0, 0), "{mode}");
+        assert_eq!(
+            (s.flushes, s.writes, c.flushes, c.writes),
+            (0, 0, 0, 0),
+            "{mode}"
+        );
     }
 }
 

@@ -20,7 +20,7 @@
 
 use super::core::Core;
 use super::frames::{BLOCK_MASK, CDIRTY, DIRTY, QUEUED, VALID};
-use super::meta::{self, journal, Layout, Superblock, META_PAGE};
+use super::meta::{self, journal, Layout, Superblock};
 use super::EngineError;
 use crate::device::{AlignedBuf, BlockDevice};
 use std::sync::atomic::Ordering::SeqCst;
@@ -75,15 +75,13 @@ impl Core {
         if records.is_empty() {
             return Ok(());
         }
-        let blocks = journal::encode_commit(j.seq, records);
-        let need = blocks.len() as u64 * META_PAGE;
+        let bytes = journal::encode_commit(j.seq, records);
+        let need = bytes.len() as u64;
         if j.pos + need > self.layout.journal_len {
             self.checkpoint(j, records)?;
         } else {
-            let mut buf = AlignedBuf::new(need as usize);
-            for (i, b) in blocks.iter().enumerate() {
-                buf[i * META_PAGE as usize..(i + 1) * META_PAGE as usize].copy_from_slice(b);
-            }
+            let mut buf = AlignedBuf::new(bytes.len());
+            buf.copy_from_slice(&bytes);
             let at = self.layout.journal_offset + j.pos;
             self.cache.write_at(&buf, at).map_err(EngineError::Cache)?;
             self.cache.flush().map_err(EngineError::Cache)?;
@@ -200,58 +198,39 @@ pub(crate) struct Replay {
 /// Replays the journal of an uncleanly shut down cache onto `entries`.
 ///
 /// Replay starts at the superblock's position and sequence number and stops
-/// at the first block that is not the next commit. A commit cut short by the
-/// crash is ignored. A damaged block followed by a later commit is
-/// corruption, not a torn tail, and is an error.
+/// at the first sector that is blank or stale where the next commit would
+/// start; a commit cut short by the crash is ignored. Damage (see
+/// `meta::journal`) is an error: committed metadata would be lost.
 pub(crate) fn replay(
     dev: &dyn BlockDevice,
     l: &Layout,
     sb: &Superblock,
     entries: &mut [u64],
 ) -> Result<Replay, meta::MetaError> {
-    let nblocks = l.journal_len / META_PAGE;
-    let read = |i: u64| -> Result<Vec<u8>, meta::MetaError> {
-        let mut b = AlignedBuf::new(META_PAGE as usize);
-        dev.read_at(&mut b, l.journal_offset + i * META_PAGE)?;
-        Ok(b.to_vec())
-    };
+    let mut area = AlignedBuf::new(l.journal_len as usize);
+    dev.read_at(&mut area, l.journal_offset)?;
+    let scan = journal::scan(&area, sb.journal_pos, sb.commit_seq);
+    if let journal::ScanEnd::Corrupt { offset, what } = &scan.end {
+        return Err(meta::MetaError::JournalCorrupt {
+            offset: l.journal_offset + offset,
+            what: what.clone(),
+        });
+    }
     let mut out = Replay {
-        next_seq: sb.commit_seq,
+        next_seq: scan.next_seq,
         ..Replay::default()
     };
-    let mut i = sb.journal_pos / META_PAGE;
-    'commits: while i < nblocks {
-        let first = match journal::decode_block(&read(i)?) {
-            Ok(b) if b.seq == out.next_seq && b.index == 0 => b,
-            _ => break,
-        };
-        let count = u64::from(first.count);
-        if i + count > nblocks {
-            break;
-        }
-        let mut recs = first.records;
-        for k in 1..count {
-            match journal::decode_block(&read(i + k)?) {
-                Ok(b)
-                    if b.seq == out.next_seq
-                        && u64::from(b.index) == k
-                        && b.count == first.count =>
-                {
-                    recs.extend(b.records)
-                }
-                _ => break 'commits,
-            }
-        }
-        for (f, v) in recs {
+    for c in &scan.commits {
+        for &(f, v) in &c.records {
             let slot = entries
                 .get_mut(f as usize)
                 .ok_or(meta::MetaError::JournalRecord {
                     frame: f,
                     frames: l.cache_blocks,
                 })?;
-            if v != 0 && v & !(VALID | DIRTY | BLOCK_MASK) != 0 {
+            if v != 0 && (v & VALID == 0 || v & !(VALID | DIRTY | BLOCK_MASK) != 0) {
                 return Err(meta::MetaError::JournalCorrupt {
-                    offset: l.journal_offset + i * META_PAGE,
+                    offset: l.journal_offset + c.offset,
                     what: format!("record value {v:#x} has unknown bits"),
                 });
             }
@@ -259,25 +238,6 @@ pub(crate) fn replay(
             out.records += 1;
         }
         out.commits += 1;
-        out.next_seq += 1;
-        i += count;
-    }
-    // Anything after the stop point with a newer sequence means the stop was
-    // caused by damage, not by the crash.
-    let stop = i;
-    for k in stop..nblocks {
-        if let Ok(b) = journal::decode_block(&read(k)?) {
-            if b.seq > out.next_seq {
-                let what = match journal::decode_block(&read(stop)?) {
-                    Ok(_) => String::from("unexpected sequence number"),
-                    Err(e) => e,
-                };
-                return Err(meta::MetaError::JournalCorrupt {
-                    offset: l.journal_offset + stop * META_PAGE,
-                    what,
-                });
-            }
-        }
     }
     Ok(out)
 }

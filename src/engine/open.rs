@@ -145,6 +145,11 @@ fn format(
     let zero = AlignedBuf::new(2 * META_PAGE as usize);
     cache.write_at(&zero, 0).map_err(EngineError::Cache)?;
     cache.flush().map_err(EngineError::Cache)?;
+    // A zeroed journal: sectors never written read as blank, so garbage is
+    // never mistaken for (or hides) a commit.
+    cache
+        .write_zeroes(layout.journal_offset, layout.journal_len)
+        .map_err(EngineError::Cache)?;
     let entries = vec![0u64; g.cache_blocks as usize];
     meta::save_table(cache, &layout, 0, &entries).map_err(meta_err)?;
     cache.flush().map_err(EngineError::Cache)?;

@@ -43,7 +43,7 @@ pub enum MetaError {
     },
     #[error("mapping table entry {frame}: {what}")]
     BadEntry { frame: u64, what: String },
-    #[error("journal block at offset {offset} is corrupted ({what}) but later commits follow it; committed metadata would be lost")]
+    #[error("journal damaged at offset {offset}: {what}; committed metadata would be lost, refusing to start (run `vblkcache check`; --format discards the cache and its dirty data)")]
     JournalCorrupt { offset: u64, what: String },
     #[error("journal record for frame {frame} is out of range ({frames} frames)")]
     JournalRecord { frame: u64, frames: u64 },
