@@ -359,19 +359,17 @@ fn check_superblocks(
         // A freshly formatted cache has written only one slot.
         Err(_) if blank[other] => {}
         Err(e) => {
-            let what = format!("slot {other}: {e}");
-            if repair {
-                meta::write_superblock(dev, &sb, other)?;
-                r.repairs
-                    .push(format!("{what}: rewritten from slot {slot}"));
-                r.slots[other] = r.slots[slot].clone();
-            } else {
-                r.problems.push(Problem {
-                    area: Area::Superblock,
-                    what,
-                    repairable: true,
-                });
-            }
+            // Superblock writes are single-sector, so this is damage, not a
+            // torn write; the damaged copy may have been the newer one, so
+            // rewriting it from the valid copy could lose dirty data.
+            let _ = repair;
+            r.problems.push(Problem {
+                area: Area::Superblock,
+                what: format!(
+                    "slot {other}: {e}; slot {slot} is valid but may be older, so no safe repair exists"
+                ),
+                repairable: false,
+            });
         }
         Ok(o) => {
             if o.uuid != sb.uuid || o.layout != sb.layout || o.source_size != sb.source_size {

@@ -213,14 +213,27 @@ fn corrupted_metadata_is_detected() {
         "{err}"
     );
     // One slot corrupted: the other copy is used.
+    // One slot damaged: refused too, since the valid copy may be the older one.
     for slot in 0..2 {
         let mut img = good.clone();
         img[slot * 4096 + 200] ^= 1;
         cache.write_at(&img, 0).unwrap();
-        let e = Engine::open(src.clone(), cache.clone(), EngineConfig::default()).unwrap();
-        assert_eq!(e.dirty_blocks(), 2, "slot {slot} corrupted");
-        e.shutdown(false).unwrap();
+        let err = Engine::open(src.clone(), cache.clone(), EngineConfig::default())
+            .err()
+            .unwrap();
+        assert!(
+            err.to_string().contains(&format!("superblock slot {slot}")),
+            "{err}"
+        );
+        assert!(err.to_string().contains("may be older"), "{err}");
     }
+    // Bytes of the slot past the first sector are unused.
+    let mut img = good.clone();
+    img[3000] ^= 1;
+    cache.write_at(&img, 0).unwrap();
+    let e = Engine::open(src.clone(), cache.clone(), EngineConfig::default()).unwrap();
+    assert_eq!(e.dirty_blocks(), 2);
+    e.shutdown(false).unwrap();
     // Table page corrupted: refused with the page named.
     let mut img = good.clone();
     let g = vblkcache::engine::Geometry::resolve(

@@ -82,6 +82,23 @@ pub fn read_superblock(dev: &dyn BlockDevice) -> Result<Found, MetaError> {
         .enumerate()
         .filter_map(|(i, r)| r.as_ref().ok().map(|sb| (sb.clone(), i)))
         .collect();
+    // A slot that is neither blank nor valid is damage (superblock writes are
+    // single-sector, so never torn). The valid slot might be the older one,
+    // and trusting it could resurrect stale metadata: refuse.
+    if !valid.is_empty() {
+        for (i, r) in results.iter().enumerate() {
+            if let Err(e) = r {
+                if !slots[i].iter().all(|&b| b == 0) {
+                    return Err(MetaError::BadSuperblock {
+                        slot: i,
+                        what: format!(
+                            "{e}; the other copy may be older, so it is not used (see `vblkcache check`; --format discards the cache and its dirty data)"
+                        ),
+                    });
+                }
+            }
+        }
+    }
     if let Some(best) = valid.into_iter().max_by_key(|(sb, _)| sb.seq) {
         return Ok(Found::Superblock(best.0, best.1));
     }
