@@ -272,11 +272,14 @@ fn run(a: &Args) -> Result<report::Summary, String> {
     let end = ramp_end + a.runtime;
     let mut cpu_s = None;
     let results: Vec<Result<worker::QueueStats, String>> = std::thread::scope(|s| {
-        // Samples this process's CPU time at both edges of the window.
+        // Samples this process's CPU time at both edges of the window; the
+        // second sample is taken early when the workers finish first (a
+        // --once pass), which drops `done_tx`.
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
         let sampler = s.spawn(move || {
-            std::thread::sleep(ramp_end.saturating_duration_since(Instant::now()));
+            let _ = done_rx.recv_timeout(ramp_end.saturating_duration_since(Instant::now()));
             let a = process_cpu_s()?;
-            std::thread::sleep(end.saturating_duration_since(Instant::now()));
+            let _ = done_rx.recv_timeout(end.saturating_duration_since(Instant::now()));
             Some(process_cpu_s()? - a)
         });
         let handles: Vec<_> = started
@@ -324,6 +327,7 @@ fn run(a: &Args) -> Result<report::Summary, String> {
                     .unwrap_or_else(|_| Err("worker thread panicked".into()))
             })
             .collect();
+        drop(done_tx);
         cpu_s = sampler.join().ok().flatten();
         r
     });
