@@ -16,7 +16,9 @@
 # each run and divided by the data requests that run completed.
 #
 # Results: one JSON object per run in --out (default
-# target/compare-results.jsonl); the table is printed at the end.
+# target/compare-results.jsonl; daemon logs and vblkcache's final status in
+# the directory of the same name ending in -logs); the table is printed at
+# the end.
 # The cold-cache / slow-source case is not run: vblkcache has no way yet to
 # put latency on the source.
 set -euo pipefail
@@ -222,14 +224,18 @@ run_pass() {
         run_one "$name" "$wl" vblkcache "$vpid" "$WORK/ctl.sock" -- --socket "$WORK/vbc.sock" "${args[@]}"
         run_one "$name" "$wl" raw - - -- --file "$fast/fast.img" "${lbuf[@]}" "${args[@]}"
     done
-    "$BIN" status --json --control "$WORK/ctl.sock" >"$WORK/vbc-$name-status.json" || true
+    "$BIN" status --json --control "$WORK/ctl.sock" >"$LOGS/vbc-$name-status.json" || true
     stop_pid "$qpid"
     stop_pid "$vpid"
     PIDS=()
+    cp "$WORK/qsd-$name.log" "$WORK/vbc-$name.log" "$LOGS/" 2>/dev/null || true
     rm -f "$WORK"/*.sock "$fast/fast.img" "$fast/cache.img"
 }
 
 : >"$OUT"
+# Daemon logs and vblkcache's final status go next to the results.
+LOGS="${OUT%.jsonl}-logs"
+mkdir -p "$LOGS"
 echo "{\"machine\":{\"nproc\":$(nproc),\"cpu\":\"$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')\",\"date\":\"$(date -u +%FT%TZ)\",\"quick\":$QUICK,\"runtime\":\"$RUNTIME\",\"ramp\":\"$RAMP\",\"disk_mib\":$DISK_MIB,\"cache_mib\":$CACHE_MIB,\"queues\":$QUEUES}}" >>"$OUT"
 log "source: ${DISK_MIB} MiB in $WORK"
 fill "$WORK/source.img"
