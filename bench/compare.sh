@@ -1,0 +1,249 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark: vblkcache (fully warm cache) against
+# qemu-storage-daemon serving a file raw, and against io_uring on the file
+# directly, all driven by the same libblkio client (examples/vbc-load).
+#
+#   bench/compare.sh [--quick] [--dir DIR] [--shm-dir DIR] [--no-shm]
+#                    [--out FILE] [--no-build]
+#
+# Two passes: "disk" (files under DIR, default target/, O_DIRECT everywhere)
+# and "tmpfs" (fast files under /dev/shm, page cache since tmpfs has no
+# O_DIRECT: the CPU-bound case). In each pass qsd serves fast.img, vblkcache
+# serves source.img through cache.img (both in the pass's directory; the
+# source always on DIR), and raw runs io_uring on fast.img. Every workload is
+# run on the three targets back to back, so their ratios come from the same
+# minute of a noisy machine. Daemon CPU is read from /proc/PID/stat around
+# each run and divided by the data requests that run completed.
+#
+# Results: one JSON object per run in --out (default
+# target/compare-results.jsonl; daemon logs and vblkcache's final status in
+# the directory of the same name ending in -logs); the table is printed at
+# the end.
+# The cold-cache / slow-source case is not run: vblkcache has no way yet to
+# put latency on the source.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+QUICK=0
+DIR="$ROOT/target"
+SHM_DIR=/dev/shm
+DO_SHM=1
+OUT="$ROOT/target/compare-results.jsonl"
+BUILD=1
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --quick) QUICK=1 ;;
+        --dir) DIR=$2; shift ;;
+        --shm-dir) SHM_DIR=$2; shift ;;
+        --no-shm) DO_SHM=0 ;;
+        --out) OUT=$2; shift ;;
+        --no-build) BUILD=0 ;;
+        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        *) echo "compare.sh: unknown option $1" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+if [ "$QUICK" = 1 ]; then
+    RUNTIME=3s; RAMP=500ms; DISK_MIB=512
+else
+    RUNTIME=10s; RAMP=2s; DISK_MIB=1024
+fi
+# The cache needs room for its metadata and slack for the hashed set mapping
+# (a set overflows long before the cache as a whole is full).
+CACHE_MIB=$((DISK_MIB * 3 / 2))
+QUEUES=2
+
+BIN="$ROOT/target/release/vblkcache"
+LOAD="$ROOT/target/release/examples/vbc-load"
+if [ "$BUILD" = 1 ]; then
+    (cd "$ROOT" && cargo build --release --quiet --bin vblkcache --example vbc-load)
+fi
+command -v qemu-storage-daemon >/dev/null || { echo "compare.sh: qemu-storage-daemon not found" >&2; exit 2; }
+CLK_TCK=$(getconf CLK_TCK)
+
+mkdir -p "$DIR"
+WORK=$(mktemp -d "$DIR/vbc-compare.XXXXXX")
+SHM_WORK=""
+PIDS=()
+FAILED=0
+
+stop_pid() {
+    local pid=$1
+    kill -TERM "$pid" 2>/dev/null || return 0
+    for _ in $(seq 200); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.05
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+# shellcheck disable=SC2317  # invoked by the EXIT trap
+cleanup() {
+    local p
+    for p in "${PIDS[@]}"; do stop_pid "$p"; done
+    PIDS=()
+    rm -rf "$WORK"
+    if [ -n "$SHM_WORK" ]; then rm -rf "$SHM_WORK"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+log() { echo "[compare $(date +%T)] $*" >&2; }
+
+# Waits (polling, 30 s at most) until a Unix socket at $1 exists and the
+# daemon $2 is still alive.
+wait_socket() {
+    local path=$1 pid=$2
+    for _ in $(seq 600); do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            log "daemon $pid died before creating $path"; return 1
+        fi
+        [ -S "$path" ] && return 0
+        sleep 0.05
+    done
+    log "timed out waiting for $path"; return 1
+}
+
+# utime + stime of a process, in clock ticks.
+cpu_ticks() {
+    local s
+    s=$(<"/proc/$1/stat")
+    s=${s##*) }
+    # shellcheck disable=SC2086
+    set -- $s
+    echo $(( ${12} + ${13} ))
+}
+
+status_field() { # control-socket field (dotted path) -> value
+    "$BIN" status --json --control "$1" | python3 -c '
+import json, sys
+v = json.load(sys.stdin)
+for k in sys.argv[1].split("."):
+    v = v[k]
+print(v)' "$2"
+}
+
+fill() { # file, extra vbc-load args: write every byte once with 1M requests
+    local f=$1; shift
+    truncate -s "${DISK_MIB}M" "$f"
+    "$LOAD" --file "$f" "$@" --pattern write --bs 1M --iodepth 8 --once --ramp 0 \
+        --runtime 600s --json >/dev/null
+}
+
+# run_one PASS WORKLOAD TARGET DAEMON_PID CTL -- vbc-load args...
+run_one() {
+    local pass=$1 wl=$2 target=$3 pid=$4 ctl=$5; shift 6
+    local t0=0 t1=0 m0=0 m1=0 json rc=0 err="$WORK/load.err"
+    [ "$pid" != - ] && t0=$(cpu_ticks "$pid")
+    [ "$ctl" != - ] && { m0=$(status_field "$ctl" stats.read_misses) || m0=0; }
+    json=$("$LOAD" "$@" --runtime "$RUNTIME" --ramp "$RAMP" --json 2>"$err") || rc=$?
+    [ "$pid" != - ] && { t1=$(cpu_ticks "$pid") || t1=$t0; }
+    [ "$ctl" != - ] && { m1=$(status_field "$ctl" stats.read_misses) || m1=$m0; }
+    if [ "$rc" != 0 ] || [ -z "$json" ]; then
+        FAILED=1
+        log "FAILED ($rc): $pass / $wl / $target: vbc-load $*"
+        sed 's/^/    /' "$err" >&2
+        [ -n "$json" ] && echo "    $json" >&2
+        json=null
+    fi
+    if [ "$pid" != - ] && ! kill -0 "$pid" 2>/dev/null; then
+        FAILED=1
+        log "daemon of $target ($pid) is gone after $wl"
+    fi
+    python3 -c '
+import json, sys
+pass_, wl, target, ticks, hz, misses, rc, load = sys.argv[1:9]
+print(json.dumps({"pass": pass_, "workload": wl, "target": target,
+    "daemon_cpu_s": None if ticks == "-" else int(ticks) / int(hz),
+    "read_misses": None if misses == "-" else int(misses),
+    "rc": int(rc), "load": json.loads(load)}))' \
+        "$pass" "$wl" "$target" \
+        "$([ "$pid" != - ] && echo $((t1 - t0)) || echo -)" "$CLK_TCK" \
+        "$([ "$ctl" != - ] && echo $((m1 - m0)) || echo -)" "$rc" "$json" >>"$OUT"
+    log "$pass / $wl / $target done"
+}
+
+WORKLOADS=(
+    "4K randread QD32 1q|--pattern randread --bs 4K --iodepth 32 --queues 1"
+    "4K randread QD32 2q|--pattern randread --bs 4K --iodepth 32 --queues 2"
+    "1M read QD8|--pattern read --bs 1M --iodepth 8 --queues 1"
+    "4K randwrite QD32|--pattern randwrite --bs 4K --iodepth 32 --queues 1"
+    "4K randwrite QD32 flush/32|--pattern randwrite --bs 4K --iodepth 32 --queues 1 --flush-every 32"
+    "4K randwrite QD32 flush/1|--pattern randwrite --bs 4K --iodepth 32 --queues 1 --flush-every 1"
+)
+
+# run_pass NAME FASTDIR DIRECT(1|0)
+run_pass() {
+    local name=$1 fast=$2 direct=$3 qpid vpid w wl args
+    local fdir=on vdirect=(--direct) lbuf=()
+    if [ "$direct" = 0 ]; then fdir=off; vdirect=(); lbuf=(--buffered); fi
+    log "pass $name: files in $fast (O_DIRECT: $direct)"
+    rm -f "$fast"/fast.img "$fast"/cache.img
+    fill "$fast/fast.img" "${lbuf[@]}"
+    truncate -s "${CACHE_MIB}M" "$fast/cache.img"
+
+    qemu-storage-daemon \
+        --blockdev "driver=file,node-name=f,filename=$fast/fast.img,cache.direct=$fdir,aio=io_uring" \
+        --blockdev driver=raw,node-name=d,file=f \
+        --export "type=vhost-user-blk,id=e,node-name=d,addr.type=unix,addr.path=$WORK/qsd.sock,writable=on,num-queues=$QUEUES" \
+        >"$WORK/qsd-$name.log" 2>&1 &
+    qpid=$!; PIDS+=("$qpid")
+    "$BIN" serve --source "$WORK/source.img" --cache "$fast/cache.img" --socket "$WORK/vbc.sock" \
+        --queues "$QUEUES" --control "$WORK/ctl.sock" "${vdirect[@]}" \
+        >"$WORK/vbc-$name.log" 2>&1 &
+    vpid=$!; PIDS+=("$vpid")
+    wait_socket "$WORK/qsd.sock" "$qpid"
+    wait_socket "$WORK/vbc.sock" "$vpid"
+    wait_socket "$WORK/ctl.sock" "$vpid"
+
+    # Warm the cache: one sequential pass over the disk, then check that the
+    # whole disk is cached and that a second pass misses nothing.
+    log "warming vblkcache"
+    "$LOAD" --socket "$WORK/vbc.sock" --pattern read --bs 1M --iodepth 8 --once --ramp 0 \
+        --runtime 600s --json >/dev/null
+    local valid bsz m0 m1
+    valid=$(status_field "$WORK/ctl.sock" valid_blocks)
+    bsz=$(status_field "$WORK/ctl.sock" geometry.block_size)
+    m0=$(status_field "$WORK/ctl.sock" stats.read_misses)
+    "$LOAD" --socket "$WORK/vbc.sock" --pattern read --bs 1M --iodepth 8 --once --ramp 0 \
+        --runtime 600s --json >/dev/null
+    m1=$(status_field "$WORK/ctl.sock" stats.read_misses)
+    log "warm: valid_blocks=$valid x $bsz bytes (disk $((DISK_MIB << 20))), misses on the second pass: $((m1 - m0))"
+    if [ $((valid * bsz)) -lt $((DISK_MIB << 20)) ] || [ "$m1" != "$m0" ]; then
+        log "WARNING: the vblkcache cache is not fully warm"
+        FAILED=1
+    fi
+    echo "{\"pass\":\"$name\",\"warm\":{\"valid_blocks\":$valid,\"block_size\":$bsz,\"second_pass_misses\":$((m1 - m0))}}" >>"$OUT"
+
+    for w in "${WORKLOADS[@]}"; do
+        wl=${w%%|*}
+        read -r -a args <<<"${w#*|}"
+        run_one "$name" "$wl" qsd "$qpid" - -- --socket "$WORK/qsd.sock" "${args[@]}"
+        run_one "$name" "$wl" vblkcache "$vpid" "$WORK/ctl.sock" -- --socket "$WORK/vbc.sock" "${args[@]}"
+        run_one "$name" "$wl" raw - - -- --file "$fast/fast.img" "${lbuf[@]}" "${args[@]}"
+    done
+    "$BIN" status --json --control "$WORK/ctl.sock" >"$LOGS/vbc-$name-status.json" || true
+    stop_pid "$qpid"
+    stop_pid "$vpid"
+    PIDS=()
+    cp "$WORK/qsd-$name.log" "$WORK/vbc-$name.log" "$LOGS/" 2>/dev/null || true
+    rm -f "$WORK"/*.sock "$fast/fast.img" "$fast/cache.img"
+}
+
+: >"$OUT"
+# Daemon logs and vblkcache's final status go next to the results.
+LOGS="${OUT%.jsonl}-logs"
+mkdir -p "$LOGS"
+echo "{\"machine\":{\"nproc\":$(nproc),\"cpu\":\"$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')\",\"date\":\"$(date -u +%FT%TZ)\",\"quick\":$QUICK,\"runtime\":\"$RUNTIME\",\"ramp\":\"$RAMP\",\"disk_mib\":$DISK_MIB,\"cache_mib\":$CACHE_MIB,\"queues\":$QUEUES}}" >>"$OUT"
+log "source: ${DISK_MIB} MiB in $WORK"
+fill "$WORK/source.img"
+run_pass disk "$WORK" 1
+if [ "$DO_SHM" = 1 ]; then
+    SHM_WORK=$(mktemp -d "$SHM_DIR/vbc-compare.XXXXXX")
+    run_pass tmpfs "$SHM_WORK" 0
+fi
+python3 "$ROOT/bench/compare_table.py" "$OUT"
+log "results: $OUT"
+exit "$FAILED"
