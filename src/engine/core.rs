@@ -66,6 +66,9 @@ pub(crate) struct Core {
     pub store: StoreQueue,
     /// Frames whose committed state may be out of date (see `commit`).
     pub commit_queue: Mutex<Vec<u64>>,
+    /// Group commit state and its condvar.
+    pub group: Mutex<super::commit::GroupCommit>,
+    pub group_cond: Condvar,
     /// Set after a failed commit: the next one records every frame.
     pub rerecord: AtomicBool,
     /// The journal writer; its mutex also serialises commits.

@@ -117,6 +117,8 @@ pub enum EngineError {
     DirtyRemain { dirty: u64 },
     #[error("the engine is shut down")]
     ShutDown,
+    #[error("the metadata commit this flush joined failed (see the log)")]
+    CommitFailed,
 }
 
 impl EngineError {
@@ -246,6 +248,8 @@ impl Engine {
             store,
             commit_queue: Mutex::new(Vec::new()),
             rerecord: AtomicBool::new(false),
+            group: Mutex::new(commit::GroupCommit::default()),
+            group_cond: Condvar::new(),
             journal: Mutex::new(commit::JournalState {
                 pos: opened.sb.journal_pos,
                 seq: opened.sb.commit_seq,
