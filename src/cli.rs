@@ -122,4 +122,8 @@ pub struct ServeArgs {
     /// dirty blocks in the cache].
     #[arg(long)]
     pub writeback_on_exit: bool,
+    /// Add this latency to every source request, e.g. `5ms` or `500us`, to
+    /// emulate a slow HDD or remote source in tests and benchmarks [default: 0].
+    #[arg(long, value_name = "DURATION")]
+    pub source_latency: Option<String>,
 }

@@ -21,6 +21,8 @@ pub const MAX_IO_THREADS: usize = 64;
 /// A configuration error. Each message names the offending option.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    #[error("--source-latency {0}: expected a duration like 5ms, 500us or 1s")]
+    SourceLatency(String),
     #[error("--mode: {0}")]
     Mode(String),
     #[error("--block-size: {0} is not a power of two between 4K and 1M")]
@@ -77,6 +79,25 @@ pub struct ServeConfig {
     pub socket_mode: u32,
     /// Write dirty blocks back to the source on shutdown (default off).
     pub writeback_on_exit: bool,
+    /// Latency added to every source request (default none; for testing).
+    pub source_latency: std::time::Duration,
+}
+
+/// Parses `5ms`, `500us`, `2s`, `100ns` or `0`.
+pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let nanos = match unit {
+        "" if n == 0 => 0,
+        "ns" => n,
+        "us" => n.checked_mul(1_000)?,
+        "ms" => n.checked_mul(1_000_000)?,
+        "s" => n.checked_mul(1_000_000_000)?,
+        _ => return None,
+    };
+    Some(std::time::Duration::from_nanos(nanos))
 }
 
 /// What to run.
@@ -272,6 +293,12 @@ impl TryFrom<ServeArgs> for ServeConfig {
             direct: a.direct,
             socket_mode,
             writeback_on_exit: a.writeback_on_exit,
+            source_latency: match &a.source_latency {
+                None => std::time::Duration::ZERO,
+                Some(s) => {
+                    parse_duration(s).ok_or_else(|| ConfigError::SourceLatency(s.clone()))?
+                }
+            },
         })
     }
 }
@@ -396,5 +423,30 @@ mod tests {
             e.to_string().starts_with("--source: /nonexistent/src"),
             "{e}"
         );
+    }
+}
+
+#[cfg(test)]
+mod duration_tests {
+    use super::parse_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("5ms"), Some(Duration::from_millis(5)));
+        assert_eq!(parse_duration("500us"), Some(Duration::from_micros(500)));
+        assert_eq!(parse_duration("2s"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_duration("0"), Some(Duration::ZERO));
+        for bad in [
+            "",
+            "5",
+            "ms",
+            "5 m",
+            "-1ms",
+            "99999999999999999999s",
+            "18446744073709551615s",
+        ] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
     }
 }

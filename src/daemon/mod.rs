@@ -195,7 +195,17 @@ fn serve_inner(cfg: &ServeConfig, stop: &Arc<Stop>) -> Result<(), Error> {
     if let Some(c) = &cfg.control {
         socket::clear_stale("--control", c)?;
     }
-    let source = open_source(cfg)?;
+    let mut source = open_source(cfg)?;
+    if !cfg.source_latency.is_zero() {
+        log::warn!(
+            "adding {:?} to every source request (--source-latency)",
+            cfg.source_latency
+        );
+        source = Arc::new(crate::device::LatencyDevice::new(
+            source,
+            crate::device::LatencyProfile::uniform(cfg.source_latency),
+        ));
+    }
     // Held until the daemon exits, so `vblkcache check` and a second daemon
     // cannot use the cache device meanwhile.
     let _cache_lock = crate::check::lock_cache(&cfg.cache)?;
