@@ -5,7 +5,7 @@
 
 use rand::{Rng, SeedableRng};
 use std::sync::Arc;
-use vblkcache::device::{BlockDevice, MemDevice};
+use vblkcache::device::MemDevice;
 use vblkcache::engine::meta::{self, Found};
 use vblkcache::engine::{Engine, EngineConfig, GeometryRequest, WriteMode};
 
