@@ -117,7 +117,9 @@ impl Daemon {
             if let Some(st) = d.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("daemon exited early ({st}): {}", d.log_text());
             }
-            is_socket(&files.socket) && inode(&files.socket) != old_ino
+            is_socket(&files.socket)
+                && inode(&files.socket) != old_ino
+                && is_listening(&files.socket)
         });
         assert!(up, "socket never appeared: {}", d.log_text());
         d
@@ -330,4 +332,19 @@ impl QueueIo {
         self.q.write_zeroes(offset, len, 0, ReqFlags::empty());
         assert_eq!(self.one(), 0, "write_zeroes");
     }
+}
+
+/// True once a socket bound at `path` is in the listening state. The socket
+/// file appears at bind(), a moment before listen(); a client that connects
+/// in between is refused, so waiting for the file alone is racy.
+pub fn is_listening(path: &Path) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+        return false;
+    };
+    let want = path.to_string_lossy();
+    table.lines().skip(1).any(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        // Num RefCount Protocol Flags Type St Inode Path; flag 0x10000 = listening.
+        f.len() >= 8 && f[3] == "00010000" && f[7..].join(" ") == want
+    })
 }
