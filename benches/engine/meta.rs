@@ -110,7 +110,7 @@ fn full_table(g: &Geometry, source_blocks: u64) -> Vec<u64> {
 }
 
 /// Reads and decodes the table without validating the entries.
-fn read_decode(dev: &dyn BlockDevice, l: &Layout) -> R<usize> {
+fn read_decode(dev: &dyn BlockDevice, l: &Layout, copy: u8) -> R<usize> {
     let pages = l.table_pages();
     let per = meta::ENTRIES_PER_PAGE;
     let chunk = 256u64;
@@ -121,7 +121,7 @@ fn read_decode(dev: &dyn BlockDevice, l: &Layout) -> R<usize> {
         let n = chunk.min(pages - p);
         dev.read_at(
             &mut buf[..(n * META_PAGE) as usize],
-            l.table_offset + p * META_PAGE,
+            l.table_copy_offset(copy) + p * META_PAGE,
         )?;
         for i in 0..n {
             let want = (l.cache_blocks - (p + i) * per).min(per) as usize;
@@ -153,9 +153,14 @@ fn one_size(report: &mut Report, n: u64, children: usize) -> R<()> {
     drop(e);
     let t_format = t.elapsed().as_secs_f64();
     let layout = Layout::new(&g);
+    // The table copy the superblock points at (shutdown switches copies).
+    let active = match meta::read_superblock(&*cdev)? {
+        meta::Found::Superblock(sb, _) => sb.table_copy,
+        _ => 0,
+    };
     let entries = full_table(&g, source_blocks);
     let filled = entries.iter().filter(|&&x| x != 0).count() as u64;
-    meta::save_table(&*cdev, &layout, 0, &entries)?;
+    meta::save_table(&*cdev, &layout, active, &entries)?;
     cdev.flush()?;
     drop(entries);
     report.fact(
@@ -170,10 +175,10 @@ fn one_size(report: &mut Report, n: u64, children: usize) -> R<()> {
     // Where open's time goes: raw read + decode of the table vs the full
     // load_table (which also validates every entry).
     let t = Instant::now();
-    let decoded = read_decode(&*cdev, &layout)?;
+    let decoded = read_decode(&*cdev, &layout, active)?;
     let t_decode = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    let loaded = meta::load_table(&*cdev, &layout, 0, source_blocks)?;
+    let loaded = meta::load_table(&*cdev, &layout, active, source_blocks)?;
     let t_load = t.elapsed().as_secs_f64();
     drop(loaded);
     report.row(
