@@ -259,19 +259,32 @@ impl Engine {
                 checkpoints: 0,
             }),
         });
-        for (f, &e) in opened.entries.iter().enumerate() {
-            if e & frames::VALID != 0 {
-                let block = e & frames::BLOCK_MASK;
-                let set = core.set_of(block);
-                let mut guard = core.lock(set);
+        // Install the loaded mapping set by set: one stripe lock per set and
+        // one counter update at the end (validated entries sit in their set).
+        let (mut valid, mut dirty_n) = (0u64, 0u64);
+        let assoc = u64::from(layout.assoc);
+        for (set, chunk) in opened.entries.chunks(layout.assoc as usize).enumerate() {
+            let set = set as u64;
+            let mut guard = core.lock(set);
+            for (w, &e) in chunk.iter().enumerate() {
+                if e & frames::VALID == 0 {
+                    continue;
+                }
+                let f = set * assoc + w as u64;
                 let dirty = e & frames::DIRTY != 0;
                 // A loaded dirty entry is committed dirty already (it is in
                 // the table on the cache device).
-                let entry = frames::Entry::new(block, dirty, frames::FrameState::Idle)
-                    .with_flag(frames::CDIRTY, dirty);
-                core.install(f as u64, entry, &mut guard);
+                let entry =
+                    frames::Entry::new(e & frames::BLOCK_MASK, dirty, frames::FrameState::Idle)
+                        .with_flag(frames::CDIRTY, dirty);
+                core.frames.set(f, entry);
+                core.policy.on_insert(f, &mut guard.clock);
+                valid += 1;
+                dirty_n += u64::from(dirty);
             }
         }
+        core.valid.store(valid, SeqCst);
+        core.dirty.store(dirty_n, SeqCst);
         let mut threads = Vec::new();
         let rx = Arc::new(Mutex::new(rx));
         for i in 0..cfg.store_workers.max(1) {
