@@ -486,21 +486,8 @@ impl Engine {
         while c.inflight.load(SeqCst) > 0 {
             std::thread::sleep(Duration::from_micros(200));
         }
-        {
-            let mut s = c.wb_signal.lock().unwrap_or_else(|p| p.into_inner());
-            s.stop = true;
-            c.wb_cond.notify_all();
-        }
         c.store.wait_idle();
-        c.store.close();
-        for t in self
-            .threads
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain(..)
-        {
-            let _ = t.join();
-        }
+        self.stop_workers();
         if writeback {
             c.flush_all(&mut |_| {})?;
         }
@@ -513,8 +500,13 @@ impl Engine {
         if self.shut.swap(true, SeqCst) {
             return;
         }
+        self.core.closed.store(true, SeqCst);
+        self.stop_workers();
+    }
+
+    /// Tells the writeback and store threads to stop and joins them.
+    fn stop_workers(&self) {
         let c = &self.core;
-        c.closed.store(true, SeqCst);
         {
             let mut s = c.wb_signal.lock().unwrap_or_else(|p| p.into_inner());
             s.stop = true;
