@@ -174,6 +174,15 @@ fn foreign_cache_device_needs_format() {
     assert!(matches!(err, EngineError::ForeignCache { .. }), "{err}");
     assert!(err.to_string().contains("--format"));
     assert!(cache.to_vec().iter().all(|&b| b == 0x55));
+    // Data only deep inside the device (the first MiB is zeros) is found too.
+    let mut img = vec![0u8; 16 << 20];
+    img[(12 << 20)..(13 << 20)].fill(7);
+    let deep = Arc::new(MemDevice::from_bytes(&img));
+    let err = Engine::open(src.clone(), deep.clone(), EngineConfig::default())
+        .err()
+        .unwrap();
+    assert!(matches!(err, EngineError::ForeignCache { .. }), "{err}");
+    assert!(deep.to_vec() == img);
     let e = Engine::open(
         src,
         cache,

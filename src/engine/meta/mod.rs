@@ -113,15 +113,30 @@ pub fn read_superblock(dev: &dyn BlockDevice) -> Result<Found, MetaError> {
             b: msg(&results[1]),
         });
     }
-    // Blank only if the start of the device is all zeros.
-    let probe = dev.size().min(1 << 20);
-    let mut buf = vec![0u8; probe as usize];
+    // Blank only if the first MiB and 256 samples spread over the rest of
+    // the device are all zeros (reading a whole SSD would take minutes; a
+    // filesystem, volume label or image leaves data near its start anyway).
+    let size = dev.size();
+    let probe = size.min(1 << 20);
+    let mut buf = crate::device::AlignedBuf::new(probe as usize);
     dev.read_at(&mut buf, 0)?;
-    if buf.iter().all(|&b| b == 0) {
-        Ok(Found::Blank)
-    } else {
-        Ok(Found::Foreign)
+    if buf.iter().any(|&b| b != 0) {
+        return Ok(Found::Foreign);
     }
+    const SAMPLES: u64 = 256;
+    const SAMPLE: u64 = 4096;
+    if size > probe + SAMPLE {
+        let mut s = crate::device::AlignedBuf::new(SAMPLE as usize);
+        let span = size - probe - SAMPLE;
+        for i in 0..SAMPLES {
+            let at = (probe + span / SAMPLES * i) / SAMPLE * SAMPLE;
+            dev.read_at(&mut s, at)?;
+            if s.iter().any(|&b| b != 0) {
+                return Ok(Found::Foreign);
+            }
+        }
+    }
+    Ok(Found::Blank)
 }
 
 /// Writes `sb` into `slot` (0 or 1) and flushes.
