@@ -21,6 +21,8 @@ pub const FORMAT_VERSION: u32 = 1;
 /// Every field and the CRC fit in the first 512-byte sector, so a superblock
 /// write is atomic on any disk: a bad checksum is damage, never a torn write.
 const CRC_AT: usize = 508;
+/// Largest sequence number accepted from disk.
+pub const MAX_SEQ: u64 = 1 << 62;
 
 /// The decoded superblock.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,6 +140,15 @@ impl Superblock {
             )
         {
             return Err(String::from("region offsets do not match the geometry"));
+        }
+        // Sequence numbers grow by one per write and could never get near
+        // this; refusing them keeps every `+ 1` on them from overflowing.
+        let (seq, commit_seq) = (get64(p, 16), get64(p, 104));
+        if seq > MAX_SEQ || commit_seq > MAX_SEQ {
+            return Err(format!(
+                "sequence number {} is out of range",
+                seq.max(commit_seq)
+            ));
         }
         if p[52] > 1 {
             return Err(format!("table copy {} is not 0 or 1", p[52]));
