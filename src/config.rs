@@ -5,6 +5,7 @@
 use crate::cli::{Args, Command, ServeArgs};
 use crate::control::ClientCommand;
 use crate::engine::{EngineConfig, Geometry, GeometryError, GeometryRequest, WriteMode};
+use crate::sandbox::{SandboxConfig, SandboxError};
 use std::path::{Path, PathBuf};
 
 /// Largest number of virtqueues (one worker thread each).
@@ -21,6 +22,8 @@ pub const MAX_IO_THREADS: usize = 64;
 /// A configuration error. Each message names the offending option.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
     #[error("--mode: {0}")]
     Mode(String),
     #[error("--block-size: {0} is not a power of two between 4K and 1M")]
@@ -77,6 +80,8 @@ pub struct ServeConfig {
     pub socket_mode: u32,
     /// Write dirty blocks back to the source on shutdown (default off).
     pub writeback_on_exit: bool,
+    /// Seccomp, user/group switch and socket group.
+    pub sandbox: SandboxConfig,
 }
 
 /// What to run.
@@ -254,6 +259,12 @@ impl TryFrom<ServeArgs> for ServeConfig {
             direct: a.direct,
             socket_mode,
             writeback_on_exit: a.writeback_on_exit,
+            sandbox: SandboxConfig::from_args(
+                &a.seccomp,
+                a.user.as_deref(),
+                a.group.as_deref(),
+                a.socket_group.as_deref(),
+            )?,
         })
     }
 }

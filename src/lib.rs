@@ -12,6 +12,7 @@ pub mod engine;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod sandbox;
 pub mod size;
 pub mod virtio;
 

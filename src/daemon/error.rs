@@ -16,6 +16,13 @@ pub enum Error {
     NotASocket { option: &'static str, path: PathBuf },
     #[error("{option}: {path} is in use (something is listening on it)")]
     SocketInUse { option: &'static str, path: PathBuf },
+    #[error("{option}: {path} is a socket and probing it failed ({source}); cannot tell whether something listens, refusing to remove it")]
+    SocketUnknown {
+        option: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("--direct: {path}: the filesystem refuses O_DIRECT (tmpfs does); run without --direct or put the file elsewhere")]
     DirectUnsupported { path: PathBuf },
     #[error("{what}: {source}")]
@@ -42,6 +49,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Sandbox(#[from] crate::sandbox::SandboxError),
     #[error("shutdown: {0}")]
     Shutdown(#[source] EngineError),
 }
@@ -56,6 +65,7 @@ impl Error {
             Error::Config(_)
             | Error::NotASocket { .. }
             | Error::SocketInUse { .. }
+            | Error::SocketUnknown { .. }
             | Error::DirectUnsupported { .. } => true,
             Error::Engine(e) => e.is_config_error(),
             _ => false,
