@@ -209,6 +209,9 @@ fn serve_engine(cfg: &ServeConfig, stop: &Arc<Stop>, engine: &Arc<Engine>) -> Re
     };
     // Everything that may need privileges is open: devices, sockets, threads.
     crate::sandbox::drop_privileges(cfg.sandbox.uid, cfg.sandbox.gid)?;
+    if cfg.sandbox.seccomp {
+        crate::sandbox::install_seccomp()?;
+    }
     log::info!("listening on {}", cfg.socket.display());
 
     let result = accept_loop(&bound, stop, engine, &backend_cfg, &pool);
