@@ -7,15 +7,15 @@
 //! - an existing socket is removed only when connecting to it is *refused*
 //!   (nothing listens: a stale file from a dead daemon). Any other failure
 //!   (permission denied, ...) means we cannot tell, so the path is refused;
-//! - the socket never exists at its final path with a wider mode or another
-//!   group than asked for: it is bound in a fresh 0700 directory next to the
-//!   final path, chmod-ed and chgrp-ed there, then hard-linked into place.
-//!   `link` fails if the path appeared meanwhile, so nothing is clobbered,
-//!   and no process-wide umask is changed.
+//! - the socket never exists with a wider mode than asked for: it is created
+//!   with that mode (through the umask) and then only handed to the socket
+//!   group; `bind` fails on any existing path, so nothing is clobbered. It is
+//!   bound at its final path (not linked there from a temporary name) so
+//!   that /proc/net/unix and tools like `ss` show the real path.
 
 use super::Error;
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
@@ -96,44 +96,6 @@ pub struct BoundSocket {
     ino: u64,
 }
 
-/// A private 0700 directory next to the final socket path; removed, with
-/// the temporary socket inside, on drop.
-struct PrivateDir {
-    dir: PathBuf,
-    sock: PathBuf,
-}
-
-impl Drop for PrivateDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.sock);
-        let _ = std::fs::remove_dir(&self.dir);
-    }
-}
-
-fn private_dir(path: &Path) -> Result<PrivateDir, Error> {
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let mut last = None;
-    for attempt in 0..16u32 {
-        // Short, so that a final path near the sun_path limit still fits.
-        let dir = parent.join(format!(".vbs{:x}.{attempt}", std::process::id()));
-        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
-            Ok(()) => {
-                let sock = dir.join("s");
-                return Ok(PrivateDir { dir, sock });
-            }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = Some(e),
-            Err(source) => return Err(Error::Socket { path: dir, source }),
-        }
-    }
-    Err(Error::Socket {
-        path: parent,
-        source: last.unwrap_or_else(|| io::Error::from(io::ErrorKind::AlreadyExists)),
-    })
-}
-
 impl BoundSocket {
     /// Binds `path` with permission bits `mode` and, if given, group `gid`,
     /// following the invariants in the module doc.
@@ -142,24 +104,37 @@ impl BoundSocket {
             path: path.to_path_buf(),
             source,
         };
-        let tmp = private_dir(path)?;
-        let listener = UnixListener::bind(&tmp.sock).map_err(err)?;
-        // Inside our 0700 directory nobody else can swap the file, so the
-        // path-based calls below act on the socket we just made.
-        if let Some(gid) = gid {
-            std::os::unix::fs::lchown(&tmp.sock, None, Some(gid)).map_err(err)?;
-        }
-        std::fs::set_permissions(&tmp.sock, std::fs::Permissions::from_mode(mode & 0o777))
-            .map_err(err)?;
-        // Fails with EEXIST if anything is at the path by now.
-        std::fs::hard_link(&tmp.sock, path).map_err(err)?;
-        let ino = std::fs::symlink_metadata(&tmp.sock).map_err(err)?.ino();
-        drop(tmp);
-        Ok(BoundSocket {
+        // bind() creates the file with 0777 & !umask, so this umask gives
+        // exactly `mode`, with no window where it is wider. umask is
+        // process-wide: at this point the only other threads are the signal
+        // thread and the engine's workers, none of which create files.
+        // SAFETY: umask only swaps the process file-creation mask.
+        let old = unsafe { libc::umask((0o777 & !mode) as libc::mode_t) };
+        // bind() never follows or replaces an existing path (EADDRINUSE).
+        let bound = UnixListener::bind(path);
+        // SAFETY: as above; restores the previous mask.
+        unsafe { libc::umask(old) };
+        let listener = bound.map_err(err)?;
+        let meta = std::fs::symlink_metadata(path).map_err(err)?;
+        let ino = meta.ino();
+        let ours = BoundSocket {
             listener,
             path: path.to_path_buf(),
             ino,
-        })
+        };
+        // Until here the file had our primary group and `mode`, which is
+        // never wider than what is asked for. lchown never follows a
+        // symlink, so a file swapped in meanwhile cannot redirect it.
+        if let Some(g) = gid {
+            std::os::unix::fs::lchown(path, None, Some(g)).map_err(err)?;
+        }
+        let meta = std::fs::symlink_metadata(path).map_err(err)?;
+        if meta.ino() != ino || meta.permissions().mode() & 0o777 != mode & 0o777 {
+            return Err(err(io::Error::other(
+                "the socket file changed while it was being set up",
+            )));
+        }
+        Ok(ours)
     }
 }
 
@@ -276,7 +251,7 @@ mod tests {
         std::fs::write(&p, b"precious").unwrap();
         let e = BoundSocket::bind(&p, 0o600, None).err().unwrap();
         assert!(
-            matches!(&e, Error::Socket { source, .. } if source.kind() == io::ErrorKind::AlreadyExists),
+            matches!(&e, Error::Socket { source, .. } if source.kind() == io::ErrorKind::AddrInUse),
             "{e}"
         );
         assert_eq!(std::fs::read(&p).unwrap(), b"precious");
@@ -293,7 +268,7 @@ mod tests {
     }
 
     #[test]
-    fn mode_is_exact_whatever_the_umask_and_group_is_applied() {
+    fn mode_is_exact_and_group_is_applied() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("sock");
         // The group we are in (as root any group would do).
