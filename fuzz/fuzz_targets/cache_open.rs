@@ -95,6 +95,21 @@ fn fix_all(img: &mut [u8], l: &Layout) {
     }
 }
 
+/// Known finding, reported to the engine's owner and not yet fixed: a valid
+/// superblock whose `seq` or `commit_seq` is at (or near) `u64::MAX` makes
+/// `Engine::open` overflow when it bumps them (src/engine/open.rs and the
+/// journal replay in src/engine/commit.rs). Such images are skipped so the
+/// fuzzer keeps looking for other bugs; the reproducer is
+/// `fuzz/regressions/cache_open/seq-max`. Remove this once fixed.
+fn near_sequence_end(img: &[u8]) -> bool {
+    const MARGIN: u64 = 1 << 32;
+    (0..2).any(|slot| {
+        Superblock::decode(&img[slot * PAGE..(slot + 1) * PAGE]).is_ok_and(|sb| {
+            sb.seq > u64::MAX - MARGIN || sb.commit_seq > u64::MAX - MARGIN
+        })
+    })
+}
+
 fuzz_target!(|data: &[u8]| {
     let Some((&opts, mut rest)) = data.split_first() else {
         return;
@@ -116,6 +131,9 @@ fuzz_target!(|data: &[u8]| {
     }
     if opts & 2 != 0 {
         fix_all(&mut img, &base.layout);
+    }
+    if near_sequence_end(&img) {
+        return;
     }
     let cache: Arc<dyn BlockDevice> = Arc::new(MemDevice::from_bytes(&img));
     let cfg = EngineConfig {
