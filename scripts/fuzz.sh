@@ -11,7 +11,8 @@
 # Needs cargo-fuzz (`cargo install cargo-fuzz`). Uses the nightly toolchain if
 # rustup has one, otherwise RUSTC_BOOTSTRAP=1 with the stable one (cargo-fuzz
 # needs -Zsanitizer). New corpus entries go to fuzz/corpus/TARGET (not checked
-# in); the checked-in seeds are in fuzz/seeds/TARGET. Exits non-zero if any
+# in); the checked-in seeds are in fuzz/seeds/TARGET, reproducers of past
+# findings in fuzz/regressions/TARGET (run first). Exits non-zero if any
 # target finds a crash; the reproducer is in fuzz/artifacts/TARGET.
 set -euo pipefail
 
@@ -58,6 +59,14 @@ for t in "${targets[@]}"; do
         *) max_len=4096 ;;
     esac
     log=$(mktemp)
+    # Reproducers of past findings must keep passing.
+    if [ -d "regressions/$t" ]; then
+        if ! cargo "${toolchain[@]}" fuzz run -a "$t" "regressions/$t" -- -runs=0 >"$log" 2>&1; then
+            echo "!! $t: a regression input fails again:"
+            tail -40 "$log"
+            failed+=("$t")
+        fi
+    fi
     echo "== $t: ${secs}s"
     if cargo "${toolchain[@]}" fuzz run -a "$t" "corpus/$t" "seeds/$t" -- \
         -max_total_time="$secs" -max_len="$max_len" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
