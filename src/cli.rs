@@ -15,6 +15,8 @@ pub struct Args {
 }
 
 #[derive(Debug, Subcommand)]
+// Parsed once per process; boxing would only complicate the match arms.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Serve the cached disk on a vhost-user-blk socket until SIGINT/SIGTERM.
     Serve(ServeArgs),
@@ -126,4 +128,19 @@ pub struct ServeArgs {
     /// emulate a slow HDD or remote source in tests and benchmarks [default: 0].
     #[arg(long, value_name = "DURATION")]
     pub source_latency: Option<String>,
+    /// Seccomp filter on the serving threads: on or off (on where the kernel
+    /// supports it).
+    #[arg(long, value_name = "on|off", default_value = "on")]
+    pub seccomp: String,
+    /// After opening the devices and sockets, switch to this user (name or uid).
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+    /// After opening the devices and sockets, switch to this group (name or
+    /// gid) [default: the primary group of --user].
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
+    /// Group owner of the sockets, e.g. the VMM's group; the group gets
+    /// read-write access unless --socket-mode already gives it some.
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
 }

@@ -5,6 +5,7 @@
 use crate::cli::{Args, Command, ServeArgs};
 use crate::control::ClientCommand;
 use crate::engine::{EngineConfig, Geometry, GeometryError, GeometryRequest, WriteMode};
+use crate::sandbox::{SandboxConfig, SandboxError};
 use std::path::{Path, PathBuf};
 
 /// Largest number of virtqueues (one worker thread each).
@@ -23,6 +24,8 @@ pub const MAX_IO_THREADS: usize = 64;
 pub enum ConfigError {
     #[error("--source-latency {0}: expected a duration like 5ms, 500us or 1s")]
     SourceLatency(String),
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
     #[error("--mode: {0}")]
     Mode(String),
     #[error("--block-size: {0} is not a power of two between 4K and 1M")]
@@ -81,6 +84,8 @@ pub struct ServeConfig {
     pub writeback_on_exit: bool,
     /// Latency added to every source request (default none; for testing).
     pub source_latency: std::time::Duration,
+    /// Seccomp, user/group switch and socket group.
+    pub sandbox: SandboxConfig,
 }
 
 /// Parses `5ms`, `500us`, `2s`, `100ns` or `0`.
@@ -299,6 +304,12 @@ impl TryFrom<ServeArgs> for ServeConfig {
                     parse_duration(s).ok_or_else(|| ConfigError::SourceLatency(s.clone()))?
                 }
             },
+            sandbox: SandboxConfig::from_args(
+                &a.seccomp,
+                a.user.as_deref(),
+                a.group.as_deref(),
+                a.socket_group.as_deref(),
+            )?,
         })
     }
 }

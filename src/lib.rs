@@ -13,6 +13,7 @@ pub mod check;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod sandbox;
 pub mod size;
 pub mod virtio;
 

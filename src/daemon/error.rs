@@ -16,6 +16,13 @@ pub enum Error {
     NotASocket { option: &'static str, path: PathBuf },
     #[error("{option}: {path} is in use (something is listening on it)")]
     SocketInUse { option: &'static str, path: PathBuf },
+    #[error("{option}: {path} is a socket and probing it failed ({source}); cannot tell whether something listens, refusing to remove it")]
+    SocketUnknown {
+        option: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("--direct: {path}: the filesystem refuses O_DIRECT (tmpfs does); run without --direct or put the file elsewhere")]
     DirectUnsupported { path: PathBuf },
     #[error("{what}: {source}")]
@@ -44,6 +51,8 @@ pub enum Error {
     },
     #[error(transparent)]
     Check(#[from] crate::check::CheckError),
+    #[error(transparent)]
+    Sandbox(#[from] crate::sandbox::SandboxError),
     #[error("shutdown: {0}")]
     Shutdown(#[source] EngineError),
 }
@@ -58,6 +67,7 @@ impl Error {
             Error::Config(_)
             | Error::NotASocket { .. }
             | Error::SocketInUse { .. }
+            | Error::SocketUnknown { .. }
             | Error::DirectUnsupported { .. }
             | Error::Check(crate::check::CheckError::InUse(_)) => true,
             Error::Engine(e) => e.is_config_error(),

@@ -234,13 +234,18 @@ fn serve_inner(cfg: &ServeConfig, stop: &Arc<Stop>) -> Result<(), Error> {
 }
 
 fn serve_engine(cfg: &ServeConfig, stop: &Arc<Stop>, engine: &Arc<Engine>) -> Result<(), Error> {
-    let bound = BoundSocket::bind(&cfg.socket, cfg.socket_mode)?;
+    let mode = cfg.sandbox.socket_mode(cfg.socket_mode);
+    let bound = BoundSocket::bind(&cfg.socket, mode, cfg.sandbox.socket_group)?;
     let control = match &cfg.control {
-        Some(path) => Some(ControlServer::spawn(
-            path,
-            cfg.socket_mode,
-            Arc::clone(engine) as Arc<dyn control::ControlTarget>,
-        )?),
+        Some(path) => {
+            let server = ControlServer::spawn(
+                path,
+                mode,
+                Arc::clone(engine) as Arc<dyn control::ControlTarget>,
+            )?;
+            socket::set_group(path, cfg.sandbox.socket_group)?;
+            Some(server)
+        }
         None => None,
     };
     let depth = usize::from(cfg.queues) * usize::from(cfg.queue_size);
@@ -258,6 +263,11 @@ fn serve_engine(cfg: &ServeConfig, stop: &Arc<Stop>, engine: &Arc<Engine>) -> Re
         ),
         serial: cfg.serial.clone(),
     };
+    // Everything that may need privileges is open: devices, sockets, threads.
+    crate::sandbox::drop_privileges(cfg.sandbox.uid, cfg.sandbox.gid)?;
+    if cfg.sandbox.seccomp {
+        crate::sandbox::install_seccomp()?;
+    }
     log::info!("listening on {}", cfg.socket.display());
 
     let result = accept_loop(&bound, stop, engine, &backend_cfg, &pool);

@@ -47,6 +47,9 @@ type Chain = virtio_queue::DescriptorChain<Arc<GuestMem>>;
 
 /// How long `stop_vring` waits for in-flight requests before giving up.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often a queue worker held back by the in-flight bound logs that it
+/// is still waiting.
+const INFLIGHT_WAIT: Duration = Duration::from_secs(30);
 
 /// Device parameters of the backend.
 #[derive(Debug, Clone)]
@@ -73,9 +76,30 @@ impl InFlight {
     fn end(&self) {
         let mut c = self.count.lock().unwrap_or_else(|p| p.into_inner());
         *c = c.saturating_sub(1);
-        if *c == 0 {
-            self.idle.notify_all();
+        // Both waiters (drain and the in-flight bound) use this condvar.
+        self.idle.notify_all();
+    }
+
+    /// Waits while `limit` or more requests are in flight; false on timeout.
+    ///
+    /// A driver may publish a head again while it is still in flight (the
+    /// device cannot tell), so the ring size alone does not bound how many
+    /// requests one queue has outstanding; this wait does.
+    fn wait_below(&self, limit: usize, timeout: Duration) -> bool {
+        let limit = limit.max(1);
+        let deadline = Instant::now() + timeout;
+        let mut c = self.count.lock().unwrap_or_else(|p| p.into_inner());
+        while *c >= limit {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            c = match self.idle.wait_timeout(c, deadline - now) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
         }
+        true
     }
 
     /// Waits until nothing is in flight; false on timeout.
@@ -168,7 +192,16 @@ impl BlkBackend {
             if event_idx {
                 vring.disable_notification().map_err(io::Error::other)?;
             }
-            while let Some((chain, mem)) = self.pop(vring, inflight) {
+            loop {
+                // Back-pressure per queue: at most one ring's worth of
+                // requests in flight, whatever the driver publishes.
+                let limit = usize::from(vring.get_ref().get_queue().size());
+                while !inflight.wait_below(limit, INFLIGHT_WAIT) {
+                    log::warn!("queue {q}: {limit} requests in flight for {INFLIGHT_WAIT:?}");
+                }
+                let Some((chain, mem)) = self.pop(vring, inflight) else {
+                    break;
+                };
                 let head = chain.head_index();
                 match Request::parse(chain, &self.inner.cfg.limits) {
                     Ok(req) => self.submit(q, vring, mem, head, req),
@@ -378,6 +411,10 @@ impl VhostUserBackend for BlkBackend {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "backend_tests.rs"]
+mod malformed_tests;
 
 #[cfg(test)]
 mod tests {

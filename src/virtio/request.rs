@@ -35,6 +35,8 @@ pub const DISCARD_SEGMENT_LEN: u64 = 16;
 pub enum BlkError {
     #[error("descriptor chain has more than {max} descriptors")]
     ChainTooLong { max: u32 },
+    #[error("descriptor chain is broken: it loops, is longer than the queue, points outside its table, nests indirect tables or exceeds 4 GiB")]
+    BrokenChain,
     #[error("descriptor chain has no header")]
     MissingHeader,
     #[error("header descriptor is {0} bytes, expected 16")]
@@ -173,6 +175,13 @@ impl Request {
     {
         let max_chain = limits.max_chain_len();
         let mut descs: Vec<Desc> = Vec::new();
+        // virtio-queue's iterator ends a chain silently when it meets an
+        // error (a loop or a chain longer than the queue, a `next` index
+        // outside the table, an unreadable table, an indirect table inside an
+        // indirect table, more than 4 GiB in total). The only trace is that
+        // the last descriptor it yielded still says "next": such a chain is
+        // refused as a whole rather than served in its truncated form.
+        let mut truncated = false;
         for d in chain.by_ref() {
             if descs.len() >= max_chain as usize {
                 return Err(ParseError {
@@ -180,10 +189,18 @@ impl Request {
                     status_addr: None,
                 });
             }
+            truncated = d.has_next();
             descs.push(Desc {
                 addr: d.addr(),
                 len: d.len(),
                 writable: d.is_write_only(),
+            });
+        }
+        if truncated {
+            // The real status descriptor is unknown, so nothing is written.
+            return Err(ParseError {
+                error: BlkError::BrokenChain,
+                status_addr: None,
             });
         }
         let mem: &T = chain.memory();

@@ -446,6 +446,58 @@ mod prop {
     }
 
     proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+        /// Random well-formed read/write chains are accepted with exactly
+        /// the offset and segments they were built with; the same chain with
+        /// its last link pointed back into itself is refused whole.
+        #[test]
+        fn random_valid_chains_parse_exactly(
+            write in any::<bool>(),
+            sizes in proptest::collection::vec(1u32..=8, 1..6),
+            sector_frac in 0.0f64..1.0,
+            back in 0u16..4,
+        ) {
+            let m = mem();
+            let l = limits();
+            let total: u64 = sizes.iter().map(|s| u64::from(*s) * 512).sum();
+            let max_sector = l.capacity_sectors - total / 512;
+            let sector = (max_sector as f64 * sector_frac) as u64;
+            let t = if write { VIRTIO_BLK_T_OUT } else { VIRTIO_BLK_T_IN };
+            header(&m, t, sector);
+            let flags = if write { 0 } else { W };
+            let mut raw = vec![d(HDR, 16, 0)];
+            let mut segs = Vec::new();
+            let mut at = DATA;
+            for s in &sizes {
+                raw.push(d(at, s * 512, flags));
+                segs.push(Segment { addr: GuestAddress(at), len: s * 512 });
+                at += 0x2000;
+            }
+            raw.push(d(STATUS, 1, W));
+            let r = parse(&m, &raw).unwrap();
+            let offset = sector * 512;
+            let kind = if write { RequestKind::Write { offset } } else { RequestKind::Read { offset } };
+            prop_assert_eq!(r.kind, kind);
+            prop_assert_eq!(r.data, segs);
+            prop_assert_eq!(r.data_len, total);
+            // Now link the status descriptor back to an earlier one.
+            let n = raw.len() as u16;
+            let linked: Vec<RawDescriptor> = raw
+                .iter()
+                .enumerate()
+                .map(|(i, x)| {
+                    let x = SplitDescriptor::from(*x);
+                    let i = i as u16;
+                    let next = if i + 1 == n { back.min(n - 1) } else { i + 1 };
+                    dn(x.addr().0, x.len(), x.flags() | NEXT, next)
+                })
+                .collect();
+            let e = parse_raw(&m, &linked).unwrap_err();
+            prop_assert!(matches!(e.error, BlkError::BrokenChain), "{}", e.error);
+        }
+    }
+
+    proptest! {
         #![proptest_config(ProptestConfig::with_cases(300))]
         /// Random chains never panic, and an accepted request satisfies the
         /// documented invariants.
@@ -475,4 +527,159 @@ mod prop {
             }
         }
     }
+}
+
+/// Parses the first chain of descriptors written as given (flags and `next`
+/// untouched) at the start of a 16-entry queue's table.
+fn parse_raw(m: &Mem, descs: &[RawDescriptor]) -> Result<Request, super::ParseError> {
+    let vq = MockSplitQueue::new(m, 16);
+    let chain = vq.build_multiple_desc_chains(descs).unwrap();
+    Request::parse(chain, &limits())
+}
+
+fn dn(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
+    RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
+}
+
+const NEXT: u16 = virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+const IND: u16 = virtio_bindings::bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16;
+
+#[test]
+fn broken_chains_are_refused_whole() {
+    let m = mem();
+    header(&m, VIRTIO_BLK_T_IN, 0);
+    // Sanity: the same three descriptors, properly terminated, parse.
+    let good = [
+        dn(HDR, 16, NEXT, 1),
+        dn(DATA, 512, W | NEXT, 2),
+        dn(STATUS, 1, W, 0),
+    ];
+    assert!(parse_raw(&m, &good).is_ok());
+    // A loop: the chain is longer than the queue. The iterator stops after
+    // 16 descriptors; without the check the parser would see a chain ending
+    // in a writable descriptor and serve a guess.
+    let looped = [
+        dn(HDR, 16, NEXT, 1),
+        dn(DATA, 512, W | NEXT, 2),
+        dn(STATUS, 1, W | NEXT, 1),
+    ];
+    let (e, st) = err(parse_raw(&m, &looped));
+    assert!(matches!(e, BlkError::BrokenChain), "{e}");
+    assert_eq!(st, None);
+    assert_eq!(e.status(), VIRTIO_BLK_S_IOERR as u8);
+    // `next` points outside the queue.
+    let outside = [
+        dn(HDR, 16, NEXT, 1),
+        dn(DATA, 512, W | NEXT, 2),
+        dn(STATUS, 1, W | NEXT, 200),
+    ];
+    let (e, st) = err(parse_raw(&m, &outside));
+    assert!(matches!(e, BlkError::BrokenChain), "{e}");
+    assert_eq!(st, None);
+}
+
+#[test]
+fn nested_indirect_tables_are_refused() {
+    let m = mem();
+    header(&m, VIRTIO_BLK_T_IN, 0);
+    let table = 0x20_0000u64;
+    let inner = 0x20_1000u64;
+    let put = |at: u64, i: u64, d: RawDescriptor| {
+        m.write_obj(d, GuestAddress(at + 16 * i)).unwrap();
+    };
+    // A valid indirect chain parses.
+    put(table, 0, dn(HDR, 16, NEXT, 1));
+    put(table, 1, dn(DATA, 512, W | NEXT, 2));
+    put(table, 2, dn(STATUS, 1, W, 0));
+    let r = parse_raw(&m, &[dn(table, 48, IND, 0)]).unwrap();
+    assert_eq!(r.kind, RequestKind::Read { offset: 0 });
+    // The status moves into a second-level table: refused.
+    put(inner, 0, dn(STATUS, 1, W, 0));
+    put(table, 2, dn(inner, 16, IND, 0));
+    let (e, st) = err(parse_raw(&m, &[dn(table, 48, IND, 0)]));
+    assert!(matches!(e, BlkError::BrokenChain), "{e}");
+    assert_eq!(st, None);
+    // A second-level table as the very first entry: nothing is yielded.
+    put(table, 0, dn(inner, 16, IND, 0));
+    let (e, st) = err(parse_raw(&m, &[dn(table, 48, IND, 0)]));
+    assert!(matches!(e, BlkError::MissingHeader), "{e}");
+    assert_eq!(st, None);
+    // A table length that is not a multiple of 16.
+    put(table, 0, dn(HDR, 16, NEXT, 1));
+    put(table, 2, dn(STATUS, 1, W, 0));
+    let (e, _) = err(parse_raw(&m, &[dn(table, 47, IND, 0)]));
+    assert!(matches!(e, BlkError::MissingHeader), "{e}");
+}
+
+#[test]
+fn chain_longer_than_seg_max_reads_at_most_the_limit() {
+    // 300 descriptors in an indirect table: refused as too long, and the
+    // parser stops reading after seg_max + 2 + 1 descriptors.
+    let m = mem();
+    header(&m, VIRTIO_BLK_T_IN, 0);
+    let table = 0x20_0000u64;
+    let n: u16 = 300;
+    for i in 0..n {
+        let d = match i {
+            0 => dn(HDR, 16, NEXT, 1),
+            _ if i == n - 1 => dn(STATUS, 1, W, 0),
+            _ => dn(DATA, 512, W | NEXT, i + 1),
+        };
+        m.write_obj(d, GuestAddress(table + 16 * u64::from(i)))
+            .unwrap();
+    }
+    let (e, st) = err(parse_raw(&m, &[dn(table, 16 * u32::from(n), IND, 0)]));
+    assert!(matches!(e, BlkError::ChainTooLong { max: 256 }), "{e}");
+    assert_eq!(st, None);
+}
+
+#[test]
+fn arithmetic_at_the_u64_edges() {
+    let m = mem();
+    // The largest disk whose byte size fits in u64.
+    let mut huge = limits();
+    huge.capacity_sectors = u64::MAX / 512;
+    let last = u64::MAX / 512 - 1;
+    let read = |sector: u64, len: u32, l: &DeviceLimits| {
+        header(&m, VIRTIO_BLK_T_IN, sector);
+        parse_with(&m, &[d(HDR, 16, 0), d(DATA, len, W), d(STATUS, 1, W)], l)
+    };
+    // Ends exactly at the last byte of that disk: accepted.
+    let r = read(last, 512, &huge).unwrap();
+    assert_eq!(r.kind, RequestKind::Read { offset: last * 512 });
+    // One sector further: past the end; two: offset + len overflows.
+    for (sector, len) in [(last, 1024), (last + 1, 512), (u64::MAX, 512)] {
+        let (e, _) = err(read(sector, len, &huge));
+        assert!(matches!(e, BlkError::OutOfRange { .. }), "{sector}: {e}");
+    }
+    // A capacity whose byte size overflows (a bad limits value) fails closed.
+    let mut absurd = limits();
+    absurd.capacity_sectors = u64::MAX;
+    let (e, _) = err(read(0, 512, &absurd));
+    assert!(matches!(e, BlkError::OutOfRange { .. }), "{e}");
+    // Discard segments at the edge.
+    header(&m, VIRTIO_BLK_T_DISCARD, 0);
+    for (sector, ok) in [(last - 7, true), (last - 6, false), (u64::MAX - 7, false)] {
+        segment(&m, DATA, sector, 8, 0);
+        let r = parse_with(&m, &[d(HDR, 16, 0), d(DATA, 16, 0), d(STATUS, 1, W)], &huge);
+        assert_eq!(r.is_ok(), ok, "discard at {sector}: {r:?}");
+    }
+    // A chain of more than 4 GiB is cut short by virtio-queue and refused
+    // as broken; a single (almost) 4 GiB descriptor is refused before any allocation.
+    header(&m, VIRTIO_BLK_T_IN, 0);
+    let (e, _) = err(parse(
+        &m,
+        &[
+            d(HDR, 16, 0),
+            d(DATA, u32::MAX, W),
+            d(DATA, u32::MAX, W),
+            d(STATUS, 1, W),
+        ],
+    ));
+    assert!(matches!(e, BlkError::BrokenChain), "{e}");
+    let (e, _) = err(parse(
+        &m,
+        &[d(HDR, 16, 0), d(DATA, u32::MAX - 32, W), d(STATUS, 1, W)],
+    ));
+    assert!(matches!(e, BlkError::OutsideGuestMemory { .. }), "{e}");
 }

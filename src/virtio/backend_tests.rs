@@ -1,0 +1,669 @@
+//! The backend keeps serving after malformed requests.
+//!
+//! These tests drive the real queue-processing path
+//! ([`BlkBackend::process_queue`], the I/O pool, used-ring completion) over
+//! split queues laid out in guest memory by hand, the way a driver would. Each
+//! malformed chain is published together with a good read on the same queue;
+//! both must come back on the used ring with the expected length and status
+//! byte, and another queue must still serve afterwards.
+
+use super::*;
+use crate::device::{BlockDevice, LatencyDevice, LatencyProfile, MemDevice};
+use crate::engine::{EngineConfig, GeometryRequest};
+use crate::virtio::pool::IoPool;
+use virtio_bindings::bindings::virtio_ring::{
+    VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+};
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::{Bytes, GuestAddress};
+
+const QSIZE: u16 = 16;
+const MEM_SIZE: usize = 8 << 20;
+const DISK: u64 = 1 << 20;
+const NEXT: u16 = VRING_DESC_F_NEXT as u16;
+const W: u16 = VRING_DESC_F_WRITE as u16;
+const IND: u16 = VRING_DESC_F_INDIRECT as u16;
+/// Status bytes are set to this before a request so "not written" shows.
+const UNTOUCHED: u8 = 0xee;
+const OK: u8 = VIRTIO_BLK_S_OK as u8;
+const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+const UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
+
+/// One descriptor as the driver writes it: address, length, flags. `NEXT`
+/// and the next index are filled in by [`Guest::chain`].
+type D = (u64, u32, u16);
+
+/// A guest with `n` queues of [`QSIZE`] entries. Queue q's rings live at
+/// `q * 0x1000`; its request buffers in 64 KiB slots from
+/// `0x10_0000 + q * 0x10_0000`.
+struct Guest {
+    mem: GuestMem,
+    backend: BlkBackend,
+    vrings: Vec<Vring>,
+    engine: Arc<Engine>,
+    used_seen: Vec<u16>,
+    _pool: IoPool,
+}
+
+/// Where one request's pieces live: header, status byte, data, and a spare
+/// area for discard segments or an indirect table.
+#[derive(Clone, Copy)]
+struct Slot {
+    hdr: u64,
+    status: u64,
+    data: u64,
+    extra: u64,
+}
+
+fn desc_table(q: usize) -> u64 {
+    q as u64 * 0x1000
+}
+fn avail_ring(q: usize) -> u64 {
+    desc_table(q) + 16 * u64::from(QSIZE)
+}
+fn used_ring(q: usize) -> u64 {
+    // flags + idx + ring + used_event, rounded up to 4.
+    (avail_ring(q) + 6 + 2 * u64::from(QSIZE)).next_multiple_of(4)
+}
+
+impl Guest {
+    fn new(queues: u16, limits: DeviceLimits) -> Guest {
+        Guest::with_read_latency(queues, limits, Duration::ZERO)
+    }
+
+    /// As `new`, with every read of either device taking `lat`.
+    fn with_read_latency(queues: u16, limits: DeviceLimits, lat: Duration) -> Guest {
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let slow = LatencyProfile {
+            read: lat,
+            ..LatencyProfile::default()
+        };
+        let source: Arc<dyn BlockDevice> = Arc::new(LatencyDevice::new(MemDevice::new(DISK), slow));
+        let cache: Arc<dyn BlockDevice> =
+            Arc::new(LatencyDevice::new(MemDevice::new(1 << 20), slow));
+        let cfg = EngineConfig {
+            geometry: GeometryRequest {
+                block_size: Some(4096),
+                cache_blocks: None,
+                assoc: None,
+            },
+            mode: Some(WriteMode::Writeback),
+            ..EngineConfig::default()
+        };
+        let engine = Arc::new(Engine::open(source, cache, cfg).unwrap());
+        let pool = IoPool::new(2, 64).unwrap();
+        let backend = BlkBackend::new(
+            Arc::clone(&engine),
+            BlkBackendConfig {
+                num_queues: queues,
+                queue_size: QSIZE,
+                limits,
+                serial: "malformed".into(),
+            },
+            pool.handle(),
+        );
+        let atomic = GuestMemoryAtomic::new(mem.clone());
+        backend.update_memory(atomic.clone()).unwrap();
+        let vrings = (0..usize::from(queues))
+            .map(|q| {
+                let v = Vring::new(atomic.clone(), QSIZE).unwrap();
+                v.set_queue_size(QSIZE);
+                v.set_queue_info(desc_table(q), avail_ring(q), used_ring(q))
+                    .unwrap();
+                v.set_queue_ready(true);
+                v.set_enabled(true);
+                v
+            })
+            .collect();
+        Guest {
+            mem,
+            backend,
+            vrings,
+            engine,
+            used_seen: vec![0; usize::from(queues)],
+            _pool: pool,
+        }
+    }
+
+    fn slot(q: usize, k: u64) -> Slot {
+        let base = 0x10_0000 + q as u64 * 0x10_0000 + k * 0x1_0000;
+        Slot {
+            hdr: base,
+            status: base + 0x100,
+            data: base + 0x1000,
+            extra: base + 0x8000,
+        }
+    }
+
+    fn header(&self, at: u64, req_type: u32, sector: u64) {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&req_type.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        self.mem.write_slice(&h, GuestAddress(at)).unwrap();
+    }
+
+    fn segment(&self, at: u64, sector: u64, sectors: u32, flags: u32) {
+        let mut s = [0u8; 16];
+        s[0..8].copy_from_slice(&sector.to_le_bytes());
+        s[8..12].copy_from_slice(&sectors.to_le_bytes());
+        s[12..16].copy_from_slice(&flags.to_le_bytes());
+        self.mem.write_slice(&s, GuestAddress(at)).unwrap();
+    }
+
+    /// Writes a raw descriptor at `table[idx]`.
+    fn put(&self, table: u64, idx: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let d = Descriptor::new(addr, len, flags, next);
+        self.mem
+            .write_obj(d, GuestAddress(table + 16 * u64::from(idx)))
+            .unwrap();
+    }
+
+    /// Writes `descs` linked by NEXT into queue q's table from index
+    /// `first`; returns the head index.
+    fn chain(&self, q: usize, first: u16, descs: &[D]) -> u16 {
+        for (i, (addr, len, flags)) in descs.iter().enumerate() {
+            let idx = first + i as u16;
+            let last = i + 1 == descs.len();
+            let flags = if last { *flags } else { *flags | NEXT };
+            self.put(desc_table(q), idx, *addr, *len, flags, idx + 1);
+        }
+        first
+    }
+
+    /// Makes `head` available to the device.
+    fn publish(&self, q: usize, head: u16) {
+        let idx_addr = GuestAddress(avail_ring(q) + 2);
+        let idx: u16 = self.mem.read_obj(idx_addr).unwrap();
+        let entry = avail_ring(q) + 4 + 2 * u64::from(idx % QSIZE);
+        self.mem.write_obj(head, GuestAddress(entry)).unwrap();
+        self.mem.write_obj(idx.wrapping_add(1), idx_addr).unwrap();
+    }
+
+    /// Lets the backend process queue q and waits for every request.
+    fn run(&self, q: usize) {
+        self.backend.process_queue(q, &self.vrings[q]).unwrap();
+        assert!(self.backend.drain(Duration::from_secs(10)), "drain");
+    }
+
+    /// The used entries (id, len) added since the last call.
+    fn take_used(&mut self, q: usize) -> Vec<(u32, u32)> {
+        let idx: u16 = self.mem.read_obj(GuestAddress(used_ring(q) + 2)).unwrap();
+        let mut out = Vec::new();
+        while self.used_seen[q] != idx {
+            let at = used_ring(q) + 4 + 8 * u64::from(self.used_seen[q] % QSIZE);
+            let id: u32 = self.mem.read_obj(GuestAddress(at)).unwrap();
+            let len: u32 = self.mem.read_obj(GuestAddress(at + 4)).unwrap();
+            out.push((id, len));
+            self.used_seen[q] = self.used_seen[q].wrapping_add(1);
+        }
+        out
+    }
+
+    fn status(&self, at: u64) -> u8 {
+        self.mem.read_obj(GuestAddress(at)).unwrap()
+    }
+
+    fn reset_status(&self, s: &Slot) {
+        self.mem
+            .write_obj(UNTOUCHED, GuestAddress(s.status))
+            .unwrap();
+    }
+
+    /// Publishes a 4 KiB read of disk sector `sector` in slot 1 of queue q,
+    /// using descriptors 8..11.
+    fn publish_good_read(&self, q: usize, sector: u64) -> (u16, Slot) {
+        let s = Guest::slot(q, 1);
+        self.reset_status(&s);
+        self.mem
+            .write_slice(&[0u8; 4096], GuestAddress(s.data))
+            .unwrap();
+        self.header(s.hdr, VIRTIO_BLK_T_IN, sector);
+        let head = self.chain(q, 8, &[(s.hdr, 16, 0), (s.data, 4096, W), (s.status, 1, W)]);
+        self.publish(q, head);
+        (head, s)
+    }
+
+    fn read_data(&self, s: &Slot, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        self.mem.read_slice(&mut v, GuestAddress(s.data)).unwrap();
+        v
+    }
+}
+
+fn limits() -> DeviceLimits {
+    let mut l = DeviceLimits::new(DISK, 4096, false);
+    // 4 KiB logical blocks, so that discard alignment can be violated.
+    l.logical_block_sectors = 8;
+    l
+}
+
+fn pattern(seed: u8) -> Vec<u8> {
+    (0..4096u32)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+/// What a malformed case must produce.
+struct Expect {
+    /// Used length of the malformed request (data written + status byte).
+    used_len: u32,
+    /// Its status byte, or `UNTOUCHED` when no valid status descriptor exists.
+    status: u8,
+}
+
+/// A malformed case: writes its chain into queue q (slot 0, descriptors
+/// from 0) and returns its head.
+type Case = (&'static str, fn(&Guest, usize, &Slot) -> u16, Expect);
+
+fn simple(g: &Guest, q: usize, descs: &[D]) -> u16 {
+    g.chain(q, 0, descs)
+}
+
+const fn ioerr() -> Expect {
+    Expect {
+        used_len: 1,
+        status: IOERR,
+    }
+}
+
+const fn unreported() -> Expect {
+    Expect {
+        used_len: 0,
+        status: UNTOUCHED,
+    }
+}
+
+fn cases() -> Vec<Case> {
+    vec![
+        (
+            "read past the end of the disk",
+            |g, q, s| {
+                g.header(s.hdr, VIRTIO_BLK_T_IN, DISK / 512 - 1);
+                simple(g, q, &[(s.hdr, 16, 0), (s.data, 1024, W), (s.status, 1, W)])
+            },
+            ioerr(),
+        ),
+        (
+            "sector * 512 + length overflows u64",
+            |g, q, s| {
+                g.header(s.hdr, VIRTIO_BLK_T_OUT, u64::MAX / 512);
+                simple(g, q, &[(s.hdr, 16, 0), (s.data, 4096, 0), (s.status, 1, W)])
+            },
+            ioerr(),
+        ),
+        (
+            "sector * 512 overflows u64",
+            |g, q, s| {
+                g.header(s.hdr, VIRTIO_BLK_T_IN, u64::MAX);
+                simple(g, q, &[(s.hdr, 16, 0), (s.data, 512, W), (s.status, 1, W)])
+            },
+            ioerr(),
+        ),
+        (
+            "zero-length data descriptor",
+            |g, q, s| {
+                g.header(s.hdr, VIRTIO_BLK_T_IN, 0);
+                simple(g, q, &[(s.hdr, 16, 0), (s.data, 0, W), (s.status, 1, W)])
+            },
+            ioerr(),
+        ),
+        (
+            "read without any data descriptor",
+            |g, q, s| {
+                g.header(s.hdr, VIRTIO_BLK_T_IN, 0);
+                simple(g, q, &[(s.hdr, 16, 0), (s.status, 1, W)])
+            },
+            ioerr(),
+        ),
+        (
+            "data descriptor outside guest memory",
+            |g, q, s| {
+                g.header(s.hdr, VIRTIO_BLK_T_IN, 0);
+                simple(
+                    g,
+                    q,
+                    &[(s.hdr, 16, 0), (1 << 40, 4096, W), (s.status, 1, W)],
+                )
+            },
+            ioerr(),
+        ),
+        (
+            "data descriptor straddling the end of guest memory",
+            |g, q, s| {
+                g.header(s.hdr, VIRTIO_BLK_T_OUT, 0);
+                let addr = MEM_SIZE as u64 - 512;
+                simple(g, q, &[(s.hdr, 16, 0), (addr, 4096, 0), (s.status, 1, W)])
+            },
+            ioerr(),
+        ),
+        (
+            "read into a device-readable buffer",
+            |g, q, s| {
+                g.header(s.hdr, VIRTIO_BLK_T_IN, 0);
+                simple(g, q, &[(s.hdr, 16, 0), (s.data, 4096, 0), (s.status, 1, W)])
+            },
+            ioerr(),
+        ),
+        (
+            "write from a device-writable buffer",
+            |g, q, s| {
+                g.header(s.hdr, VIRTIO_BLK_T_OUT, 0);
+                simple(g, q, &[(s.hdr, 16, 0), (s.data, 4096, W), (s.status, 1, W)])
+            },
+            ioerr(),
+        ),
+        (
+            "device-writable header",
+            |g, q, s| {
+                g.header(s.hdr, VIRTIO_BLK_T_IN, 0);
+                simple(g, q, &[(s.hdr, 16, W), (s.data, 4096, W), (s.status, 1, W)])
+            },
+            ioerr(),
+        ),
+        (
+            "status descriptor missing",
+            |g, q, s| {
+                g.header(s.hdr, VIRTIO_BLK_T_FLUSH, 0);
+                simple(g, q, &[(s.hdr, 16, 0)])
+            },
+            unreported(),
+        ),
+        (
+            "status descriptor of zero bytes",
+            |g, q, s| {
+                g.header(s.hdr, VIRTIO_BLK_T_FLUSH, 0);
+                simple(g, q, &[(s.hdr, 16, 0), (s.status, 0, W)])
+            },
+            unreported(),
+        ),
+        (
+            "status descriptor device-readable",
+            |g, q, s| {
+                g.header(s.hdr, VIRTIO_BLK_T_FLUSH, 0);
+                simple(g, q, &[(s.hdr, 16, 0), (s.status, 1, 0)])
+            },
+            unreported(),
+        ),
+        (
+            "discard with an unaligned sector",
+            |g, q, s| {
+                g.header(s.hdr, VIRTIO_BLK_T_DISCARD, 0);
+                g.segment(s.extra, 3, 8, 0);
+                simple(g, q, &[(s.hdr, 16, 0), (s.extra, 16, 0), (s.status, 1, W)])
+            },
+            ioerr(),
+        ),
+        (
+            "discard with too many segments",
+            |g, q, s| {
+                g.header(s.hdr, VIRTIO_BLK_T_DISCARD, 0);
+                g.segment(s.extra, 0, 8, 0);
+                g.segment(s.extra + 16, 8, 8, 0);
+                simple(g, q, &[(s.hdr, 16, 0), (s.extra, 32, 0), (s.status, 1, W)])
+            },
+            ioerr(),
+        ),
+        (
+            "discard larger than max_discard_sectors",
+            |g, q, s| {
+                g.header(s.hdr, VIRTIO_BLK_T_DISCARD, 0);
+                g.segment(s.extra, 0, u32::MAX - 7, 0);
+                simple(g, q, &[(s.hdr, 16, 0), (s.extra, 16, 0), (s.status, 1, W)])
+            },
+            ioerr(),
+        ),
+        (
+            "write-zeroes past the end of the disk",
+            |g, q, s| {
+                g.header(s.hdr, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+                g.segment(s.extra, DISK / 512 - 8, 16, 0);
+                simple(g, q, &[(s.hdr, 16, 0), (s.extra, 16, 0), (s.status, 1, W)])
+            },
+            ioerr(),
+        ),
+        (
+            "write-zeroes segment with reserved flags",
+            |g, q, s| {
+                g.header(s.hdr, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+                g.segment(s.extra, 0, 8, 0x8000_0000);
+                simple(g, q, &[(s.hdr, 16, 0), (s.extra, 16, 0), (s.status, 1, W)])
+            },
+            ioerr(),
+        ),
+        (
+            "unknown request type",
+            |g, q, s| {
+                g.header(s.hdr, 0x7fff_ffff, 0);
+                simple(g, q, &[(s.hdr, 16, 0), (s.data, 512, W), (s.status, 1, W)])
+            },
+            Expect {
+                used_len: 1,
+                status: UNSUPP,
+            },
+        ),
+        (
+            "chain longer than the queue (a loop)",
+            |g, q, s| {
+                g.header(s.hdr, VIRTIO_BLK_T_IN, 0);
+                let t = desc_table(q);
+                g.put(t, 0, s.hdr, 16, NEXT, 1);
+                g.put(t, 1, s.data, 512, W | NEXT, 2);
+                g.put(t, 2, s.status, 1, W | NEXT, 1);
+                0
+            },
+            unreported(),
+        ),
+        (
+            "next index outside the queue",
+            |g, q, s| {
+                g.header(s.hdr, VIRTIO_BLK_T_IN, 0);
+                let t = desc_table(q);
+                g.put(t, 0, s.hdr, 16, NEXT, 1);
+                g.put(t, 1, s.data, 512, W | NEXT, 2);
+                g.put(t, 2, s.status, 1, W | NEXT, QSIZE + 3);
+                0
+            },
+            unreported(),
+        ),
+        (
+            "indirect table inside an indirect table",
+            |g, q, s| {
+                g.header(s.hdr, VIRTIO_BLK_T_IN, 0);
+                let inner = s.extra + 0x1000;
+                g.put(inner, 0, s.status, 1, W, 0);
+                g.put(s.extra, 0, s.hdr, 16, NEXT, 1);
+                g.put(s.extra, 1, s.data, 512, W | NEXT, 2);
+                g.put(s.extra, 2, inner, 16, IND, 0);
+                g.put(desc_table(q), 0, s.extra, 48, IND, 0);
+                0
+            },
+            unreported(),
+        ),
+        (
+            "indirect table whose first entry is indirect",
+            |g, q, s| {
+                g.header(s.hdr, VIRTIO_BLK_T_FLUSH, 0);
+                let inner = s.extra + 0x1000;
+                g.put(inner, 0, s.hdr, 16, NEXT, 1);
+                g.put(inner, 1, s.status, 1, W, 0);
+                g.put(s.extra, 0, inner, 32, IND, 0);
+                g.put(desc_table(q), 0, s.extra, 16, IND, 0);
+                0
+            },
+            unreported(),
+        ),
+        (
+            "indirect table of a length that is not a multiple of 16",
+            |g, q, s| {
+                g.header(s.hdr, VIRTIO_BLK_T_FLUSH, 0);
+                g.put(s.extra, 0, s.hdr, 16, NEXT, 1);
+                g.put(s.extra, 1, s.status, 1, W, 0);
+                g.put(desc_table(q), 0, s.extra, 31, IND, 0);
+                0
+            },
+            unreported(),
+        ),
+        (
+            "more data descriptors than seg_max",
+            |g, q, s| {
+                // A 300-entry indirect table: header, 298 x 512 B, status.
+                g.header(s.hdr, VIRTIO_BLK_T_IN, 0);
+                let n: u16 = 300;
+                g.put(s.extra, 0, s.hdr, 16, NEXT, 1);
+                for i in 1..n - 1 {
+                    g.put(s.extra, i, s.data, 512, W | NEXT, i + 1);
+                }
+                g.put(s.extra, n - 1, s.status, 1, W, 0);
+                g.put(desc_table(q), 0, s.extra, 16 * u32::from(n), IND, 0);
+                0
+            },
+            unreported(),
+        ),
+    ]
+}
+
+#[test]
+fn malformed_requests_get_their_status_and_the_queue_keeps_serving() {
+    let mut g = Guest::new(2, limits());
+    let want = pattern(1);
+    g.engine.write(8 * 512, &want).unwrap();
+    for (name, build, expect) in cases() {
+        let bad = Guest::slot(0, 0);
+        g.reset_status(&bad);
+        let head = build(&g, 0, &bad);
+        g.publish(0, head);
+        let (good_head, good) = g.publish_good_read(0, 8);
+        g.run(0);
+        let mut used = g.take_used(0);
+        used.sort();
+        assert_eq!(
+            used,
+            vec![
+                (u32::from(head), expect.used_len),
+                (u32::from(good_head), 4097)
+            ],
+            "{name}: used ring"
+        );
+        assert_eq!(g.status(bad.status), expect.status, "{name}: status byte");
+        assert_eq!(g.status(good.status), OK, "{name}: following read");
+        assert!(g.read_data(&good, 4096) == want, "{name}: read data");
+    }
+    // The other queue serves too: a write then a read back.
+    let data = pattern(9);
+    let s = Guest::slot(1, 0);
+    g.mem.write_slice(&data, GuestAddress(s.data)).unwrap();
+    g.header(s.hdr, VIRTIO_BLK_T_OUT, 64);
+    g.reset_status(&s);
+    let head = g.chain(1, 0, &[(s.hdr, 16, 0), (s.data, 4096, 0), (s.status, 1, W)]);
+    g.publish(1, head);
+    g.run(1);
+    assert_eq!(g.take_used(1), vec![(0, 1)]);
+    assert_eq!(g.status(s.status), OK);
+    let (_, r) = g.publish_good_read(1, 64);
+    g.run(1);
+    assert_eq!(g.take_used(1), vec![(8, 4097)]);
+    assert!(g.read_data(&r, 4096) == data);
+}
+
+#[test]
+fn a_valid_indirect_request_is_served() {
+    // The positive control for the indirect cases above.
+    let mut g = Guest::new(1, limits());
+    let want = pattern(5);
+    g.engine.write(16 * 512, &want).unwrap();
+    let s = Guest::slot(0, 0);
+    g.reset_status(&s);
+    g.header(s.hdr, VIRTIO_BLK_T_IN, 16);
+    g.put(s.extra, 0, s.hdr, 16, NEXT, 1);
+    g.put(s.extra, 1, s.data, 2048, W | NEXT, 2);
+    g.put(s.extra, 2, s.data + 2048, 2048, W | NEXT, 3);
+    g.put(s.extra, 3, s.status, 1, W, 0);
+    g.put(desc_table(0), 0, s.extra, 64, IND, 0);
+    g.publish(0, 0);
+    g.run(0);
+    assert_eq!(g.take_used(0), vec![(0, 4097)]);
+    assert_eq!(g.status(s.status), OK);
+    assert!(g.read_data(&s, 4096) == want);
+}
+
+#[test]
+fn write_to_a_read_only_disk_fails_and_reads_continue() {
+    let mut ro = limits();
+    ro.read_only = true;
+    let mut g = Guest::new(1, ro);
+    let before = pattern(3);
+    g.engine.write(8 * 512, &before).unwrap();
+    for t in [
+        VIRTIO_BLK_T_OUT,
+        VIRTIO_BLK_T_DISCARD,
+        VIRTIO_BLK_T_WRITE_ZEROES,
+    ] {
+        let s = Guest::slot(0, 0);
+        g.reset_status(&s);
+        g.header(s.hdr, t, 8);
+        g.segment(s.extra, 8, 8, 0);
+        let data = if t == VIRTIO_BLK_T_OUT {
+            (s.data, 4096, 0)
+        } else {
+            (s.extra, 16, 0)
+        };
+        let head = g.chain(0, 0, &[(s.hdr, 16, 0), data, (s.status, 1, W)]);
+        g.publish(0, head);
+        let (good_head, good) = g.publish_good_read(0, 8);
+        g.run(0);
+        let mut used = g.take_used(0);
+        used.sort();
+        assert_eq!(used, vec![(0, 1), (u32::from(good_head), 4097)], "type {t}");
+        assert_eq!(g.status(s.status), IOERR, "type {t}");
+        assert_eq!(g.status(good.status), OK, "type {t}");
+        assert!(g.read_data(&good, 4096) == before, "type {t}: data changed");
+    }
+}
+
+#[test]
+fn inflight_requests_per_queue_are_bounded_by_the_ring_size() {
+    // A driver may publish a head again while it is still in flight, so the
+    // ring alone does not bound the work one queue can queue up. With slow
+    // reads, a second full ring of copies of the same head can only be popped
+    // as earlier ones complete: when process_queue returns, at least a ring's
+    // worth of requests must already be on the used ring.
+    let mut g = Guest::with_read_latency(1, limits(), Duration::from_millis(20));
+    let s = Guest::slot(0, 0);
+    g.header(s.hdr, VIRTIO_BLK_T_IN, 0);
+    let head = g.chain(0, 0, &[(s.hdr, 16, 0), (s.data, 512, W), (s.status, 1, W)]);
+    for _ in 0..QSIZE {
+        g.publish(0, head);
+    }
+    g.backend.process_queue(0, &g.vrings[0]).unwrap();
+    for _ in 0..QSIZE {
+        g.publish(0, head);
+    }
+    g.backend.process_queue(0, &g.vrings[0]).unwrap();
+    let early = g.take_used(0).len();
+    assert!(
+        early >= usize::from(QSIZE),
+        "only {early} completions before the second ring was popped"
+    );
+    assert!(g.backend.drain(Duration::from_secs(10)));
+    assert_eq!(early + g.take_used(0).len(), 2 * usize::from(QSIZE));
+    assert_eq!(g.status(s.status), OK);
+}
+
+#[test]
+fn inflight_bound_waits_for_a_completion() {
+    let f = Arc::new(InFlight::default());
+    for _ in 0..4 {
+        f.begin();
+    }
+    assert!(!f.wait_below(4, Duration::from_millis(20)), "did not wait");
+    assert!(f.wait_below(5, Duration::from_millis(20)));
+    let ender = Arc::clone(&f);
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        ender.end();
+    });
+    let start = Instant::now();
+    assert!(f.wait_below(4, Duration::from_secs(5)));
+    assert!(start.elapsed() >= Duration::from_millis(40));
+    t.join().unwrap();
+}
