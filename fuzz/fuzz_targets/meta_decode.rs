@@ -1,5 +1,5 @@
 //! The on-disk metadata decoders from arbitrary bytes: superblock, table
-//! page and journal block.
+//! page, journal sector and a whole-journal scan.
 //!
 //! Byte 0 chooses what else happens: bit 7 makes the input a full 4 KiB page
 //! with its checksum recomputed, so the checks behind the CRC are reached
@@ -11,7 +11,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vblkcache::engine::meta::journal::{decode_block, encode_commit};
+use vblkcache::engine::meta::journal::{decode_sector, encode_commit, scan, Sector, SECTOR};
 use vblkcache::engine::meta::{decode_page, encode_page, Superblock, ENTRIES_PER_PAGE};
 
 const PAGE: usize = 4096;
@@ -27,7 +27,10 @@ fuzz_target!(|data: &[u8]| {
     };
     // Raw, at whatever length.
     let _ = Superblock::decode(body);
-    let _ = decode_block(body);
+    let _ = decode_sector(body);
+    // Scanning arbitrary bytes as a journal must never panic either.
+    let start = u64::from(sel) * SECTOR as u64;
+    let _ = scan(body, start, u64::from(sel));
     // The table loader asks for at most ENTRIES_PER_PAGE entries.
     let want = usize::from(sel) * 2 % (ENTRIES_PER_PAGE as usize + 1);
     let _ = decode_page(body, u64::from(sel), want, &mut Vec::new());
@@ -40,7 +43,8 @@ fuzz_target!(|data: &[u8]| {
     p[..n].copy_from_slice(&body[..n]);
     match sel & 3 {
         0 => {
-            put_crc(&mut p, PAGE - 4, 0..PAGE - 4);
+            // The superblock's CRC covers its first sector.
+            put_crc(&mut p, 508, 0..508);
             if let Ok(sb) = Superblock::decode(&p) {
                 assert_eq!(Superblock::decode(&sb.encode()).ok(), Some(sb));
             }
@@ -61,13 +65,15 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         _ => {
-            put_crc(&mut p, 4, 8..PAGE);
-            if let Ok(b) = decode_block(&p) {
-                assert!(b.index < b.count);
-                assert!(b.records.len() <= vblkcache::engine::meta::journal::RECORDS_PER_BLOCK);
-                if b.count == 1 {
-                    let enc = encode_commit(b.seq, &b.records);
-                    assert_eq!(decode_block(&enc[0]).ok(), Some(b));
+            // A journal sector: CRC over the magic and bytes 8..512.
+            let s0 = &mut p[..SECTOR];
+            let crc = crc32c::crc32c_append(crc32c::crc32c(&s0[0..4]), &s0[8..SECTOR]);
+            s0[4..8].copy_from_slice(&crc.to_le_bytes());
+            if let Sector::Valid(v) = decode_sector(&p[..SECTOR]) {
+                assert!(v.index < v.count);
+                if v.count as usize * SECTOR == 4096 && v.index == 0 {
+                    let enc = encode_commit(v.seq, &v.records);
+                    assert!(matches!(decode_sector(&enc[..SECTOR]), Sector::Valid(ref w) if w.records == v.records));
                 }
             }
         }

@@ -209,6 +209,18 @@ mod tests {
     }
 
     #[test]
+    fn huge_sequence_is_refused() {
+        for at in [16usize, 104] {
+            let mut p = sample().encode();
+            p[at..at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+            let crc = crc32c::crc32c(&p[..CRC_AT]);
+            p[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
+            let e = Superblock::decode(&p).unwrap_err();
+            assert!(e.contains("out of range"), "{e}");
+        }
+    }
+
+    #[test]
     fn every_flipped_byte_is_detected() {
         let page = sample().encode();
         for i in (0..512).step_by(3) {
