@@ -473,8 +473,9 @@ impl ControlTarget for SlowFlush {
         json!({})
     }
     fn flush_all(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<(), String> {
-        progress(0, 1);
+        // Mark the start before the first progress line reaches the client.
         self.started.store(true, Ordering::SeqCst);
+        progress(0, 1);
         let deadline = Instant::now() + Duration::from_secs(5);
         while !self.release.load(Ordering::SeqCst) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
