@@ -96,6 +96,9 @@ pub struct BoundSocket {
     ino: u64,
 }
 
+/// Held while the process umask is changed for a bind.
+static UMASK_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 impl BoundSocket {
     /// Binds `path` with permission bits `mode` and, if given, group `gid`,
     /// following the invariants in the module doc.
@@ -108,6 +111,9 @@ impl BoundSocket {
         // exactly `mode`, with no window where it is wider. umask is
         // process-wide: at this point the only other threads are the signal
         // thread and the engine's workers, none of which create files.
+        // Serialise umask users in this process (tests bind sockets from
+        // several threads at once; the mask is per process, not per thread).
+        let _umask = UMASK_LOCK.lock().unwrap_or_else(|p| p.into_inner());
         // SAFETY: umask only swaps the process file-creation mask.
         let old = unsafe { libc::umask((0o777 & !mode) as libc::mode_t) };
         // bind() never follows or replaces an existing path (EADDRINUSE).
