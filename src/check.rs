@@ -417,28 +417,15 @@ fn entry_problems(entries: &[u64], source_blocks: u64, l: &Layout) -> Vec<(u64, 
         if e == 0 {
             continue;
         }
-        if e & VALID == 0 || e & !(VALID | DIRTY | BLOCK_MASK) != 0 {
-            out.push((frame, format!("invalid entry bits {e:#018x}")));
-            continue;
+        if let Some(p) = meta::entry_problem(e, frame, source_blocks, &g) {
+            out.push((frame, p.to_string()));
+            // A well-formed entry in the wrong set still takes part in the
+            // duplicate check; a malformed one has no block to compare.
+            if !matches!(p, meta::EntryProblem::WrongSet { .. }) {
+                continue;
+            }
         }
         let block = e & BLOCK_MASK;
-        if block >= source_blocks {
-            out.push((
-                frame,
-                format!("maps source block {block}, past the end of the source ({source_blocks} blocks)"),
-            ));
-            continue;
-        }
-        if g.set_of(block) != frame / u64::from(l.assoc) {
-            out.push((
-                frame,
-                format!(
-                    "maps source block {block} of set {}, but the frame is in set {}",
-                    g.set_of(block),
-                    frame / u64::from(l.assoc)
-                ),
-            ));
-        }
         if let Some(first) = owner.insert(block, frame) {
             out.push((
                 frame,
@@ -499,7 +486,7 @@ fn walk_journal(
                         c.seq, l.cache_blocks
                     ),
                 );
-            } else if v != 0 && (v & VALID == 0 || v & !(VALID | DIRTY | BLOCK_MASK) != 0) {
+            } else if !journal::valid_value(v) {
                 r.problem(
                     Area::Journal,
                     format!(

@@ -19,7 +19,7 @@
 //!    clean or free be reused.
 
 use super::core::Core;
-use super::frames::{BLOCK_MASK, CDIRTY, DIRTY, QUEUED, VALID};
+use super::frames::{CDIRTY, DIRTY, QUEUED};
 use super::meta::{self, journal, Layout, Superblock};
 use super::EngineError;
 use crate::device::{AlignedBuf, BlockDevice};
@@ -276,7 +276,7 @@ pub(crate) fn replay(
                     frame: f,
                     frames: l.cache_blocks,
                 })?;
-            if v != 0 && (v & VALID == 0 || v & !(VALID | DIRTY | BLOCK_MASK) != 0) {
+            if !journal::valid_value(v) {
                 return Err(meta::MetaError::JournalCorrupt {
                     offset: l.journal_offset + c.offset,
                     what: format!("record value {v:#x} has unknown bits"),

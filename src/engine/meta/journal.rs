@@ -23,6 +23,12 @@ pub const RECORDS_PER_SECTOR: usize = (SECTOR - HEADER) / 16;
 /// Commits are written in units of this many bytes (O_DIRECT alignment).
 pub const COMMIT_ALIGN: usize = 4096;
 
+/// True for a value a record may carry: 0, or `VALID|DIRTY|block` bits only.
+pub fn valid_value(v: u64) -> bool {
+    use crate::engine::frames::{BLOCK_MASK, DIRTY, VALID};
+    v == 0 || (v & VALID != 0 && v & !(VALID | DIRTY | BLOCK_MASK) == 0)
+}
+
 /// A valid journal sector.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JournalSector {

@@ -22,7 +22,7 @@ mod table;
 pub use crate::engine::frames::{BLOCK_MASK, DIRTY, VALID};
 pub use layout::{Layout, JOURNAL_LEN, META_PAGE};
 pub use superblock::{Superblock, FORMAT_VERSION, MAGIC};
-pub use table::{decode_page, encode_page, ENTRIES_PER_PAGE};
+pub use table::{decode_page, encode_page, entry_problem, EntryProblem, ENTRIES_PER_PAGE};
 
 use crate::device::{BlockDevice, DeviceError};
 

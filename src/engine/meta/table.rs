@@ -62,6 +62,37 @@ pub fn decode_page(p: &[u8], index: u64, want: usize, out: &mut Vec<u64>) -> Res
     Ok(())
 }
 
+/// What can be wrong with one table entry on its own (duplicates need the
+/// whole table).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EntryProblem {
+    #[error("invalid entry bits {0:#018x}")]
+    Bits(u64),
+    #[error("maps source block {block}, past the end of the source ({source_blocks} blocks)")]
+    PastSource { block: u64, source_blocks: u64 },
+    #[error("maps source block {block} of set {want}, but the frame is in set {have}")]
+    WrongSet { block: u64, want: u64, have: u64 },
+}
+
+/// Checks entry `e` of `frame` on its own; 0 (a free frame) is fine.
+pub fn entry_problem(e: u64, frame: u64, source_blocks: u64, g: &Geometry) -> Option<EntryProblem> {
+    if e == 0 {
+        return None;
+    }
+    if e & VALID == 0 || e & !(VALID | DIRTY | BLOCK_MASK) != 0 {
+        return Some(EntryProblem::Bits(e));
+    }
+    let block = e & BLOCK_MASK;
+    if block >= source_blocks {
+        return Some(EntryProblem::PastSource {
+            block,
+            source_blocks,
+        });
+    }
+    let (want, have) = (g.set_of(block), frame / u64::from(g.assoc));
+    (want != have).then_some(EntryProblem::WrongSet { block, want, have })
+}
+
 /// Checks decoded entries: only known bits, blocks inside the source, each in
 /// the set its block maps to, and no block mapped twice.
 pub fn validate_entries(
@@ -79,23 +110,11 @@ pub fn validate_entries(
     };
     for (f, &e) in entries.iter().enumerate() {
         let frame = f as u64;
-        if e == 0 {
-            continue;
-        }
-        let bad = |what: String| MetaError::BadEntry { frame, what };
-        if e & VALID == 0 || e & !(VALID | DIRTY | BLOCK_MASK) != 0 {
-            return Err(bad(format!("invalid entry bits {e:#018x}")));
-        }
-        let block = e & BLOCK_MASK;
-        if block >= source_blocks {
-            return Err(bad(format!(
-                "maps source block {block}, past the end of the source ({source_blocks} blocks)"
-            )));
-        }
-        if g.set_of(block) != frame / u64::from(assoc) {
-            return Err(bad(format!(
-                "maps source block {block}, which belongs to another set"
-            )));
+        if let Some(p) = entry_problem(e, frame, source_blocks, &g) {
+            return Err(MetaError::BadEntry {
+                frame,
+                what: p.to_string(),
+            });
         }
     }
     // Every entry is in its own set, so a block mapped twice is mapped twice
