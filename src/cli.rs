@@ -98,7 +98,8 @@ pub struct ServeArgs {
     /// Virtqueue size, a power of two from 2 to 1024.
     #[arg(long, value_name = "N", default_value_t = 256)]
     pub queue_size: u16,
-    /// Threads executing requests (0 = 8 per queue, at most 64).
+    /// Threads executing the requests io_uring does not serve, mostly cache
+    /// misses waiting on the source (0 = 32 per queue, at most 256).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub io_threads: u16,
     /// Export the disk read-only [default: read-write].
@@ -110,9 +111,18 @@ pub struct ServeArgs {
     /// Control socket for `vblkcache status|flush|set-mode|reset-stats` [default: none].
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
-    /// Open the source and cache with O_DIRECT (bypass the host page cache) [default: off].
-    #[arg(long)]
+    /// Open the source and cache with O_DIRECT (bypass the host page cache)
+    /// and fail if the filesystem refuses it [default: O_DIRECT on the cache
+    /// where the filesystem allows it, the page cache for the source].
+    #[arg(long, conflicts_with = "buffered")]
     pub direct: bool,
+    /// Open the cache through the host page cache, without O_DIRECT.
+    #[arg(long)]
+    pub buffered: bool,
+    /// Serve cache hits from the queue threads with io_uring, straight
+    /// between the cache device and guest memory.
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = ["on", "off"])]
+    pub io_uring: String,
     /// Format the cache device even if it holds data that is not a vblkcache
     /// cache [default: refuse].
     #[arg(long)]

@@ -15,9 +15,9 @@ pub const MAX_QUEUE_SIZE: u16 = 1024;
 /// Serial numbers are reported in a 20-byte field (VIRTIO_BLK_ID_BYTES).
 pub const MAX_SERIAL_BYTES: usize = 20;
 /// I/O threads per queue when `--io-threads` is 0.
-pub const DEFAULT_IO_THREADS_PER_QUEUE: usize = 8;
+pub const DEFAULT_IO_THREADS_PER_QUEUE: usize = 32;
 /// Upper bound on I/O threads.
-pub const MAX_IO_THREADS: usize = 64;
+pub const MAX_IO_THREADS: usize = 256;
 
 /// A configuration error. Each message names the offending option.
 #[derive(Debug, thiserror::Error)]
@@ -71,13 +71,19 @@ pub struct ServeConfig {
     pub queues: u16,
     /// Virtqueue size, a power of two in 2..=1024 (default 256).
     pub queue_size: u16,
-    /// Request-executing threads, 1..=64 (default 8 per queue).
+    /// Request-executing threads, 1..=256 (default 32 per queue).
+    /// Cache misses block one thread each while the source answers, so this
+    /// bounds how many misses are fetched in parallel.
     pub io_threads: usize,
     pub readonly: bool,
     /// At most 20 bytes (default "vblkcache").
     pub serial: String,
-    /// O_DIRECT on both devices (default off).
+    /// O_DIRECT on both devices, required (default: cache only, if possible).
     pub direct: bool,
+    /// No O_DIRECT on the cache (default off).
+    pub buffered: bool,
+    /// Serve hits with io_uring from the queue threads (default on).
+    pub io_uring: bool,
     /// Permission bits of the sockets (default 0o600).
     pub socket_mode: u32,
     /// Write dirty blocks back to the source on shutdown (default off).
@@ -296,6 +302,8 @@ impl TryFrom<ServeArgs> for ServeConfig {
             readonly: a.readonly,
             serial: a.serial,
             direct: a.direct,
+            buffered: a.buffered,
+            io_uring: a.io_uring == "on",
             socket_mode,
             writeback_on_exit: a.writeback_on_exit,
             source_latency: match &a.source_latency {
@@ -349,7 +357,8 @@ mod tests {
         let c = parse(&[]).unwrap();
         assert_eq!(c.queues, 1);
         assert_eq!(c.queue_size, 256);
-        assert_eq!(c.io_threads, 8);
+        assert_eq!(c.io_threads, 32);
+        assert!(c.io_uring && !c.buffered);
         assert_eq!(c.socket_mode, 0o600);
         assert_eq!(c.engine.geometry.block_size, None);
         assert_eq!(c.engine.mode, None);
@@ -370,7 +379,7 @@ mod tests {
             (&["--queues", "17"], "--queues"),
             (&["--queue-size", "100"], "--queue-size"),
             (&["--queue-size", "2048"], "--queue-size"),
-            (&["--io-threads", "65"], "--io-threads"),
+            (&["--io-threads", "257"], "--io-threads"),
             (&["--serial", "123456789012345678901"], "--serial"),
             (&["--socket-mode", "0800"], "--socket-mode"),
             (&["--socket-mode", "rw"], "--socket-mode"),
@@ -411,7 +420,7 @@ mod tests {
         assert_eq!(c.engine.geometry.cache_blocks, Some(64));
         assert_eq!(c.engine.geometry.assoc, Some(8));
         assert_eq!(c.queues, 4);
-        assert_eq!(c.io_threads, 32);
+        assert_eq!(c.io_threads, 128);
         assert_eq!(c.socket_mode, 0o660);
         assert!(c.readonly);
     }

@@ -23,10 +23,55 @@ fn random_range(rng: &mut impl Rng, size: usize, max_len: usize) -> (usize, usiz
     (off, len)
 }
 
+/// The engine statistics of a running daemon, through `vblkcache status`.
+fn stats(control: &std::path::Path) -> serde_json::Value {
+    let out = std::process::Command::new(common::BIN)
+        .args(["status", "--json", "--control"])
+        .arg(control)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["stats"].clone()
+}
+
 #[test]
-fn random_io_flush_discard_write_zeroes_match_reference() {
+fn random_io_with_io_uring_matches_reference() {
+    // The cache file is on a filesystem with O_DIRECT (or the page cache):
+    // both allow the io_uring path, so every one of the 8 hot reads uses it.
+    assert_eq!(random_io_scenario("on"), 8);
+}
+
+#[test]
+fn random_io_without_io_uring_matches_reference() {
+    assert_eq!(random_io_scenario("off"), 0);
+}
+
+/// Random reads, writes (single and batched), flushes, write-zeroes and a
+/// discard against a reference copy, then 8 reads of freshly written
+/// (cached) blocks; returns how many requests took the io_uring path during
+/// those 8 reads.
+fn random_io_scenario(io_uring: &str) -> u64 {
     let files = Files::new(64 * MIB, 32 << 20, 1);
-    let daemon = Daemon::start(&files, &["--mode", "writeback", "--block-size", "64K"]);
+    let control = files.dir.path().join("ctl.sock");
+    let ctl = control.display().to_string();
+    let daemon = Daemon::start(
+        &files,
+        &[
+            "--mode",
+            "writeback",
+            "--block-size",
+            "64K",
+            "--io-uring",
+            io_uring,
+            "--control",
+            &ctl,
+        ],
+    );
     let mut client = Client::connect(&files.socket, 1);
     assert_eq!(client.capacity(), 64 * MIB as u64);
     let mut q = client.queue(0);
@@ -103,10 +148,20 @@ fn random_io_flush_discard_write_zeroes_match_reference() {
             "at {off}"
         );
     }
+    // Cached blocks read again: with io_uring each read is one direct
+    // request (4 whole blocks, pinned and read in place).
+    let hot = random_bytes(&mut rng, 256 * 1024);
+    q.write(MIB as u64, &hot);
+    let before = stats(&control)["direct_requests"].as_u64().unwrap();
+    for _ in 0..8 {
+        assert!(q.read(MIB as u64, hot.len()) == hot);
+    }
+    let after = stats(&control)["direct_requests"].as_u64().unwrap();
     drop(q);
     drop(client);
     assert!(daemon.stop().success());
     assert!(!files.socket.exists(), "socket left behind");
+    after - before
 }
 
 #[test]

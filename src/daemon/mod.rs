@@ -135,6 +135,28 @@ fn open_device(
     }
 }
 
+/// Opens the cache with O_DIRECT unless `--buffered`; without `--direct`, a
+/// filesystem that refuses O_DIRECT (tmpfs) gets the page cache instead.
+fn open_cache(cfg: &ServeConfig) -> Result<Arc<dyn BlockDevice>, Error> {
+    let opts = |direct| OpenOptions {
+        direct,
+        read_only: false,
+    };
+    if cfg.buffered {
+        return open_device("--cache", &cfg.cache, opts(false));
+    }
+    match open_device("--cache", &cfg.cache, opts(true)) {
+        Err(Error::DirectUnsupported { .. }) if !cfg.direct => {
+            log::info!(
+                "{}: the filesystem refuses O_DIRECT; using the page cache",
+                cfg.cache.display()
+            );
+            open_device("--cache", &cfg.cache, opts(false))
+        }
+        r => r,
+    }
+}
+
 /// Opens the source, read-only if the disk is exported read-only and the
 /// file is not writable.
 fn open_source(cfg: &ServeConfig) -> Result<Arc<dyn BlockDevice>, Error> {
@@ -209,14 +231,7 @@ fn serve_inner(cfg: &ServeConfig, stop: &Arc<Stop>) -> Result<(), Error> {
     // Held until the daemon exits, so `vblkcache check` and a second daemon
     // cannot use the cache device meanwhile.
     let _cache_lock = crate::check::lock_cache(&cfg.cache)?;
-    let cache = open_device(
-        "--cache",
-        &cfg.cache,
-        OpenOptions {
-            direct: cfg.direct,
-            read_only: false,
-        },
-    )?;
+    let cache = open_cache(cfg)?;
     let engine = Arc::new(Engine::open(source, cache, cfg.engine.clone())?);
     let status = engine.status();
     log::info!(
@@ -262,6 +277,7 @@ fn serve_engine(cfg: &ServeConfig, stop: &Arc<Stop>, engine: &Arc<Engine>) -> Re
             cfg.readonly,
         ),
         serial: cfg.serial.clone(),
+        io_uring: cfg.io_uring,
     };
     // Everything that may need privileges is open: devices, sockets, threads.
     crate::sandbox::drop_privileges(cfg.sandbox.uid, cfg.sandbox.gid)?;
@@ -347,6 +363,11 @@ fn accept_loop(
             continue;
         }
         log::info!("front-end connected");
+        if let Err(e) = backend.register_ring_events(&daemon.get_epoll_handlers()) {
+            // Without the eventfd nobody would reap completions: fail loudly.
+            log::error!("cannot watch the io_uring completions: {e}");
+            daemon.request_shutdown();
+        }
         *stop.lock_connection() = daemon.shutdown_handle();
         // A signal between start and publishing the handle saw no connection.
         if stop.is_requested() {

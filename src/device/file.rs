@@ -204,6 +204,13 @@ impl BlockDevice for FileDevice {
         self.size
     }
 
+    fn raw_access(&self) -> Option<super::RawAccess> {
+        Some(super::RawAccess {
+            fd: self.file.as_raw_fd(),
+            direct: self.direct,
+        })
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DeviceError> {
         let len = buf.len() as u64;
         check_range(IoOp::Read, offset, len, self.size)?;

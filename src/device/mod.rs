@@ -132,6 +132,24 @@ pub trait BlockDevice: Send + Sync {
     fn name(&self) -> String {
         String::from("device")
     }
+    /// A file descriptor whose byte offsets are this device's, for callers
+    /// that do asynchronous I/O (io_uring) outside this trait. `None` (the
+    /// default) for devices that are not one plain file, and for every
+    /// wrapper that adds behaviour (latency, faults, counting), so I/O that
+    /// must see that behaviour never bypasses it.
+    fn raw_access(&self) -> Option<RawAccess> {
+        None
+    }
+}
+
+/// See [`BlockDevice::raw_access`]. The descriptor stays valid as long as the
+/// device that returned it is alive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawAccess {
+    pub fd: std::os::fd::RawFd,
+    /// Opened with `O_DIRECT`: buffers, offsets and lengths must be aligned
+    /// to the device's logical block size.
+    pub direct: bool,
 }
 
 impl<T: BlockDevice + ?Sized> BlockDevice for Arc<T> {
@@ -155,5 +173,8 @@ impl<T: BlockDevice + ?Sized> BlockDevice for Arc<T> {
     }
     fn name(&self) -> String {
         (**self).name()
+    }
+    fn raw_access(&self) -> Option<RawAccess> {
+        (**self).raw_access()
     }
 }

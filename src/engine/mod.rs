@@ -4,6 +4,7 @@
 
 mod commit;
 mod core;
+mod direct;
 mod frames;
 pub mod geometry;
 pub mod meta;
@@ -16,6 +17,7 @@ mod store;
 mod write;
 mod writeback;
 
+pub use direct::{DirectIo, Extent};
 pub use geometry::{Geometry, GeometryError, GeometryRequest};
 pub use mode::WriteMode;
 pub use stats::{Stats, StatsSnapshot};

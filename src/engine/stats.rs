@@ -64,6 +64,9 @@ counters! {
     bytes_read,
     /// Bytes written by the guest.
     bytes_written,
+    /// Hit requests whose cache I/O the caller did itself (the daemon's
+    /// io_uring path), a subset of `reads` + `writes`.
+    direct_requests,
     /// I/O errors returned to callers or met by background workers.
     errors,
 }

@@ -16,14 +16,15 @@ use super::config_space;
 use super::execute::{execute, status_of, write_status};
 use super::pool::{IoPoolHandle, Job};
 use super::request::Request;
+use super::uring::{Done, QueueRing};
 use super::DeviceLimits;
 use crate::engine::{Engine, WriteMode};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
 use virtio_bindings::bindings::virtio_blk::*;
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
@@ -59,6 +60,9 @@ pub struct BlkBackendConfig {
     pub limits: DeviceLimits,
     /// At most 20 bytes; padded with zeros.
     pub serial: String,
+    /// Serve cache hits with io_uring from the queue threads (when the cache
+    /// device allows it); otherwise every request goes to the I/O pool.
+    pub io_uring: bool,
 }
 
 /// Requests of one queue that have been popped but not completed.
@@ -73,9 +77,13 @@ impl InFlight {
         *self.count.lock().unwrap_or_else(|p| p.into_inner()) += 1;
     }
 
-    fn end(&self) {
+    fn count(&self) -> usize {
+        *self.count.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn end(&self, n: usize) {
         let mut c = self.count.lock().unwrap_or_else(|p| p.into_inner());
-        *c = c.saturating_sub(1);
+        *c = c.saturating_sub(n);
         // Both waiters (drain and the in-flight bound) use this condvar.
         self.idle.notify_all();
     }
@@ -128,6 +136,8 @@ struct Inner {
     event_idx: AtomicBool,
     pool: IoPoolHandle,
     inflight: Vec<InFlight>,
+    /// One io_uring per queue (see `uring`); `None` where hits go to the pool.
+    rings: Vec<Mutex<Option<QueueRing>>>,
 }
 
 /// The backend. Cheap to clone (the vhost-user library clones it per worker).
@@ -143,6 +153,9 @@ impl BlkBackend {
         let n = cfg.serial.len().min(serial.len());
         serial[..n].copy_from_slice(&cfg.serial.as_bytes()[..n]);
         let inflight = (0..cfg.num_queues).map(|_| InFlight::default()).collect();
+        let rings = (0..cfg.num_queues)
+            .map(|q| Mutex::new(make_ring(&engine, &cfg, q)))
+            .collect();
         BlkBackend {
             inner: Arc::new(Inner {
                 engine,
@@ -151,6 +164,7 @@ impl BlkBackend {
                 event_idx: AtomicBool::new(false),
                 pool,
                 inflight,
+                rings,
                 cfg,
             }),
         }
@@ -165,8 +179,47 @@ impl BlkBackend {
             .clone()
     }
 
+    /// The epoll event id of the io_uring completion eventfds (above the
+    /// ids vhost-user-backend reserves for queues and its exit event).
+    fn ring_event(&self) -> u64 {
+        u64::from(self.inner.cfg.num_queues) + 1
+    }
+
+    /// Adds each queue's io_uring eventfd to that queue's epoll loop
+    /// (handler `q` serves queue `q`, see `queues_per_thread`).
+    pub fn register_ring_events(
+        &self,
+        handlers: &[Arc<VringEpollHandler<BlkBackend>>],
+    ) -> io::Result<()> {
+        for (q, h) in handlers.iter().enumerate() {
+            let Some(ring) = self.inner.rings.get(q) else {
+                continue;
+            };
+            let fd = match &*ring.lock().unwrap_or_else(|p| p.into_inner()) {
+                Some(r) => r.event_fd(),
+                None => continue,
+            };
+            h.register_listener(fd, EventSet::IN, self.ring_event())?;
+        }
+        Ok(())
+    }
+
     /// Waits for every in-flight request of every queue; false on timeout.
+    /// Call after the queue workers have stopped: io_uring completions are
+    /// reaped here then.
     pub fn drain(&self, timeout: Duration) -> bool {
+        for q in 0..self.inner.rings.len() {
+            let mut guard = self.lock_ring(q);
+            let Some(ring) = ring_of(&mut guard) else {
+                continue;
+            };
+            let done = ring.drain();
+            let vring = ring.vring.clone();
+            drop(guard);
+            if let Some(vring) = vring {
+                self.finish_ring(q, &vring, done);
+            }
+        }
         let deadline = Instant::now() + timeout;
         self.inner
             .inflight
@@ -188,6 +241,12 @@ impl BlkBackend {
             ));
         };
         let event_idx = self.inner.event_idx.load(Ordering::Acquire);
+        let mut ring_guard = self.lock_ring(q);
+        if let Some(r) = ring_of(&mut ring_guard) {
+            if r.vring.is_none() {
+                r.vring = Some(vring.clone());
+            }
+        }
         loop {
             if event_idx {
                 vring.disable_notification().map_err(io::Error::other)?;
@@ -196,29 +255,94 @@ impl BlkBackend {
                 // Back-pressure per queue: at most one ring's worth of
                 // requests in flight, whatever the driver publishes.
                 let limit = usize::from(vring.get_ref().get_queue().size());
-                while !inflight.wait_below(limit, INFLIGHT_WAIT) {
-                    log::warn!("queue {q}: {limit} requests in flight for {INFLIGHT_WAIT:?}");
+                while inflight.count() >= limit.max(1) {
+                    match ring_of(&mut ring_guard).filter(|r| r.busy()) {
+                        // Our own completions can only be reaped here.
+                        Some(r) => {
+                            let done = r.wait();
+                            self.finish_ring(q, vring, done);
+                        }
+                        None => {
+                            if !inflight.wait_below(limit, INFLIGHT_WAIT) {
+                                log::warn!(
+                                    "queue {q}: {limit} requests in flight for {INFLIGHT_WAIT:?}"
+                                );
+                            }
+                        }
+                    }
                 }
                 let Some((chain, mem)) = self.pop(vring, inflight) else {
                     break;
                 };
                 let head = chain.head_index();
                 match Request::parse(chain, &self.inner.cfg.limits) {
-                    Ok(req) => self.submit(q, vring, mem, head, req),
+                    Ok(req) => {
+                        let declined = match ring_of(&mut ring_guard) {
+                            Some(r) => r.try_start(&self.inner.engine, head, req, mem),
+                            None => Err((req, mem)),
+                        };
+                        if let Err((req, mem)) = declined {
+                            self.submit(q, vring, mem, head, req);
+                        }
+                    }
                     Err(e) => {
                         log::debug!("queue {q}: rejected request {head}: {e}");
                         let used = match e.status_addr {
                             Some(a) if write_status(&*mem, a, e.status()).is_ok() => 1,
                             _ => 0,
                         };
-                        self.inner.complete(q, vring, head, used);
+                        self.inner.complete(q, vring, &[(head, used)]);
                     }
                 }
             }
+            if let Some(r) = ring_of(&mut ring_guard) {
+                r.submit();
+            }
             if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
-                return Ok(());
+                break;
             }
         }
+        // Hits on a fast device may already be done: post them now.
+        if let Some(r) = ring_of(&mut ring_guard) {
+            let done = r.reap();
+            drop(ring_guard);
+            self.finish_ring(q, vring, done);
+        }
+        Ok(())
+    }
+
+    fn lock_ring(&self, q: usize) -> Option<MutexGuard<'_, Option<QueueRing>>> {
+        self.inner
+            .rings
+            .get(q)
+            .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Posts the served requests of one reap in one batch and sends the
+    /// failed ones to the pool.
+    fn finish_ring(&self, q: usize, vring: &Vring, done: Vec<Done>) {
+        if done.is_empty() {
+            return;
+        }
+        let mut served = Vec::with_capacity(done.len());
+        for d in done {
+            match d {
+                Done::Served { head, used_len } => served.push((head, used_len)),
+                Done::Retry { head, req, mem } => self.submit(q, vring, mem, head, req),
+            }
+        }
+        self.inner.complete(q, vring, &served);
+    }
+
+    /// Reaps the io_uring of the queue served by this worker.
+    fn process_ring(&self, q: usize, vring: &Vring) {
+        let mut guard = self.lock_ring(q);
+        let Some(r) = ring_of(&mut guard) else {
+            return;
+        };
+        let done = r.reap();
+        drop(guard);
+        self.finish_ring(q, vring, done);
     }
 
     /// Pops the next available chain, counting it as in flight.
@@ -255,7 +379,7 @@ impl BlkBackend {
                 Ok(()) => written.saturating_add(1),
                 Err(_) => written,
             };
-            inner.complete(q, &vring, head, used);
+            inner.complete(q, &vring, &[(head, used)]);
         });
         if let Err(job) = self.inner.pool.submit(job) {
             // The pool is gone (shutting down): run it here rather than lose it.
@@ -265,14 +389,41 @@ impl BlkBackend {
     }
 }
 
+/// The ring inside a locked per-queue slot, if the queue has one.
+fn ring_of<'a>(g: &'a mut Option<MutexGuard<'_, Option<QueueRing>>>) -> Option<&'a mut QueueRing> {
+    g.as_deref_mut().and_then(Option::as_mut)
+}
+
+/// Sets up queue `q`'s io_uring if enabled and the cache device allows it.
+fn make_ring(engine: &Engine, cfg: &BlkBackendConfig, q: u16) -> Option<QueueRing> {
+    if !cfg.io_uring {
+        return None;
+    }
+    let access = engine.cache_raw_access()?;
+    match QueueRing::new(access, cfg.queue_size) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            if q == 0 {
+                log::warn!("cache hits go through the I/O threads: {e}");
+            }
+            None
+        }
+    }
+}
+
 impl Inner {
-    /// Puts `head` on the used ring, signals the driver if EVENT_IDX says so,
-    /// and uncounts the request.
-    fn complete(&self, q: usize, vring: &Vring, head: u16, used_len: u32) {
+    /// Puts each `(head, used_len)` on the used ring, signals the driver
+    /// once if EVENT_IDX says so, and uncounts the requests.
+    fn complete(&self, q: usize, vring: &Vring, done: &[(u16, u32)]) {
+        if done.is_empty() {
+            return;
+        }
         {
             let mut state = vring.get_mut();
-            if let Err(e) = state.add_used(head, used_len) {
-                log::error!("queue {q}: cannot add {head} to the used ring: {e}");
+            for &(head, used_len) in done {
+                if let Err(e) = state.add_used(head, used_len) {
+                    log::error!("queue {q}: cannot add {head} to the used ring: {e}");
+                }
             }
             let notify = state.needs_notification().unwrap_or(true);
             if notify {
@@ -282,7 +433,7 @@ impl Inner {
             }
         }
         if let Some(f) = self.inflight.get(q) {
-            f.end();
+            f.end(done.len());
         }
     }
 }
@@ -401,13 +552,21 @@ impl VhostUserBackend for BlkBackend {
         vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
-        // One queue per thread: event 0 is its kick, thread_id its index.
-        if device_event != 0 || !evset.contains(EventSet::IN) {
+        // One queue per thread: event 0 is its kick, thread_id its index;
+        // `ring_event` is its io_uring completion eventfd.
+        if !evset.contains(EventSet::IN) {
             return Ok(());
         }
-        match vrings.first() {
-            Some(vring) => self.process_queue(thread_id, vring),
-            None => Ok(()),
+        let Some(vring) = vrings.first() else {
+            return Ok(());
+        };
+        if device_event == 0 {
+            self.process_queue(thread_id, vring)
+        } else if u64::from(device_event) == self.ring_event() {
+            self.process_ring(thread_id, vring);
+            Ok(())
+        } else {
+            Ok(())
         }
     }
 }
@@ -444,6 +603,7 @@ mod tests {
                 queue_size: 128,
                 limits: DeviceLimits::new(1 << 20, 4096, read_only),
                 serial: "s".into(),
+                io_uring: true,
             },
             pool.handle(),
         );

@@ -99,6 +99,7 @@ impl Guest {
                 queue_size: QSIZE,
                 limits,
                 serial: "malformed".into(),
+                io_uring: true,
             },
             pool.handle(),
         );
@@ -660,7 +661,7 @@ fn inflight_bound_waits_for_a_completion() {
     let ender = Arc::clone(&f);
     let t = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(50));
-        ender.end();
+        ender.end(1);
     });
     let start = Instant::now();
     assert!(f.wait_below(4, Duration::from_secs(5)));

@@ -106,7 +106,7 @@ fn bounce(buf: &mut Vec<u8>, n: usize) -> &mut [u8] {
 
 /// Calls `f(addr, range_in_piece)` for each part of the segment list that
 /// covers bytes `[skip, skip + len)` of the request data.
-fn walk<F>(segs: &[Segment], skip: u64, len: usize, mut f: F) -> Result<(), BlkError>
+pub(super) fn walk<F>(segs: &[Segment], skip: u64, len: usize, mut f: F) -> Result<(), BlkError>
 where
     F: FnMut(GuestAddress, std::ops::Range<usize>) -> Result<(), BlkError>,
 {

@@ -11,6 +11,7 @@ pub mod pool;
 pub mod request;
 #[cfg(test)]
 mod request_tests;
+pub mod uring;
 
 pub use backend::{BlkBackend, BlkBackendConfig};
 pub use request::{BlkError, ParseError, Request, RequestKind};

@@ -1,0 +1,185 @@
+//! Hits served by the caller's own I/O on the cache device.
+//!
+//! A caller with an asynchronous I/O engine (the daemon's io_uring) asks for a
+//! [`DirectIo`]: if every block of the request is cached and usable right
+//! now, the frames are pinned and the caller gets the cache device ranges to
+//! read or write itself; otherwise it gets `None` and uses the blocking
+//! [`Engine::read`]/[`Engine::write`], which handle misses. Nothing here
+//! waits or does I/O, so a queue thread can call it.
+//!
+//! Invariants, the same as the blocking hit paths in `read.rs` and
+//! `write.rs`:
+//! - a pinned frame is never evicted, reused or claimed for writeback, so the
+//!   extents keep pointing at this request's blocks until the `DirectIo` is
+//!   dropped;
+//! - a read hit needs a frame that is not being filled; a write hit needs an
+//!   idle frame (not being filled, stored or written back) and happens only
+//!   in writeback mode, counted in `wb_writers` so a mode switch waits for it;
+//! - a write marks the frame dirty before its data is written, as the
+//!   blocking path does: a FLUSH only covers writes already completed, and a
+//!   frame recorded dirty early still holds this block's data (old or new).
+//!
+//! If the caller's I/O fails it calls [`DirectIo::failed`] and retries the
+//! request through the blocking path, which reports errors properly; a
+//! failed direct write leaves its frames dirty, and the retry rewrites them.
+
+use super::core::{chunks, Core};
+use super::frames::FrameState;
+use super::mode::WriteMode;
+use super::Engine;
+use crate::device::RawAccess;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+use std::sync::Arc;
+
+/// One contiguous range of a request on the cache device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Byte offset on the cache device.
+    pub dev_offset: u64,
+    /// Byte offset inside the request.
+    pub pos: u64,
+    pub len: u64,
+}
+
+/// Pinned cache frames of one request being served directly. Dropping it
+/// releases the pins (and, for a write, lets a mode switch proceed).
+pub struct DirectIo {
+    core: Arc<Core>,
+    write: bool,
+    /// (set, frame) of every pinned frame.
+    pins: Vec<(u64, u64)>,
+    extents: Vec<Extent>,
+}
+
+impl DirectIo {
+    /// The cache device ranges, in request order; neighbouring ranges that
+    /// are contiguous on the device are merged.
+    pub fn extents(&self) -> &[Extent] {
+        &self.extents
+    }
+
+    /// Records that the caller's I/O failed (the request is then retried
+    /// through the blocking path).
+    pub fn failed(self) {
+        self.core.stats.errors.fetch_add(1, Relaxed);
+    }
+}
+
+impl Drop for DirectIo {
+    fn drop(&mut self) {
+        for &(set, f) in &self.pins {
+            self.core.unpin(set, f);
+        }
+        self.core.inflight.fetch_sub(1, SeqCst);
+        if self.write {
+            self.core.wb_writers.fetch_sub(1, SeqCst);
+            self.core.maybe_kick_writeback();
+        }
+    }
+}
+
+impl Engine {
+    /// The cache device's descriptor, if it has one that direct I/O may use.
+    pub fn cache_raw_access(&self) -> Option<RawAccess> {
+        self.core.cache.raw_access()
+    }
+
+    /// Pins the frames of a read of `[offset, offset+len)` if every block is
+    /// cached and readable now.
+    pub fn begin_direct_read(&self, offset: u64, len: u64) -> Option<DirectIo> {
+        let mut io = self.begin_direct(offset, len, false)?;
+        let c = &self.core;
+        if c.mode() == WriteMode::Passthrough || !self.pin_all(&mut io, offset, len) {
+            return None;
+        }
+        c.stats.reads.fetch_add(1, Relaxed);
+        c.stats.direct_requests.fetch_add(1, Relaxed);
+        c.stats.bytes_read.fetch_add(len, Relaxed);
+        c.stats.read_hits.fetch_add(io.pins.len() as u64, Relaxed);
+        Some(io)
+    }
+
+    /// Pins the frames of a write-back write of `[offset, offset+len)` if
+    /// every block is cached and idle now, and marks them dirty.
+    pub fn begin_direct_write(&self, offset: u64, len: u64) -> Option<DirectIo> {
+        let c = &self.core;
+        if c.mode() != WriteMode::Writeback {
+            return None;
+        }
+        let mut io = self.begin_direct(offset, len, true)?;
+        // Re-check after counting ourselves: a switch may have started.
+        if c.mode() != WriteMode::Writeback || !self.pin_all(&mut io, offset, len) {
+            return None;
+        }
+        for &(set, f) in &io.pins {
+            let _g = c.lock(set);
+            c.set_dirty(f, true);
+        }
+        c.cache_written.store(true, SeqCst);
+        c.stats.writes.fetch_add(1, Relaxed);
+        c.stats.direct_requests.fetch_add(1, Relaxed);
+        c.stats.bytes_written.fetch_add(len, Relaxed);
+        c.stats.write_hits.fetch_add(io.pins.len() as u64, Relaxed);
+        Some(io)
+    }
+
+    /// Counts the request in flight (a `DirectIo` without pins yet), or
+    /// `None` if the engine is closed, the range is outside the disk or empty.
+    fn begin_direct(&self, offset: u64, len: u64, write: bool) -> Option<DirectIo> {
+        let c = &self.core;
+        let end = offset.checked_add(len)?;
+        if len == 0 || end > self.size() {
+            return None;
+        }
+        c.inflight.fetch_add(1, SeqCst);
+        if write {
+            c.wb_writers.fetch_add(1, SeqCst);
+        }
+        let io = DirectIo {
+            core: Arc::clone(c),
+            write,
+            pins: Vec::new(),
+            extents: Vec::new(),
+        };
+        if c.closed.load(SeqCst) {
+            return None;
+        }
+        Some(io)
+    }
+
+    /// Pins every block of the range; false (pins kept in `io`, released
+    /// when it is dropped) as soon as one block is not a usable hit.
+    fn pin_all(&self, io: &mut DirectIo, offset: u64, len: u64) -> bool {
+        let c = &self.core;
+        for ch in chunks(offset, len, c.bs) {
+            let set = c.set_of(ch.block);
+            let mut g = c.lock(set);
+            let Some(f) = c.lookup(set, ch.block) else {
+                return false;
+            };
+            let e = c.frames.get(f);
+            let usable = if io.write {
+                e.state() == FrameState::Idle
+            } else {
+                e.state() != FrameState::Filling
+            };
+            if !usable || !e.can_pin() {
+                return false;
+            }
+            c.frames.set(f, e.pinned());
+            c.policy.on_hit(f, &mut g.clock);
+            drop(g);
+            io.pins.push((set, f));
+            let dev_offset = c.layout.frame_offset(f) + ch.off;
+            match io.extents.last_mut() {
+                Some(last) if last.dev_offset + last.len == dev_offset => last.len += ch.len,
+                _ => io.extents.push(Extent {
+                    dev_offset,
+                    pos: ch.pos as u64,
+                    len: ch.len,
+                }),
+            }
+        }
+        true
+    }
+}

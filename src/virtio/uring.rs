@@ -1,0 +1,396 @@
+//! Cache hits served from the queue thread with io_uring, straight between
+//! the cache device and guest memory.
+//!
+//! Each virtqueue owns one [`QueueRing`], used only by that queue's worker
+//! thread (and by the drain after the worker has exited). A read or a
+//! write-back write whose blocks are all cached gets its frames pinned by the
+//! engine ([`Engine::begin_direct_read`]/[`Engine::begin_direct_write`]); one
+//! `readv`/`writev` per contiguous cache range is queued with iovecs pointing
+//! into guest memory, and every request popped in one pass is submitted with
+//! a single `io_uring_enter`. Completions wake the worker through an eventfd
+//! registered with its epoll loop and are put on the used ring in batches.
+//! Anything else (misses, flushes, discards, unaligned buffers, a full ring)
+//! is declined and goes to the blocking I/O pool.
+//!
+//! Invariants:
+//! - a request's pins, guest memory mapping (`Arc<GuestMem>`) and iovec
+//!   arrays live in its slot until every one of its operations has
+//!   completed, so the kernel never sees a dangling pointer;
+//! - a ring is never dropped with operations in flight (`Drop` waits);
+//! - at most `cq_entries` operations are in flight, so completions cannot
+//!   overflow the completion queue;
+//! - with `O_DIRECT`, every iovec and file offset is aligned to `align`;
+//!   an `EINVAL` raises `align` to 4096 and the request is retried through
+//!   the pool, as is any failed or short operation.
+
+use super::backend::{GuestMem, Vring};
+use super::execute::{walk, write_status};
+use super::request::{Request, RequestKind};
+use crate::device::RawAccess;
+use crate::engine::{DirectIo, Engine};
+use io_uring::{opcode, types, IoUring};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_S_OK;
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Largest number of cache ranges one request may use on this path.
+const MAX_EXTENTS: usize = 256;
+/// Alignment tried first with `O_DIRECT` (the common logical block size).
+const FIRST_ALIGN: u64 = 512;
+/// Alignment after the device refused `FIRST_ALIGN`.
+const SAFE_ALIGN: u64 = 4096;
+
+/// Ring set-up errors.
+#[derive(Debug, thiserror::Error)]
+pub enum UringError {
+    #[error("cannot create an io_uring of {entries} entries: {source}")]
+    Setup {
+        entries: u32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create or register the io_uring completion eventfd: {0}")]
+    EventFd(#[source] std::io::Error),
+}
+
+/// A request whose operations are queued or in flight.
+struct Pending {
+    head: u16,
+    req: Request,
+    mem: Arc<GuestMem>,
+    io: DirectIo,
+    /// One iovec array per operation; read by the kernel until completion.
+    iovecs: Vec<Vec<libc::iovec>>,
+    remaining: usize,
+    failed: bool,
+}
+
+/// A request that left the ring.
+pub enum Done {
+    /// Served; put `head` on the used ring with `used_len`.
+    Served { head: u16, used_len: u32 },
+    /// The direct I/O failed; run the request through the pool.
+    Retry {
+        head: u16,
+        req: Request,
+        mem: Arc<GuestMem>,
+    },
+}
+
+/// One queue's io_uring and its in-flight requests.
+pub struct QueueRing {
+    ring: IoUring,
+    event: EventFd,
+    fd: RawFd,
+    /// 1 without O_DIRECT.
+    align: u64,
+    slots: Vec<Option<Pending>>,
+    free: Vec<usize>,
+    /// Operations queued or in flight.
+    ops: usize,
+    /// Operations pushed but not yet submitted.
+    unsubmitted: usize,
+    /// The queue's vring, kept so completions can be posted by the drain.
+    pub vring: Option<Vring>,
+}
+
+// SAFETY: the raw iovec pointers inside `Pending` point into guest memory
+// kept mapped by the `Arc<GuestMem>` stored next to them; nothing in them is
+// tied to the creating thread, and the ring is used by one thread at a time
+// (it sits behind a mutex).
+unsafe impl Send for QueueRing {}
+
+impl QueueRing {
+    /// A ring for the device behind `access`, sized for `queue_size`
+    /// requests.
+    pub fn new(access: RawAccess, queue_size: u16) -> Result<QueueRing, UringError> {
+        let entries = u32::from(queue_size).clamp(64, 4096);
+        let ring = IoUring::new(entries).map_err(|source| UringError::Setup { entries, source })?;
+        let event = EventFd::new(EFD_NONBLOCK).map_err(UringError::EventFd)?;
+        ring.submitter()
+            .register_eventfd(event.as_raw_fd())
+            .map_err(UringError::EventFd)?;
+        Ok(QueueRing {
+            ring,
+            event,
+            fd: access.fd,
+            align: if access.direct { FIRST_ALIGN } else { 1 },
+            slots: Vec::new(),
+            free: Vec::new(),
+            ops: 0,
+            unsubmitted: 0,
+            vring: None,
+        })
+    }
+
+    /// The eventfd signalled when operations complete.
+    pub fn event_fd(&self) -> RawFd {
+        self.event.as_raw_fd()
+    }
+
+    /// True while operations are queued or in flight.
+    pub fn busy(&self) -> bool {
+        self.ops > 0
+    }
+
+    /// Queues `req` if it is a read or write-back write of cached blocks
+    /// with suitably aligned buffers; otherwise gives it back.
+    pub fn try_start(
+        &mut self,
+        engine: &Engine,
+        head: u16,
+        req: Request,
+        mem: Arc<GuestMem>,
+    ) -> Result<(), (Request, Arc<GuestMem>)> {
+        let (offset, write) = match req.kind {
+            RequestKind::Read { offset } => (offset, false),
+            RequestKind::Write { offset } => (offset, true),
+            _ => return Err((req, mem)),
+        };
+        let len = req.data_len;
+        if len == 0 || offset % self.align != 0 || len % self.align != 0 {
+            return Err((req, mem));
+        }
+        let cq = self.ring.params().cq_entries() as usize;
+        if self.ops + MAX_EXTENTS > cq {
+            return Err((req, mem));
+        }
+        let io = if write {
+            engine.begin_direct_write(offset, len)
+        } else {
+            engine.begin_direct_read(offset, len)
+        };
+        let Some(io) = io else {
+            return Err((req, mem));
+        };
+        let Some(iovecs) = self.build_iovecs(&req, &mem, &io) else {
+            return Err((req, mem));
+        };
+        let slot = self.alloc_slot();
+        let n = iovecs.len();
+        let mut pending = Pending {
+            head,
+            req,
+            mem,
+            io,
+            iovecs,
+            remaining: 0,
+            failed: false,
+        };
+        let mut queued = 0;
+        for (i, (ext, iov)) in pending.io.extents().iter().zip(&pending.iovecs).enumerate() {
+            let Ok(iov_len) = u32::try_from(iov.len()) else {
+                break;
+            };
+            let user_data = ((slot as u64) << 16) | i as u64;
+            let sqe = if write {
+                opcode::Writev::new(types::Fd(self.fd), iov.as_ptr(), iov_len)
+                    .offset(ext.dev_offset)
+                    .build()
+            } else {
+                opcode::Readv::new(types::Fd(self.fd), iov.as_ptr(), iov_len)
+                    .offset(ext.dev_offset)
+                    .build()
+            }
+            .user_data(user_data);
+            if self.ring.submission().is_full() {
+                self.submit();
+            }
+            // SAFETY: the iovec array and the guest memory it points into
+            // are owned by `pending`, which stays in `slots[slot]` until this
+            // operation's completion has been reaped.
+            if unsafe { self.ring.submission().push(&sqe) }.is_err() {
+                break;
+            }
+            queued += 1;
+            self.ops += 1;
+            self.unsubmitted += 1;
+        }
+        pending.remaining = queued;
+        if queued < n {
+            // Some operations could not be queued: the request fails over to
+            // the pool once the queued ones complete.
+            pending.failed = true;
+        }
+        if pending.remaining == 0 {
+            self.free.push(slot);
+            let Pending { req, mem, io, .. } = pending;
+            drop(io);
+            return Err((req, mem));
+        }
+        self.slots[slot] = Some(pending);
+        Ok(())
+    }
+
+    /// Submits queued operations (one system call for a whole pass).
+    pub fn submit(&mut self) {
+        if self.unsubmitted == 0 {
+            return;
+        }
+        match self.ring.submit() {
+            Ok(n) => self.unsubmitted = self.unsubmitted.saturating_sub(n),
+            Err(e) => log::debug!("io_uring submit: {e} (retried on the next pass)"),
+        }
+    }
+
+    /// Waits until at least one operation completes, then reaps.
+    pub fn wait(&mut self) -> Vec<Done> {
+        let r = self.ring.submit_and_wait(1);
+        match r {
+            Ok(n) => self.unsubmitted = self.unsubmitted.saturating_sub(n),
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+            Err(e) => log::warn!("io_uring wait: {e}"),
+        }
+        self.reap()
+    }
+
+    /// Consumes the eventfd and takes every completed request.
+    pub fn reap(&mut self) -> Vec<Done> {
+        // The eventfd only wakes the worker; the ring itself says what is done.
+        let _ = self.event.read();
+        let cqes: Vec<(u64, i32)> = self
+            .ring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect();
+        let mut done = Vec::new();
+        for (user_data, res) in cqes {
+            let slot = (user_data >> 16) as usize;
+            let op = (user_data & 0xffff) as usize;
+            self.ops = self.ops.saturating_sub(1);
+            let Some(Some(p)) = self.slots.get_mut(slot) else {
+                log::error!("io_uring completion for unknown slot {slot}");
+                continue;
+            };
+            let want = p.io.extents().get(op).map_or(0, |e| e.len);
+            if u64::try_from(res).ok() != Some(want) {
+                if res == -libc::EINVAL && self.align < SAFE_ALIGN {
+                    log::info!(
+                        "cache device refused {}-byte aligned direct I/O; using {SAFE_ALIGN}",
+                        self.align
+                    );
+                    self.align = SAFE_ALIGN;
+                } else {
+                    log::warn!("direct cache I/O returned {res}, expected {want}; retrying through the pool");
+                }
+                p.failed = true;
+            }
+            p.remaining -= 1;
+            if p.remaining > 0 {
+                continue;
+            }
+            if let Some(p) = self.slots[slot].take() {
+                self.free.push(slot);
+                done.push(finish(p));
+            }
+        }
+        done
+    }
+
+    /// Waits for every operation in flight and returns their requests.
+    pub fn drain(&mut self) -> Vec<Done> {
+        let mut done = Vec::new();
+        while self.busy() {
+            done.extend(self.wait());
+        }
+        done
+    }
+
+    fn alloc_slot(&mut self) -> usize {
+        match self.free.pop() {
+            Some(s) => s,
+            None => {
+                self.slots.push(None);
+                self.slots.len() - 1
+            }
+        }
+    }
+
+    /// One iovec array per extent, pointing into guest memory; `None` if a
+    /// buffer is not mapped or not aligned for the device.
+    fn build_iovecs(
+        &self,
+        req: &Request,
+        mem: &GuestMem,
+        io: &DirectIo,
+    ) -> Option<Vec<Vec<libc::iovec>>> {
+        if io.extents().len() > MAX_EXTENTS {
+            return None;
+        }
+        let align = self.align;
+        let mut all = Vec::with_capacity(io.extents().len());
+        for ext in io.extents() {
+            if ext.dev_offset % align != 0 || ext.len % align != 0 {
+                return None;
+            }
+            let len = usize::try_from(ext.len).ok()?;
+            let mut iov = Vec::new();
+            let mut add = |addr: GuestAddress, n: usize| -> Result<(), ()> {
+                for s in mem.get_slices(addr, n) {
+                    let s = s.map_err(|_| ())?;
+                    let ptr = s.ptr_guard_mut().as_ptr();
+                    if (ptr as u64) % align != 0 || (s.len() as u64) % align != 0 {
+                        return Err(());
+                    }
+                    iov.push(libc::iovec {
+                        iov_base: ptr.cast(),
+                        iov_len: s.len(),
+                    });
+                }
+                Ok(())
+            };
+            walk(&req.data, ext.pos, len, |addr, r| {
+                add(addr, r.len()).map_err(|_| {
+                    super::request::BlkError::GuestMemory("not usable in place".into())
+                })
+            })
+            .ok()?;
+            if iov.len() > libc::UIO_MAXIOV as usize {
+                return None;
+            }
+            all.push(iov);
+        }
+        Some(all)
+    }
+}
+
+/// Releases a finished request's pins and turns it into a completion.
+fn finish(p: Pending) -> Done {
+    let Pending {
+        head,
+        req,
+        mem,
+        io,
+        failed,
+        ..
+    } = p;
+    if failed {
+        io.failed();
+        return Done::Retry { head, req, mem };
+    }
+    drop(io);
+    let data = match req.kind {
+        RequestKind::Read { .. } => u32::try_from(req.data_len).unwrap_or(u32::MAX),
+        _ => 0,
+    };
+    let used_len = match write_status(&*mem, req.status_addr, VIRTIO_BLK_S_OK as u8) {
+        Ok(()) => data.saturating_add(1),
+        Err(_) => data,
+    };
+    Done::Served { head, used_len }
+}
+
+impl Drop for QueueRing {
+    fn drop(&mut self) {
+        // Never let the kernel write into memory we are about to release.
+        if self.busy() {
+            log::warn!(
+                "io_uring dropped with {} operations in flight; waiting",
+                self.ops
+            );
+            let _ = self.drain();
+        }
+    }
+}
