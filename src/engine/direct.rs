@@ -49,6 +49,8 @@ pub struct DirectIo {
     /// (set, frame) of every pinned frame.
     pins: Vec<(u64, u64)>,
     extents: Vec<Extent>,
+    /// Request length in bytes.
+    len: u64,
 }
 
 impl DirectIo {
@@ -56,6 +58,25 @@ impl DirectIo {
     /// are contiguous on the device are merged.
     pub fn extents(&self) -> &[Extent] {
         &self.extents
+    }
+
+    /// Records that the caller's I/O completed; the request counts in the
+    /// statistics like one served by the blocking path. (Dropping a
+    /// `DirectIo` without calling this or [`DirectIo::failed`] counts
+    /// nothing: the caller declined it.)
+    pub fn completed(self) {
+        let s = &self.core.stats;
+        let blocks = self.pins.len() as u64;
+        s.direct_requests.fetch_add(1, Relaxed);
+        if self.write {
+            s.writes.fetch_add(1, Relaxed);
+            s.bytes_written.fetch_add(self.len, Relaxed);
+            s.write_hits.fetch_add(blocks, Relaxed);
+        } else {
+            s.reads.fetch_add(1, Relaxed);
+            s.bytes_read.fetch_add(self.len, Relaxed);
+            s.read_hits.fetch_add(blocks, Relaxed);
+        }
     }
 
     /// Records that the caller's I/O failed (the request is then retried
@@ -92,10 +113,7 @@ impl Engine {
         if c.mode() == WriteMode::Passthrough || !self.pin_all(&mut io, offset, len) {
             return None;
         }
-        c.stats.reads.fetch_add(1, Relaxed);
-        c.stats.direct_requests.fetch_add(1, Relaxed);
-        c.stats.bytes_read.fetch_add(len, Relaxed);
-        c.stats.read_hits.fetch_add(io.pins.len() as u64, Relaxed);
+        io.len = len;
         Some(io)
     }
 
@@ -116,10 +134,7 @@ impl Engine {
             c.set_dirty(f, true);
         }
         c.cache_written.store(true, SeqCst);
-        c.stats.writes.fetch_add(1, Relaxed);
-        c.stats.direct_requests.fetch_add(1, Relaxed);
-        c.stats.bytes_written.fetch_add(len, Relaxed);
-        c.stats.write_hits.fetch_add(io.pins.len() as u64, Relaxed);
+        io.len = len;
         Some(io)
     }
 
@@ -140,6 +155,7 @@ impl Engine {
             write,
             pins: Vec::new(),
             extents: Vec::new(),
+            len: 0,
         };
         if c.closed.load(SeqCst) {
             return None;

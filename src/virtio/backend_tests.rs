@@ -73,7 +73,6 @@ impl Guest {
 
     /// As `new`, with every read of either device taking `lat`.
     fn with_read_latency(queues: u16, limits: DeviceLimits, lat: Duration) -> Guest {
-        let mem = GuestMem::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let slow = LatencyProfile {
             read: lat,
             ..LatencyProfile::default()
@@ -81,6 +80,18 @@ impl Guest {
         let source: Arc<dyn BlockDevice> = Arc::new(LatencyDevice::new(MemDevice::new(DISK), slow));
         let cache: Arc<dyn BlockDevice> =
             Arc::new(LatencyDevice::new(MemDevice::new(1 << 20), slow));
+        Guest::with_devices(queues, limits, source, cache)
+    }
+
+    /// A guest whose engine uses these devices (a file cache gets the
+    /// io_uring path).
+    fn with_devices(
+        queues: u16,
+        limits: DeviceLimits,
+        source: Arc<dyn BlockDevice>,
+        cache: Arc<dyn BlockDevice>,
+    ) -> Guest {
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let cfg = EngineConfig {
             geometry: GeometryRequest {
                 block_size: Some(4096),
@@ -668,3 +679,6 @@ fn inflight_bound_waits_for_a_completion() {
     assert!(start.elapsed() >= Duration::from_millis(40));
     t.join().unwrap();
 }
+
+#[path = "uring_tests.rs"]
+mod uring_tests;

@@ -153,10 +153,6 @@ impl QueueRing {
         if len == 0 || offset % self.align != 0 || len % self.align != 0 {
             return Err((req, mem));
         }
-        let cq = self.ring.params().cq_entries() as usize;
-        if self.ops + MAX_EXTENTS > cq {
-            return Err((req, mem));
-        }
         let io = if write {
             engine.begin_direct_write(offset, len)
         } else {
@@ -165,6 +161,11 @@ impl QueueRing {
         let Some(io) = io else {
             return Err((req, mem));
         };
+        // Never more operations in flight than completion queue entries.
+        let cq = self.ring.params().cq_entries() as usize;
+        if self.ops + io.extents().len() > cq {
+            return Err((req, mem));
+        }
         let Some(iovecs) = self.build_iovecs(&req, &mem, &io) else {
             return Err((req, mem));
         };
@@ -370,7 +371,7 @@ fn finish(p: Pending) -> Done {
         io.failed();
         return Done::Retry { head, req, mem };
     }
-    drop(io);
+    io.completed();
     let data = match req.kind {
         RequestKind::Read { .. } => u32::try_from(req.data_len).unwrap_or(u32::MAX),
         _ => 0,

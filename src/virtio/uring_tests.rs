@@ -1,0 +1,186 @@
+//! The io_uring hit path ([`super::super::uring`]) through the real queue
+//! path, with a file as the cache device, buffered and with O_DIRECT.
+
+use super::*;
+use crate::device::{FileDevice, OpenOptions};
+use std::sync::mpsc;
+
+/// A guest with one queue whose cache is a 4 MiB file; the source holds
+/// `pattern(9)` at sector 64. `None` if the filesystem refuses O_DIRECT.
+fn file_guest(direct: bool) -> Option<(Guest, tempfile::TempDir)> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cache.img");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    let cache = match FileDevice::open(
+        &path,
+        OpenOptions {
+            direct,
+            read_only: false,
+        },
+    ) {
+        Ok(d) => d,
+        Err(e) if direct => {
+            eprintln!("skipping the O_DIRECT case: {e}");
+            return None;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    let source = MemDevice::new(DISK);
+    source.write_at(&pattern(9), 64 * 512).unwrap();
+    let g = Guest::with_devices(1, limits(), Arc::new(source), Arc::new(cache));
+    Some((g, dir))
+}
+
+fn direct_requests(g: &Guest) -> u64 {
+    g.engine.stats().direct_requests
+}
+
+/// Publishes a request of type `t` at `sector` whose data is `segs`, using
+/// slot 0 and descriptors from 0.
+fn publish(g: &Guest, t: u32, sector: u64, segs: &[(u64, u32)]) -> Slot {
+    let s = Guest::slot(0, 0);
+    g.reset_status(&s);
+    g.header(s.hdr, t, sector);
+    let flags = if t == VIRTIO_BLK_T_IN { W } else { 0 };
+    let mut descs = vec![(s.hdr, 16, 0)];
+    descs.extend(segs.iter().map(|&(a, l)| (a, l, flags)));
+    descs.push((s.status, 1, W));
+    let head = g.chain(0, 0, &descs);
+    g.publish(0, head);
+    s
+}
+
+#[test]
+fn hits_are_read_and_written_in_place() {
+    for direct in [false, true] {
+        let Some((mut g, _dir)) = file_guest(direct) else {
+            continue;
+        };
+        let first = pattern(1);
+        g.engine.write(8 * 512, &first).unwrap();
+
+        // A read hit: served by io_uring into the guest buffer.
+        let (head, r) = g.publish_good_read(0, 8);
+        g.run(0);
+        assert_eq!(g.take_used(0), vec![(u32::from(head), 4097)]);
+        assert_eq!(g.status(r.status), OK);
+        assert!(g.read_data(&r, 4096) == first, "direct={direct}");
+        assert_eq!(direct_requests(&g), 1, "direct={direct}");
+
+        // A write hit in write-back mode, from two 2 KiB guest buffers.
+        let second = pattern(2);
+        let s = Guest::slot(0, 0);
+        g.mem.write_slice(&second, GuestAddress(s.data)).unwrap();
+        publish(
+            &g,
+            VIRTIO_BLK_T_OUT,
+            8,
+            &[(s.data, 2048), (s.data + 2048, 2048)],
+        );
+        g.run(0);
+        assert_eq!(g.take_used(0), vec![(0, 1)]);
+        assert_eq!(g.status(s.status), OK);
+        assert_eq!(direct_requests(&g), 2, "direct={direct}");
+        let mut back = vec![0u8; 4096];
+        g.engine.read(8 * 512, &mut back).unwrap();
+        assert!(back == second, "direct={direct}: the write did not land");
+
+        // A miss is declined by the ring and served by the pool.
+        let (head, r) = g.publish_good_read(0, 64);
+        g.run(0);
+        assert_eq!(g.take_used(0), vec![(u32::from(head), 4097)]);
+        assert!(g.read_data(&r, 4096) == pattern(9), "direct={direct}");
+        assert_eq!(direct_requests(&g), 2, "direct={direct}");
+    }
+}
+
+#[test]
+fn a_read_across_several_cached_blocks_is_one_request() {
+    let Some((mut g, _dir)) = file_guest(false) else {
+        unreachable!("buffered files always open")
+    };
+    let want: Vec<u8> = (0..4).flat_map(|i| pattern(20 + i)).collect();
+    g.engine.write(32 * 512, &want).unwrap();
+    let s = Guest::slot(0, 0);
+    g.mem
+        .write_slice(&vec![0u8; want.len()], GuestAddress(s.data))
+        .unwrap();
+    // Segment boundaries that do not match block boundaries.
+    publish(
+        &g,
+        VIRTIO_BLK_T_IN,
+        32,
+        &[(s.data, 6144), (s.data + 6144, 10240)],
+    );
+    g.run(0);
+    assert_eq!(g.take_used(0), vec![(0, 16385)]);
+    assert_eq!(g.status(s.status), OK);
+    assert!(g.read_data(&s, want.len()) == want);
+    assert_eq!(direct_requests(&g), 1);
+}
+
+#[test]
+fn unaligned_buffers_go_to_the_pool_with_o_direct() {
+    let Some((mut g, _dir)) = file_guest(true) else {
+        return;
+    };
+    let want = pattern(4);
+    g.engine.write(8 * 512, &want).unwrap();
+    let s = Guest::slot(0, 0);
+    // 8 bytes off a 512-byte boundary: O_DIRECT cannot use it in place.
+    publish(&g, VIRTIO_BLK_T_IN, 8, &[(s.data + 8, 4096)]);
+    g.run(0);
+    assert_eq!(g.take_used(0), vec![(0, 4097)]);
+    assert_eq!(g.status(s.status), OK);
+    let mut got = vec![0u8; 4096];
+    g.mem
+        .read_slice(&mut got, GuestAddress(s.data + 8))
+        .unwrap();
+    assert_eq!(
+        direct_requests(&g),
+        0,
+        "an unaligned buffer was used in place"
+    );
+    assert!(got == want, "{:?} {:?}", &got[..16], &want[..16]);
+}
+
+#[test]
+fn republished_heads_on_the_ring_are_bounded_and_complete() {
+    // As inflight_requests_per_queue_are_bounded_by_the_ring_size, but the
+    // requests are io_uring hits: the queue thread must reap its own
+    // completions while it waits, or it would wait forever.
+    let Some((mut g, _dir)) = file_guest(false) else {
+        unreachable!("buffered files always open")
+    };
+    let want = pattern(6);
+    g.engine.write(0, &want).unwrap();
+    let s = Guest::slot(0, 0);
+    g.header(s.hdr, VIRTIO_BLK_T_IN, 0);
+    let head = g.chain(0, 0, &[(s.hdr, 16, 0), (s.data, 4096, W), (s.status, 1, W)]);
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if done_rx.recv_timeout(Duration::from_secs(60)).is_err() {
+            eprintln!("queue processing hung with io_uring requests in flight");
+            std::process::abort();
+        }
+    });
+    for _ in 0..2 {
+        for _ in 0..QSIZE {
+            g.publish(0, head);
+        }
+        g.backend.process_queue(0, &g.vrings[0]).unwrap();
+    }
+    assert!(g.backend.drain(Duration::from_secs(10)));
+    done_tx.send(()).unwrap();
+    watchdog.join().unwrap();
+    let used = g.take_used(0);
+    assert_eq!(used.len(), 2 * usize::from(QSIZE));
+    assert!(used
+        .iter()
+        .all(|&(id, len)| id == u32::from(head) && len == 4097));
+    assert!(g.read_data(&s, 4096) == want);
+    assert_eq!(direct_requests(&g), 2 * u64::from(QSIZE));
+}
