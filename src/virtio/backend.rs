@@ -334,15 +334,26 @@ impl BlkBackend {
         self.inner.complete(q, vring, &served);
     }
 
-    /// Reaps the io_uring of the queue served by this worker.
-    fn process_ring(&self, q: usize, vring: &Vring) {
+    /// Reaps the io_uring of the queue served by this worker, then looks
+    /// at the available ring: a driver usually answers completions with new
+    /// requests, and taking them on this wake-up saves it a kick and the
+    /// worker a wake-up.
+    fn process_ring(&self, q: usize, vring: &Vring) -> io::Result<()> {
         let mut guard = self.lock_ring(q);
         let Some(r) = ring_of(&mut guard) else {
-            return;
+            return Ok(());
         };
-        let done = r.reap();
+        let done = r.on_event();
         drop(guard);
         self.finish_ring(q, vring, done);
+        let serving = {
+            let state = vring.get_ref();
+            state.is_enabled() && state.get_queue().ready()
+        };
+        if serving {
+            self.process_queue(q, vring)?;
+        }
+        Ok(())
     }
 
     /// Pops the next available chain, counting it as in flight.
@@ -354,12 +365,16 @@ impl BlkBackend {
     fn pop(&self, vring: &Vring, inflight: &InFlight) -> Option<(Chain, Arc<GuestMem>)> {
         let mut state = vring.get_mut();
         let queue = state.get_queue_mut();
-        let probe = self.memory().memory();
+        if !queue.ready() {
+            return None;
+        }
+        let atomic = self.memory();
+        let probe = atomic.memory();
         match queue.avail_idx(&*probe, std::sync::atomic::Ordering::Acquire) {
             Ok(idx) if idx.0 != queue.next_avail() => {}
             _ => return None,
         }
-        let mem = self.memory().memory().into_inner();
+        let mem = atomic.memory().into_inner();
         let chain = queue.pop_descriptor_chain(Arc::clone(&mem))?;
         inflight.begin();
         Some((chain, mem))
@@ -563,8 +578,7 @@ impl VhostUserBackend for BlkBackend {
         if device_event == 0 {
             self.process_queue(thread_id, vring)
         } else if u64::from(device_event) == self.ring_event() {
-            self.process_ring(thread_id, vring);
-            Ok(())
+            self.process_ring(thread_id, vring)
         } else {
             Ok(())
         }

@@ -247,10 +247,16 @@ impl QueueRing {
         self.reap()
     }
 
-    /// Consumes the eventfd and takes every completed request.
-    pub fn reap(&mut self) -> Vec<Done> {
-        // The eventfd only wakes the worker; the ring itself says what is done.
+    /// Consumes the completion eventfd, then reaps.
+    pub fn on_event(&mut self) -> Vec<Done> {
+        // The eventfd only wakes the worker; the ring itself says what is
+        // done. (Reaps elsewhere leave it set: one spurious wake-up at most.)
         let _ = self.event.read();
+        self.reap()
+    }
+
+    /// Takes every completed request.
+    pub fn reap(&mut self) -> Vec<Done> {
         let cqes: Vec<(u64, i32)> = self
             .ring
             .completion()
