@@ -30,6 +30,7 @@ pub struct FileDevice {
     size: u64,
     direct: bool,
     block_device: bool,
+    memory: bool,
 }
 
 // BLKGETSIZE64 = _IOR(0x12, 114, size_t)
@@ -87,12 +88,14 @@ impl FileDevice {
                 ),
             ));
         };
+        let memory = in_memory(&file);
         Ok(FileDevice {
             file,
             path: path.to_path_buf(),
             size,
             direct: opts.direct,
             block_device,
+            memory,
         })
     }
 
@@ -104,6 +107,11 @@ impl FileDevice {
     /// The path this device was opened from.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// True when the file lives on a memory filesystem.
+    pub fn is_memory(&self) -> bool {
+        self.memory
     }
 
     fn aligned(&self, ptr: *const u8, len: usize, offset: u64) -> bool {
@@ -199,6 +207,19 @@ impl FileDevice {
     }
 }
 
+/// True for files on tmpfs or ramfs (their I/O is a memory copy).
+fn in_memory(file: &File) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    // SAFETY: an all-zero statfs is a valid value for fstatfs to overwrite.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `file` is an open descriptor and `st` a live, writable statfs.
+    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) };
+    #[allow(clippy::unnecessary_cast)] // f_type's type differs between targets
+    let kind = st.f_type as i64;
+    rc == 0 && (kind == TMPFS_MAGIC || kind == RAMFS_MAGIC)
+}
+
 impl BlockDevice for FileDevice {
     fn size(&self) -> u64 {
         self.size
@@ -208,6 +229,7 @@ impl BlockDevice for FileDevice {
         Some(super::RawAccess {
             fd: self.file.as_raw_fd(),
             direct: self.direct,
+            memory: self.memory,
         })
     }
 

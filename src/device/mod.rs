@@ -150,6 +150,9 @@ pub struct RawAccess {
     /// Opened with `O_DIRECT`: buffers, offsets and lengths must be aligned
     /// to the device's logical block size.
     pub direct: bool,
+    /// The file lives in memory (tmpfs, ramfs): I/O on it never waits for
+    /// storage, so a caller may do it synchronously.
+    pub memory: bool,
 }
 
 impl<T: BlockDevice + ?Sized> BlockDevice for Arc<T> {
