@@ -166,7 +166,7 @@ marker=$(tr -d '\r' <"$LOG" | sed -n 's/^VBLK_GUEST_EXIT=\([0-9][0-9]*\)$/\1/p' 
 fail() {
     KEEP_LOG=1
     echo "run-guest.sh: $1 (after ${elapsed}s); last console lines of $LOG:" >&2
-    tail -n 40 "$LOG" | sed 's/^/    /' >&2
+    tail -n "${VBLK_LOG_LINES:-40}" "$LOG" | sed 's/^/    /' >&2
     exit "$2"
 }
 if ((qrc == 124 || qrc == 137)); then

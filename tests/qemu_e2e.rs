@@ -125,6 +125,7 @@ struct Daemon {
     child: Child,
     log: PathBuf,
     socket: PathBuf,
+    control: PathBuf,
 }
 
 impl Daemon {
@@ -157,7 +158,12 @@ impl Daemon {
             .stderr(logf)
             .spawn()
             .unwrap();
-        let mut d = Daemon { child, log, socket };
+        let mut d = Daemon {
+            child,
+            log,
+            socket,
+            control: control.clone(),
+        };
         let deadline = Instant::now() + DAEMON_TIMEOUT;
         // The control server accepts many clients, so a test connection is harmless;
         // it binds through a temporary name, so /proc/net/unix does not show the path.
@@ -182,6 +188,20 @@ impl Daemon {
             thread::sleep(Duration::from_millis(20));
         }
         d
+    }
+
+    /// One engine statistic, through `vblkcache status --json`.
+    fn stat(&self, name: &str) -> u64 {
+        let out = Command::new(env!("CARGO_BIN_EXE_vblkcache"))
+            .args(["status", "--json", "--control"])
+            .arg(&self.control)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "status failed: {out:?}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["stats"][name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no stat {name} in {v}"))
     }
 
     fn log_text(&self) -> String {
@@ -296,6 +316,14 @@ fn guest_fio_verify_and_ext4_roundtrip() {
         work.path(),
         &["fio-verify.sh", "fs-roundtrip.sh"],
         &["fio-verify: OK", "fs-roundtrip: OK"],
+    );
+    // The guest's own buffers were used in place by io_uring for hits (the
+    // cache file is on the build disk: O_DIRECT, 512-byte aligned buffers).
+    let direct = daemon.stat("direct_requests");
+    assert!(
+        direct > 100,
+        "only {direct} guest requests took the io_uring path\n{}",
+        daemon.log_text()
     );
     daemon.stop();
 }

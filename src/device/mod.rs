@@ -153,6 +153,9 @@ pub struct RawAccess {
     /// The file lives in memory (tmpfs, ramfs): I/O on it never waits for
     /// storage, so a caller may do it synchronously.
     pub memory: bool,
+    /// With `direct`: offsets, lengths and buffer addresses must be
+    /// multiples of this (a power of two, at most 4096).
+    pub align: u64,
 }
 
 impl<T: BlockDevice + ?Sized> BlockDevice for Arc<T> {

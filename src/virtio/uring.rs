@@ -24,9 +24,10 @@
 //! - a ring is never dropped with operations in flight (`Drop` waits);
 //! - at most `cq_entries` operations are in flight, so completions cannot
 //!   overflow the completion queue;
-//! - with `O_DIRECT`, every iovec and file offset is aligned to `align`;
-//!   an `EINVAL` raises `align` to 4096 and the request is retried through
-//!   the pool, as is any failed or short operation.
+//! - with `O_DIRECT`, every iovec and file offset is aligned to `align`
+//!   (what the device reported); an `EINVAL` raises `align` to 4096 and the
+//!   request is retried through the pool, as is any failed or short
+//!   operation.
 
 use super::backend::{GuestMem, Vring};
 use super::execute::{walk, write_status};
@@ -42,8 +43,6 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Largest number of cache ranges one request may use on this path.
 const MAX_EXTENTS: usize = 256;
-/// Alignment tried first with `O_DIRECT` (the common logical block size).
-const FIRST_ALIGN: u64 = 512;
 /// Alignment after the device refused `FIRST_ALIGN`.
 const SAFE_ALIGN: u64 = 4096;
 
@@ -125,7 +124,11 @@ impl QueueRing {
             ring,
             event,
             fd: access.fd,
-            align: if access.direct { FIRST_ALIGN } else { 1 },
+            align: if access.direct {
+                access.align.max(1)
+            } else {
+                1
+            },
             slots: Vec::new(),
             free: Vec::new(),
             ops: 0,
