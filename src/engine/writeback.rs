@@ -10,13 +10,15 @@
 //!
 //! A pass is a two-stage pipeline so that the cache copy does not add to the
 //! source time: the pass's thread claims run N+1 and reads it from the cache
-//! while a helper thread ([`writer::Writer`]) writes run N to the source;
-//! run N+1 is queued to the writer before the pass waits for run N, so the
+//! while a helper thread ([`writer::Writer`]) writes run N to the source.
+//! Run N+1 is queued to the writer before the pass waits for run N, so the
 //! source never waits for the pass's thread to wake up. At most two runs are
-//! claimed at a time, and a pass uses two run buffers, reused from pass to pass ([`writer::RunBuffers`]) rather than
-//! allocated per run. Under throttling (background writeback while foreground
-//! requests are in flight) the pipeline drains and pauses between runs, as a
-//! serial writeback would.
+//! claimed at a time (one being written, one queued or being read), so a
+//! pass uses two run buffers, kept from pass to pass
+//! ([`writer::RunBuffers`]) rather than allocated per run. Runs finish in
+//! the order they were claimed. Under throttling (background writeback while
+//! foreground requests are in flight) the pipeline drains and pauses between
+//! runs, as the serial writeback did.
 
 #[cfg(test)]
 mod tests;
