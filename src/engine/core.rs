@@ -63,6 +63,8 @@ pub(crate) struct Core {
     pub wb: WritebackConfig,
     pub wb_signal: Mutex<WritebackSignal>,
     pub wb_cond: Condvar,
+    /// Run buffers reused by writeback passes.
+    pub wb_bufs: super::writeback::RunBuffers,
     pub store: StoreQueue,
     /// Frames whose committed state may be out of date (see `commit`).
     pub commit_queue: Mutex<Vec<u64>>,

@@ -247,6 +247,7 @@ impl Engine {
             wb: cfg.writeback,
             wb_signal: Mutex::new(core::WritebackSignal::default()),
             wb_cond: Condvar::new(),
+            wb_bufs: writeback::RunBuffers::default(),
             store,
             commit_queue: Mutex::new(Vec::new()),
             rerecord: AtomicBool::new(false),

@@ -5,20 +5,44 @@
 //! Dirty frames are collected, sorted by source block and grouped into runs
 //! of consecutive blocks, each written with one source request. Frames are
 //! `WritingBack` while copied: readable, but no write can change them, so the
-//! data marked clean is exactly the data the source received.
+//! data marked clean is exactly the data the source received. A failed run
+//! (cache read or source write) puts its frames back to dirty and idle.
+//!
+//! A pass is a two-stage pipeline so that the cache copy does not add to the
+//! source time: the pass's thread claims run N+1 and reads it from the cache
+//! while a helper thread ([`writer::Writer`]) writes run N to the source.
+//! Run N+1 is queued to the writer before the pass waits for run N, so the
+//! source never waits for the pass's thread to wake up. At most two runs are
+//! claimed at a time (one being written, one queued or being read), so a
+//! pass uses two run buffers, kept from pass to pass
+//! ([`writer::RunBuffers`]) rather than allocated per run. Runs finish in
+//! the order they were claimed. Under throttling (background writeback while
+//! foreground requests are in flight) the pipeline drains and pauses between
+//! runs, as the serial writeback did.
+
+#[cfg(test)]
+mod tests;
+mod writer;
+
+pub(crate) use writer::RunBuffers;
 
 use super::core::Core;
 use super::frames::FrameState;
 use super::{EngineError, FlushProgress};
 use crate::device::AlignedBuf;
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
+use writer::{Job, Writer};
 
 /// Pause between runs while foreground requests are in flight.
 const THROTTLE_PAUSE: Duration = Duration::from_millis(2);
 /// How often the background thread looks at the watermark without a kick.
 const IDLE_CHECK: Duration = Duration::from_millis(500);
+
+/// A claimed run: (source block, frame) of consecutive blocks.
+type Run = Vec<(u64, u64)>;
 
 impl Core {
     /// Dirty, quiet frames as (block, frame), sorted by block.
@@ -46,32 +70,48 @@ impl Core {
         }
     }
 
-    /// Copies one run of claimed consecutive blocks to the source and marks
-    /// them clean (or back to dirty idle on error).
-    fn write_run(&self, run: &[(u64, u64)]) -> Result<(), EngineError> {
-        let bs = self.bs as usize;
-        let mut data = AlignedBuf::new(run.len() * bs);
-        let mut r = Ok(());
-        for (i, &(_, f)) in run.iter().enumerate() {
-            r = self.read_frame(f, &mut data[i * bs..(i + 1) * bs]);
-            if r.is_err() {
+    /// Claims the next run from `cands[*i..]` into `run`: consecutive blocks,
+    /// at most `max` of them. A candidate that can no longer be claimed is
+    /// skipped and ends a non-empty run. `run` is empty only when `*i`
+    /// reached the end.
+    fn claim_run(&self, cands: &[(u64, u64)], i: &mut usize, max: usize, run: &mut Run) {
+        run.clear();
+        while let Some(&(b, f)) = cands.get(*i) {
+            if run.len() >= max || run.last().is_some_and(|&(last, _)| b != last + 1) {
+                break;
+            }
+            *i += 1;
+            if self.claim_for_writeback(b, f) {
+                run.push((b, f));
+            } else if !run.is_empty() {
                 break;
             }
         }
-        if r.is_ok() {
-            r = self.write_source_blocks(run[0].0, &data);
+    }
+
+    /// Copies the claimed `run` from the cache into the front of `buf`.
+    fn read_run(&self, run: &[(u64, u64)], buf: &mut [u8]) -> Result<(), EngineError> {
+        let bs = self.bs as usize;
+        for (i, &(_, f)) in run.iter().enumerate() {
+            self.read_frame(f, &mut buf[i * bs..(i + 1) * bs])?;
         }
+        Ok(())
+    }
+
+    /// Ends the writeback of `run`: its frames become idle, and clean if
+    /// `result` is Ok (the source has their data), else stay dirty.
+    fn finish_run(&self, run: &[(u64, u64)], result: &Result<(), EngineError>) {
         for &(block, f) in run {
             let set = self.set_of(block);
             let g = self.lock(set);
             let e = self.frames.get(f).with_state(FrameState::Idle);
             self.frames.set(f, e);
-            if r.is_ok() {
+            if result.is_ok() {
                 self.set_dirty(f, false);
             }
             self.frames.notify(set, &g);
         }
-        match &r {
+        match result {
             Ok(()) => {
                 self.stats.writebacks.fetch_add(run.len() as u64, Relaxed);
                 self.stats.writeback_runs.fetch_add(1, Relaxed);
@@ -81,60 +121,40 @@ impl Core {
                 log::warn!(
                     "writeback of {} blocks from source block {} failed: {e}",
                     run.len(),
-                    run[0].0
+                    run.first().map_or(0, |r| r.0)
                 );
             }
         }
-        r
     }
 
     /// One pass over the dirty blocks, stopping once at most `target` remain.
-    /// Returns the number of blocks written back.
+    /// Returns the number of blocks written back, or the first error (after
+    /// every claimed run has been finished).
     pub(crate) fn writeback_pass(
         &self,
         target: u64,
         throttle: bool,
         progress: &mut dyn FnMut(u64),
     ) -> Result<u64, EngineError> {
-        let max_blocks = (self.wb.max_run_bytes / self.bs).max(1) as usize;
-        let mut written = 0u64;
-        let mut run: Vec<(u64, u64)> = Vec::new();
-        let candidates = self.dirty_candidates();
-        let mut i = 0;
-        while i <= candidates.len() {
-            let next = candidates.get(i).copied();
-            let extends = match (run.last(), next) {
-                (Some(&(last, _)), Some((b, _))) => b == last + 1 && run.len() < max_blocks,
-                (None, Some(_)) => true,
-                _ => false,
-            };
-            if !extends && !run.is_empty() {
-                self.write_run(&run)?;
-                written += run.len() as u64;
-                progress(written);
-                run.clear();
-                if self.dirty.load(Relaxed) <= target {
-                    break;
-                }
-                if throttle && self.inflight.load(Relaxed) > 0 {
-                    std::thread::sleep(THROTTLE_PAUSE);
-                }
-                continue; // re-examine `next` against the empty run
-            }
-            if let Some((b, f)) = next {
-                if self.claim_for_writeback(b, f) {
-                    run.push((b, f));
-                } else if !run.is_empty() {
-                    // A gap: the run ends here.
-                    self.write_run(&run)?;
-                    written += run.len() as u64;
-                    progress(written);
-                    run.clear();
-                }
-            }
-            i += 1;
+        let cands = self.dirty_candidates();
+        if cands.is_empty() {
+            return Ok(0);
         }
-        Ok(written)
+        std::thread::scope(|s| {
+            let mut pass = Pass {
+                core: self,
+                writer: Writer::start(s, self),
+                bufs: Vec::with_capacity(2),
+                flying: VecDeque::with_capacity(writer::DEPTH),
+                written: 0,
+                failed: None,
+                progress,
+            };
+            pass.run(&cands, target, throttle);
+            pass.end()
+            // `pass` (and with it the writer's job sender) is gone here, so
+            // the helper thread ends and the scope can join it.
+        })
     }
 
     /// Writes back every dirty block and flushes the source.
@@ -222,6 +242,113 @@ pub(crate) fn run_writeback(core: Arc<Core>) {
                     break;
                 }
             }
+        }
+    }
+}
+
+/// The state of one pipelined writeback pass.
+struct Pass<'a, 'p> {
+    core: &'a Core,
+    writer: Writer,
+    /// Run buffers not in use right now (two circulate).
+    bufs: Vec<AlignedBuf>,
+    /// The runs with the writer, oldest first (at most [`writer::DEPTH`]).
+    flying: VecDeque<Run>,
+    written: u64,
+    failed: Option<EngineError>,
+    progress: &'p mut dyn FnMut(u64),
+}
+
+impl Pass<'_, '_> {
+    fn run(&mut self, cands: &[(u64, u64)], target: u64, throttle: bool) {
+        let core = self.core;
+        let bs = core.bs as usize;
+        let max_blocks = (core.wb.max_run_bytes / core.bs).max(1) as usize;
+        let mut i = 0;
+        loop {
+            if self.writer.outstanding() >= writer::DEPTH {
+                // Both buffers are taken: wait for the oldest run.
+                self.collect_one();
+            }
+            // Blocks being written still count as dirty; stop claiming once
+            // the target is reached when they are done.
+            let pending: usize = self.flying.iter().map(Vec::len).sum();
+            let more = self.failed.is_none()
+                && i < cands.len()
+                && core.dirty.load(Relaxed).saturating_sub(pending as u64) > target;
+            if more && throttle && !self.flying.is_empty() && core.inflight.load(Relaxed) > 0 {
+                // Foreground requests are in flight: let the source finish
+                // alone, then pause before the next run.
+                while self.collect_one() {}
+                std::thread::sleep(THROTTLE_PAUSE);
+                continue;
+            }
+            if more {
+                let mut run = Vec::new();
+                core.claim_run(cands, &mut i, max_blocks, &mut run);
+                if !run.is_empty() {
+                    let mut buf = match self.bufs.pop() {
+                        Some(b) => b,
+                        None => core.wb_bufs.take(max_blocks * bs),
+                    };
+                    let len = run.len() * bs;
+                    match core.read_run(&run, &mut buf[..len]) {
+                        Ok(()) => {
+                            let first = run[0].0;
+                            self.writer.submit(core, Job { first, len, buf });
+                            self.flying.push_back(run);
+                            continue;
+                        }
+                        Err(e) => {
+                            let r = Err(e);
+                            core.finish_run(&run, &r);
+                            self.bufs.push(buf);
+                            self.failed = r.err();
+                        }
+                    }
+                }
+            }
+            // Nothing new to write: drain.
+            if !self.collect_one() {
+                return;
+            }
+        }
+    }
+
+    /// Waits for the oldest run with the writer and finishes it; false if
+    /// there is none.
+    fn collect_one(&mut self) -> bool {
+        let (Some(done), Some(run)) = (self.writer.wait(self.core), self.flying.pop_front()) else {
+            return false;
+        };
+        self.core.finish_run(&run, &done.result);
+        if let Some(buf) = done.buf {
+            self.bufs.push(buf);
+        }
+        match done.result {
+            Ok(()) => {
+                self.written += run.len() as u64;
+                (self.progress)(self.written);
+            }
+            Err(e) => {
+                if self.failed.is_none() {
+                    self.failed = Some(e);
+                }
+            }
+        }
+        true
+    }
+
+    /// Returns the buffers for later passes and the pass's result.
+    fn end(mut self) -> Result<u64, EngineError> {
+        // Nothing is with the writer any more (`run` returns only then).
+        while self.collect_one() {}
+        for buf in self.bufs.drain(..) {
+            self.core.wb_bufs.give(buf);
+        }
+        match self.failed.take() {
+            Some(e) => Err(e),
+            None => Ok(self.written),
         }
     }
 }
