@@ -2,7 +2,7 @@
 //! the crash contract needs, and no more.
 
 use std::sync::Arc;
-use vblkcache::device::{CountingDevice, IoCounts, MemDevice};
+use vblkcache::device::{BlockDevice, CountingDevice, IoCounts, MemDevice};
 use vblkcache::engine::{Engine, EngineConfig, GeometryRequest, WriteMode};
 
 struct Rig {
@@ -109,4 +109,34 @@ fn writeback_then_clean_commit_flushes_source_before_journal() {
     // flushes it, then commits "clean" with one journal write and a flush.
     assert_eq!((s.writes, s.flushes), (1, 1), "{s:?}");
     assert_eq!((c.reads, c.writes, c.flushes), (2, 1, 1), "{c:?}");
+}
+
+/// A write served directly (the daemon's io_uring path) that completes after
+/// a FLUSH started must still be flushed by the next FLUSH: the engine may
+/// only consider the cache written once the caller reports completion.
+#[test]
+fn direct_write_completing_after_a_flush_is_flushed_by_the_next() {
+    let r = rig(WriteMode::Writeback);
+    r.e.write(0, &[1u8; 4096]).unwrap();
+    r.e.flush().unwrap();
+    let io =
+        r.e.begin_direct_write(0, 4096)
+            .expect("a cached idle block");
+    // A FLUSH from another queue while the write is in flight.
+    r.e.flush().unwrap();
+    // The caller's own I/O lands on the cache device, then completes.
+    for ext in io.extents() {
+        r.cache
+            .write_at(&vec![2u8; ext.len as usize], ext.dev_offset)
+            .unwrap();
+    }
+    io.completed();
+    let (_, c) = delta(&r, |e| e.flush().unwrap());
+    assert!(
+        c.flushes >= 1,
+        "the completed direct write was not flushed: {c:?}"
+    );
+    let mut back = [0u8; 4096];
+    r.e.read(0, &mut back).unwrap();
+    assert_eq!(back, [2u8; 4096]);
 }

@@ -17,7 +17,10 @@
 //!   in writeback mode, counted in `wb_writers` so a mode switch waits for it;
 //! - a write marks the frame dirty before its data is written, as the
 //!   blocking path does: a FLUSH only covers writes already completed, and a
-//!   frame recorded dirty early still holds this block's data (old or new).
+//!   frame recorded dirty early still holds this block's data (old or new);
+//! - a write sets "cache written since the last flush" only when the caller
+//!   reports it completed, so a FLUSH that arrives after the completion
+//!   always flushes the cache device.
 //!
 //! If the caller's I/O fails it calls [`DirectIo::failed`] and retries the
 //! request through the blocking path, which reports errors properly; a
@@ -68,7 +71,12 @@ impl DirectIo {
         let s = &self.core.stats;
         let blocks = self.pins.len() as u64;
         s.direct_requests.fetch_add(1, Relaxed);
+        s.direct_ops.fetch_add(self.extents.len() as u64, Relaxed);
         if self.write {
+            // Only now: a FLUSH that ran while the write was in flight may
+            // have cleared the flag already, and the next one must flush the
+            // cache device again (as `write_frame` sets it after the write).
+            self.core.cache_written.store(true, SeqCst);
             s.writes.fetch_add(1, Relaxed);
             s.bytes_written.fetch_add(self.len, Relaxed);
             s.write_hits.fetch_add(blocks, Relaxed);
@@ -83,6 +91,10 @@ impl DirectIo {
     /// through the blocking path).
     pub fn failed(self) {
         self.core.stats.errors.fetch_add(1, Relaxed);
+        if self.write {
+            // Part of it may have reached the device.
+            self.core.cache_written.store(true, SeqCst);
+        }
     }
 }
 
@@ -133,7 +145,6 @@ impl Engine {
             let _g = c.lock(set);
             c.set_dirty(f, true);
         }
-        c.cache_written.store(true, SeqCst);
         io.len = len;
         Some(io)
     }

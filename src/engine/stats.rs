@@ -67,6 +67,9 @@ counters! {
     /// Hit requests whose cache I/O the caller did itself (the daemon's
     /// io_uring path), a subset of `reads` + `writes`.
     direct_requests,
+    /// Cache I/O operations of those requests (one per contiguous range of
+    /// the cache device).
+    direct_ops,
     /// I/O errors returned to callers or met by background workers.
     errors,
 }
