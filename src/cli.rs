@@ -112,11 +112,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
     /// Open the source and cache with O_DIRECT (bypass the host page cache)
-    /// and fail if the filesystem refuses it [default: O_DIRECT on the cache
-    /// where the filesystem allows it, the page cache for the source].
+    /// and fail if the filesystem refuses it [default: O_DIRECT where the
+    /// filesystem allows it, the page cache elsewhere (tmpfs)].
     #[arg(long, conflicts_with = "buffered")]
     pub direct: bool,
-    /// Open the cache through the host page cache, without O_DIRECT.
+    /// Open the source and cache through the host page cache, without O_DIRECT.
     #[arg(long)]
     pub buffered: bool,
     /// Serve cache hits from the queue threads with io_uring, straight

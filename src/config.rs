@@ -78,9 +78,9 @@ pub struct ServeConfig {
     pub readonly: bool,
     /// At most 20 bytes (default "vblkcache").
     pub serial: String,
-    /// O_DIRECT on both devices, required (default: cache only, if possible).
+    /// O_DIRECT on both devices, required (default: where possible).
     pub direct: bool,
-    /// No O_DIRECT on the cache (default off).
+    /// No O_DIRECT on either device (default off).
     pub buffered: bool,
     /// Serve hits with io_uring from the queue threads (default on).
     pub io_uring: bool,

@@ -135,23 +135,27 @@ fn open_device(
     }
 }
 
-/// Opens the cache with O_DIRECT unless `--buffered`; without `--direct`, a
-/// filesystem that refuses O_DIRECT (tmpfs) gets the page cache instead.
-fn open_cache(cfg: &ServeConfig) -> Result<Arc<dyn BlockDevice>, Error> {
-    let opts = |direct| OpenOptions {
-        direct,
-        read_only: false,
-    };
+/// Opens a device with O_DIRECT unless `--buffered`: the cache device is the
+/// cache, so the host page cache would only hold second copies. Without
+/// `--direct`, a filesystem that refuses O_DIRECT (tmpfs) gets the page
+/// cache instead.
+fn open_file(
+    what: &'static str,
+    path: &Path,
+    cfg: &ServeConfig,
+    read_only: bool,
+) -> Result<Arc<dyn BlockDevice>, Error> {
+    let opts = |direct| OpenOptions { direct, read_only };
     if cfg.buffered {
-        return open_device("--cache", &cfg.cache, opts(false));
+        return open_device(what, path, opts(false));
     }
-    match open_device("--cache", &cfg.cache, opts(true)) {
+    match open_device(what, path, opts(true)) {
         Err(Error::DirectUnsupported { .. }) if !cfg.direct => {
             log::info!(
-                "{}: the filesystem refuses O_DIRECT; using the page cache",
-                cfg.cache.display()
+                "{what} {}: the filesystem refuses O_DIRECT; using the page cache",
+                path.display()
             );
-            open_device("--cache", &cfg.cache, opts(false))
+            open_device(what, path, opts(false))
         }
         r => r,
     }
@@ -160,22 +164,13 @@ fn open_cache(cfg: &ServeConfig) -> Result<Arc<dyn BlockDevice>, Error> {
 /// Opens the source, read-only if the disk is exported read-only and the
 /// file is not writable.
 fn open_source(cfg: &ServeConfig) -> Result<Arc<dyn BlockDevice>, Error> {
-    let rw = OpenOptions {
-        direct: cfg.direct,
-        read_only: false,
-    };
-    match open_device("--source", &cfg.source, rw) {
+    match open_file("--source", &cfg.source, cfg, false) {
         Err(Error::Open {
             source: DeviceError::Io { ref source, .. },
             ..
-        }) if cfg.readonly && source.kind() == std::io::ErrorKind::PermissionDenied => open_device(
-            "--source",
-            &cfg.source,
-            OpenOptions {
-                read_only: true,
-                ..rw
-            },
-        ),
+        }) if cfg.readonly && source.kind() == std::io::ErrorKind::PermissionDenied => {
+            open_file("--source", &cfg.source, cfg, true)
+        }
         other => other,
     }
 }
@@ -231,7 +226,7 @@ fn serve_inner(cfg: &ServeConfig, stop: &Arc<Stop>) -> Result<(), Error> {
     // Held until the daemon exits, so `vblkcache check` and a second daemon
     // cannot use the cache device meanwhile.
     let _cache_lock = crate::check::lock_cache(&cfg.cache)?;
-    let cache = open_cache(cfg)?;
+    let cache = open_file("--cache", &cfg.cache, cfg, false)?;
     let engine = Arc::new(Engine::open(source, cache, cfg.engine.clone())?);
     let status = engine.status();
     log::info!(
