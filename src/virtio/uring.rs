@@ -120,6 +120,10 @@ impl QueueRing {
         ring.submitter()
             .register_eventfd(event.as_raw_fd())
             .map_err(UringError::EventFd)?;
+        // A registered file saves a descriptor lookup per operation.
+        ring.submitter()
+            .register_files(&[access.fd])
+            .map_err(|source| UringError::Setup { entries, source })?;
         Ok(QueueRing {
             ring,
             event,
@@ -214,11 +218,11 @@ impl QueueRing {
             };
             let user_data = ((slot as u64) << 16) | i as u64;
             let sqe = if write {
-                opcode::Writev::new(types::Fd(self.fd), iov.as_ptr(), iov_len)
+                opcode::Writev::new(types::Fixed(0), iov.as_ptr(), iov_len)
                     .offset(ext.dev_offset)
                     .build()
             } else {
-                opcode::Readv::new(types::Fd(self.fd), iov.as_ptr(), iov_len)
+                opcode::Readv::new(types::Fixed(0), iov.as_ptr(), iov_len)
                     .offset(ext.dev_offset)
                     .build()
             }
