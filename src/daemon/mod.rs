@@ -351,6 +351,14 @@ fn accept_loop(
             source,
         })?;
         let mut listener = vhost::vhost_user::Listener::from(fd);
+        // The queue workers exist from `new`; watch the io_uring completions
+        // before any request can be queued.
+        backend
+            .register_ring_events(&daemon.get_epoll_handlers())
+            .map_err(|source| Error::Setup {
+                what: "io_uring completion events",
+                source,
+            })?;
         if let Err(e) = daemon.start(&mut listener) {
             log::warn!("accepting a front-end failed: {}", vhost_err(e));
             // Do not spin if accept keeps failing (e.g. out of fds).
@@ -358,11 +366,6 @@ fn accept_loop(
             continue;
         }
         log::info!("front-end connected");
-        if let Err(e) = backend.register_ring_events(&daemon.get_epoll_handlers()) {
-            // Without the eventfd nobody would reap completions: fail loudly.
-            log::error!("cannot watch the io_uring completions: {e}");
-            daemon.request_shutdown();
-        }
         *stop.lock_connection() = daemon.shutdown_handle();
         // A signal between start and publishing the handle saw no connection.
         if stop.is_requested() {
@@ -370,13 +373,17 @@ fn accept_loop(
         }
         let ended = daemon.wait();
         *stop.lock_connection() = None;
+        // Stop the queue workers (dropping the daemon joins them), then
+        // complete what is still in flight: the rings are reaped by the
+        // drain, pool jobs finish on their own.
+        backend.close();
         for h in daemon.get_epoll_handlers() {
             h.send_exit_event();
         }
+        drop(daemon);
         if !backend.drain(DRAIN_TIMEOUT) {
             log::error!("requests still in flight {DRAIN_TIMEOUT:?} after the front-end left");
         }
-        drop(daemon);
         match ended {
             Ok(()) => log::info!("front-end disconnected"),
             Err(e) => log::info!("front-end connection ended: {}", vhost_err(e)),

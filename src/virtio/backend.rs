@@ -48,9 +48,11 @@ type Chain = virtio_queue::DescriptorChain<Arc<GuestMem>>;
 
 /// How long `stop_vring` waits for in-flight requests before giving up.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
-/// How often a queue worker held back by the in-flight bound logs that it
-/// is still waiting.
-const INFLIGHT_WAIT: Duration = Duration::from_secs(30);
+/// How often a queue worker held back by the in-flight bound checks whether
+/// the connection is closing.
+const INFLIGHT_POLL: Duration = Duration::from_secs(1);
+/// How often (seconds) it logs that it is still waiting.
+const INFLIGHT_WARN_SECS: u64 = 30;
 
 /// Device parameters of the backend.
 #[derive(Debug, Clone)]
@@ -138,6 +140,8 @@ struct Inner {
     inflight: Vec<InFlight>,
     /// One io_uring per queue (see `uring`); `None` where hits go to the pool.
     rings: Vec<Mutex<Option<QueueRing>>>,
+    /// Set by `close`: the front-end is gone, workers stop taking requests.
+    closing: AtomicBool,
 }
 
 /// The backend. Cheap to clone (the vhost-user library clones it per worker).
@@ -165,6 +169,7 @@ impl BlkBackend {
                 pool,
                 inflight,
                 rings,
+                closing: AtomicBool::new(false),
                 cfg,
             }),
         }
@@ -204,6 +209,13 @@ impl BlkBackend {
         Ok(())
     }
 
+    /// Tells the queue workers the front-end is gone: they stop taking
+    /// requests and stop waiting for in-flight ones, so they can see their
+    /// exit event. Call before stopping them and then [`BlkBackend::drain`].
+    pub fn close(&self) {
+        self.inner.closing.store(true, Ordering::Release);
+    }
+
     /// Waits for every in-flight request of every queue; false on timeout.
     /// Call after the queue workers have stopped: io_uring completions are
     /// reaped here then.
@@ -240,6 +252,9 @@ impl BlkBackend {
                 "queue index out of range",
             ));
         };
+        if self.inner.closing.load(Ordering::Acquire) {
+            return Ok(());
+        }
         let event_idx = self.inner.event_idx.load(Ordering::Acquire);
         let mut ring_guard = self.lock_ring(q);
         if let Some(r) = ring_of(&mut ring_guard) {
@@ -255,7 +270,11 @@ impl BlkBackend {
                 // Back-pressure per queue: at most one ring's worth of
                 // requests in flight, whatever the driver publishes.
                 let limit = usize::from(vring.get_ref().get_queue().size());
+                let mut waited = Duration::ZERO;
                 while inflight.count() >= limit.max(1) {
+                    if self.inner.closing.load(Ordering::Acquire) {
+                        return Ok(());
+                    }
                     match ring_of(&mut ring_guard).filter(|r| r.busy()) {
                         // Our own completions can only be reaped here.
                         Some(r) => {
@@ -263,11 +282,18 @@ impl BlkBackend {
                             self.finish_ring(q, vring, done);
                         }
                         None => {
-                            if !inflight.wait_below(limit, INFLIGHT_WAIT) {
-                                log::warn!(
-                                    "queue {q}: {limit} requests in flight for {INFLIGHT_WAIT:?}"
-                                );
+                            // The pool completes these; do not hold the ring
+                            // (the drain takes it) while waiting for them.
+                            drop(ring_guard);
+                            if !inflight.wait_below(limit, INFLIGHT_POLL) {
+                                waited += INFLIGHT_POLL;
+                                if waited.as_secs() % INFLIGHT_WARN_SECS == 0 {
+                                    log::warn!(
+                                        "queue {q}: {limit} requests in flight for {waited:?}"
+                                    );
+                                }
                             }
+                            ring_guard = self.lock_ring(q);
                         }
                     }
                 }

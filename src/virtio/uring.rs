@@ -43,6 +43,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Largest number of cache ranges one request may use on this path.
 const MAX_EXTENTS: usize = 256;
+/// Attempts of one `submit` before giving up until the next pass.
+const SUBMIT_RETRIES: u32 = 100;
 /// Alignment after the device refused `FIRST_ALIGN`.
 const SAFE_ALIGN: u64 = 4096;
 
@@ -148,9 +150,10 @@ impl QueueRing {
         self.event.as_raw_fd()
     }
 
-    /// True while operations are queued or in flight.
+    /// True while operations are queued or in flight, or requests served
+    /// synchronously wait to be reaped.
     pub fn busy(&self) -> bool {
-        self.ops > 0
+        self.ops > 0 || !self.ready.is_empty()
     }
 
     /// Queues `req` if it is a read or write-back write of cached blocks
@@ -168,7 +171,15 @@ impl QueueRing {
             _ => return Err((req, mem)),
         };
         let len = req.data_len;
-        if len == 0 || offset % self.align != 0 || len % self.align != 0 {
+        // Guest regions are page-aligned mappings, so a guest address has
+        // the alignment its host address will have: refuse misaligned
+        // requests before the engine pins (and, for writes, dirties) frames.
+        let a = self.align;
+        let misaligned = req
+            .data
+            .iter()
+            .any(|s| s.addr.0 % a != 0 || u64::from(s.len) % a != 0);
+        if len == 0 || offset % a != 0 || len % a != 0 || misaligned {
             return Err((req, mem));
         }
         let io = if write {
@@ -257,18 +268,31 @@ impl QueueRing {
     }
 
     /// Submits queued operations (one system call for a whole pass).
+    ///
+    /// Retries transient failures: if nothing else is in flight, no
+    /// completion would come to trigger another attempt, and the driver may
+    /// be waiting for exactly these requests.
     pub fn submit(&mut self) {
-        if self.unsubmitted == 0 {
-            return;
-        }
-        match self.ring.submit() {
-            Ok(n) => self.unsubmitted = self.unsubmitted.saturating_sub(n),
-            Err(e) => log::debug!("io_uring submit: {e} (retried on the next pass)"),
+        for attempt in 0..SUBMIT_RETRIES {
+            if self.unsubmitted == 0 {
+                return;
+            }
+            match self.ring.submit() {
+                Ok(n) => self.unsubmitted = self.unsubmitted.saturating_sub(n),
+                Err(e) if attempt + 1 == SUBMIT_RETRIES => {
+                    log::error!("io_uring submit keeps failing: {e}");
+                }
+                Err(_) => std::thread::sleep(std::time::Duration::from_micros(100)),
+            }
         }
     }
 
-    /// Waits until at least one operation completes, then reaps.
+    /// Waits until at least one operation completes (unless requests are
+    /// already done), then reaps.
     pub fn wait(&mut self) -> Vec<Done> {
+        if !self.ready.is_empty() || self.ops == 0 {
+            return self.reap();
+        }
         let r = self.ring.submit_and_wait(1);
         match r {
             Ok(n) => self.unsubmitted = self.unsubmitted.saturating_sub(n),
