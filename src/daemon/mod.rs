@@ -157,6 +157,16 @@ fn open_file(
             );
             open_device(what, path, opts(false))
         }
+        // tmpfs accepts O_DIRECT since Linux 6.6 but is memory either way;
+        // only the alignment rules would remain.
+        Ok(d) if !cfg.direct && d.raw_access().is_some_and(|a| a.memory) => {
+            log::info!(
+                "{what} {}: a memory filesystem; using the page cache",
+                path.display()
+            );
+            drop(d);
+            open_device(what, path, opts(false))
+        }
         r => r,
     }
 }

@@ -139,7 +139,7 @@ impl QueueRing {
             free: Vec::new(),
             ops: 0,
             unsubmitted: 0,
-            inline: access.memory && !access.direct,
+            inline: access.memory,
             ready: Vec::new(),
             vring: None,
         })
