@@ -115,6 +115,9 @@ struct Totals {
     writes: u64,
     flushes: u64,
     in_flight_at_kill: u64,
+    /// Requests served by the io_uring hit path in the daemons that were
+    /// killed (read from the control socket just before each kill).
+    direct_requests: u64,
 }
 
 fn status_json(control: &Path) -> serde_json::Value {
@@ -316,6 +319,7 @@ fn crash_loop(run: &Run, kills: usize, mode_of: impl Fn(usize) -> &'static str) 
         writes: 0,
         flushes: 0,
         in_flight_at_kill: 0,
+        direct_requests: 0,
     };
     let mut last_check: Option<serde_json::Value> = None;
     for it in 0..=kills {
@@ -376,13 +380,16 @@ fn crash_loop(run: &Run, kills: usize, mode_of: impl Fn(usize) -> &'static str) 
         let pid = daemon.pid();
         let killer = {
             let killed = Arc::clone(&killed);
+            let control = control.clone();
             std::thread::spawn(move || {
                 std::thread::sleep(delay);
+                let st = status_json(&control);
+                let direct = st["stats"]["direct_requests"].as_u64().unwrap_or(0);
                 // SAFETY: kill() has no memory effects; the pid is our child,
                 // not reaped until the main thread waits for it.
                 let rc = unsafe { libc::kill(pid, libc::SIGKILL) };
                 killed.store(true, Ordering::SeqCst);
-                rc
+                (rc, direct)
             })
         };
         let region = client.regions[0].addr as *mut u8;
@@ -393,7 +400,9 @@ fn crash_loop(run: &Run, kills: usize, mode_of: impl Fn(usize) -> &'static str) 
             &mut rng,
             &killed,
         );
-        assert_eq!(killer.join().unwrap(), 0);
+        let (rc, direct) = killer.join().unwrap();
+        assert_eq!(rc, 0);
+        totals.direct_requests += direct;
         let status = daemon.signal_and_wait(libc::SIGKILL);
         assert!(!status.success());
         drop(client);
@@ -413,14 +422,15 @@ fn crash_loop(run: &Run, kills: usize, mode_of: impl Fn(usize) -> &'static str) 
 
 fn report(name: &str, t: &Totals, started: Instant) {
     eprintln!(
-        "{name}: {} kills in {:.1}s: {} writes and {} flushes completed, {} requests in flight at kills, {} commits replayed, {} dirty blocks recovered",
+        "{name}: {} kills in {:.1}s: {} writes and {} flushes completed, {} requests in flight at kills, {} commits replayed, {} dirty blocks recovered, {} requests served by io_uring in the killed daemons",
         t.kills,
         started.elapsed().as_secs_f64(),
         t.writes,
         t.flushes,
         t.in_flight_at_kill,
         t.commits_replayed,
-        t.dirty_recovered
+        t.dirty_recovered,
+        t.direct_requests
     );
 }
 
@@ -449,6 +459,10 @@ fn kill9_writeback_4k_blocks_and_other_modes() {
         "no kill ever left a journal to replay"
     );
     assert!(t.dirty_recovered > 0, "no kill ever left dirty blocks");
+    assert!(
+        t.direct_requests > 0,
+        "no request of the killed daemons took the io_uring path"
+    );
 }
 
 #[test]
