@@ -14,6 +14,7 @@
 
 use super::config_space;
 use super::execute::{execute, status_of, write_status};
+use super::inflight::InFlight;
 use super::pool::{IoPoolHandle, Job};
 use super::request::Request;
 use super::uring::{Done, QueueRing};
@@ -21,7 +22,7 @@ use super::DeviceLimits;
 use crate::engine::{Engine, WriteMode};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
@@ -65,69 +66,6 @@ pub struct BlkBackendConfig {
     /// Serve cache hits with io_uring from the queue threads (when the cache
     /// device allows it); otherwise every request goes to the I/O pool.
     pub io_uring: bool,
-}
-
-/// Requests of one queue that have been popped but not completed.
-#[derive(Default)]
-struct InFlight {
-    count: Mutex<usize>,
-    idle: Condvar,
-}
-
-impl InFlight {
-    fn begin(&self) {
-        *self.count.lock().unwrap_or_else(|p| p.into_inner()) += 1;
-    }
-
-    fn count(&self) -> usize {
-        *self.count.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn end(&self, n: usize) {
-        let mut c = self.count.lock().unwrap_or_else(|p| p.into_inner());
-        *c = c.saturating_sub(n);
-        // Both waiters (drain and the in-flight bound) use this condvar.
-        self.idle.notify_all();
-    }
-
-    /// Waits while `limit` or more requests are in flight; false on timeout.
-    ///
-    /// A driver may publish a head again while it is still in flight (the
-    /// device cannot tell), so the ring size alone does not bound how many
-    /// requests one queue has outstanding; this wait does.
-    fn wait_below(&self, limit: usize, timeout: Duration) -> bool {
-        let limit = limit.max(1);
-        let deadline = Instant::now() + timeout;
-        let mut c = self.count.lock().unwrap_or_else(|p| p.into_inner());
-        while *c >= limit {
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            c = match self.idle.wait_timeout(c, deadline - now) {
-                Ok((g, _)) => g,
-                Err(p) => p.into_inner().0,
-            };
-        }
-        true
-    }
-
-    /// Waits until nothing is in flight; false on timeout.
-    fn wait_idle(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut c = self.count.lock().unwrap_or_else(|p| p.into_inner());
-        while *c > 0 {
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            c = match self.idle.wait_timeout(c, deadline - now) {
-                Ok((g, _)) => g,
-                Err(p) => p.into_inner().0,
-            };
-        }
-        true
-    }
 }
 
 struct Inner {

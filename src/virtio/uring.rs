@@ -198,21 +198,6 @@ impl QueueRing {
         let Some(iovecs) = self.build_iovecs(&req, &mem, &io) else {
             return Err((req, mem));
         };
-        if self.inline {
-            let failed = !self.run_inline(write, &io, &iovecs);
-            self.ready.push(finish(Pending {
-                head,
-                req,
-                mem,
-                io,
-                iovecs,
-                remaining: 0,
-                failed,
-            }));
-            return Ok(());
-        }
-        let slot = self.alloc_slot();
-        let n = iovecs.len();
         let mut pending = Pending {
             head,
             req,
@@ -222,6 +207,13 @@ impl QueueRing {
             remaining: 0,
             failed: false,
         };
+        if self.inline {
+            pending.failed = !self.run_inline(write, &pending.io, &pending.iovecs);
+            self.ready.push(finish(pending));
+            return Ok(());
+        }
+        let slot = self.alloc_slot();
+        let n = pending.iovecs.len();
         let mut queued = 0;
         for (i, (ext, iov)) in pending.io.extents().iter().zip(&pending.iovecs).enumerate() {
             let Ok(iov_len) = u32::try_from(iov.len()) else {
