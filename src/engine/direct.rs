@@ -125,7 +125,6 @@ impl Engine {
         if c.mode() == WriteMode::Passthrough || !self.pin_all(&mut io, offset, len) {
             return None;
         }
-        io.len = len;
         Some(io)
     }
 
@@ -145,7 +144,6 @@ impl Engine {
             let _g = c.lock(set);
             c.set_dirty(f, true);
         }
-        io.len = len;
         Some(io)
     }
 
@@ -166,7 +164,7 @@ impl Engine {
             write,
             pins: Vec::new(),
             extents: Vec::new(),
-            len: 0,
+            len,
         };
         if c.closed.load(SeqCst) {
             return None;

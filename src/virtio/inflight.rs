@@ -52,18 +52,6 @@ impl InFlight {
 
     /// Waits until nothing is in flight; false on timeout.
     pub(crate) fn wait_idle(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut c = self.count.lock().unwrap_or_else(|p| p.into_inner());
-        while *c > 0 {
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            c = match self.idle.wait_timeout(c, deadline - now) {
-                Ok((g, _)) => g,
-                Err(p) => p.into_inner().0,
-            };
-        }
-        true
+        self.wait_below(1, timeout)
     }
 }
