@@ -77,7 +77,7 @@ struct Inner {
     pool: IoPoolHandle,
     inflight: Vec<InFlight>,
     /// One io_uring per queue (see `uring`); `None` where hits go to the pool.
-    rings: Vec<Mutex<Option<QueueRing>>>,
+    rings: Vec<Option<Mutex<QueueRing>>>,
     /// Set by `close`: the front-end is gone, workers stop taking requests.
     closing: AtomicBool,
 }
@@ -96,7 +96,7 @@ impl BlkBackend {
         serial[..n].copy_from_slice(&cfg.serial.as_bytes()[..n]);
         let inflight = (0..cfg.num_queues).map(|_| InFlight::default()).collect();
         let rings = (0..cfg.num_queues)
-            .map(|q| Mutex::new(make_ring(&engine, &cfg, q)))
+            .map(|q| make_ring(&engine, &cfg, q).map(Mutex::new))
             .collect();
         BlkBackend {
             inner: Arc::new(Inner {
@@ -135,13 +135,11 @@ impl BlkBackend {
         handlers: &[Arc<VringEpollHandler<BlkBackend>>],
     ) -> io::Result<()> {
         for (q, h) in handlers.iter().enumerate() {
-            let Some(ring) = self.inner.rings.get(q) else {
+            let Some(ring) = self.lock_ring(q) else {
                 continue;
             };
-            let fd = match &*ring.lock().unwrap_or_else(|p| p.into_inner()) {
-                Some(r) => r.event_fd(),
-                None => continue,
-            };
+            let fd = ring.event_fd();
+            drop(ring);
             h.register_listener(fd, EventSet::IN, self.ring_event())?;
         }
         Ok(())
@@ -159,13 +157,12 @@ impl BlkBackend {
     /// reaped here then.
     pub fn drain(&self, timeout: Duration) -> bool {
         for q in 0..self.inner.rings.len() {
-            let mut guard = self.lock_ring(q);
-            let Some(ring) = ring_of(&mut guard) else {
+            let Some(mut ring) = self.lock_ring(q) else {
                 continue;
             };
             let done = ring.drain();
             let vring = ring.vring.clone();
-            drop(guard);
+            drop(ring);
             if let Some(vring) = vring {
                 self.finish_ring(q, &vring, done);
             }
@@ -195,7 +192,7 @@ impl BlkBackend {
         }
         let event_idx = self.inner.event_idx.load(Ordering::Acquire);
         let mut ring_guard = self.lock_ring(q);
-        if let Some(r) = ring_of(&mut ring_guard) {
+        if let Some(r) = ring_guard.as_deref_mut() {
             if r.vring.is_none() {
                 r.vring = Some(vring.clone());
             }
@@ -213,7 +210,7 @@ impl BlkBackend {
                     if self.inner.closing.load(Ordering::Acquire) {
                         return Ok(());
                     }
-                    match ring_of(&mut ring_guard).filter(|r| r.busy()) {
+                    match ring_guard.as_deref_mut().filter(|r| r.busy()) {
                         // Our own completions can only be reaped here.
                         Some(r) => {
                             let done = r.wait();
@@ -241,7 +238,7 @@ impl BlkBackend {
                 let head = chain.head_index();
                 match Request::parse(chain, &self.inner.cfg.limits) {
                     Ok(req) => {
-                        let declined = match ring_of(&mut ring_guard) {
+                        let declined = match ring_guard.as_deref_mut() {
                             Some(r) => r.try_start(&self.inner.engine, head, req, mem),
                             None => Err((req, mem)),
                         };
@@ -259,7 +256,7 @@ impl BlkBackend {
                     }
                 }
             }
-            if let Some(r) = ring_of(&mut ring_guard) {
+            if let Some(r) = ring_guard.as_deref_mut() {
                 r.submit();
             }
             if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
@@ -267,7 +264,7 @@ impl BlkBackend {
             }
         }
         // Hits on a fast device may already be done: post them now.
-        if let Some(r) = ring_of(&mut ring_guard) {
+        if let Some(r) = ring_guard.as_deref_mut() {
             let done = r.reap();
             drop(ring_guard);
             self.finish_ring(q, vring, done);
@@ -275,10 +272,12 @@ impl BlkBackend {
         Ok(())
     }
 
-    fn lock_ring(&self, q: usize) -> Option<MutexGuard<'_, Option<QueueRing>>> {
+    /// Queue `q`'s io_uring, locked; `None` where its hits go to the pool.
+    fn lock_ring(&self, q: usize) -> Option<MutexGuard<'_, QueueRing>> {
         self.inner
             .rings
-            .get(q)
+            .get(q)?
+            .as_ref()
             .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
@@ -303,12 +302,11 @@ impl BlkBackend {
     /// requests, and taking them on this wake-up saves it a kick and the
     /// worker a wake-up.
     fn process_ring(&self, q: usize, vring: &Vring) -> io::Result<()> {
-        let mut guard = self.lock_ring(q);
-        let Some(r) = ring_of(&mut guard) else {
+        let Some(mut r) = self.lock_ring(q) else {
             return Ok(());
         };
         let done = r.on_event();
-        drop(guard);
+        drop(r);
         self.finish_ring(q, vring, done);
         let serving = {
             let state = vring.get_ref();
@@ -366,11 +364,6 @@ impl BlkBackend {
             job(&mut buf);
         }
     }
-}
-
-/// The ring inside a locked per-queue slot, if the queue has one.
-fn ring_of<'a>(g: &'a mut Option<MutexGuard<'_, Option<QueueRing>>>) -> Option<&'a mut QueueRing> {
-    g.as_deref_mut().and_then(Option::as_mut)
 }
 
 /// Sets up queue `q`'s io_uring if enabled and the cache device allows it.
@@ -556,36 +549,17 @@ mod malformed_tests;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::{BlockDevice, MemDevice};
-    use crate::engine::{EngineConfig, GeometryRequest};
+    use crate::device::MemDevice;
     use crate::virtio::pool::IoPool;
 
     fn backend(read_only: bool) -> (BlkBackend, Arc<Engine>, IoPool) {
-        let source: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(1 << 20));
-        let cache: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(1 << 20));
-        let cfg = EngineConfig {
-            geometry: GeometryRequest {
-                block_size: Some(4096),
-                cache_blocks: None,
-                assoc: None,
-            },
-            mode: Some(WriteMode::Writeback),
-            ..EngineConfig::default()
-        };
-        let engine = Arc::new(Engine::open(source, cache, cfg).unwrap());
-        let pool = IoPool::new(1, 4).unwrap();
-        let b = BlkBackend::new(
-            Arc::clone(&engine),
-            BlkBackendConfig {
-                num_queues: 3,
-                queue_size: 128,
-                limits: DeviceLimits::new(1 << 20, 4096, read_only),
-                serial: "s".into(),
-                io_uring: true,
-            },
-            pool.handle(),
-        );
-        (b, engine, pool)
+        super::malformed_tests::test_backend(
+            3,
+            128,
+            DeviceLimits::new(1 << 20, 4096, read_only),
+            Arc::new(MemDevice::new(1 << 20)),
+            Arc::new(MemDevice::new(1 << 20)),
+        )
     }
 
     #[test]

@@ -92,28 +92,7 @@ impl Guest {
         cache: Arc<dyn BlockDevice>,
     ) -> Guest {
         let mem = GuestMem::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-        let cfg = EngineConfig {
-            geometry: GeometryRequest {
-                block_size: Some(4096),
-                cache_blocks: None,
-                assoc: None,
-            },
-            mode: Some(WriteMode::Writeback),
-            ..EngineConfig::default()
-        };
-        let engine = Arc::new(Engine::open(source, cache, cfg).unwrap());
-        let pool = IoPool::new(2, 64).unwrap();
-        let backend = BlkBackend::new(
-            Arc::clone(&engine),
-            BlkBackendConfig {
-                num_queues: queues,
-                queue_size: QSIZE,
-                limits,
-                serial: "malformed".into(),
-                io_uring: true,
-            },
-            pool.handle(),
-        );
+        let (backend, engine, pool) = test_backend(queues, QSIZE, limits, source, cache);
         let atomic = GuestMemoryAtomic::new(mem.clone());
         backend.update_memory(atomic.clone()).unwrap();
         let vrings = (0..usize::from(queues))
@@ -240,6 +219,41 @@ impl Guest {
         self.mem.read_slice(&mut v, GuestAddress(s.data)).unwrap();
         v
     }
+}
+
+/// A write-back engine with 4 KiB blocks on these devices, and a backend of
+/// `queues` queues (io_uring on, where the cache device allows it) with its
+/// I/O pool. Shared with the backend's own unit tests.
+pub(super) fn test_backend(
+    queues: u16,
+    queue_size: u16,
+    limits: DeviceLimits,
+    source: Arc<dyn BlockDevice>,
+    cache: Arc<dyn BlockDevice>,
+) -> (BlkBackend, Arc<Engine>, IoPool) {
+    let cfg = EngineConfig {
+        geometry: GeometryRequest {
+            block_size: Some(4096),
+            cache_blocks: None,
+            assoc: None,
+        },
+        mode: Some(WriteMode::Writeback),
+        ..EngineConfig::default()
+    };
+    let engine = Arc::new(Engine::open(source, cache, cfg).unwrap());
+    let pool = IoPool::new(2, 64).unwrap();
+    let backend = BlkBackend::new(
+        Arc::clone(&engine),
+        BlkBackendConfig {
+            num_queues: queues,
+            queue_size,
+            limits,
+            serial: "test".into(),
+            io_uring: true,
+        },
+        pool.handle(),
+    );
+    (backend, engine, pool)
 }
 
 fn limits() -> DeviceLimits {
