@@ -19,7 +19,7 @@
 mod common;
 
 use blkio::{Blkioq, Completion, ReqFlags};
-use common::{Client, Daemon, Files, BIN, REGION};
+use common::{status_json, Client, Daemon, Files, BIN, REGION};
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
 use std::mem::MaybeUninit;
@@ -118,16 +118,6 @@ struct Totals {
     /// Requests served by the io_uring hit path in the daemons that were
     /// killed (read from the control socket just before each kill).
     direct_requests: u64,
-}
-
-fn status_json(control: &Path) -> serde_json::Value {
-    let out = Command::new(BIN)
-        .args(["status", "--json", "--control"])
-        .arg(control)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "status: {out:?}");
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 fn check_json(cache: &Path) -> (i32, serde_json::Value) {

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{is_socket, Client, Daemon, Files, BIN};
+use common::{is_socket, status_json, Client, Daemon, Files, BIN};
 use rand::{Rng, SeedableRng};
 use std::process::Command;
 
@@ -21,22 +21,6 @@ fn random_range(rng: &mut impl Rng, size: usize, max_len: usize) -> (usize, usiz
     let len = rng.gen_range(1..=max_len / 512) * 512;
     let off = rng.gen_range(0..=(size - len) / 512) * 512;
     (off, len)
-}
-
-/// The engine statistics of a running daemon, through `vblkcache status`.
-fn stats(control: &std::path::Path) -> serde_json::Value {
-    let out = std::process::Command::new(common::BIN)
-        .args(["status", "--json", "--control"])
-        .arg(control)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["stats"].clone()
 }
 
 #[test]
@@ -152,11 +136,15 @@ fn random_io_scenario(io_uring: &str) -> u64 {
     // request (4 whole blocks, pinned and read in place).
     let hot = random_bytes(&mut rng, 256 * 1024);
     q.write(MIB as u64, &hot);
-    let before = stats(&control)["direct_requests"].as_u64().unwrap();
+    let before = status_json(&control)["stats"]["direct_requests"]
+        .as_u64()
+        .unwrap();
     for _ in 0..8 {
         assert!(q.read(MIB as u64, hot.len()) == hot);
     }
-    let after = stats(&control)["direct_requests"].as_u64().unwrap();
+    let after = status_json(&control)["stats"]["direct_requests"]
+        .as_u64()
+        .unwrap();
     drop(q);
     drop(client);
     assert!(daemon.stop().success());

@@ -13,6 +13,9 @@
 //! skipping. The two tests take a lock so only one TCG guest runs at a time: the
 //! machines have two cores.
 
+mod common;
+
+use common::{is_listening, status_json};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -106,20 +109,6 @@ fn create_image(path: &Path, size: &str) {
     );
 }
 
-/// True when a Unix socket bound to `path` is listening. Reads /proc/net/unix
-/// rather than connecting: a probe connection could take the place of QEMU.
-fn is_listening(path: &Path) -> bool {
-    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
-        return false;
-    };
-    let want = path.to_string_lossy();
-    table.lines().skip(1).any(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        // Num RefCount Protocol Flags Type St Inode Path; flag 0x10000 = listening.
-        fields.len() >= 8 && fields[3] == "00010000" && fields[7..].join(" ") == want
-    })
-}
-
 /// A running `vblkcache serve` with its files.
 struct Daemon {
     child: Child,
@@ -192,13 +181,7 @@ impl Daemon {
 
     /// One engine statistic, through `vblkcache status --json`.
     fn stat(&self, name: &str) -> u64 {
-        let out = Command::new(env!("CARGO_BIN_EXE_vblkcache"))
-            .args(["status", "--json", "--control"])
-            .arg(&self.control)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "status failed: {out:?}");
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let v = status_json(&self.control);
         v["stats"][name]
             .as_u64()
             .unwrap_or_else(|| panic!("no stat {name} in {v}"))

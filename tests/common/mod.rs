@@ -348,3 +348,15 @@ pub fn is_listening(path: &Path) -> bool {
         f.len() >= 8 && f[3] == "00010000" && f[7..].join(" ") == want
     })
 }
+
+/// The JSON of `vblkcache status --json` from a running daemon's control
+/// socket.
+pub fn status_json(control: &Path) -> serde_json::Value {
+    let out = Command::new(BIN)
+        .args(["status", "--json", "--control"])
+        .arg(control)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "status: {out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
