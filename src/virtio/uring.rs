@@ -59,6 +59,8 @@ pub enum UringError {
     },
     #[error("cannot create or register the io_uring completion eventfd: {0}")]
     EventFd(#[source] std::io::Error),
+    #[error("cannot register the cache device with io_uring: {0}")]
+    RegisterFile(#[source] std::io::Error),
 }
 
 /// A request whose operations are queued or in flight.
@@ -125,7 +127,7 @@ impl QueueRing {
         // A registered file saves a descriptor lookup per operation.
         ring.submitter()
             .register_files(&[access.fd])
-            .map_err(|source| UringError::Setup { entries, source })?;
+            .map_err(UringError::RegisterFile)?;
         Ok(QueueRing {
             ring,
             event,
