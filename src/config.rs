@@ -18,12 +18,16 @@ pub const MAX_SERIAL_BYTES: usize = 20;
 pub const DEFAULT_IO_THREADS_PER_QUEUE: usize = 32;
 /// Upper bound on I/O threads.
 pub const MAX_IO_THREADS: usize = 256;
+/// Longest busy-polling interval `--poll` accepts: polling holds a CPU.
+pub const MAX_POLL: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// A configuration error. Each message names the offending option.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("--source-latency {0}: expected a duration like 5ms, 500us or 1s")]
     SourceLatency(String),
+    #[error("--poll {0}: expected a duration of at most 10ms, like 32us or 0")]
+    Poll(String),
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
     #[error("--mode: {0}")]
@@ -84,6 +88,9 @@ pub struct ServeConfig {
     pub buffered: bool,
     /// Serve hits with io_uring from the queue threads (default on).
     pub io_uring: bool,
+    /// Busy-polling interval of each queue after it was served (default
+    /// zero: sleep at once).
+    pub poll: std::time::Duration,
     /// Permission bits of the sockets (default 0o600).
     pub socket_mode: u32,
     /// Write dirty blocks back to the source on shutdown (default off).
@@ -304,6 +311,9 @@ impl TryFrom<ServeArgs> for ServeConfig {
             direct: a.direct,
             buffered: a.buffered,
             io_uring: a.io_uring == "on",
+            poll: parse_duration(&a.poll)
+                .filter(|d| *d <= MAX_POLL)
+                .ok_or_else(|| ConfigError::Poll(a.poll.clone()))?,
             socket_mode,
             writeback_on_exit: a.writeback_on_exit,
             source_latency: match &a.source_latency {
@@ -359,6 +369,7 @@ mod tests {
         assert_eq!(c.queue_size, 256);
         assert_eq!(c.io_threads, 32);
         assert!(c.io_uring && !c.buffered);
+        assert_eq!(c.poll, std::time::Duration::ZERO);
         assert_eq!(c.socket_mode, 0o600);
         assert_eq!(c.engine.geometry.block_size, None);
         assert_eq!(c.engine.mode, None);
@@ -384,6 +395,8 @@ mod tests {
             (&["--socket-mode", "0800"], "--socket-mode"),
             (&["--socket-mode", "rw"], "--socket-mode"),
             (&["--control", "/nonexistent-dir/x.sock"], "--control"),
+            (&["--poll", "11ms"], "--poll"),
+            (&["--poll", "fast"], "--poll"),
         ];
         for (extra, option) in cases {
             let e = parse(extra).unwrap_err();
@@ -413,8 +426,11 @@ mod tests {
             "--serial",
             "12345678901234567890",
             "--readonly",
+            "--poll",
+            "32us",
         ])
         .unwrap();
+        assert_eq!(c.poll, std::time::Duration::from_micros(32));
         assert_eq!(c.engine.mode, Some(WriteMode::Writethrough));
         assert_eq!(c.engine.geometry.block_size, Some(128 * 1024));
         assert_eq!(c.engine.geometry.cache_blocks, Some(64));

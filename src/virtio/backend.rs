@@ -52,6 +52,10 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often a queue worker held back by the in-flight bound checks whether
 /// the connection is closing.
 const INFLIGHT_POLL: Duration = Duration::from_secs(1);
+/// Longest busy-polling session before the worker returns once to its
+/// epoll loop (which then finds any kick or completion at once). Not needed
+/// for shutdown (`close` stops the poll at once); a safety valve only.
+const POLL_SLICE: Duration = Duration::from_secs(1);
 /// How often (seconds) it logs that it is still waiting.
 const INFLIGHT_WARN_SECS: u64 = 30;
 
@@ -66,6 +70,8 @@ pub struct BlkBackendConfig {
     /// Serve cache hits with io_uring from the queue threads (when the cache
     /// device allows it); otherwise every request goes to the I/O pool.
     pub io_uring: bool,
+    /// Keep polling a queue this long after serving it (zero: off).
+    pub poll: Duration,
 }
 
 struct Inner {
@@ -178,9 +184,81 @@ impl BlkBackend {
         self.inner.engine.mode() == WriteMode::Writeback
     }
 
-    /// Pops and dispatches every available chain of queue `q`, re-enabling
-    /// notifications (EVENT_IDX) and re-checking so that no kick is lost.
+    /// Serves queue `q` (see [`BlkBackend::serve`]), then polls it for the
+    /// configured interval, if any.
     fn process_queue(&self, q: usize, vring: &Vring) -> io::Result<()> {
+        self.serve(q, vring, false)?;
+        let interval = self.inner.cfg.poll;
+        if interval.is_zero() {
+            return Ok(());
+        }
+        self.poll(q, vring, interval)
+    }
+
+    /// Busy-polls queue `q` until nothing has happened for `interval`:
+    /// serves new chains as the driver publishes them and posts io_uring
+    /// completions as they land, without kicks, eventfd wake-ups or epoll.
+    ///
+    /// While polling, driver notifications stay disabled (VRING_USED_F_NO_NOTIFY;
+    /// with EVENT_IDX, `avail_event` is left behind, so the driver kicks at
+    /// most once) and the ring's completion eventfd is muted. Both are
+    /// re-armed before returning, followed by a last pass that serves
+    /// whatever arrived meanwhile, so no request or completion is left
+    /// without a wake-up. A poll session ends after [`POLL_SLICE`] at the
+    /// latest, so the worker's epoll loop (exit events) gets its turn.
+    fn poll(&self, q: usize, vring: &Vring, interval: Duration) -> io::Result<()> {
+        let event_idx = self.inner.event_idx.load(Ordering::Acquire);
+        vring.disable_notification().map_err(io::Error::other)?;
+        if let Some(mut r) = self.lock_ring(q) {
+            r.set_eventfd(false);
+        }
+        let atomic = self.memory();
+        let start = Instant::now();
+        let mut idle_since = start;
+        let mut result = Ok(());
+        while !self.inner.closing.load(Ordering::Acquire) {
+            let mut progressed = false;
+            if let Some(mut r) = self.lock_ring(q) {
+                if r.busy() {
+                    let done = r.reap();
+                    drop(r);
+                    progressed = !done.is_empty();
+                    self.finish_ring(q, vring, done);
+                }
+            }
+            if avail_pending(vring, &atomic) {
+                if let Err(e) = self.serve(q, vring, true) {
+                    result = Err(e);
+                    break;
+                }
+                progressed = true;
+            }
+            let now = Instant::now();
+            if progressed {
+                idle_since = now;
+            } else if now.duration_since(idle_since) >= interval {
+                break;
+            }
+            if now.duration_since(start) >= POLL_SLICE {
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        if let Some(mut r) = self.lock_ring(q) {
+            r.set_eventfd(true);
+        }
+        if !event_idx {
+            // Without EVENT_IDX the disable above set NO_NOTIFY; clear it
+            // (with EVENT_IDX, `serve` re-arms `avail_event` itself).
+            vring.enable_notification().map_err(io::Error::other)?;
+        }
+        result.and(self.serve(q, vring, false))
+    }
+
+    /// Pops and dispatches every available chain of queue `q`. Unless
+    /// `polling`, then re-enables notifications (EVENT_IDX) and re-checks so
+    /// that no kick is lost, and posts the hits that are already done.
+    fn serve(&self, q: usize, vring: &Vring, polling: bool) -> io::Result<()> {
         let Some(inflight) = self.inner.inflight.get(q) else {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -198,7 +276,7 @@ impl BlkBackend {
             }
         }
         loop {
-            if event_idx {
+            if event_idx && !polling {
                 vring.disable_notification().map_err(io::Error::other)?;
             }
             loop {
@@ -259,9 +337,13 @@ impl BlkBackend {
             if let Some(r) = ring_guard.as_deref_mut() {
                 r.submit();
             }
-            if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
+            if polling || !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
                 break;
             }
+        }
+        if polling {
+            // The poll loop reaps.
+            return Ok(());
         }
         // Hits on a fast device may already be done: post them now.
         if let Some(r) = ring_guard.as_deref_mut() {
@@ -364,6 +446,19 @@ impl BlkBackend {
             job(&mut buf);
         }
     }
+}
+
+/// True if the driver has published chains the device has not popped.
+fn avail_pending(vring: &Vring, mem: &GuestMemAtomic) -> bool {
+    let state = vring.get_ref();
+    let queue = state.get_queue();
+    if !queue.ready() {
+        return false;
+    }
+    let m = mem.memory();
+    queue
+        .avail_idx(&*m, Ordering::Acquire)
+        .is_ok_and(|idx| idx.0 != queue.next_avail())
 }
 
 /// Sets up queue `q`'s io_uring if enabled and the cache device allows it.
@@ -559,6 +654,7 @@ mod tests {
             DeviceLimits::new(1 << 20, 4096, read_only),
             Arc::new(MemDevice::new(1 << 20)),
             Arc::new(MemDevice::new(1 << 20)),
+            Duration::ZERO,
         )
     }
 

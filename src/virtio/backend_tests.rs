@@ -91,8 +91,19 @@ impl Guest {
         source: Arc<dyn BlockDevice>,
         cache: Arc<dyn BlockDevice>,
     ) -> Guest {
+        Guest::polled(queues, limits, source, cache, Duration::ZERO)
+    }
+
+    /// As `with_devices`, with queues busy-polled for `poll` after each pass.
+    fn polled(
+        queues: u16,
+        limits: DeviceLimits,
+        source: Arc<dyn BlockDevice>,
+        cache: Arc<dyn BlockDevice>,
+        poll: Duration,
+    ) -> Guest {
         let mem = GuestMem::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-        let (backend, engine, pool) = test_backend(queues, QSIZE, limits, source, cache);
+        let (backend, engine, pool) = test_backend(queues, QSIZE, limits, source, cache, poll);
         let atomic = GuestMemoryAtomic::new(mem.clone());
         backend.update_memory(atomic.clone()).unwrap();
         let vrings = (0..usize::from(queues))
@@ -230,6 +241,7 @@ pub(super) fn test_backend(
     limits: DeviceLimits,
     source: Arc<dyn BlockDevice>,
     cache: Arc<dyn BlockDevice>,
+    poll: Duration,
 ) -> (BlkBackend, Arc<Engine>, IoPool) {
     let cfg = EngineConfig {
         geometry: GeometryRequest {
@@ -250,6 +262,7 @@ pub(super) fn test_backend(
             limits,
             serial: "test".into(),
             io_uring: true,
+            poll,
         },
         pool.handle(),
     );

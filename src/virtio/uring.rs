@@ -152,6 +152,18 @@ impl QueueRing {
         self.event.as_raw_fd()
     }
 
+    /// Mutes (`false`) or restores the completion eventfd; a busy-polling
+    /// worker reaps without it. Completions that land while it is muted
+    /// signal nothing: reap after restoring it.
+    pub fn set_eventfd(&mut self, on: bool) {
+        let cq = self.ring.completion();
+        if on {
+            cq.enable_eventfd();
+        } else {
+            cq.disable_eventfd();
+        }
+    }
+
     /// True while operations are queued or in flight, or requests served
     /// synchronously wait to be reaped.
     pub fn busy(&self) -> bool {

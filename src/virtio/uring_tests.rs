@@ -13,6 +13,15 @@ fn file_guest(direct: bool) -> Option<(Guest, tempfile::TempDir)> {
 
 /// As `file_guest`, with the cache file in `dir`.
 fn file_guest_in(dir: tempfile::TempDir, direct: bool) -> Option<(Guest, tempfile::TempDir)> {
+    file_guest_polled(dir, direct, Duration::ZERO)
+}
+
+/// As `file_guest_in`, with the queue busy-polled for `poll` after a pass.
+fn file_guest_polled(
+    dir: tempfile::TempDir,
+    direct: bool,
+    poll: Duration,
+) -> Option<(Guest, tempfile::TempDir)> {
     let path = dir.path().join("cache.img");
     std::fs::File::create(&path)
         .unwrap()
@@ -34,7 +43,7 @@ fn file_guest_in(dir: tempfile::TempDir, direct: bool) -> Option<(Guest, tempfil
     };
     let source = MemDevice::new(DISK);
     source.write_at(&pattern(9), 64 * 512).unwrap();
-    let g = Guest::with_devices(1, limits(), Arc::new(source), Arc::new(cache));
+    let g = Guest::polled(1, limits(), Arc::new(source), Arc::new(cache), poll);
     Some((g, dir))
 }
 
@@ -238,4 +247,85 @@ fn a_cache_in_memory_is_served_on_the_queue_thread() {
     assert_eq!(g.take_used(0), vec![(u32::from(head), 4097)]);
     assert!(g.read_data(&r, 4096) == first);
     assert_eq!(direct_requests(&g), 1);
+}
+
+/// Waits up to `limit` for queue 0's used index to reach `n`.
+fn wait_used(g: &Guest, n: u16, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        let idx: u16 = g.mem.read_obj(GuestAddress(used_ring(0) + 2)).unwrap();
+        if idx >= n {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// The used ring's flags word (VRING_USED_F_NO_NOTIFY = 1 asks for no kicks).
+fn used_flags(g: &Guest) -> u16 {
+    g.mem.read_obj(GuestAddress(used_ring(0))).unwrap()
+}
+
+/// With `--poll`, a request the driver publishes after the pass, with no
+/// kick and no further call, is still served, with kicks suppressed while
+/// polling and re-enabled afterwards. Without polling it waits for a kick.
+#[test]
+fn a_polled_queue_serves_requests_published_without_a_kick() {
+    const POLL: Duration = Duration::from_millis(500);
+    for direct in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let Some((mut g, _dir)) = file_guest_polled(dir, direct, POLL) else {
+            continue;
+        };
+        g.engine.write(8 * 512, &pattern(1)).unwrap();
+        g.engine.write(16 * 512, &pattern(2)).unwrap();
+        let (head_a, a) = g.publish_good_read(0, 8);
+        let (backend, vring) = (g.backend.clone(), g.vrings[0].clone());
+        let start = Instant::now();
+        let poller = std::thread::spawn(move || {
+            backend.process_queue(0, &vring).unwrap();
+            start.elapsed()
+        });
+        assert!(
+            wait_used(&g, 1, Duration::from_secs(5)),
+            "direct={direct}: A"
+        );
+        assert_eq!(used_flags(&g), 1, "direct={direct}: kicks not suppressed");
+        let b = Guest::slot(0, 0);
+        g.mem
+            .write_slice(&[0u8; 4096], GuestAddress(b.data))
+            .unwrap();
+        publish(&g, VIRTIO_BLK_T_IN, 16, &[(b.data, 4096)]);
+        assert!(
+            wait_used(&g, 2, Duration::from_secs(5)),
+            "direct={direct}: B, published during the poll, was not served"
+        );
+        let polled_for = poller.join().unwrap();
+        assert!(
+            polled_for >= POLL,
+            "direct={direct}: returned after {polled_for:?}"
+        );
+        assert_eq!(used_flags(&g), 0, "direct={direct}: kicks left disabled");
+        assert_eq!(g.take_used(0), vec![(u32::from(head_a), 4097), (0, 4097)]);
+        assert!(g.read_data(&a, 4096) == pattern(1), "direct={direct}");
+        assert!(g.read_data(&b, 4096) == pattern(2), "direct={direct}");
+        assert_eq!(g.status(b.status), OK);
+        assert_eq!(direct_requests(&g), 2, "direct={direct}");
+        assert!(g.backend.drain(Duration::from_secs(5)));
+    }
+
+    // The control: without polling, the same request waits for a kick.
+    let Some((mut g, _dir)) = file_guest(false) else {
+        unreachable!("buffered files always open")
+    };
+    g.engine.write(16 * 512, &pattern(2)).unwrap();
+    g.run(0);
+    let b = Guest::slot(0, 0);
+    publish(&g, VIRTIO_BLK_T_IN, 16, &[(b.data, 4096)]);
+    assert!(!wait_used(&g, 1, Duration::from_millis(100)));
+    g.run(0);
+    assert_eq!(g.take_used(0), vec![(0, 4097)]);
 }
