@@ -4,7 +4,7 @@
 # directly, all driven by the same libblkio client (examples/vbc-load).
 #
 #   bench/compare.sh [--quick] [--dir DIR] [--shm-dir DIR] [--no-shm]
-#                    [--out FILE] [--no-build]
+#                    [--out FILE] [--no-build] [--poll DURATION] [--only REGEX]
 #
 # Two passes: "disk" (files under DIR, default target/, O_DIRECT everywhere)
 # and "tmpfs" (fast files under /dev/shm, page cache since tmpfs has no
@@ -19,8 +19,12 @@
 # target/compare-results.jsonl; daemon logs and vblkcache's final status in
 # the directory of the same name ending in -logs); the table is printed at
 # the end.
-# The cold-cache / slow-source case is not run: vblkcache has no way yet to
-# put latency on the source.
+# --poll 32us: both daemons busy-poll their queues: vblkcache with
+# `--poll 32us`, qsd from an iothread with poll-max-ns=32000 (an iothread is
+# how qsd polls; its default poll-max-ns is 32768). Without it neither polls
+# (qsd serves from its main loop, which does not poll).
+# --only REGEX: run only the workloads whose name matches (grep -E).
+# Cold reads from a slow source: bench/cold.sh.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -30,6 +34,8 @@ SHM_DIR=/dev/shm
 DO_SHM=1
 OUT="$ROOT/target/compare-results.jsonl"
 BUILD=1
+POLL=""
+ONLY=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1 ;;
@@ -38,7 +44,9 @@ while [ $# -gt 0 ]; do
         --no-shm) DO_SHM=0 ;;
         --out) OUT=$2; shift ;;
         --no-build) BUILD=0 ;;
-        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        --poll) POLL=$2; shift ;;
+        --only) ONLY=$2; shift ;;
+        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
         *) echo "compare.sh: unknown option $1" >&2; exit 2 ;;
     esac
     shift
@@ -53,6 +61,18 @@ fi
 # (a set overflows long before the cache as a whole is full).
 CACHE_MIB=$((DISK_MIB * 3 / 2))
 QUEUES=2
+QSD_POLL=()
+VBC_POLL=()
+if [ -n "$POLL" ]; then
+    POLL_NS=$(python3 -c '
+import re, sys
+m = re.fullmatch(r"(\d+)(ns|us|ms)", sys.argv[1])
+if not m:
+    sys.exit("compare.sh: --poll %s: expected a duration like 32us" % sys.argv[1])
+print(int(m.group(1)) * {"ns": 1, "us": 1000, "ms": 1000000}[m.group(2)])' "$POLL")
+    QSD_POLL=(--object "iothread,id=io0,poll-max-ns=$POLL_NS")
+    VBC_POLL=(--poll "$POLL")
+fi
 
 BIN="$ROOT/target/release/vblkcache"
 LOAD="$ROOT/target/release/examples/vbc-load"
@@ -184,14 +204,16 @@ run_pass() {
     fill "$fast/fast.img" "${lbuf[@]}"
     truncate -s "${CACHE_MIB}M" "$fast/cache.img"
 
-    qemu-storage-daemon \
+    local qexport="type=vhost-user-blk,id=e,node-name=d,addr.type=unix,addr.path=$WORK/qsd.sock,writable=on,num-queues=$QUEUES"
+    [ -n "$POLL" ] && qexport="$qexport,iothread=io0"
+    qemu-storage-daemon "${QSD_POLL[@]}" \
         --blockdev "driver=file,node-name=f,filename=$fast/fast.img,cache.direct=$fdir,aio=io_uring" \
         --blockdev driver=raw,node-name=d,file=f \
-        --export "type=vhost-user-blk,id=e,node-name=d,addr.type=unix,addr.path=$WORK/qsd.sock,writable=on,num-queues=$QUEUES" \
+        --export "$qexport" \
         >"$WORK/qsd-$name.log" 2>&1 &
     qpid=$!; PIDS+=("$qpid")
     "$BIN" serve --source "$WORK/source.img" --cache "$fast/cache.img" --socket "$WORK/vbc.sock" \
-        --queues "$QUEUES" --control "$WORK/ctl.sock" "${vdirect[@]}" \
+        --queues "$QUEUES" --control "$WORK/ctl.sock" "${vdirect[@]}" "${VBC_POLL[@]}" \
         >"$WORK/vbc-$name.log" 2>&1 &
     vpid=$!; PIDS+=("$vpid")
     wait_socket "$WORK/qsd.sock" "$qpid"
@@ -219,6 +241,7 @@ run_pass() {
 
     for w in "${WORKLOADS[@]}"; do
         wl=${w%%|*}
+        if [ -n "$ONLY" ] && ! grep -qE "$ONLY" <<<"$wl"; then continue; fi
         read -r -a args <<<"${w#*|}"
         run_one "$name" "$wl" qsd "$qpid" - -- --socket "$WORK/qsd.sock" "${args[@]}"
         run_one "$name" "$wl" vblkcache "$vpid" "$WORK/ctl.sock" -- --socket "$WORK/vbc.sock" "${args[@]}"
@@ -236,7 +259,7 @@ run_pass() {
 # Daemon logs and vblkcache's final status go next to the results.
 LOGS="${OUT%.jsonl}-logs"
 mkdir -p "$LOGS"
-echo "{\"machine\":{\"nproc\":$(nproc),\"cpu\":\"$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')\",\"date\":\"$(date -u +%FT%TZ)\",\"quick\":$QUICK,\"runtime\":\"$RUNTIME\",\"ramp\":\"$RAMP\",\"disk_mib\":$DISK_MIB,\"cache_mib\":$CACHE_MIB,\"queues\":$QUEUES}}" >>"$OUT"
+echo "{\"machine\":{\"nproc\":$(nproc),\"cpu\":\"$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')\",\"date\":\"$(date -u +%FT%TZ)\",\"quick\":$QUICK,\"runtime\":\"$RUNTIME\",\"ramp\":\"$RAMP\",\"disk_mib\":$DISK_MIB,\"cache_mib\":$CACHE_MIB,\"queues\":$QUEUES,\"poll\":\"$POLL\"}}" >>"$OUT"
 log "source: ${DISK_MIB} MiB in $WORK"
 fill "$WORK/source.img"
 run_pass disk "$WORK" 1
