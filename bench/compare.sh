@@ -5,12 +5,15 @@
 #
 #   bench/compare.sh [--quick] [--dir DIR] [--shm-dir DIR] [--no-shm]
 #                    [--out FILE] [--no-build] [--poll DURATION] [--only REGEX]
+#                    [--source-latency DURATION] [--no-cold]
 #
 # Two passes: "disk" (files under DIR, default target/, O_DIRECT everywhere)
 # and "tmpfs" (fast files under /dev/shm, page cache since tmpfs has no
 # O_DIRECT: the CPU-bound case). In each pass qsd serves fast.img, vblkcache
 # serves source.img through cache.img (both in the pass's directory; the
-# source always on DIR), and raw runs io_uring on fast.img. Every workload is
+# source always on DIR, with --source-latency 5ms injected: a slow source
+# that a warm cache must hide; change it with --source-latency), and raw
+# runs io_uring on fast.img. Every workload is
 # run on the three targets back to back, so their ratios come from the same
 # minute of a noisy machine. Daemon CPU is read from /proc/PID/stat around
 # each run and divided by the data requests that run completed.
@@ -24,7 +27,9 @@
 # how qsd polls; its default poll-max-ns is 32768). Without it neither polls
 # (qsd serves from its main loop, which does not poll).
 # --only REGEX: run only the workloads whose name matches (grep -E).
-# Cold reads from a slow source: bench/cold.sh.
+# After the passes, a full run (not --quick, not --no-cold) also runs the
+# cold case: bench/cold.sh (4K random reads, all misses, from a source with
+# 5 ms injected latency, against the same daemon in passthrough mode).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -36,6 +41,8 @@ OUT="$ROOT/target/compare-results.jsonl"
 BUILD=1
 POLL=""
 ONLY=""
+SRC_LAT=5ms
+COLD=1
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1 ;;
@@ -46,7 +53,9 @@ while [ $# -gt 0 ]; do
         --no-build) BUILD=0 ;;
         --poll) POLL=$2; shift ;;
         --only) ONLY=$2; shift ;;
-        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+        --source-latency) SRC_LAT=$2; shift ;;
+        --no-cold) COLD=0 ;;
+        -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
         *) echo "compare.sh: unknown option $1" >&2; exit 2 ;;
     esac
     shift
@@ -214,6 +223,7 @@ run_pass() {
     qpid=$!; PIDS+=("$qpid")
     "$BIN" serve --source "$WORK/source.img" --cache "$fast/cache.img" --socket "$WORK/vbc.sock" \
         --queues "$QUEUES" --control "$WORK/ctl.sock" "${vdirect[@]}" "${VBC_POLL[@]}" \
+        --source-latency "$SRC_LAT" \
         >"$WORK/vbc-$name.log" 2>&1 &
     vpid=$!; PIDS+=("$vpid")
     wait_socket "$WORK/qsd.sock" "$qpid"
@@ -259,7 +269,7 @@ run_pass() {
 # Daemon logs and vblkcache's final status go next to the results.
 LOGS="${OUT%.jsonl}-logs"
 mkdir -p "$LOGS"
-echo "{\"machine\":{\"nproc\":$(nproc),\"cpu\":\"$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')\",\"date\":\"$(date -u +%FT%TZ)\",\"quick\":$QUICK,\"runtime\":\"$RUNTIME\",\"ramp\":\"$RAMP\",\"disk_mib\":$DISK_MIB,\"cache_mib\":$CACHE_MIB,\"queues\":$QUEUES,\"poll\":\"$POLL\"}}" >>"$OUT"
+echo "{\"machine\":{\"nproc\":$(nproc),\"cpu\":\"$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')\",\"date\":\"$(date -u +%FT%TZ)\",\"quick\":$QUICK,\"runtime\":\"$RUNTIME\",\"ramp\":\"$RAMP\",\"disk_mib\":$DISK_MIB,\"cache_mib\":$CACHE_MIB,\"queues\":$QUEUES,\"poll\":\"$POLL\",\"source_latency\":\"$SRC_LAT\"}}" >>"$OUT"
 log "source: ${DISK_MIB} MiB in $WORK"
 fill "$WORK/source.img"
 run_pass disk "$WORK" 1
@@ -268,5 +278,9 @@ if [ "$DO_SHM" = 1 ]; then
     run_pass tmpfs "$SHM_WORK" 0
 fi
 python3 "$ROOT/bench/compare_table.py" "$OUT"
+if [ "$QUICK" = 0 ] && [ "$COLD" = 1 ]; then
+    log "cold case: bench/cold.sh 5ms 6s"
+    bash "$ROOT/bench/cold.sh" 5ms 6s | tee "$LOGS/cold.txt" || FAILED=1
+fi
 log "results: $OUT"
 exit "$FAILED"
