@@ -321,7 +321,9 @@ fn guest_fs_survives_reconnect_and_daemon_restart() {
     create_image(&work.path().join("cache.img"), "64M");
     let writeback = ["--mode", "writeback"];
 
-    let mut daemon = Daemon::start(work.path(), &writeback);
+    // The first daemon busy-polls its queue after each pass, through the
+    // guest's disconnect and a second connection.
+    let mut daemon = Daemon::start(work.path(), &["--mode", "writeback", "--poll", "50us"]);
     run_guest(
         &mut daemon,
         &guest,
