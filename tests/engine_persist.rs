@@ -25,6 +25,33 @@ fn devices() -> (Arc<MemDevice>, Arc<MemDevice>) {
     )
 }
 
+fn open(src: &Arc<MemDevice>, cache: &Arc<MemDevice>, cfg: EngineConfig) -> Engine {
+    Engine::open(src.clone(), cache.clone(), cfg).unwrap()
+}
+
+/// Opens with the default configuration (geometry from the superblock);
+/// the error if refused.
+fn reopen(src: &Arc<MemDevice>, cache: &Arc<MemDevice>) -> Result<Engine, EngineError> {
+    Engine::open(src.clone(), cache.clone(), EngineConfig::default())
+}
+
+fn reopen_err(src: &Arc<MemDevice>, cache: &Arc<MemDevice>) -> EngineError {
+    match reopen(src, cache) {
+        Ok(_) => panic!("the open was expected to fail"),
+        Err(e) => e,
+    }
+}
+
+/// Fresh devices with a cache of 512 4K blocks in sets of 8 in `mode`
+/// holding `data` at offset 0, shut down cleanly (dirty blocks kept).
+fn closed_cache(mode: Option<WriteMode>, data: &[u8]) -> (Arc<MemDevice>, Arc<MemDevice>) {
+    let (src, cache) = devices();
+    let e = open(&src, &cache, cfg(4096, Some(512), Some(8), mode));
+    e.write(0, data).unwrap();
+    e.shutdown(false).unwrap();
+    (src, cache)
+}
+
 #[test]
 fn warm_cache_survives_clean_restart() {
     let (src, cache) = devices();
@@ -48,7 +75,7 @@ fn warm_cache_survives_clean_restart() {
     drop(e);
 
     // Reopen without giving a geometry: it comes from the superblock.
-    let e = Engine::open(src.clone(), cache.clone(), EngineConfig::default()).unwrap();
+    let e = reopen(&src, &cache).unwrap();
     let st = e.status();
     assert_eq!(st.geometry, before.geometry);
     assert_eq!(st.mode, WriteMode::Writeback);
@@ -76,16 +103,7 @@ fn warm_cache_survives_clean_restart() {
 
 #[test]
 fn conflicting_geometry_is_refused_and_nothing_changes() {
-    let (src, cache) = devices();
-    let e = Engine::open(
-        src.clone(),
-        cache.clone(),
-        cfg(4096, Some(512), Some(8), None),
-    )
-    .unwrap();
-    e.write(0, &[7u8; 4096]).unwrap();
-    e.shutdown(false).unwrap();
-    drop(e);
+    let (src, cache) = closed_cache(None, &[7u8; 4096]);
     let image = cache.to_vec();
     for (c, param) in [
         (cfg(8192, None, None, None), "block-size"),
@@ -168,9 +186,7 @@ fn geometry_errors_have_clear_messages() {
 fn foreign_cache_device_needs_format() {
     let (src, _) = devices();
     let cache = Arc::new(MemDevice::from_bytes(&vec![0x55u8; 16 << 20]));
-    let err = Engine::open(src.clone(), cache.clone(), EngineConfig::default())
-        .err()
-        .unwrap();
+    let err = reopen_err(&src, &cache);
     assert!(matches!(err, EngineError::ForeignCache { .. }), "{err}");
     assert!(err.to_string().contains("--format"));
     assert!(cache.to_vec().iter().all(|&b| b == 0x55));
@@ -197,25 +213,14 @@ fn foreign_cache_device_needs_format() {
 
 #[test]
 fn corrupted_metadata_is_detected() {
-    let (src, cache) = devices();
-    let e = Engine::open(
-        src.clone(),
-        cache.clone(),
-        cfg(4096, Some(512), Some(8), None),
-    )
-    .unwrap();
-    e.write(0, &[1u8; 8192]).unwrap();
-    e.shutdown(false).unwrap();
-    drop(e);
+    let (src, cache) = closed_cache(None, &[1u8; 8192]);
     let good = cache.to_vec();
     // Both superblock slots corrupted: refused, naming both.
     let mut img = good.clone();
     img[100] ^= 1;
     img[4096 + 100] ^= 1;
     cache.write_at(&img, 0).unwrap();
-    let err = Engine::open(src.clone(), cache.clone(), EngineConfig::default())
-        .err()
-        .unwrap();
+    let err = reopen_err(&src, &cache);
     assert!(
         err.to_string()
             .contains("both superblock copies are corrupted"),
@@ -240,7 +245,7 @@ fn corrupted_metadata_is_detected() {
     let mut img = good.clone();
     img[3000] ^= 1;
     cache.write_at(&img, 0).unwrap();
-    let e = Engine::open(src.clone(), cache.clone(), EngineConfig::default()).unwrap();
+    let e = reopen(&src, &cache).unwrap();
     assert_eq!(e.dirty_blocks(), 2);
     e.shutdown(false).unwrap();
     // Table page corrupted: refused with the page named.
@@ -262,9 +267,7 @@ fn corrupted_metadata_is_detected() {
     let table = vblkcache::engine::meta::Layout::new(&g).table_copy_offset(active) as usize;
     img[table + 40] ^= 0x10;
     cache.write_at(&img, 0).unwrap();
-    let err = Engine::open(src.clone(), cache.clone(), EngineConfig::default())
-        .err()
-        .unwrap();
+    let err = reopen_err(&src, &cache);
     assert!(err.to_string().contains("mapping table page 0"), "{err}");
     assert!(err.to_string().contains("checksum"), "{err}");
 }
@@ -272,18 +275,17 @@ fn corrupted_metadata_is_detected() {
 #[test]
 fn unclean_writeback_cache_recovers_flushed_dirty_blocks() {
     let (src, cache) = devices();
-    let e = Engine::open(
-        src.clone(),
-        cache.clone(),
+    let e = open(
+        &src,
+        &cache,
         cfg(4096, Some(512), Some(8), Some(WriteMode::Writeback)),
-    )
-    .unwrap();
+    );
     e.write(0, &[1u8; 8192]).unwrap();
     e.flush().unwrap();
     let mut b = vec![0u8; 8192];
     e.read(1 << 20, &mut b).unwrap(); // a clean block, dropped by recovery
     drop(e); // no shutdown: like a crash
-    let e = Engine::open(src.clone(), cache.clone(), EngineConfig::default()).unwrap();
+    let e = reopen(&src, &cache).unwrap();
     let st = e.status().start;
     assert!(!st.clean);
     assert_eq!(st.dirty_recovered, 2);
@@ -293,12 +295,11 @@ fn unclean_writeback_cache_recovers_flushed_dirty_blocks() {
     assert!(b.iter().all(|&x| x == 1));
     // Write-through caches hold no unique data: an unclean one starts cold.
     let (src, cache) = devices();
-    let e = Engine::open(
-        src.clone(),
-        cache.clone(),
+    let e = open(
+        &src,
+        &cache,
         cfg(4096, Some(512), Some(8), Some(WriteMode::Writethrough)),
-    )
-    .unwrap();
+    );
     e.read(0, &mut b).unwrap();
     drop(e);
     let e = Engine::open(src, cache, EngineConfig::default()).unwrap();
@@ -308,16 +309,7 @@ fn unclean_writeback_cache_recovers_flushed_dirty_blocks() {
 
 #[test]
 fn passthrough_refuses_dirty_cache() {
-    let (src, cache) = devices();
-    let e = Engine::open(
-        src.clone(),
-        cache.clone(),
-        cfg(4096, Some(512), Some(8), Some(WriteMode::Writeback)),
-    )
-    .unwrap();
-    e.write(0, &[1u8; 8192]).unwrap();
-    e.shutdown(false).unwrap();
-    drop(e);
+    let (src, cache) = closed_cache(Some(WriteMode::Writeback), &[1u8; 8192]);
     let err = Engine::open(
         src.clone(),
         cache.clone(),
