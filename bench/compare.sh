@@ -145,6 +145,16 @@ cpu_ticks() {
     echo $(( ${12} + ${13} ))
 }
 
+# stime alone (kernel time), in clock ticks.
+sys_ticks() {
+    local s
+    s=$(<"/proc/$1/stat")
+    s=${s##*) }
+    # shellcheck disable=SC2086
+    set -- $s
+    echo "${13}"
+}
+
 status_field() { # control-socket field (dotted path) -> value
     "$BIN" status --json --control "$1" | python3 -c '
 import json, sys
@@ -164,11 +174,12 @@ fill() { # file, extra vbc-load args: write every byte once with 1M requests
 # run_one PASS WORKLOAD TARGET DAEMON_PID CTL -- vbc-load args...
 run_one() {
     local pass=$1 wl=$2 target=$3 pid=$4 ctl=$5; shift 6
-    local t0=0 t1=0 m0=0 m1=0 json rc=0 err="$WORK/load.err"
-    [ "$pid" != - ] && t0=$(cpu_ticks "$pid")
+    local t0=0 t1=0 k0=0 k1=0 m0=0 m1=0 json rc=0 err="$WORK/load.err"
+    [ "$pid" != - ] && { t0=$(cpu_ticks "$pid"); k0=$(sys_ticks "$pid"); }
     [ "$ctl" != - ] && { m0=$(status_field "$ctl" stats.read_misses) || m0=0; }
     json=$("$LOAD" "$@" --runtime "$RUNTIME" --ramp "$RAMP" --json 2>"$err") || rc=$?
     [ "$pid" != - ] && { t1=$(cpu_ticks "$pid") || t1=$t0; }
+    [ "$pid" != - ] && { k1=$(sys_ticks "$pid") || k1=$k0; }
     [ "$ctl" != - ] && { m1=$(status_field "$ctl" stats.read_misses) || m1=$m0; }
     if [ "$rc" != 0 ] || [ -z "$json" ]; then
         FAILED=1
@@ -183,14 +194,16 @@ run_one() {
     fi
     python3 -c '
 import json, sys
-pass_, wl, target, ticks, hz, misses, rc, load = sys.argv[1:9]
+pass_, wl, target, ticks, hz, misses, rc, load, kticks = sys.argv[1:10]
 print(json.dumps({"pass": pass_, "workload": wl, "target": target,
     "daemon_cpu_s": None if ticks == "-" else int(ticks) / int(hz),
+    "daemon_sys_s": None if kticks == "-" else int(kticks) / int(hz),
     "read_misses": None if misses == "-" else int(misses),
     "rc": int(rc), "load": json.loads(load)}))' \
         "$pass" "$wl" "$target" \
         "$([ "$pid" != - ] && echo $((t1 - t0)) || echo -)" "$CLK_TCK" \
-        "$([ "$ctl" != - ] && echo $((m1 - m0)) || echo -)" "$rc" "$json" >>"$OUT"
+        "$([ "$ctl" != - ] && echo $((m1 - m0)) || echo -)" "$rc" "$json" \
+        "$([ "$pid" != - ] && echo $((k1 - k0)) || echo -)" >>"$OUT"
     log "$pass / $wl / $target done"
 }
 

@@ -6,7 +6,7 @@ Usage: compare_table.py RESULTS.jsonl
 One markdown table per pass: for each workload a row per target (qsd,
 vblkcache, raw io_uring) and a row of ratios. CPU/IO is the serving daemon's
 CPU time (user+system, whole run incl. ramp) per data request completed in
-that run; client CPU/IO is vbc-load's own CPU inside the measured window per
+that run, with its kernel (system) part in brackets; client CPU/IO is vbc-load's own CPU inside the measured window per
 request measured.
 """
 import json
@@ -34,12 +34,15 @@ def metrics(r):
         "mib": load["mib_s"],
         "p99": load["lat"]["p99_us"],
         "cpu": None,
+        "sys": None,
         "ccpu": load.get("client_cpu_us_per_io"),
         "errors": load["errors"],
         "misses": r.get("read_misses"),
     }
     if r.get("daemon_cpu_s") is not None and load.get("total_ios"):
         m["cpu"] = r["daemon_cpu_s"] * 1e6 / load["total_ios"]
+        if r.get("daemon_sys_s") is not None:
+            m["sys"] = r["daemon_sys_s"] * 1e6 / load["total_ios"]
     return m
 
 
@@ -66,7 +69,7 @@ def main(path):
                 f"{warm['second_pass_misses']} misses on a second full read"
             )
         print()
-        print("| workload | target | IOPS | MiB/s | p99 µs | daemon CPU µs/IO | client CPU µs/IO | vbc read misses |")
+        print("| workload | target | IOPS | MiB/s | p99 µs | daemon CPU µs/IO (kernel) | client CPU µs/IO | vbc read misses |")
         print("|---|---|---:|---:|---:|---:|---:|---:|")
         wls = []
         for r in rows:
@@ -85,7 +88,7 @@ def main(path):
                 err = f" ({m['errors']} errors)" if m["errors"] else ""
                 print(
                     f"| {wl} | {t}{err} | {fmt(m['iops'])} | {fmt(m['mib'], 1)} | {fmt(m['p99'])} | "
-                    f"{fmt(m['cpu'], 1)} | {fmt(m['ccpu'], 1)} | {fmt(m['misses']) if m['misses'] is not None else ''} |"
+                    f"{fmt(m['cpu'], 1)}{' (' + fmt(m['sys'], 1) + ')' if m['sys'] is not None else ''} | {fmt(m['ccpu'], 1)} | {fmt(m['misses']) if m['misses'] is not None else ''} |"
                 )
             v, q, w = got.get("vblkcache"), got.get("qsd"), got.get("raw")
             if v:

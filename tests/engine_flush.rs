@@ -140,3 +140,35 @@ fn direct_write_completing_after_a_flush_is_flushed_by_the_next() {
     r.e.read(0, &mut back).unwrap();
     assert_eq!(back, [2u8; 4096]);
 }
+
+/// The vectors of a direct request come back emptied for the next one, on
+/// completion and when a request is declined, and the pins are released.
+#[test]
+fn direct_request_vectors_are_given_back_and_pins_released() {
+    let r = rig(WriteMode::Writeback);
+    r.e.write(0, &[1u8; 16384]).unwrap();
+    let mut bufs = vblkcache::engine::DirectBufs::default();
+    let io =
+        r.e.begin_direct_read_in(0, 16384, &mut bufs)
+            .expect("four cached blocks");
+    assert_eq!(io.extents().iter().map(|x| x.len).sum::<u64>(), 16384);
+    let mut bufs = io.completed();
+    assert!(bufs.is_empty());
+    let (pins, extents) = bufs.capacity();
+    assert!(pins >= 4 && extents >= 1, "{bufs:?}");
+    // A miss (block 100 is not cached) is declined, the vectors come back
+    // and nothing stays pinned.
+    assert!(r
+        .e
+        .begin_direct_read_in(0, 100 * 4096 + 4096, &mut bufs)
+        .is_none());
+    assert!(bufs.is_empty() && bufs.capacity().0 >= 4, "{bufs:?}");
+    // Released pins let the direct write and flush_all proceed.
+    let w =
+        r.e.begin_direct_write_in(0, 4096, &mut bufs)
+            .expect("an idle cached block");
+    let bufs = w.completed();
+    r.e.flush_all(&mut |_| {}).unwrap();
+    assert_eq!(r.e.dirty_blocks(), 0);
+    drop(bufs);
+}

@@ -44,34 +44,81 @@ pub struct Extent {
     pub len: u64,
 }
 
+/// The vectors of a [`DirectIo`], handed back by [`DirectIo::completed`]
+/// and [`DirectIo::failed`] (empty, capacity kept) so that a caller serving
+/// many requests allocates nothing per request.
+#[derive(Debug, Default)]
+pub struct DirectBufs {
+    /// (set, frame) of every pinned frame.
+    pins: Vec<(u64, u64)>,
+    extents: Vec<Extent>,
+}
+
+impl DirectBufs {
+    /// True if they hold no pins or extents (as handed back).
+    pub fn is_empty(&self) -> bool {
+        self.pins.is_empty() && self.extents.is_empty()
+    }
+
+    /// Pins and extents they can hold without allocating.
+    pub fn capacity(&self) -> (usize, usize) {
+        (self.pins.capacity(), self.extents.capacity())
+    }
+}
+
 /// Pinned cache frames of one request being served directly. Dropping it
 /// releases the pins (and, for a write, lets a mode switch proceed).
 pub struct DirectIo {
     core: Arc<Core>,
     write: bool,
-    /// (set, frame) of every pinned frame.
-    pins: Vec<(u64, u64)>,
-    extents: Vec<Extent>,
+    bufs: DirectBufs,
     /// Request length in bytes.
     len: u64,
+    /// Pins and counts already given back (by `completed`/`failed`).
+    released: bool,
 }
 
 impl DirectIo {
     /// The cache device ranges, in request order; neighbouring ranges that
     /// are contiguous on the device are merged.
     pub fn extents(&self) -> &[Extent] {
-        &self.extents
+        &self.bufs.extents
+    }
+
+    /// Unpins the frames and uncounts the request; once.
+    fn release(&mut self) {
+        if std::mem::replace(&mut self.released, true) {
+            return;
+        }
+        for &(set, f) in &self.bufs.pins {
+            self.core.unpin(set, f);
+        }
+        self.core.inflight.fetch_sub(1, SeqCst);
+        if self.write {
+            self.core.wb_writers.fetch_sub(1, SeqCst);
+            self.core.maybe_kick_writeback();
+        }
+    }
+
+    /// Releases everything and returns the emptied vectors.
+    fn into_bufs(mut self) -> DirectBufs {
+        self.release();
+        let mut b = std::mem::take(&mut self.bufs);
+        b.pins.clear();
+        b.extents.clear();
+        b
     }
 
     /// Records that the caller's I/O completed; the request counts in the
     /// statistics like one served by the blocking path. (Dropping a
     /// `DirectIo` without calling this or [`DirectIo::failed`] counts
     /// nothing: the caller declined it.)
-    pub fn completed(self) {
+    pub fn completed(self) -> DirectBufs {
         let s = &self.core.stats;
-        let blocks = self.pins.len() as u64;
+        let blocks = self.bufs.pins.len() as u64;
         s.direct_requests.fetch_add(1, Relaxed);
-        s.direct_ops.fetch_add(self.extents.len() as u64, Relaxed);
+        s.direct_ops
+            .fetch_add(self.bufs.extents.len() as u64, Relaxed);
         if self.write {
             // Only now: a FLUSH that ran while the write was in flight may
             // have cleared the flag already, and the next one must flush the
@@ -85,29 +132,24 @@ impl DirectIo {
             s.bytes_read.fetch_add(self.len, Relaxed);
             s.read_hits.fetch_add(blocks, Relaxed);
         }
+        self.into_bufs()
     }
 
     /// Records that the caller's I/O failed (the request is then retried
     /// through the blocking path).
-    pub fn failed(self) {
+    pub fn failed(self) -> DirectBufs {
         self.core.stats.errors.fetch_add(1, Relaxed);
         if self.write {
             // Part of it may have reached the device.
             self.core.cache_written.store(true, SeqCst);
         }
+        self.into_bufs()
     }
 }
 
 impl Drop for DirectIo {
     fn drop(&mut self) {
-        for &(set, f) in &self.pins {
-            self.core.unpin(set, f);
-        }
-        self.core.inflight.fetch_sub(1, SeqCst);
-        if self.write {
-            self.core.wb_writers.fetch_sub(1, SeqCst);
-            self.core.maybe_kick_writeback();
-        }
+        self.release();
     }
 }
 
@@ -120,9 +162,21 @@ impl Engine {
     /// Pins the frames of a read of `[offset, offset+len)` if every block is
     /// cached and readable now.
     pub fn begin_direct_read(&self, offset: u64, len: u64) -> Option<DirectIo> {
-        let mut io = self.begin_direct(offset, len, false)?;
+        self.begin_direct_read_in(offset, len, &mut DirectBufs::default())
+    }
+
+    /// As [`Engine::begin_direct_read`], building the `DirectIo` in the
+    /// vectors of `bufs` (taken from it; given back emptied on `None`).
+    pub fn begin_direct_read_in(
+        &self,
+        offset: u64,
+        len: u64,
+        bufs: &mut DirectBufs,
+    ) -> Option<DirectIo> {
+        let mut io = self.begin_direct(offset, len, false, bufs)?;
         let c = &self.core;
         if c.mode() == WriteMode::Passthrough || !self.pin_all(&mut io, offset, len) {
+            *bufs = io.into_bufs();
             return None;
         }
         Some(io)
@@ -131,25 +185,44 @@ impl Engine {
     /// Pins the frames of a write-back write of `[offset, offset+len)` if
     /// every block is cached and idle now, and marks them dirty.
     pub fn begin_direct_write(&self, offset: u64, len: u64) -> Option<DirectIo> {
+        self.begin_direct_write_in(offset, len, &mut DirectBufs::default())
+    }
+
+    /// As [`Engine::begin_direct_write`], building the `DirectIo` in the
+    /// vectors of `bufs` (taken from it; given back emptied on `None`).
+    pub fn begin_direct_write_in(
+        &self,
+        offset: u64,
+        len: u64,
+        bufs: &mut DirectBufs,
+    ) -> Option<DirectIo> {
         let c = &self.core;
         if c.mode() != WriteMode::Writeback {
             return None;
         }
-        let mut io = self.begin_direct(offset, len, true)?;
+        let mut io = self.begin_direct(offset, len, true, bufs)?;
         // Re-check after counting ourselves: a switch may have started.
         if c.mode() != WriteMode::Writeback || !self.pin_all(&mut io, offset, len) {
+            *bufs = io.into_bufs();
             return None;
         }
-        for &(set, f) in &io.pins {
+        for &(set, f) in &io.bufs.pins {
             let _g = c.lock(set);
             c.set_dirty(f, true);
         }
         Some(io)
     }
 
-    /// Counts the request in flight (a `DirectIo` without pins yet), or
-    /// `None` if the engine is closed, the range is outside the disk or empty.
-    fn begin_direct(&self, offset: u64, len: u64, write: bool) -> Option<DirectIo> {
+    /// Counts the request in flight (a `DirectIo` without pins yet, in the
+    /// vectors of `bufs`), or `None` if the engine is closed, the range is
+    /// outside the disk or empty.
+    fn begin_direct(
+        &self,
+        offset: u64,
+        len: u64,
+        write: bool,
+        bufs: &mut DirectBufs,
+    ) -> Option<DirectIo> {
         let c = &self.core;
         let end = offset.checked_add(len)?;
         if len == 0 || end > self.size() {
@@ -159,14 +232,18 @@ impl Engine {
         if write {
             c.wb_writers.fetch_add(1, SeqCst);
         }
+        let mut taken = std::mem::take(bufs);
+        taken.pins.clear();
+        taken.extents.clear();
         let io = DirectIo {
             core: Arc::clone(c),
             write,
-            pins: Vec::new(),
-            extents: Vec::new(),
+            bufs: taken,
             len,
+            released: false,
         };
         if c.closed.load(SeqCst) {
+            *bufs = io.into_bufs();
             return None;
         }
         Some(io)
@@ -194,11 +271,11 @@ impl Engine {
             c.frames.set(f, e.pinned());
             c.policy.on_hit(f, &mut g.clock);
             drop(g);
-            io.pins.push((set, f));
+            io.bufs.pins.push((set, f));
             let dev_offset = c.layout.frame_offset(f) + ch.off;
-            match io.extents.last_mut() {
+            match io.bufs.extents.last_mut() {
                 Some(last) if last.dev_offset + last.len == dev_offset => last.len += ch.len,
-                _ => io.extents.push(Extent {
+                _ => io.bufs.extents.push(Extent {
                     dev_offset,
                     pos: ch.pos as u64,
                     len: ch.len,

@@ -17,7 +17,7 @@ mod store;
 mod write;
 mod writeback;
 
-pub use direct::{DirectIo, Extent};
+pub use direct::{DirectBufs, DirectIo, Extent};
 pub use geometry::{Geometry, GeometryError, GeometryRequest};
 pub use mode::WriteMode;
 pub use stats::{Stats, StatsSnapshot};

@@ -33,7 +33,7 @@ use super::backend::{GuestMem, Vring};
 use super::execute::{walk, write_status};
 use super::request::{Request, RequestKind};
 use crate::device::RawAccess;
-use crate::engine::{DirectIo, Engine};
+use crate::engine::{DirectBufs, DirectIo, Engine};
 use io_uring::{opcode, types, IoUring};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
@@ -63,14 +63,38 @@ pub enum UringError {
     RegisterFile(#[source] std::io::Error),
 }
 
+/// The vectors one request needs on this path, kept between requests so
+/// that serving a hit allocates nothing.
+#[derive(Default)]
+struct Spare {
+    direct: DirectBufs,
+    iov: Iovecs,
+}
+
+/// The iovecs of every operation of a request, in one array: operation `i`
+/// uses `iov[spans[i].0..][..spans[i].1]`.
+#[derive(Default)]
+struct Iovecs {
+    iov: Vec<libc::iovec>,
+    spans: Vec<(usize, usize)>,
+}
+
+impl Iovecs {
+    /// The iovec array of operation `i`, as the kernel wants it.
+    fn op(&self, i: usize) -> Option<&[libc::iovec]> {
+        let &(start, n) = self.spans.get(i)?;
+        self.iov.get(start..start.checked_add(n)?)
+    }
+}
+
 /// A request whose operations are queued or in flight.
 struct Pending {
     head: u16,
     req: Request,
     mem: Arc<GuestMem>,
     io: DirectIo,
-    /// One iovec array per operation; read by the kernel until completion.
-    iovecs: Vec<Vec<libc::iovec>>,
+    /// Read by the kernel until the last operation completes.
+    iovecs: Iovecs,
     remaining: usize,
     failed: bool,
 }
@@ -104,6 +128,11 @@ pub struct QueueRing {
     inline: bool,
     /// Requests served synchronously, waiting to be reaped.
     ready: Vec<Done>,
+    /// Vectors of finished requests, for the next ones.
+    spare: Vec<Spare>,
+    /// (user_data, result) of the completions being reaped; kept, like
+    /// `spare`, to allocate nothing per reap.
+    cqes: Vec<(u64, i32)>,
     /// The queue's vring, kept so completions can be posted by the drain.
     pub vring: Option<Vring>,
 }
@@ -143,6 +172,8 @@ impl QueueRing {
             unsubmitted: 0,
             inline: access.memory,
             ready: Vec::new(),
+            spare: Vec::new(),
+            cqes: Vec::new(),
             vring: None,
         })
     }
@@ -196,22 +227,26 @@ impl QueueRing {
         if len == 0 || offset % a != 0 || len % a != 0 || misaligned {
             return Err((req, mem));
         }
+        let mut spare = self.spare.pop().unwrap_or_default();
         let io = if write {
-            engine.begin_direct_write(offset, len)
+            engine.begin_direct_write_in(offset, len, &mut spare.direct)
         } else {
-            engine.begin_direct_read(offset, len)
+            engine.begin_direct_read_in(offset, len, &mut spare.direct)
         };
         let Some(io) = io else {
+            self.spare.push(spare);
             return Err((req, mem));
         };
         // Never more operations in flight than completion queue entries.
         let cq = self.ring.params().cq_entries() as usize;
-        if self.ops + io.extents().len() > cq {
+        let mut iovecs = spare.iov;
+        if self.ops + io.extents().len() > cq || !self.build_iovecs(&req, &mem, &io, &mut iovecs) {
+            self.spare.push(Spare {
+                direct: DirectBufs::default(),
+                iov: iovecs,
+            });
             return Err((req, mem));
         }
-        let Some(iovecs) = self.build_iovecs(&req, &mem, &io) else {
-            return Err((req, mem));
-        };
         let mut pending = Pending {
             head,
             req,
@@ -223,13 +258,17 @@ impl QueueRing {
         };
         if self.inline {
             pending.failed = !self.run_inline(write, &pending.io, &pending.iovecs);
-            self.ready.push(finish(pending));
+            let done = self.finish(pending);
+            self.ready.push(done);
             return Ok(());
         }
         let slot = self.alloc_slot();
-        let n = pending.iovecs.len();
+        let n = pending.io.extents().len();
         let mut queued = 0;
-        for (i, (ext, iov)) in pending.io.extents().iter().zip(&pending.iovecs).enumerate() {
+        for (i, ext) in pending.io.extents().iter().enumerate() {
+            let Some(iov) = pending.iovecs.op(i) else {
+                break;
+            };
             let Ok(iov_len) = u32::try_from(iov.len()) else {
                 break;
             };
@@ -322,12 +361,9 @@ impl QueueRing {
         if self.ops == 0 {
             return done;
         }
-        let cqes: Vec<(u64, i32)> = self
-            .ring
-            .completion()
-            .map(|c| (c.user_data(), c.result()))
-            .collect();
-        for (user_data, res) in cqes {
+        let mut cqes = std::mem::take(&mut self.cqes);
+        cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+        for (user_data, res) in cqes.drain(..) {
             let slot = (user_data >> 16) as usize;
             let op = (user_data & 0xffff) as usize;
             self.ops = self.ops.saturating_sub(1);
@@ -354,9 +390,11 @@ impl QueueRing {
             }
             if let Some(p) = self.slots[slot].take() {
                 self.free.push(slot);
-                done.push(finish(p));
+                let d = self.finish(p);
+                done.push(d);
             }
         }
+        self.cqes = cqes;
         done
     }
 
@@ -371,8 +409,11 @@ impl QueueRing {
 
     /// Runs each operation with `preadv`/`pwritev` on this thread; false
     /// if one failed or was short.
-    fn run_inline(&self, write: bool, io: &DirectIo, iovecs: &[Vec<libc::iovec>]) -> bool {
-        for (ext, iov) in io.extents().iter().zip(iovecs) {
+    fn run_inline(&self, write: bool, io: &DirectIo, iovecs: &Iovecs) -> bool {
+        for (i, ext) in io.extents().iter().enumerate() {
+            let Some(iov) = iovecs.op(i) else {
+                return false;
+            };
             let (Ok(n), Ok(off)) = (
                 libc::c_int::try_from(iov.len()),
                 libc::off_t::try_from(ext.dev_offset),
@@ -410,25 +451,32 @@ impl QueueRing {
         }
     }
 
-    /// One iovec array per extent, pointing into guest memory; `None` if a
-    /// buffer is not mapped or not aligned for the device.
-    fn build_iovecs(
+    /// Fills `out` with one iovec array per extent, pointing into guest
+    /// memory; false if a buffer is not mapped or not aligned for the device.
+    fn build_iovecs(&self, req: &Request, mem: &GuestMem, io: &DirectIo, out: &mut Iovecs) -> bool {
+        out.iov.clear();
+        out.spans.clear();
+        self.fill_iovecs(req, mem, io, out).is_some()
+    }
+
+    fn fill_iovecs(
         &self,
         req: &Request,
         mem: &GuestMem,
         io: &DirectIo,
-    ) -> Option<Vec<Vec<libc::iovec>>> {
+        out: &mut Iovecs,
+    ) -> Option<()> {
         if io.extents().len() > MAX_EXTENTS {
             return None;
         }
         let align = self.align;
-        let mut all = Vec::with_capacity(io.extents().len());
         for ext in io.extents() {
             if ext.dev_offset % align != 0 || ext.len % align != 0 {
                 return None;
             }
             let len = usize::try_from(ext.len).ok()?;
-            let mut iov = Vec::new();
+            let start = out.iov.len();
+            let iov = &mut out.iov;
             let mut add = |addr: GuestAddress, n: usize| -> Result<(), ()> {
                 for s in mem.get_slices(addr, n) {
                     let s = s.map_err(|_| ())?;
@@ -449,35 +497,46 @@ impl QueueRing {
                 })
             })
             .ok()?;
-            if iov.len() > libc::UIO_MAXIOV as usize {
+            let n = out.iov.len() - start;
+            if n > libc::UIO_MAXIOV as usize {
                 return None;
             }
-            all.push(iov);
+            out.spans.push((start, n));
         }
-        Some(all)
+        Some(())
+    }
+
+    /// Releases a finished request's pins, keeps its vectors for the next
+    /// request and turns it into a completion.
+    fn finish(&mut self, p: Pending) -> Done {
+        let Pending {
+            head,
+            req,
+            mem,
+            io,
+            iovecs,
+            failed,
+            ..
+        } = p;
+        let direct = if failed { io.failed() } else { io.completed() };
+        self.spare.push(Spare {
+            direct,
+            iov: iovecs,
+        });
+        if failed {
+            return Done::Retry { head, req, mem };
+        }
+        served(head, &req, &mem)
     }
 }
 
-/// Releases a finished request's pins and turns it into a completion.
-fn finish(p: Pending) -> Done {
-    let Pending {
-        head,
-        req,
-        mem,
-        io,
-        failed,
-        ..
-    } = p;
-    if failed {
-        io.failed();
-        return Done::Retry { head, req, mem };
-    }
-    io.completed();
+/// The completion of a request served without error.
+fn served(head: u16, req: &Request, mem: &GuestMem) -> Done {
     let data = match req.kind {
         RequestKind::Read { .. } => u32::try_from(req.data_len).unwrap_or(u32::MAX),
         _ => 0,
     };
-    let used_len = match write_status(&*mem, req.status_addr, VIRTIO_BLK_S_OK as u8) {
+    let used_len = match write_status(mem, req.status_addr, VIRTIO_BLK_S_OK as u8) {
         Ok(()) => data.saturating_add(1),
         Err(_) => data,
     };
