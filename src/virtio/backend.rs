@@ -269,6 +269,8 @@ impl BlkBackend {
             return Ok(());
         }
         let event_idx = self.inner.event_idx.load(Ordering::Acquire);
+        // The handle, not a snapshot: `pop` loads the current memory map.
+        let atomic = self.memory();
         let mut ring_guard = self.lock_ring(q);
         if let Some(r) = ring_guard.as_deref_mut() {
             if r.vring.is_none() {
@@ -310,7 +312,7 @@ impl BlkBackend {
                         }
                     }
                 }
-                let Some((chain, mem)) = self.pop(vring, inflight) else {
+                let Some((chain, mem)) = pop(vring, inflight, &atomic) else {
                     break;
                 };
                 let head = chain.head_index();
@@ -400,30 +402,6 @@ impl BlkBackend {
         Ok(())
     }
 
-    /// Pops the next available chain, counting it as in flight.
-    ///
-    /// The memory snapshot is taken after the available index was seen to
-    /// move: the driver maps a buffer (ADD_MEM_REGION, acknowledged) before it
-    /// publishes a request using it, so a snapshot taken earlier could miss
-    /// that region and fail a valid request.
-    fn pop(&self, vring: &Vring, inflight: &InFlight) -> Option<(Chain, Arc<GuestMem>)> {
-        let mut state = vring.get_mut();
-        let queue = state.get_queue_mut();
-        if !queue.ready() {
-            return None;
-        }
-        let atomic = self.memory();
-        let probe = atomic.memory();
-        match queue.avail_idx(&*probe, std::sync::atomic::Ordering::Acquire) {
-            Ok(idx) if idx.0 != queue.next_avail() => {}
-            _ => return None,
-        }
-        let mem = atomic.memory().into_inner();
-        let chain = queue.pop_descriptor_chain(Arc::clone(&mem))?;
-        inflight.begin();
-        Some((chain, mem))
-    }
-
     fn submit(&self, q: usize, vring: &Vring, mem: Arc<GuestMem>, head: u16, req: Request) {
         let inner = Arc::clone(&self.inner);
         let vring = vring.clone();
@@ -446,6 +424,33 @@ impl BlkBackend {
             job(&mut buf);
         }
     }
+}
+
+/// Pops the next available chain, counting it as in flight.
+///
+/// The memory snapshot is taken after the available index was seen to
+/// move: the driver maps a buffer (ADD_MEM_REGION, acknowledged) before it
+/// publishes a request using it, so a snapshot taken earlier could miss
+/// that region and fail a valid request.
+fn pop(
+    vring: &Vring,
+    inflight: &InFlight,
+    atomic: &GuestMemAtomic,
+) -> Option<(Chain, Arc<GuestMem>)> {
+    let mut state = vring.get_mut();
+    let queue = state.get_queue_mut();
+    if !queue.ready() {
+        return None;
+    }
+    let probe = atomic.memory();
+    match queue.avail_idx(&*probe, std::sync::atomic::Ordering::Acquire) {
+        Ok(idx) if idx.0 != queue.next_avail() => {}
+        _ => return None,
+    }
+    let mem = atomic.memory().into_inner();
+    let chain = queue.pop_descriptor_chain(Arc::clone(&mem))?;
+    inflight.begin();
+    Some((chain, mem))
 }
 
 /// True if the driver has published chains the device has not popped.

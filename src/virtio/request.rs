@@ -14,6 +14,7 @@
 
 use super::DeviceLimits;
 use crate::engine::EngineError;
+use std::cell::RefCell;
 use std::ops::Deref;
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH,
@@ -163,18 +164,42 @@ struct Desc {
     writable: bool,
 }
 
+thread_local! {
+    /// The descriptors of the chain being parsed, kept per thread so that
+    /// parsing allocates nothing but the request's own segment list.
+    static DESCS: RefCell<Vec<Desc>> = const { RefCell::new(Vec::new()) };
+}
+
 impl Request {
     /// Parses `chain` against `limits`. Pure: reads guest memory only.
     pub fn parse<M, T>(
-        mut chain: DescriptorChain<M>,
+        chain: DescriptorChain<M>,
         limits: &DeviceLimits,
     ) -> Result<Request, ParseError>
     where
         M: Deref<Target = T>,
         T: GuestMemoryBackend + ?Sized,
     {
+        DESCS.with(|scratch| match scratch.try_borrow_mut() {
+            Ok(mut descs) => {
+                descs.clear();
+                Request::parse_with(chain, limits, &mut descs)
+            }
+            // Only if parse were re-entered on this thread.
+            Err(_) => Request::parse_with(chain, limits, &mut Vec::new()),
+        })
+    }
+
+    fn parse_with<M, T>(
+        mut chain: DescriptorChain<M>,
+        limits: &DeviceLimits,
+        descs: &mut Vec<Desc>,
+    ) -> Result<Request, ParseError>
+    where
+        M: Deref<Target = T>,
+        T: GuestMemoryBackend + ?Sized,
+    {
         let max_chain = limits.max_chain_len();
-        let mut descs: Vec<Desc> = Vec::new();
         // virtio-queue's iterator ends a chain silently when it meets an
         // error (a loop or a chain longer than the queue, a `next` index
         // outside the table, an unreadable table, an indirect table inside an
@@ -204,7 +229,7 @@ impl Request {
             });
         }
         let mem: &T = chain.memory();
-        let status_addr = status_of(&descs, mem)?;
+        let status_addr = status_of(descs, mem)?;
         let fail = |error: BlkError| ParseError {
             error,
             status_addr: Some(status_addr),
