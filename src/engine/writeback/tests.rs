@@ -116,18 +116,20 @@ fn failing_cache_read_writes_nothing_more_and_keeps_blocks_dirty() {
 }
 
 #[test]
-fn repeated_flushes_reuse_the_run_buffers() {
+fn repeated_flushes_reuse_the_run_buffers_and_writer_thread() {
     let (src, _cache, e) = rig();
     e.flush_all(&mut |_| {}).unwrap();
     assert_eq!(on_source(&src), DIRTY);
-    // The pass's two buffers are kept for the next one.
+    // The pass's two buffers and its writer thread are kept for the next one.
     assert_eq!(e.core.wb_bufs.kept(), 2);
+    assert_eq!(e.core.wb_pool.kept(), 1);
     let c = src.counts();
     for b in 0..DIRTY {
         e.write(b * BS, &vec![b as u8 + 1; BS as usize]).unwrap();
     }
     e.flush_all(&mut |_| {}).unwrap();
     assert_eq!(e.core.wb_bufs.kept(), 2);
+    assert_eq!(e.core.wb_pool.kept(), 1, "the same thread served both");
     assert_eq!(
         src.counts().writes - c.writes,
         DIRTY / 4,
@@ -135,4 +137,6 @@ fn repeated_flushes_reuse_the_run_buffers() {
     );
     assert_eq!(e.dirty_blocks(), 0);
     e.shutdown(false).unwrap();
+    // Shutdown ends the kept thread.
+    assert_eq!(e.core.wb_pool.kept(), 0);
 }
