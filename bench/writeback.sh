@@ -29,12 +29,12 @@
 #   read, not the source, bounds that case.
 # The cache file is fallocated (contiguous, like a partition) rather than
 # sparse: a sparse file scattered by 64K writes reads slower.
-#   bench/writeback.sh [SIZE_MIB] [REPS]
+#   bench/writeback.sh [SIZE_MIB] [REPS]   (VBC_BIN=path: another vblkcache build)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SIZE_MIB=${1:-256}
 REPS=${2:-5}
-BIN=$ROOT/target/release/vblkcache
+BIN=${VBC_BIN:-$ROOT/target/release/vblkcache}
 LOAD=$ROOT/target/release/examples/vbc-load
 # Not /dev/shm: the source must be a real file with O_DIRECT.
 W=$(mktemp -d "${TMPDIR:-/var/tmp}/vbc-wb.XXXXXX")
