@@ -2,7 +2,7 @@
 //!
 //! The source image and the cache device are both [`BlockDevice`]s. Real
 //! storage is a [`FileDevice`] (a regular file or a block device, optionally
-//! opened with `O_DIRECT`); tests use [`MemDevice`]. Latency, fault injection,
+//! opened with `O_DIRECT`); tests use [`MemDevice`]. Latency, bandwidth, fault injection,
 //! volatile-write-cache modelling and I/O counting are wrappers around any
 //! device rather than flags inside one, so benchmarks and crash tests reuse
 //! them unchanged.
@@ -13,6 +13,7 @@ mod fault;
 mod file;
 mod latency;
 mod mem;
+mod rate;
 mod volatile;
 
 pub use aligned::{AlignedBuf, DIRECT_ALIGN};
@@ -21,6 +22,7 @@ pub use fault::{FaultDevice, FaultPlan};
 pub use file::{FileDevice, OpenOptions};
 pub use latency::{LatencyDevice, LatencyProfile};
 pub use mem::MemDevice;
+pub use rate::{RateDevice, RateProfile};
 pub use volatile::VolatileCacheDevice;
 
 use std::io;

@@ -65,6 +65,8 @@ pub(crate) struct Core {
     pub wb_cond: Condvar,
     /// Run buffers reused by writeback passes.
     pub wb_bufs: super::writeback::RunBuffers,
+    /// Writer threads reused by writeback passes.
+    pub wb_pool: super::writeback::WriterPool,
     pub store: StoreQueue,
     /// Frames whose committed state may be out of date (see `commit`).
     pub commit_queue: Mutex<Vec<u64>>,

@@ -248,6 +248,7 @@ impl Engine {
             wb_signal: Mutex::new(core::WritebackSignal::default()),
             wb_cond: Condvar::new(),
             wb_bufs: writeback::RunBuffers::default(),
+            wb_pool: writeback::WriterPool::default(),
             store,
             commit_queue: Mutex::new(Vec::new()),
             rerecord: AtomicBool::new(false),
@@ -491,9 +492,14 @@ impl Engine {
         }
         c.store.wait_idle();
         self.stop_workers();
-        if writeback {
-            c.flush_all(&mut |_| {})?;
-        }
+        let r = if writeback {
+            c.flush_all(&mut |_| {})
+        } else {
+            Ok(())
+        };
+        // No pass runs any more: end the kept writer threads.
+        c.wb_pool.stop();
+        r?;
         self.persist()
     }
 
@@ -505,6 +511,7 @@ impl Engine {
         }
         self.core.closed.store(true, SeqCst);
         self.stop_workers();
+        self.core.wb_pool.stop();
     }
 
     /// Tells the writeback and store threads to stop and joins them.

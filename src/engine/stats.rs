@@ -48,6 +48,9 @@ counters! {
     writebacks,
     /// Source writes issued by writeback (each covers a run of blocks).
     writeback_runs,
+    /// Cache reads issued by writeback runs (frames that follow each other on
+    /// the cache device are read with one request).
+    writeback_cache_reads,
     /// Block-sized pieces served straight from/to the source, bypassing the cache.
     bypassed,
     /// Partial-block write misses that read the rest of the block from the source.

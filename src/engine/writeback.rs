@@ -10,7 +10,8 @@
 //!
 //! A pass is a two-stage pipeline so that the cache copy does not add to the
 //! source time: the pass's thread claims run N+1 and reads it from the cache
-//! while a helper thread ([`writer::Writer`]) writes run N to the source.
+//! while a writer thread ([`writer::Writer`], kept from pass to pass) writes
+//! run N to the source.
 //! Run N+1 is queued to the writer before the pass waits for run N, so the
 //! source never waits for the pass's thread to wake up. At most two runs are
 //! claimed at a time (one being written, one queued or being read), so a
@@ -24,7 +25,7 @@
 mod tests;
 mod writer;
 
-pub(crate) use writer::RunBuffers;
+pub(crate) use writer::{RunBuffers, WriterPool};
 
 use super::core::Core;
 use super::frames::FrameState;
@@ -34,7 +35,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
-use writer::{Job, Writer};
+use writer::Writer;
 
 /// Pause between runs while foreground requests are in flight.
 const THROTTLE_PAUSE: Duration = Duration::from_millis(2);
@@ -90,10 +91,28 @@ impl Core {
     }
 
     /// Copies the claimed `run` from the cache into the front of `buf`.
+    ///
+    /// Frames that follow each other on the cache device are read with one
+    /// request: a sequential write fills neighbouring blocks into one set
+    /// (see `Geometry::set_of`), usually into neighbouring frames. One cache
+    /// request per block (64 of 64K per 4 MiB run) made the cache read, not
+    /// the source write, the pace of writeback on a real disk.
     fn read_run(&self, run: &[(u64, u64)], buf: &mut [u8]) -> Result<(), EngineError> {
         let bs = self.bs as usize;
-        for (i, &(_, f)) in run.iter().enumerate() {
-            self.read_frame(f, &mut buf[i * bs..(i + 1) * bs])?;
+        let mut i = 0;
+        while let Some(&(_, first)) = run.get(i) {
+            let mut n = 1;
+            while run.get(i + n).is_some_and(|&(_, f)| f == first + n as u64) {
+                n += 1;
+            }
+            self.cache
+                .read_at(
+                    &mut buf[i * bs..(i + n) * bs],
+                    self.layout.frame_offset(first),
+                )
+                .map_err(EngineError::Cache)?;
+            self.stats.writeback_cache_reads.fetch_add(1, Relaxed);
+            i += n;
         }
         Ok(())
     }
@@ -140,21 +159,17 @@ impl Core {
         if cands.is_empty() {
             return Ok(0);
         }
-        std::thread::scope(|s| {
-            let mut pass = Pass {
-                core: self,
-                writer: Writer::start(s, self),
-                bufs: Vec::with_capacity(2),
-                flying: VecDeque::with_capacity(writer::DEPTH),
-                written: 0,
-                failed: None,
-                progress,
-            };
-            pass.run(&cands, target, throttle);
-            pass.end()
-            // `pass` (and with it the writer's job sender) is gone here, so
-            // the helper thread ends and the scope can join it.
-        })
+        let mut pass = Pass {
+            core: self,
+            writer: Writer::start(self),
+            bufs: Vec::with_capacity(2),
+            flying: VecDeque::with_capacity(writer::DEPTH),
+            written: 0,
+            failed: None,
+            progress,
+        };
+        pass.run(&cands, target, throttle);
+        pass.end()
     }
 
     /// Writes back every dirty block and flushes the source.
@@ -294,8 +309,7 @@ impl Pass<'_, '_> {
                     let len = run.len() * bs;
                     match core.read_run(&run, &mut buf[..len]) {
                         Ok(()) => {
-                            let first = run[0].0;
-                            self.writer.submit(core, Job { first, len, buf });
+                            self.writer.submit(core, run[0].0, len, buf);
                             self.flying.push_back(run);
                             continue;
                         }
@@ -346,7 +360,8 @@ impl Pass<'_, '_> {
         for buf in self.bufs.drain(..) {
             self.core.wb_bufs.give(buf);
         }
-        match self.failed.take() {
+        self.writer.finish(self.core);
+        match self.failed {
             Some(e) => Err(e),
             None => Ok(self.written),
         }

@@ -116,23 +116,44 @@ fn failing_cache_read_writes_nothing_more_and_keeps_blocks_dirty() {
 }
 
 #[test]
-fn repeated_flushes_reuse_the_run_buffers() {
+fn repeated_flushes_reuse_the_run_buffers_and_writer_thread() {
     let (src, _cache, e) = rig();
     e.flush_all(&mut |_| {}).unwrap();
     assert_eq!(on_source(&src), DIRTY);
-    // The pass's two buffers are kept for the next one.
+    // The pass's two buffers and its writer thread are kept for the next one.
     assert_eq!(e.core.wb_bufs.kept(), 2);
+    assert_eq!(e.core.wb_pool.kept(), 1);
     let c = src.counts();
     for b in 0..DIRTY {
         e.write(b * BS, &vec![b as u8 + 1; BS as usize]).unwrap();
     }
     e.flush_all(&mut |_| {}).unwrap();
     assert_eq!(e.core.wb_bufs.kept(), 2);
+    assert_eq!(e.core.wb_pool.kept(), 1, "the same thread served both");
     assert_eq!(
         src.counts().writes - c.writes,
         DIRTY / 4,
         "one write per run"
     );
     assert_eq!(e.dirty_blocks(), 0);
+    e.shutdown(false).unwrap();
+    // Shutdown ends the kept thread.
+    assert_eq!(e.core.wb_pool.kept(), 0);
+}
+
+#[test]
+fn a_run_in_neighbouring_frames_is_one_cache_read() {
+    let (src, cache, e) = rig();
+    let (c0, s0) = (cache.counts(), e.stats());
+    e.flush_all(&mut |_| {}).unwrap();
+    assert_eq!(on_source(&src), DIRTY);
+    let s1 = e.stats();
+    let runs = s1.writeback_runs - s0.writeback_runs;
+    let reads = s1.writeback_cache_reads - s0.writeback_cache_reads;
+    assert_eq!(runs, DIRTY / 4);
+    // Blocks written in order into an empty cache sit in neighbouring frames
+    // of their set (one set here): one cache read per run, not per block.
+    assert_eq!(reads, runs, "one cache read per run");
+    assert_eq!(cache.counts().reads - c0.reads, reads);
     e.shutdown(false).unwrap();
 }
