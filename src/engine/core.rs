@@ -66,6 +66,8 @@ pub(crate) struct Core {
     /// Run buffers reused by writeback passes.
     pub wb_bufs: super::writeback::RunBuffers,
     pub store: StoreQueue,
+    /// Idle one-block fetch buffers reused by read misses.
+    pub fetch_bufs: super::bufpool::BufPool,
     /// Frames whose committed state may be out of date (see `commit`).
     pub commit_queue: Mutex<Vec<u64>>,
     /// Group commit state and its condvar.

@@ -106,6 +106,7 @@ impl Core {
                 }
             }
         }
+        self.fetch_bufs.give(job.data);
         self.store.adjust(false);
     }
 }
