@@ -231,7 +231,7 @@ impl Engine {
         let layout = opened.sb.layout;
         let g = layout.geometry();
         let policy = policy::by_name("lru", g.cache_blocks).ok_or(EngineError::ShutDown)?;
-        let (store, rx) = store::StoreQueue::new(256);
+        let store = store::StoreQueue::new(256);
         let core = Arc::new(Core {
             source,
             cache,
@@ -295,11 +295,10 @@ impl Engine {
         core.valid.store(valid, SeqCst);
         core.dirty.store(dirty_n, SeqCst);
         let mut threads = Vec::new();
-        let rx = Arc::new(Mutex::new(rx));
         for i in 0..cfg.store_workers.max(1) {
-            let (c, r) = (core.clone(), rx.clone());
+            let c = core.clone();
             threads.push(spawn(&format!("vbc-store{i}"), move || {
-                store::run_store_worker(c, r)
+                store::run_store_worker(c)
             })?);
         }
         let c = core.clone();
