@@ -229,6 +229,15 @@ impl Engine {
     ) -> Result<Engine, EngineError> {
         let opened = open::open_cache(&*source, &*cache, &cfg)?;
         let layout = opened.sb.layout;
+        // Back the frame area with storage now, so that storing a fetched
+        // block overwrites allocated space instead of filling a hole (on a
+        // sparse ext4 file every such write allocated under the exclusive
+        // inode lock: about 3,300 64 KiB writes/s however many threads,
+        // against 6,000 with 2 threads and 18,000 with 16 when allocated).
+        let frames_len = layout.cache_blocks * u64::from(layout.block_size);
+        if let Err(e) = cache.allocate(layout.data_offset, frames_len) {
+            log::info!("cache {}: frame area not preallocated: {e}", cache.name());
+        }
         let g = layout.geometry();
         let policy = policy::by_name("lru", g.cache_blocks).ok_or(EngineError::ShutDown)?;
         let store = store::StoreQueue::new(256);
