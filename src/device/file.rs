@@ -391,6 +391,16 @@ impl BlockDevice for FileDevice {
         }
     }
 
+    fn allocate(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        check_range(IoOp::Allocate, offset, len, self.size)?;
+        if len == 0 || self.block_device {
+            return Ok(());
+        }
+        // Mode KEEP_SIZE without other flags: allocate (as unwritten extents
+        // on ext4/xfs), keep every byte and the file size as they are.
+        self.fallocate(libc::FALLOC_FL_KEEP_SIZE, offset, len, IoOp::Allocate)
+    }
+
     fn name(&self) -> String {
         self.path.display().to_string()
     }
@@ -459,6 +469,47 @@ mod tests {
         assert!(z.iter().all(|&b| b == 0));
         assert!(dev.write_at(&[0u8; 2], 64 * 1024 - 1).is_err());
         dev.flush().unwrap();
+    }
+
+    /// `allocate` backs a hole with storage without changing a byte or the
+    /// size, and refuses a range outside the device.
+    #[test]
+    fn allocate_fills_holes_and_keeps_contents() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        let f = std::fs::File::create(&path).unwrap();
+        f.set_len(1 << 20).unwrap();
+        drop(f);
+        let dev = FileDevice::open(
+            &path,
+            OpenOptions {
+                direct: false,
+                read_only: false,
+            },
+        )
+        .unwrap();
+        dev.write_at(&[9u8; 4096], 8192).unwrap();
+        dev.flush().unwrap();
+        let before = std::fs::metadata(&path).unwrap().blocks();
+        assert!(before < 1024, "the file starts sparse ({before} sectors)");
+        dev.allocate(0, 1 << 20).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert!(
+            meta.blocks() >= 2048,
+            "1 MiB allocated ({} sectors)",
+            meta.blocks()
+        );
+        assert_eq!(meta.len(), 1 << 20);
+        let mut back = vec![1u8; 3 * 4096];
+        dev.read_at(&mut back, 4096).unwrap();
+        assert!(
+            back[..4096].iter().all(|&b| b == 0),
+            "a hole still reads zeros"
+        );
+        assert!(back[4096..8192].iter().all(|&b| b == 9), "data is kept");
+        assert!(back[8192..].iter().all(|&b| b == 0));
+        assert!(dev.allocate((1 << 20) - 4096, 8192).is_err());
     }
 
     #[test]

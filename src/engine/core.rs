@@ -68,6 +68,8 @@ pub(crate) struct Core {
     /// Writer threads reused by writeback passes.
     pub wb_pool: super::writeback::WriterPool,
     pub store: StoreQueue,
+    /// Idle one-block fetch buffers reused by read misses.
+    pub fetch_bufs: super::bufpool::BufPool,
     /// Frames whose committed state may be out of date (see `commit`).
     pub commit_queue: Mutex<Vec<u64>>,
     /// Group commit state and its condvar.

@@ -2,6 +2,7 @@
 //! byte ranges of the virtual disk (the source image's size) and the engine
 //! serves them from the cache device and the source.
 
+mod bufpool;
 mod commit;
 mod core;
 mod direct;
@@ -28,6 +29,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed, Orde
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+/// Idle one-block fetch buffers kept for reuse by read misses (64 of
+/// 64 KiB blocks is 4 MiB).
+const FETCH_BUFS: usize = 64;
 
 /// Write-back tuning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -224,9 +229,18 @@ impl Engine {
     ) -> Result<Engine, EngineError> {
         let opened = open::open_cache(&*source, &*cache, &cfg)?;
         let layout = opened.sb.layout;
+        // Back the frame area with storage now, so that storing a fetched
+        // block overwrites allocated space instead of filling a hole (on a
+        // sparse ext4 file every such write allocated under the exclusive
+        // inode lock: about 3,300 64 KiB writes/s however many threads,
+        // against 6,000 with 2 threads and 18,000 with 16 when allocated).
+        let frames_len = layout.cache_blocks * u64::from(layout.block_size);
+        if let Err(e) = cache.allocate(layout.data_offset, frames_len) {
+            log::info!("cache {}: frame area not preallocated: {e}", cache.name());
+        }
         let g = layout.geometry();
         let policy = policy::by_name("lru", g.cache_blocks).ok_or(EngineError::ShutDown)?;
-        let (store, rx) = store::StoreQueue::new(256);
+        let store = store::StoreQueue::new(256);
         let core = Arc::new(Core {
             source,
             cache,
@@ -250,6 +264,7 @@ impl Engine {
             wb_bufs: writeback::RunBuffers::default(),
             wb_pool: writeback::WriterPool::default(),
             store,
+            fetch_bufs: bufpool::BufPool::new(layout.block_size as usize, FETCH_BUFS),
             commit_queue: Mutex::new(Vec::new()),
             rerecord: AtomicBool::new(false),
             group: Mutex::new(commit::GroupCommit::default()),
@@ -290,11 +305,10 @@ impl Engine {
         core.valid.store(valid, SeqCst);
         core.dirty.store(dirty_n, SeqCst);
         let mut threads = Vec::new();
-        let rx = Arc::new(Mutex::new(rx));
         for i in 0..cfg.store_workers.max(1) {
-            let (c, r) = (core.clone(), rx.clone());
+            let c = core.clone();
             threads.push(spawn(&format!("vbc-store{i}"), move || {
-                store::run_store_worker(c, r)
+                store::run_store_worker(c)
             })?);
         }
         let c = core.clone();

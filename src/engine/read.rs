@@ -10,7 +10,6 @@ use super::frames::{Entry, FrameState};
 use super::mode::WriteMode;
 use super::store::StoreJob;
 use super::EngineError;
-use crate::device::AlignedBuf;
 use std::sync::atomic::Ordering::Relaxed;
 
 /// Claimed consecutive missing blocks waiting for one source read.
@@ -170,8 +169,10 @@ impl Core {
     /// queues the blocks for storing. On error the claimed frames are freed.
     fn fetch_run(&self, r: MissRun, buf: &mut [u8]) -> Result<(), EngineError> {
         let span = r.frames.len() * self.bs as usize;
-        let mut data = AlignedBuf::new(span);
+        // A pooled buffer has stale bytes; read_source_blocks overwrites all.
+        let mut data = self.fetch_bufs.take(span);
         if let Err(e) = self.read_source_blocks(r.first_block, &mut data) {
+            self.fetch_bufs.give(data);
             self.stats.errors.fetch_add(1, Relaxed);
             for (i, &f) in r.frames.iter().enumerate() {
                 self.abandon(self.set_of(r.first_block + i as u64), f);
