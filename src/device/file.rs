@@ -393,8 +393,27 @@ impl BlockDevice for FileDevice {
 
     fn allocate(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
         check_range(IoOp::Allocate, offset, len, self.size)?;
-        if len == 0 || self.block_device {
+        // tmpfs/ramfs: a write into a hole costs nothing special there, and
+        // allocating would take the whole size in RAM at once.
+        if len == 0 || self.block_device || self.memory {
             return Ok(());
+        }
+        // Never fill the filesystem for a hint: a sparse cache file larger
+        // than the free space (allowed, and used by tests) stays sparse, and
+        // fallocate may leave what it allocated before failing. Allocate only
+        // if what is still a hole is at most half of the free space.
+        let (allocated, free) = self.space()?;
+        let missing = len.saturating_sub(allocated);
+        if missing > free / 2 {
+            return Err(io_err(
+                IoOp::Allocate,
+                offset,
+                len,
+                &self.path,
+                io::Error::other(format!(
+                    "{missing} bytes still to allocate, more than half of the {free} bytes free"
+                )),
+            ));
         }
         // Mode KEEP_SIZE without other flags: allocate (as unwritten extents
         // on ext4/xfs), keep every byte and the file size as they are.
@@ -407,6 +426,22 @@ impl BlockDevice for FileDevice {
 }
 
 impl FileDevice {
+    /// Bytes of the file backed by storage, and bytes free for an
+    /// unprivileged user on its filesystem.
+    fn space(&self) -> Result<(u64, u64), DeviceError> {
+        let fail = |e: io::Error| io_err(IoOp::Allocate, 0, 0, &self.path, e);
+        let meta = self.file.metadata().map_err(fail)?;
+        let allocated = std::os::unix::fs::MetadataExt::blocks(&meta).saturating_mul(512);
+        // SAFETY: an all-zero statvfs is a valid value for fstatvfs to fill.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: the descriptor is open and `st` is a valid out-pointer.
+        if unsafe { libc::fstatvfs(self.file.as_raw_fd(), &mut st) } != 0 {
+            return Err(fail(io::Error::last_os_error()));
+        }
+        let free = u64::from(st.f_bavail).saturating_mul(st.f_frsize);
+        Ok((allocated, free))
+    }
+
     fn write_zeroes_slow(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
         const CHUNK: u64 = 1 << 20;
         let zeros = AlignedBuf::new(
@@ -510,6 +545,47 @@ mod tests {
         assert!(back[4096..8192].iter().all(|&b| b == 9), "data is kept");
         assert!(back[8192..].iter().all(|&b| b == 0));
         assert!(dev.allocate((1 << 20) - 4096, 8192).is_err());
+    }
+
+    /// A sparse file larger than the free space is left sparse: the hint
+    /// never fills the filesystem.
+    #[test]
+    fn allocate_refuses_more_than_half_the_free_space() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        let f = std::fs::File::create(&path).unwrap();
+        let dev = |size: u64| {
+            f.set_len(size).ok()?;
+            FileDevice::open(
+                &path,
+                OpenOptions {
+                    direct: false,
+                    read_only: false,
+                },
+            )
+            .ok()
+        };
+        let probe = dev(1 << 20).unwrap();
+        let (_, free) = probe.space().unwrap();
+        // Twice the free space, rounded to MiB (skipped where the
+        // filesystem's largest file is smaller).
+        let size = (free.saturating_mul(2) >> 20).max(1) << 20;
+        let Some(big) = dev(size) else {
+            eprintln!("skipping: cannot make a {size}-byte sparse file");
+            return;
+        };
+        let err = big.allocate(0, size).unwrap_err();
+        let why = std::error::Error::source(&err).map(|s| s.to_string());
+        assert!(err.to_string().contains("allocate"), "{err}");
+        assert!(
+            why.as_deref().is_some_and(|w| w.contains("free")),
+            "{why:?}"
+        );
+        assert!(
+            std::fs::metadata(&path).unwrap().blocks() < 2048,
+            "still sparse"
+        );
     }
 
     #[test]

@@ -236,7 +236,11 @@ impl Engine {
         // against 6,000 with 2 threads and 18,000 with 16 when allocated).
         let frames_len = layout.cache_blocks * u64::from(layout.block_size);
         if let Err(e) = cache.allocate(layout.data_offset, frames_len) {
-            log::info!("cache {}: frame area not preallocated: {e}", cache.name());
+            let why = std::error::Error::source(&e).map_or(String::new(), |s| format!(": {s}"));
+            log::info!(
+                "cache {}: frame area not preallocated: {e}{why}",
+                cache.name()
+            );
         }
         let g = layout.geometry();
         let policy = policy::by_name("lru", g.cache_blocks).ok_or(EngineError::ShutDown)?;
