@@ -438,7 +438,7 @@ impl FileDevice {
         if unsafe { libc::fstatvfs(self.file.as_raw_fd(), &mut st) } != 0 {
             return Err(fail(io::Error::last_os_error()));
         }
-        let free = u64::from(st.f_bavail).saturating_mul(st.f_frsize);
+        let free = st.f_bavail.saturating_mul(st.f_frsize);
         Ok((allocated, free))
     }
 
