@@ -314,17 +314,19 @@ fn crash_loop(run: &Run, kills: usize, mode_of: impl Fn(usize) -> &'static str) 
     let mut last_check: Option<serde_json::Value> = None;
     for it in 0..=kills {
         let mode = mode_of(it);
-        let daemon = Daemon::start(
-            &files,
-            &[
-                "--mode",
-                mode,
-                "--block-size",
-                run.block_size,
-                "--control",
-                &control_s,
-            ],
-        );
+        let mut args = vec![
+            "--mode",
+            mode,
+            "--block-size",
+            run.block_size,
+            "--control",
+            &control_s,
+        ];
+        // Every third daemon busy-polls its queue when it is killed.
+        if it % 3 == 2 {
+            args.extend(["--poll", "50us"]);
+        }
+        let daemon = Daemon::start(&files, &args);
         let mut client = Client::connect(&files.socket, 1);
         let what = format!(
             "iteration {it} (mode {mode}, block size {})",
