@@ -5,7 +5,7 @@
 #
 #   bench/compare.sh [--quick] [--dir DIR] [--shm-dir DIR] [--no-shm]
 #                    [--out FILE] [--no-build] [--poll DURATION] [--only REGEX]
-#                    [--source-latency DURATION] [--no-cold]
+#                    [--source-latency DURATION] [--no-cold] [--no-writeback]
 #
 # Two passes: "disk" (files under DIR, default target/, O_DIRECT everywhere)
 # and "tmpfs" (fast files under /dev/shm, page cache since tmpfs has no
@@ -29,7 +29,11 @@
 # --only REGEX: run only the workloads whose name matches (grep -E).
 # After the passes, a full run (not --quick, not --no-cold) also runs the
 # cold case: bench/cold.sh (4K random reads, all misses, from a source with
-# 5 ms injected latency, against the same daemon in passthrough mode).
+# 5 ms injected latency, against the same daemon in passthrough mode) and
+# the writeback case (`cargo bench --bench engine -- --only writeback`:
+# flush_all of contiguous dirty blocks to a source with 1 ms injected
+# latency per request, or 1 ms + 180 MiB/s, timed side by side with writing
+# the same bytes straight to that source; unless --no-writeback).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -43,6 +47,7 @@ POLL=""
 ONLY=""
 SRC_LAT=5ms
 COLD=1
+WB=1
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1 ;;
@@ -55,7 +60,8 @@ while [ $# -gt 0 ]; do
         --only) ONLY=$2; shift ;;
         --source-latency) SRC_LAT=$2; shift ;;
         --no-cold) COLD=0 ;;
-        -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+        --no-writeback) WB=0 ;;
+        -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
         *) echo "compare.sh: unknown option $1" >&2; exit 2 ;;
     esac
     shift
@@ -294,6 +300,11 @@ python3 "$ROOT/bench/compare_table.py" "$OUT"
 if [ "$QUICK" = 0 ] && [ "$COLD" = 1 ]; then
     log "cold case: bench/cold.sh 5ms 6s"
     bash "$ROOT/bench/cold.sh" 5ms 6s | tee "$LOGS/cold.txt" || FAILED=1
+fi
+if [ "$QUICK" = 0 ] && [ "$WB" = 1 ]; then
+    log "writeback case: cargo bench --bench engine -- --only writeback"
+    (cd "$ROOT" && cargo bench --quiet --bench engine -- --only writeback) >"$LOGS/writeback.txt" 2>&1 || FAILED=1
+    grep -E "flush_all / direct|direct write rate|flush_all rate" "$LOGS/writeback.txt" || FAILED=1
 fi
 log "results: $OUT"
 exit "$FAILED"
