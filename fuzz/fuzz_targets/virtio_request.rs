@@ -19,7 +19,7 @@
 use libfuzzer_sys::fuzz_target;
 use std::sync::{Arc, OnceLock};
 use vblkcache::device::{BlockDevice, MemDevice};
-use vblkcache::engine::{Engine, EngineConfig, GeometryRequest, WriteMode};
+use vblkcache::engine::{Engine, EngineConfig, WriteMode};
 use vblkcache::virtio::execute::{execute, status_of, write_status};
 use vblkcache::virtio::request::{Request, RequestKind};
 use vblkcache::virtio::DeviceLimits;
@@ -39,15 +39,7 @@ fn engine() -> &'static Engine {
     E.get_or_init(|| {
         let source: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(DISK));
         let cache: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(1 << 20));
-        let cfg = EngineConfig {
-            geometry: GeometryRequest {
-                block_size: Some(4096),
-                cache_blocks: None,
-                assoc: None,
-            },
-            mode: Some(WriteMode::Writeback),
-            ..EngineConfig::default()
-        };
+        let cfg = EngineConfig::with_block_size(4096, Some(WriteMode::Writeback));
         Engine::open(source, cache, cfg).expect("engine")
     })
 }

@@ -82,6 +82,21 @@ impl Default for EngineConfig {
     }
 }
 
+impl EngineConfig {
+    /// The default configuration with blocks of `block_size` bytes and,
+    /// if given, this write mode (the rest of the geometry is derived).
+    pub fn with_block_size(block_size: u32, mode: Option<WriteMode>) -> EngineConfig {
+        EngineConfig {
+            geometry: GeometryRequest {
+                block_size: Some(block_size),
+                ..GeometryRequest::default()
+            },
+            mode,
+            ..EngineConfig::default()
+        }
+    }
+}
+
 /// Engine errors.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {

@@ -9,7 +9,7 @@
 
 use super::*;
 use crate::device::{BlockDevice, LatencyDevice, LatencyProfile, MemDevice};
-use crate::engine::{EngineConfig, GeometryRequest};
+use crate::engine::EngineConfig;
 use crate::virtio::pool::IoPool;
 use virtio_bindings::bindings::virtio_ring::{
     VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
@@ -243,15 +243,7 @@ pub(super) fn test_backend(
     cache: Arc<dyn BlockDevice>,
     poll: Duration,
 ) -> (BlkBackend, Arc<Engine>, IoPool) {
-    let cfg = EngineConfig {
-        geometry: GeometryRequest {
-            block_size: Some(4096),
-            cache_blocks: None,
-            assoc: None,
-        },
-        mode: Some(WriteMode::Writeback),
-        ..EngineConfig::default()
-    };
+    let cfg = EngineConfig::with_block_size(4096, Some(WriteMode::Writeback));
     let engine = Arc::new(Engine::open(source, cache, cfg).unwrap());
     let pool = IoPool::new(2, 64).unwrap();
     let backend = BlkBackend::new(

@@ -4,7 +4,7 @@ use super::execute::{execute, status_of, write_status};
 use super::request::{BlkError, ByteRange, Request, RequestKind, Segment};
 use super::DeviceLimits;
 use crate::device::{BlockDevice, MemDevice};
-use crate::engine::{Engine, EngineConfig, GeometryRequest};
+use crate::engine::{Engine, EngineConfig};
 use std::sync::Arc;
 use virtio_bindings::bindings::virtio_blk::*;
 use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
@@ -370,15 +370,7 @@ fn get_id_accepts_long_buffers() {
 fn engine(size: u64) -> Engine {
     let source: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(size));
     let cache: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(1 << 20));
-    let cfg = EngineConfig {
-        geometry: GeometryRequest {
-            block_size: Some(4096),
-            cache_blocks: None,
-            assoc: None,
-        },
-        ..EngineConfig::default()
-    };
-    Engine::open(source, cache, cfg).unwrap()
+    Engine::open(source, cache, EngineConfig::with_block_size(4096, None)).unwrap()
 }
 
 #[test]
