@@ -439,13 +439,8 @@ fn pop(
 ) -> Option<(Chain, Arc<GuestMem>)> {
     let mut state = vring.get_mut();
     let queue = state.get_queue_mut();
-    if !queue.ready() {
+    if !has_avail(queue, atomic) {
         return None;
-    }
-    let probe = atomic.memory();
-    match queue.avail_idx(&*probe, std::sync::atomic::Ordering::Acquire) {
-        Ok(idx) if idx.0 != queue.next_avail() => {}
-        _ => return None,
     }
     let mem = atomic.memory().into_inner();
     let chain = queue.pop_descriptor_chain(Arc::clone(&mem))?;
@@ -455,15 +450,17 @@ fn pop(
 
 /// True if the driver has published chains the device has not popped.
 fn avail_pending(vring: &Vring, mem: &GuestMemAtomic) -> bool {
-    let state = vring.get_ref();
-    let queue = state.get_queue();
-    if !queue.ready() {
-        return false;
-    }
+    has_avail(vring.get_ref().get_queue(), mem)
+}
+
+/// True if `queue` is ready and its available index is ahead of what the
+/// device popped, read through the current memory map.
+fn has_avail(queue: &virtio_queue::Queue, mem: &GuestMemAtomic) -> bool {
     let m = mem.memory();
-    queue
-        .avail_idx(&*m, Ordering::Acquire)
-        .is_ok_and(|idx| idx.0 != queue.next_avail())
+    queue.ready()
+        && queue
+            .avail_idx(&*m, Ordering::Acquire)
+            .is_ok_and(|idx| idx.0 != queue.next_avail())
 }
 
 /// Sets up queue `q`'s io_uring if enabled and the cache device allows it.
