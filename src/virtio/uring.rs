@@ -240,7 +240,9 @@ impl QueueRing {
         // Never more operations in flight than completion queue entries.
         let cq = self.ring.params().cq_entries() as usize;
         let mut iovecs = spare.iov;
-        if self.ops + io.extents().len() > cq || !self.build_iovecs(&req, &mem, &io, &mut iovecs) {
+        if self.ops + io.extents().len() > cq
+            || self.build_iovecs(&req, &mem, &io, &mut iovecs).is_none()
+        {
             self.spare.push(Spare {
                 direct: DirectBufs::default(),
                 iov: iovecs,
@@ -452,20 +454,16 @@ impl QueueRing {
     }
 
     /// Fills `out` with one iovec array per extent, pointing into guest
-    /// memory; false if a buffer is not mapped or not aligned for the device.
-    fn build_iovecs(&self, req: &Request, mem: &GuestMem, io: &DirectIo, out: &mut Iovecs) -> bool {
-        out.iov.clear();
-        out.spans.clear();
-        self.fill_iovecs(req, mem, io, out).is_some()
-    }
-
-    fn fill_iovecs(
+    /// memory; `None` if a buffer is not mapped or not aligned for the device.
+    fn build_iovecs(
         &self,
         req: &Request,
         mem: &GuestMem,
         io: &DirectIo,
         out: &mut Iovecs,
     ) -> Option<()> {
+        out.iov.clear();
+        out.spans.clear();
         if io.extents().len() > MAX_EXTENTS {
             return None;
         }
