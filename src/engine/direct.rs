@@ -46,7 +46,9 @@ pub struct Extent {
 
 /// The vectors of a [`DirectIo`], handed back by [`DirectIo::completed`]
 /// and [`DirectIo::failed`] (empty, capacity kept) so that a caller serving
-/// many requests allocates nothing per request.
+/// many requests allocates nothing per request. Invariant: empty whenever a
+/// caller holds one (its fields are private; only `Default` and
+/// `DirectIo::into_bufs` make one).
 #[derive(Debug, Default)]
 pub struct DirectBufs {
     /// (set, frame) of every pinned frame.
@@ -232,13 +234,11 @@ impl Engine {
         if write {
             c.wb_writers.fetch_add(1, SeqCst);
         }
-        let mut taken = std::mem::take(bufs);
-        taken.pins.clear();
-        taken.extents.clear();
+        // Empty: a `DirectBufs` is either new or handed back by `into_bufs`.
         let io = DirectIo {
             core: Arc::clone(c),
             write,
-            bufs: taken,
+            bufs: std::mem::take(bufs),
             len,
             released: false,
         };
