@@ -244,14 +244,21 @@ impl Core {
         r
     }
 
+    /// Source byte offset of block `first`, and how many of `len` bytes
+    /// from there lie inside the source (the last block may be short).
+    pub fn source_span(&self, first: u64, len: usize) -> (u64, usize) {
+        let start = first.saturating_mul(self.bs);
+        let inside = (len as u64).min(self.source_size.saturating_sub(start));
+        (start, inside as usize)
+    }
+
     /// Writes the source bytes of blocks `first..` from `data` (whole blocks,
     /// clipped at the end of the source).
     pub fn write_source_blocks(&self, first: u64, data: &[u8]) -> Result<(), EngineError> {
-        let start = first * self.bs;
-        let len = (data.len() as u64).min(self.source_size.saturating_sub(start));
+        let (start, len) = self.source_span(first, data.len());
         let r = self
             .source
-            .write_at(&data[..len as usize], start)
+            .write_at(&data[..len], start)
             .map_err(EngineError::Source);
         self.source_written.store(true, SeqCst);
         r
@@ -259,8 +266,7 @@ impl Core {
 
     /// Reads blocks `first..` from the source into `data` (zero past the end).
     pub fn read_source_blocks(&self, first: u64, data: &mut [u8]) -> Result<(), EngineError> {
-        let start = first * self.bs;
-        let len = (data.len() as u64).min(self.source_size.saturating_sub(start)) as usize;
+        let (start, len) = self.source_span(first, data.len());
         data[len..].fill(0);
         self.source
             .read_at(&mut data[..len], start)

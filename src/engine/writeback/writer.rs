@@ -233,8 +233,7 @@ impl Writer {
     /// of the source.
     pub fn submit(&mut self, core: &Core, first: u64, len: usize, buf: AlignedBuf) {
         debug_assert!(self.pending.len() < DEPTH, "too many runs submitted");
-        let offset = first.saturating_mul(core.bs);
-        let len = (len as u64).min(core.source_size.saturating_sub(offset)) as usize;
+        let (offset, len) = core.source_span(first, len);
         let job = Job { offset, len, buf };
         let job = match &self.thread {
             Some(t) => match t.jobs.send(job) {
@@ -250,11 +249,7 @@ impl Writer {
         if let Some(t) = self.thread.take() {
             t.stop();
         }
-        let result = core
-            .source
-            .write_at(&job.buf[..len], offset)
-            .map_err(EngineError::Source);
-        core.source_written.store(true, SeqCst);
+        let result = core.write_source_blocks(first, &job.buf[..len]);
         self.ready.push_back(Done {
             buf: Some(job.buf),
             result,
