@@ -141,24 +141,15 @@ wait_socket() {
     log "timed out waiting for $path"; return 1
 }
 
-# utime + stime of a process, in clock ticks.
+# "utime+stime stime" of a process (all CPU, then kernel time alone), in
+# clock ticks.
 cpu_ticks() {
     local s
     s=$(<"/proc/$1/stat")
     s=${s##*) }
     # shellcheck disable=SC2086
     set -- $s
-    echo $(( ${12} + ${13} ))
-}
-
-# stime alone (kernel time), in clock ticks.
-sys_ticks() {
-    local s
-    s=$(<"/proc/$1/stat")
-    s=${s##*) }
-    # shellcheck disable=SC2086
-    set -- $s
-    echo "${13}"
+    echo "$(( ${12} + ${13} )) ${13}"
 }
 
 status_field() { # control-socket field (dotted path) -> value
@@ -181,11 +172,10 @@ fill() { # file, extra vbc-load args: write every byte once with 1M requests
 run_one() {
     local pass=$1 wl=$2 target=$3 pid=$4 ctl=$5; shift 6
     local t0=0 t1=0 k0=0 k1=0 m0=0 m1=0 json rc=0 err="$WORK/load.err"
-    [ "$pid" != - ] && { t0=$(cpu_ticks "$pid"); k0=$(sys_ticks "$pid"); }
+    [ "$pid" != - ] && read -r t0 k0 < <(cpu_ticks "$pid")
     [ "$ctl" != - ] && { m0=$(status_field "$ctl" stats.read_misses) || m0=0; }
     json=$("$LOAD" "$@" --runtime "$RUNTIME" --ramp "$RAMP" --json 2>"$err") || rc=$?
-    [ "$pid" != - ] && { t1=$(cpu_ticks "$pid") || t1=$t0; }
-    [ "$pid" != - ] && { k1=$(sys_ticks "$pid") || k1=$k0; }
+    [ "$pid" != - ] && { read -r t1 k1 < <(cpu_ticks "$pid") || { t1=$t0; k1=$k0; }; }
     [ "$ctl" != - ] && { m1=$(status_field "$ctl" stats.read_misses) || m1=$m0; }
     if [ "$rc" != 0 ] || [ -z "$json" ]; then
         FAILED=1
