@@ -8,9 +8,11 @@
 //!
 //! In-flight accounting: a request is counted while the vring lock that
 //! popped it is still held, and uncounted after its used entry is written.
-//! `stop_vring` (GET_VRING_BASE) runs after the queue is marked not ready,
-//! which also takes that lock, so once the count reaches zero no request of
-//! that queue can still touch its ring.
+//! A worker serving or polling a queue is counted as inside it. `stop_vring`
+//! (GET_VRING_BASE) runs after the queue is marked not ready, which also
+//! takes that lock; it waits until the worker has left (a worker that finds
+//! the queue not ready or disabled leaves at once) and then until the count
+//! reaches zero, so after it returns nothing of that queue touches its ring.
 
 use super::config_space;
 use super::execute::{execute, status_of, write_status};
@@ -184,12 +186,34 @@ impl BlkBackend {
         self.inner.engine.mode() == WriteMode::Writeback
     }
 
-    /// Serves queue `q` (see [`BlkBackend::serve`]), then polls it for the
-    /// configured interval, if any.
+    /// Serves queue `q` after a kick (see [`BlkBackend::process`]).
     fn process_queue(&self, q: usize, vring: &Vring) -> io::Result<()> {
-        self.serve(q, vring, false)?;
+        self.process(q, vring, false)
+    }
+
+    /// Serves queue `q` if it is live (see [`live`]), then polls it for the
+    /// configured interval, if any, when more is to be expected: chains were
+    /// popped, I/O is in flight, or `posted` completions the driver may
+    /// answer. (With EVENT_IDX the driver kicks once during a poll session;
+    /// that kick finds nothing new and starts no idle session.)
+    ///
+    /// The worker is inside the queue ([`InFlight::enter`]) throughout, so
+    /// `stop_vring` returns only once it has left and wrote its last.
+    fn process(&self, q: usize, vring: &Vring, posted: bool) -> io::Result<()> {
+        let Some(inflight) = self.inner.inflight.get(q) else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "queue index out of range",
+            ));
+        };
+        let _inside = inflight.enter();
+        if !live(vring) {
+            return Ok(());
+        }
+        let popped = self.serve(q, vring, false)?;
         let interval = self.inner.cfg.poll;
-        if interval.is_zero() {
+        let busy = || self.lock_ring(q).is_some_and(|r| r.busy());
+        if interval.is_zero() || (popped == 0 && !posted && !busy()) {
             return Ok(());
         }
         self.poll(q, vring, interval)
@@ -205,7 +229,9 @@ impl BlkBackend {
     /// re-armed before returning, followed by a last pass that serves
     /// whatever arrived meanwhile, so no request or completion is left
     /// without a wake-up. A poll session ends after [`POLL_SLICE`] at the
-    /// latest, so the worker's epoll loop (exit events) gets its turn.
+    /// latest, so the worker's epoll loop (exit events) gets its turn, and
+    /// at once when the queue stops being live: then it writes nothing more
+    /// into the ring (in-flight completions are posted from the eventfd).
     fn poll(&self, q: usize, vring: &Vring, interval: Duration) -> io::Result<()> {
         let event_idx = self.inner.event_idx.load(Ordering::Acquire);
         vring.disable_notification().map_err(io::Error::other)?;
@@ -216,7 +242,12 @@ impl BlkBackend {
         let start = Instant::now();
         let mut idle_since = start;
         let mut result = Ok(());
+        let mut stopped = false;
         while !self.inner.closing.load(Ordering::Acquire) {
+            if !live(vring) {
+                stopped = true;
+                break;
+            }
             let mut progressed = false;
             if let Some(mut r) = self.lock_ring(q) {
                 if r.busy() {
@@ -247,18 +278,31 @@ impl BlkBackend {
         if let Some(mut r) = self.lock_ring(q) {
             r.set_eventfd(true);
         }
-        if !event_idx {
-            // Without EVENT_IDX the disable above set NO_NOTIFY; clear it
-            // (with EVENT_IDX, `serve` re-arms `avail_event` itself).
-            vring.enable_notification().map_err(io::Error::other)?;
+        if !stopped {
+            if !event_idx {
+                // Without EVENT_IDX the disable above set NO_NOTIFY; clear
+                // it (with EVENT_IDX, `serve` re-arms `avail_event` itself).
+                vring.enable_notification().map_err(io::Error::other)?;
+            }
+            result = result.and(self.serve(q, vring, false).map(|_| ()));
         }
-        result.and(self.serve(q, vring, false))
+        // A completion that landed while the eventfd was being restored may
+        // have signalled nothing (no full barrier orders the restore against
+        // the kernel's check): while I/O is in flight, wake the worker once
+        // so that it reaps.
+        if let Some(r) = self.lock_ring(q) {
+            if r.busy() {
+                r.wake();
+            }
+        }
+        result
     }
 
     /// Pops and dispatches every available chain of queue `q`. Unless
     /// `polling`, then re-enables notifications (EVENT_IDX) and re-checks so
     /// that no kick is lost, and posts the hits that are already done.
-    fn serve(&self, q: usize, vring: &Vring, polling: bool) -> io::Result<()> {
+    /// Returns how many chains it popped.
+    fn serve(&self, q: usize, vring: &Vring, polling: bool) -> io::Result<usize> {
         let Some(inflight) = self.inner.inflight.get(q) else {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -266,9 +310,10 @@ impl BlkBackend {
             ));
         };
         if self.inner.closing.load(Ordering::Acquire) {
-            return Ok(());
+            return Ok(0);
         }
         let event_idx = self.inner.event_idx.load(Ordering::Acquire);
+        let mut popped = 0usize;
         // The handle, not a snapshot: `pop` loads the current memory map.
         let atomic = self.memory();
         let mut ring_guard = self.lock_ring(q);
@@ -288,7 +333,7 @@ impl BlkBackend {
                 let mut waited = Duration::ZERO;
                 while inflight.count() >= limit.max(1) {
                     if self.inner.closing.load(Ordering::Acquire) {
-                        return Ok(());
+                        return Ok(popped);
                     }
                     match ring_guard.as_deref_mut().filter(|r| r.busy()) {
                         // Our own completions can only be reaped here.
@@ -315,6 +360,7 @@ impl BlkBackend {
                 let Some((chain, mem)) = pop(vring, inflight, &atomic) else {
                     break;
                 };
+                popped += 1;
                 let head = chain.head_index();
                 match Request::parse(chain, &self.inner.cfg.limits) {
                     Ok(req) => {
@@ -345,7 +391,7 @@ impl BlkBackend {
         }
         if polling {
             // The poll loop reaps.
-            return Ok(());
+            return Ok(popped);
         }
         // Hits on a fast device may already be done: post them now.
         if let Some(r) = ring_guard.as_deref_mut() {
@@ -353,7 +399,7 @@ impl BlkBackend {
             drop(ring_guard);
             self.finish_ring(q, vring, done);
         }
-        Ok(())
+        Ok(popped)
     }
 
     /// Queue `q`'s io_uring, locked; `None` where its hits go to the pool.
@@ -391,15 +437,9 @@ impl BlkBackend {
         };
         let done = r.on_event();
         drop(r);
+        let posted = !done.is_empty();
         self.finish_ring(q, vring, done);
-        let serving = {
-            let state = vring.get_ref();
-            state.is_enabled() && state.get_queue().ready()
-        };
-        if serving {
-            self.process_queue(q, vring)?;
-        }
-        Ok(())
+        self.process(q, vring, posted)
     }
 
     fn submit(&self, q: usize, vring: &Vring, mem: Arc<GuestMem>, head: u16, req: Request) {
@@ -438,19 +478,29 @@ fn pop(
     atomic: &GuestMemAtomic,
 ) -> Option<(Chain, Arc<GuestMem>)> {
     let mut state = vring.get_mut();
-    let queue = state.get_queue_mut();
-    if !has_avail(queue, atomic) {
+    if !state.is_enabled() || !has_avail(state.get_queue(), atomic) {
         return None;
     }
     let mem = atomic.memory().into_inner();
-    let chain = queue.pop_descriptor_chain(Arc::clone(&mem))?;
+    let chain = state
+        .get_queue_mut()
+        .pop_descriptor_chain(Arc::clone(&mem))?;
     inflight.begin();
     Some((chain, mem))
 }
 
-/// True if the driver has published chains the device has not popped.
+/// True if the driver has published chains the device has not popped on
+/// an enabled queue.
 fn avail_pending(vring: &Vring, mem: &GuestMemAtomic) -> bool {
-    has_avail(vring.get_ref().get_queue(), mem)
+    let state = vring.get_ref();
+    state.is_enabled() && has_avail(state.get_queue(), mem)
+}
+
+/// True while the front-end lets the device use the ring: the queue is
+/// ready (GET_VRING_BASE clears it) and enabled (SET_VRING_ENABLE).
+fn live(vring: &Vring) -> bool {
+    let state = vring.get_ref();
+    state.is_enabled() && state.get_queue().ready()
 }
 
 /// True if `queue` is ready and its available index is ahead of what the
@@ -603,12 +653,21 @@ impl VhostUserBackend for BlkBackend {
         }
     }
 
+    /// GET_VRING_BASE: the queue is already marked not ready. Waits until
+    /// its worker has left it (a poll session ends at once; see
+    /// [`BlkBackend::process`]), then until its requests are done, so that
+    /// nothing writes into the ring after this returns.
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        let idle = usize::try_from(queue_index)
+        let Some(f) = usize::try_from(queue_index)
             .ok()
             .and_then(|q| self.inner.inflight.get(q))
-            .is_none_or(|f| f.wait_idle(DRAIN_TIMEOUT));
-        if !idle {
+        else {
+            return Ok(());
+        };
+        if !f.wait_unserved(DRAIN_TIMEOUT) {
+            log::error!("queue {queue_index}: its worker still serves it after {DRAIN_TIMEOUT:?}");
+        }
+        if !f.wait_idle(DRAIN_TIMEOUT) {
             log::error!("queue {queue_index}: requests still in flight after {DRAIN_TIMEOUT:?}");
         }
         Ok(())

@@ -2,17 +2,60 @@
 //! completed: the bound on how much work one queue may have outstanding, and
 //! what `stop_vring` and the drain wait for.
 
+use std::sync::atomic::{fence, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-/// Requests of one queue that have been popped but not completed.
+/// How often `wait_unserved` looks whether the workers have left.
+const UNSERVED_POLL: Duration = Duration::from_micros(100);
+
+/// Requests of one queue that have been popped but not completed, and the
+/// workers currently inside the queue.
 #[derive(Default)]
 pub(crate) struct InFlight {
     count: Mutex<usize>,
     idle: Condvar,
+    serving: AtomicUsize,
+}
+
+/// A worker inside a queue (see [`InFlight::enter`]); leaves on drop.
+pub(crate) struct Serving<'a>(&'a AtomicUsize);
+
+impl Drop for Serving<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl InFlight {
+    /// Marks a worker as inside the queue until the guard drops.
+    ///
+    /// Protocol (with `wait_unserved`): the worker enters, then checks that
+    /// the queue is live (ready and enabled) and touches the ring only if
+    /// so; the stopper first makes the queue not live, then waits until no
+    /// worker is inside. The SeqCst fences order each side's store before
+    /// its load, so either the stopper sees the worker inside and waits, or
+    /// the worker sees the queue stopped and leaves it alone.
+    pub(crate) fn enter(&self) -> Serving<'_> {
+        self.serving.fetch_add(1, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        Serving(&self.serving)
+    }
+
+    /// Waits until no worker is inside the queue; false on timeout.
+    /// Call after the queue was made not live.
+    pub(crate) fn wait_unserved(&self, timeout: Duration) -> bool {
+        fence(Ordering::SeqCst);
+        let deadline = Instant::now() + timeout;
+        while self.serving.load(Ordering::SeqCst) > 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(UNSERVED_POLL);
+        }
+        true
+    }
+
     pub(crate) fn begin(&self) {
         *self.count.lock().unwrap_or_else(|p| p.into_inner()) += 1;
     }

@@ -195,6 +195,13 @@ impl QueueRing {
         }
     }
 
+    /// Signals the completion eventfd, so that the worker wakes and reaps.
+    pub fn wake(&self) {
+        if let Err(e) = self.event.write(1) {
+            log::warn!("io_uring: cannot signal the completion eventfd: {e}");
+        }
+    }
+
     /// True while operations are queued or in flight, or requests served
     /// synchronously wait to be reaped.
     pub fn busy(&self) -> bool {

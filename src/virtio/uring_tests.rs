@@ -329,3 +329,108 @@ fn a_polled_queue_serves_requests_published_without_a_kick() {
     g.run(0);
     assert_eq!(g.take_used(0), vec![(0, 4097)]);
 }
+
+/// Starts a 500 ms poll session on a polled file guest after serving one
+/// cached read, and returns once that read is on the used ring.
+fn polling_guest(event_idx: bool) -> (Guest, tempfile::TempDir, std::thread::JoinHandle<Duration>) {
+    let dir = tempfile::tempdir().unwrap();
+    let (g, dir) = file_guest_polled(dir, false, Duration::from_millis(500)).unwrap();
+    if event_idx {
+        g.backend.set_event_idx(true);
+        g.vrings[0].set_queue_event_idx(true);
+    }
+    g.engine.write(8 * 512, &pattern(1)).unwrap();
+    g.engine.write(16 * 512, &pattern(2)).unwrap();
+    g.publish_good_read(0, 8);
+    let (backend, vring) = (g.backend.clone(), g.vrings[0].clone());
+    let start = Instant::now();
+    let poller = std::thread::spawn(move || {
+        backend.process_queue(0, &vring).unwrap();
+        start.elapsed()
+    });
+    assert!(wait_used(&g, 1, Duration::from_secs(5)));
+    (g, dir, poller)
+}
+
+/// GET_VRING_BASE (queue marked not ready, then `stop_vring`) ends a poll
+/// session: once `stop_vring` returns, the device writes nothing more into
+/// the ring, neither the used flags nor (EVENT_IDX) `avail_event`, which
+/// the front-end may already be handing to someone else.
+#[test]
+fn a_stopped_queue_is_left_alone_after_stop_vring() {
+    for event_idx in [false, true] {
+        let (g, _dir, poller) = polling_guest(event_idx);
+        g.vrings[0].set_queue_ready(false);
+        g.backend.stop_vring(0).unwrap();
+        // The used flags word, or avail_event after the used ring's entries.
+        let at = if event_idx {
+            used_ring(0) + 4 + 8 * u64::from(QSIZE)
+        } else {
+            used_ring(0)
+        };
+        g.mem.write_obj(0xabcd_u16, GuestAddress(at)).unwrap();
+        let polled_for = poller.join().unwrap();
+        let after: u16 = g.mem.read_obj(GuestAddress(at)).unwrap();
+        assert_eq!(
+            after, 0xabcd,
+            "event_idx={event_idx}: the ring was written after stop_vring returned"
+        );
+        assert!(
+            polled_for < Duration::from_millis(450),
+            "event_idx={event_idx}: the poll went on for {polled_for:?} on a stopped queue"
+        );
+    }
+}
+
+/// SET_VRING_ENABLE(0) ends a poll session too, and a request published on
+/// the disabled ring waits until it is enabled again.
+#[test]
+fn a_disabled_queue_is_not_served_by_the_poll() {
+    let (mut g, _dir, poller) = polling_guest(false);
+    g.vrings[0].set_enabled(false);
+    let b = Guest::slot(0, 0);
+    publish(&g, VIRTIO_BLK_T_IN, 16, &[(b.data, 4096)]);
+    assert!(
+        !wait_used(&g, 2, Duration::from_millis(200)),
+        "a request on a disabled ring was served"
+    );
+    let polled_for = poller.join().unwrap();
+    assert!(
+        polled_for < Duration::from_millis(450),
+        "the poll went on for {polled_for:?} on a disabled queue"
+    );
+    g.run(0);
+    assert!(!wait_used(&g, 2, Duration::from_millis(50)));
+    g.vrings[0].set_enabled(true);
+    g.run(0);
+    assert!(wait_used(&g, 2, Duration::from_secs(5)));
+    assert_eq!(g.take_used(0).len(), 2);
+    assert!(g.read_data(&b, 4096) == pattern(2));
+}
+
+/// A kick that finds nothing new (with EVENT_IDX the driver kicks once
+/// during a poll session, for a request the poll already served) starts no
+/// idle poll session: the worker goes back to sleep at once.
+#[test]
+fn a_kick_with_nothing_to_serve_starts_no_poll_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let (g, _dir) = file_guest_polled(dir, false, Duration::from_millis(500)).unwrap();
+    let start = Instant::now();
+    g.backend.process_queue(0, &g.vrings[0]).unwrap();
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_millis(300),
+        "an empty kick polled for {took:?}"
+    );
+    // The control: a kick that finds a request polls for the interval.
+    g.engine.write(8 * 512, &pattern(1)).unwrap();
+    g.publish_good_read(0, 8);
+    let start = Instant::now();
+    g.backend.process_queue(0, &g.vrings[0]).unwrap();
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(500),
+        "polled for {took:?} only"
+    );
+    assert!(wait_used(&g, 1, Duration::from_secs(1)));
+}
