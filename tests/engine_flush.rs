@@ -168,7 +168,16 @@ fn direct_request_vectors_are_given_back_and_pins_released() {
     let w =
         r.e.begin_direct_write_in(0, 4096, &mut bufs)
             .expect("an idle cached block");
-    let bufs = w.completed();
+    let mut bufs = w.completed();
+    // A write the caller does not start is declined: the vectors come back
+    // with their capacity, nothing is counted, and its pins are released.
+    let served = r.e.stats().direct_requests;
+    let w =
+        r.e.begin_direct_write_in(0, 16384, &mut bufs)
+            .expect("four idle cached blocks");
+    let bufs = w.declined();
+    assert!(bufs.is_empty() && bufs.capacity().0 >= 4, "{bufs:?}");
+    assert_eq!(r.e.stats().direct_requests, served);
     r.e.flush_all(&mut |_| {}).unwrap();
     assert_eq!(r.e.dirty_blocks(), 0);
     drop(bufs);

@@ -403,7 +403,11 @@ impl BlockDevice for FileDevice {
         // fallocate may leave what it allocated before failing. Allocate only
         // if what is still a hole is at most half of the free space.
         let (allocated, free) = self.space()?;
-        let missing = len.saturating_sub(allocated);
+        // Count only what the range itself may hold: assume every byte of
+        // the file outside it is allocated (exact when, as for the cache's
+        // metadata area, it was written), so the guard never counts too low.
+        let outside = self.size.saturating_sub(len);
+        let missing = len.saturating_sub(allocated.saturating_sub(outside));
         if missing > free / 2 {
             return Err(io_err(
                 IoOp::Allocate,

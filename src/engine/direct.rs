@@ -45,7 +45,7 @@ pub struct Extent {
 }
 
 /// The vectors of a [`DirectIo`], handed back by [`DirectIo::completed`]
-/// and [`DirectIo::failed`] (empty, capacity kept) so that a caller serving
+/// [`DirectIo::failed`] and [`DirectIo::declined`] (empty, capacity kept) so that a caller serving
 /// many requests allocates nothing per request. Invariant: empty whenever a
 /// caller holds one (its fields are private; only `Default` and
 /// `DirectIo::into_bufs` make one).
@@ -134,6 +134,13 @@ impl DirectIo {
             s.bytes_read.fetch_add(self.len, Relaxed);
             s.read_hits.fetch_add(blocks, Relaxed);
         }
+        self.into_bufs()
+    }
+
+    /// The caller did not start the I/O: releases the pins, counts
+    /// nothing, and returns the emptied vectors (as dropping it does, but
+    /// keeping their capacity).
+    pub fn declined(self) -> DirectBufs {
         self.into_bufs()
     }
 

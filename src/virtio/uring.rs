@@ -251,7 +251,7 @@ impl QueueRing {
             || self.build_iovecs(&req, &mem, &io, &mut iovecs).is_none()
         {
             self.spare.push(Spare {
-                direct: DirectBufs::default(),
+                direct: io.declined(),
                 iov: iovecs,
             });
             return Err((req, mem));
