@@ -15,6 +15,9 @@ const UNSERVED_POLL: Duration = Duration::from_micros(100);
 pub(crate) struct InFlight {
     count: Mutex<usize>,
     idle: Condvar,
+    /// Threads waiting on `idle` (read and written under `count`): a
+    /// notification is a system call, made only when someone waits.
+    waiters: AtomicUsize,
     serving: AtomicUsize,
 }
 
@@ -68,7 +71,9 @@ impl InFlight {
         let mut c = self.count.lock().unwrap_or_else(|p| p.into_inner());
         *c = c.saturating_sub(n);
         // Both waiters (drain and the in-flight bound) use this condvar.
-        self.idle.notify_all();
+        if self.waiters.load(Ordering::Relaxed) > 0 {
+            self.idle.notify_all();
+        }
     }
 
     /// Waits while `limit` or more requests are in flight; false on timeout.
@@ -85,10 +90,12 @@ impl InFlight {
             if now >= deadline {
                 return false;
             }
+            self.waiters.fetch_add(1, Ordering::Relaxed);
             c = match self.idle.wait_timeout(c, deadline - now) {
                 Ok((g, _)) => g,
                 Err(p) => p.into_inner().0,
             };
+            self.waiters.fetch_sub(1, Ordering::Relaxed);
         }
         true
     }
