@@ -148,7 +148,12 @@ impl BlkBackend {
             };
             let fd = ring.event_fd();
             drop(ring);
-            h.register_listener(fd, EventSet::IN, self.ring_event())?;
+            // Edge-triggered: the worker never reads it (see `on_event`).
+            h.register_listener(
+                fd,
+                EventSet::IN | EventSet::EDGE_TRIGGERED,
+                self.ring_event(),
+            )?;
         }
         Ok(())
     }

@@ -168,9 +168,37 @@ thread_local! {
     /// The descriptors of the chain being parsed, kept per thread so that
     /// parsing allocates nothing but the request's own segment list.
     static DESCS: RefCell<Vec<Desc>> = const { RefCell::new(Vec::new()) };
+    /// Segment lists of finished requests ([`Request::recycle`]), for the
+    /// next requests parsed on this thread.
+    static SEGMENTS: RefCell<Vec<Vec<Segment>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// How many spare segment lists a thread keeps.
+const SPARE_SEGMENT_LISTS: usize = 256;
+
+/// An empty segment list with room for `n`, reused if this thread has one.
+fn segment_list(n: usize) -> Vec<Segment> {
+    let spare = SEGMENTS.with(|p| p.try_borrow_mut().ok().and_then(|mut p| p.pop()));
+    let mut v = spare.unwrap_or_default();
+    v.reserve(n);
+    v
 }
 
 impl Request {
+    /// Drops the request, keeping its segment list for the next request
+    /// parsed on this thread (the hit path then allocates nothing).
+    pub fn recycle(self) {
+        let mut data = self.data;
+        data.clear();
+        SEGMENTS.with(|p| {
+            if let Ok(mut p) = p.try_borrow_mut() {
+                if p.len() < SPARE_SEGMENT_LISTS {
+                    p.push(data);
+                }
+            }
+        });
+    }
+
     /// Parses `chain` against `limits`. Pure: reads guest memory only.
     pub fn parse<M, T>(
         chain: DescriptorChain<M>,
@@ -371,7 +399,7 @@ where
     T: GuestMemoryBackend + ?Sized,
 {
     let mut total: u64 = 0;
-    let mut data = Vec::with_capacity(body.len());
+    let mut data = segment_list(body.len());
     for d in body.iter().filter(|d| d.len > 0) {
         let outside = BlkError::OutsideGuestMemory {
             addr: d.addr.0,
