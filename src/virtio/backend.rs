@@ -23,7 +23,7 @@ use super::uring::{Done, QueueRing};
 use super::DeviceLimits;
 use crate::engine::{Engine, WriteMode};
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -88,6 +88,8 @@ struct Inner {
     rings: Vec<Option<Mutex<QueueRing>>>,
     /// Set by `close`: the front-end is gone, workers stop taking requests.
     closing: AtomicBool,
+    /// Errors of queue passes (logged sparsely, see `handle_event`).
+    queue_errors: AtomicU64,
 }
 
 /// The backend. Cheap to clone (the vhost-user library clones it per worker).
@@ -116,6 +118,7 @@ impl BlkBackend {
                 inflight,
                 rings,
                 closing: AtomicBool::new(false),
+                queue_errors: AtomicU64::new(0),
                 cfg,
             }),
         }
@@ -198,8 +201,7 @@ impl BlkBackend {
 
     /// Serves queue `q` if it is live (see [`live`]), then polls it for the
     /// configured interval, if any, when more is to be expected: chains were
-    /// popped, I/O is in flight, or `posted` completions the driver may
-    /// answer. (With EVENT_IDX the driver kicks once during a poll session;
+    /// popped, or `posted` completions the driver may answer. (With EVENT_IDX the driver kicks once during a poll session;
     /// that kick finds nothing new and starts no idle session.)
     ///
     /// The worker is inside the queue ([`InFlight::enter`]) throughout, so
@@ -217,8 +219,9 @@ impl BlkBackend {
         }
         let popped = self.serve(q, vring, false)?;
         let interval = self.inner.cfg.poll;
-        let busy = || self.lock_ring(q).is_some_and(|r| r.busy());
-        if interval.is_zero() || (popped == 0 && !posted && !busy()) {
+        // Not on I/O in flight alone: its completions wake the worker, and a
+        // slow (or hung) cache operation must not keep a core spinning.
+        if interval.is_zero() || (popped == 0 && !posted) {
             return Ok(());
         }
         self.poll(q, vring, interval)
@@ -238,8 +241,13 @@ impl BlkBackend {
     /// at once when the queue stops being live: then it writes nothing more
     /// into the ring (in-flight completions are posted from the eventfd).
     fn poll(&self, q: usize, vring: &Vring, interval: Duration) -> io::Result<()> {
-        let event_idx = self.inner.event_idx.load(Ordering::Acquire);
-        vring.disable_notification().map_err(io::Error::other)?;
+        {
+            let mut state = vring.get_mut();
+            if !(state.is_enabled() && state.get_queue().ready()) {
+                return Ok(());
+            }
+            state.disable_notification().map_err(io::Error::other)?;
+        }
         if let Some(mut r) = self.lock_ring(q) {
             r.set_eventfd(false);
         }
@@ -284,11 +292,7 @@ impl BlkBackend {
             r.set_eventfd(true);
         }
         if !stopped {
-            if !event_idx {
-                // Without EVENT_IDX the disable above set NO_NOTIFY; clear
-                // it (with EVENT_IDX, `serve` re-arms `avail_event` itself).
-                vring.enable_notification().map_err(io::Error::other)?;
-            }
+            // `serve` re-arms kicks (clears NO_NOTIFY or moves `avail_event`).
             result = result.and(self.serve(q, vring, false).map(|_| ()));
         }
         // A completion that landed while the eventfd was being restored may
@@ -390,7 +394,21 @@ impl BlkBackend {
             if let Some(r) = ring_guard.as_deref_mut() {
                 r.submit();
             }
-            if polling || !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
+            if polling {
+                break;
+            }
+            // Re-arm kicks (EVENT_IDX: `avail_event`; otherwise clear
+            // NO_NOTIFY, which a poll cut short by a stop may have left set)
+            // and re-check, on a live queue only: a stopped or disabled ring
+            // is not written, and chains `pop` refuses must not keep this
+            // loop going.
+            let again = {
+                let mut state = vring.get_mut();
+                state.is_enabled()
+                    && state.get_queue().ready()
+                    && state.enable_notification().map_err(io::Error::other)?
+            };
+            if !again {
                 break;
             }
         }
@@ -693,13 +711,24 @@ impl VhostUserBackend for BlkBackend {
         let Some(vring) = vrings.first() else {
             return Ok(());
         };
-        if device_event == 0 {
+        let result = if device_event == 0 {
             self.process_queue(thread_id, vring)
         } else if u64::from(device_event) == self.ring_event() {
             self.process_ring(thread_id, vring)
         } else {
             Ok(())
+        };
+        // An error returned here would end the queue's worker thread for
+        // good (the library leaves its loop): log it and keep serving; the
+        // next kick or completion tries again. A guest can cause one per
+        // kick (a ring outside its memory), so log the 1st, 2nd, 4th, ...
+        if let Err(e) = result {
+            let n = self.inner.queue_errors.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                log::error!("queue {thread_id}: {e} ({n} queue errors so far)");
+            }
         }
+        Ok(())
     }
 }
 

@@ -126,6 +126,9 @@ pub struct QueueRing {
     unsubmitted: usize,
     /// Do the I/O synchronously (a memory-backed, buffered cache).
     inline: bool,
+    /// The kernel has IORING_OP_READ/WRITE (Linux 5.6): one-buffer
+    /// requests use them rather than READV/WRITEV.
+    plain_ops: bool,
     /// Requests served synchronously, waiting to be reaped.
     ready: Vec<Done>,
     /// Vectors of finished requests, for the next ones.
@@ -157,6 +160,7 @@ impl QueueRing {
         ring.submitter()
             .register_files(&[access.fd])
             .map_err(UringError::RegisterFile)?;
+        let plain_ops = supports_plain_ops(&ring);
         Ok(QueueRing {
             ring,
             event,
@@ -171,6 +175,7 @@ impl QueueRing {
             ops: 0,
             unsubmitted: 0,
             inline: access.memory,
+            plain_ops,
             ready: Vec::new(),
             spare: Vec::new(),
             cqes: Vec::new(),
@@ -287,7 +292,7 @@ impl QueueRing {
             // One buffer (the common 4 KiB request): plain READ/WRITE, which
             // spare the kernel copying and walking an iovec array.
             let sqe = match (iov, write) {
-                ([one], w) => match u32::try_from(one.iov_len) {
+                ([one], w) if self.plain_ops => match u32::try_from(one.iov_len) {
                     Ok(len) if w => opcode::Write::new(fd, one.iov_base.cast::<u8>(), len)
                         .offset(at)
                         .build(),
@@ -547,6 +552,15 @@ impl QueueRing {
         req.recycle();
         done
     }
+}
+
+/// True if the kernel offers IORING_OP_READ and IORING_OP_WRITE (a probe
+/// failing means a kernel older than 5.6, which has neither).
+fn supports_plain_ops(ring: &IoUring) -> bool {
+    let mut probe = io_uring::Probe::new();
+    ring.submitter().register_probe(&mut probe).is_ok()
+        && probe.is_supported(opcode::Read::CODE)
+        && probe.is_supported(opcode::Write::CODE)
 }
 
 /// The completion of a request served without error.

@@ -434,3 +434,178 @@ fn a_kick_with_nothing_to_serve_starts_no_poll_session() {
     );
     assert!(wait_used(&g, 1, Duration::from_secs(1)));
 }
+
+/// Waits up to `limit` for queue 0's used flags word to equal `want`.
+fn wait_flags(g: &Guest, want: u16, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while used_flags(g) != want {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    true
+}
+
+/// Without EVENT_IDX, a poll session sets VRING_USED_F_NO_NOTIFY. When the
+/// session is cut short by SET_VRING_ENABLE 0 or GET_VRING_BASE, the flag is
+/// left in guest memory. When the queue is live again and nothing is
+/// published, the library's one pass (`vrings_with_pending_events` →
+/// process_queue) must let the driver kick again. Otherwise the driver's
+/// next request is never kicked and never polled: the queue hangs.
+#[test]
+fn kicks_are_allowed_again_when_a_polled_queue_comes_back() {
+    // (a) SET_VRING_ENABLE 0 during a poll session, then 1 with nothing new.
+    {
+        let (g, _dir, poller) = polling_guest(false);
+        assert!(
+            wait_flags(&g, 1, Duration::from_secs(5)),
+            "the poll did not suppress kicks"
+        );
+        g.vrings[0].set_enabled(false);
+        poller.join().unwrap();
+        g.vrings[0].set_enabled(true);
+        g.backend.process_queue(0, &g.vrings[0]).unwrap();
+        assert_eq!(
+            used_flags(&g),
+            0,
+            "re-enabled: NO_NOTIFY left set on a live, idle queue"
+        );
+    }
+    // (b) GET_VRING_BASE during a poll session, then the ring restarted
+    // (SET_VRING_KICK marks it ready again; the VM's ring memory is as the
+    // stopped daemon left it, e.g. after stop/cont).
+    {
+        let (g, _dir, poller) = polling_guest(false);
+        assert!(wait_flags(&g, 1, Duration::from_secs(5)));
+        g.vrings[0].set_queue_ready(false);
+        g.backend.stop_vring(0).unwrap();
+        poller.join().unwrap();
+        g.vrings[0].set_queue_ready(true);
+        g.backend.process_queue(0, &g.vrings[0]).unwrap();
+        assert_eq!(used_flags(&g), 0, "restarted: NO_NOTIFY left set");
+    }
+    // (c) A fresh backend on a ring whose flags a previous daemon left at
+    // NO_NOTIFY (migration destination, daemon restart/reconnect). A fix
+    // that only remembers "I muted this queue" passes (a) and (b) but fails
+    // this one.
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let (g, _dir) = file_guest_polled(dir, false, Duration::from_millis(500)).unwrap();
+        g.mem.write_obj(1u16, GuestAddress(used_ring(0))).unwrap();
+        g.backend.process_queue(0, &g.vrings[0]).unwrap();
+        assert_eq!(used_flags(&g), 0, "fresh start: inherited NO_NOTIFY kept");
+    }
+}
+
+/// A one-queue EVENT_IDX guest whose reads take `lat` (no io_uring: every
+/// request goes to the pool). The worker pops a ring's worth of copies of one
+/// read and stays inside `serve` under the in-flight bound. Then one more
+/// copy is published, so a chain is still on the available ring. Returns the
+/// guest, the worker thread and a receiver that is told when process_queue
+/// returns.
+fn worker_parked_with_a_chain_left(
+    lat: Duration,
+) -> (Guest, std::thread::JoinHandle<()>, mpsc::Receiver<()>) {
+    let g = Guest::with_read_latency(1, limits(), lat);
+    g.backend.set_event_idx(true);
+    g.vrings[0].set_queue_event_idx(true);
+    let s = Guest::slot(0, 0);
+    g.header(s.hdr, VIRTIO_BLK_T_IN, 0);
+    let head = g.chain(0, 0, &[(s.hdr, 16, 0), (s.data, 512, W), (s.status, 1, W)]);
+    for _ in 0..QSIZE {
+        g.publish(0, head);
+    }
+    let (backend, vring) = (g.backend.clone(), g.vrings[0].clone());
+    let (tx, rx) = mpsc::channel();
+    let worker = std::thread::spawn(move || {
+        backend.process_queue(0, &vring).unwrap();
+        let _ = tx.send(());
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while g.backend.inner.inflight[0].count() < usize::from(QSIZE) {
+        assert!(
+            Instant::now() < deadline,
+            "the worker did not pop a ring's worth"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // One more chain (avail_idx - next_avail = 1): the worker, held by the
+    // bound, cannot pop it until a read completes (`lat` from now).
+    g.publish(0, head);
+    (g, worker, rx)
+}
+
+/// EVENT_IDX: the queue is disabled (SET_VRING_ENABLE 0, which QEMU sends
+/// before GET_VRING_BASE) while the worker is inside `serve` and a chain is
+/// still published. `pop` now refuses a disabled queue, but
+/// `enable_notification()` re-checks `avail_idx != next_avail` without
+/// looking at the enabled flag. So `serve` loops forever and rewrites
+/// avail_event on every turn. It must return instead.
+#[test]
+fn a_queue_disabled_mid_pass_lets_the_worker_go() {
+    let (g, worker, rx) = worker_parked_with_a_chain_left(Duration::from_millis(200));
+    g.vrings[0].set_enabled(false);
+    let returned = rx.recv_timeout(Duration::from_secs(5)).is_ok();
+    // Let a spinning worker out (it pops the chain and leaves), so that the
+    // test ends either way.
+    g.vrings[0].set_enabled(true);
+    worker.join().unwrap();
+    assert!(g.backend.drain(Duration::from_secs(20)));
+    assert!(
+        returned,
+        "process_queue kept looping on a disabled queue with a chain published"
+    );
+}
+
+/// The same through GET_VRING_BASE (queue marked not ready, then
+/// stop_vring). `has_avail` refuses a not-ready queue, the re-check does
+/// not, and stop_vring waits up to DRAIN_TIMEOUT (60 s) for the spinning
+/// worker to leave. Expected: it returns once the in-flight reads are done
+/// (about 16 x 200 ms / 2 pool threads).
+#[test]
+fn stop_vring_returns_when_chains_are_left_unpopped() {
+    let (g, worker, _rx) = worker_parked_with_a_chain_left(Duration::from_millis(200));
+    g.vrings[0].set_queue_ready(false);
+    let backend = g.backend.clone();
+    let (tx, rx) = mpsc::channel();
+    let stopper = std::thread::spawn(move || {
+        backend.stop_vring(0).unwrap();
+        let _ = tx.send(());
+    });
+    let stopped = rx.recv_timeout(Duration::from_secs(10)).is_ok();
+    // Let a spinning worker out so that both threads end.
+    g.vrings[0].set_queue_ready(true);
+    worker.join().unwrap();
+    stopper.join().unwrap();
+    assert!(g.backend.drain(Duration::from_secs(20)));
+    assert!(
+        stopped,
+        "stop_vring still waiting after 10 s: the worker never left the stopped queue"
+    );
+}
+
+/// Coverage: a write hit from ONE guest buffer goes through the new
+/// opcode::Write path (the existing tests only write from two buffers, which
+/// is WRITEV). On tmpfs the ring is bypassed (inline pwritev), so this
+/// covers opcode::Write only when the temp dir is a disk filesystem.
+#[test]
+fn a_one_buffer_write_hit_goes_through_the_ring() {
+    for direct in [false, true] {
+        let Some((mut g, _dir)) = file_guest(direct) else {
+            continue;
+        };
+        g.engine.write(8 * 512, &pattern(1)).unwrap();
+        let want = pattern(3);
+        let s = Guest::slot(0, 0);
+        g.mem.write_slice(&want, GuestAddress(s.data)).unwrap();
+        publish(&g, VIRTIO_BLK_T_OUT, 8, &[(s.data, 4096)]);
+        g.run(0);
+        assert_eq!(g.take_used(0), vec![(0, 1)], "direct={direct}");
+        assert_eq!(g.status(s.status), OK, "direct={direct}");
+        assert_eq!(direct_requests(&g), 1, "direct={direct}: not a ring hit");
+        let mut back = vec![0u8; 4096];
+        g.engine.read(8 * 512, &mut back).unwrap();
+        assert!(back == want, "direct={direct}: the write did not land");
+    }
+}
