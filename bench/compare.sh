@@ -6,6 +6,7 @@
 #   bench/compare.sh [--quick] [--dir DIR] [--shm-dir DIR] [--no-shm]
 #                    [--out FILE] [--no-build] [--poll DURATION] [--only REGEX]
 #                    [--source-latency DURATION] [--no-cold] [--no-writeback]
+#                    [--repeat N]
 #
 # Two passes: "disk" (files under DIR, default target/, O_DIRECT everywhere)
 # and "tmpfs" (fast files under /dev/shm, page cache since tmpfs has no
@@ -27,6 +28,9 @@
 # how qsd polls; its default poll-max-ns is 32768). Without it neither polls
 # (qsd serves from its main loop, which does not poll).
 # --only REGEX: run only the workloads whose name matches (grep -E).
+# --repeat N: run each workload N rounds on the three targets, rotating
+# which target goes first, and report the median of the per-round ratios
+# with their range (this VM's disk drifts by 10-20 % between minutes).
 # After the passes, a full run (not --quick, not --no-cold) also runs the
 # cold case: bench/cold.sh (4K random reads, all misses, from a source with
 # 5 ms injected latency, against the same daemon in passthrough mode) and
@@ -48,6 +52,7 @@ ONLY=""
 SRC_LAT=5ms
 COLD=1
 WB=1
+REPEAT=1
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1 ;;
@@ -61,12 +66,16 @@ while [ $# -gt 0 ]; do
         --source-latency) SRC_LAT=$2; shift ;;
         --no-cold) COLD=0 ;;
         --no-writeback) WB=0 ;;
-        -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
+        --repeat) REPEAT=$2; shift ;;
+        -h|--help) sed -n '2,40p' "$0"; exit 0 ;;
         *) echo "compare.sh: unknown option $1" >&2; exit 2 ;;
     esac
     shift
 done
 
+case "$REPEAT" in
+    ''|*[!0-9]*|0) echo "compare.sh: --repeat needs a positive number, not '$REPEAT'" >&2; exit 2 ;;
+esac
 if [ "$QUICK" = 1 ]; then
     RUNTIME=3s; RAMP=500ms; DISK_MIB=512
 else
@@ -190,8 +199,8 @@ run_one() {
     fi
     python3 -c '
 import json, sys
-pass_, wl, target, ticks, hz, misses, rc, load, kticks = sys.argv[1:10]
-print(json.dumps({"pass": pass_, "workload": wl, "target": target,
+pass_, wl, target, ticks, hz, misses, rc, load, kticks, rnd = sys.argv[1:11]
+print(json.dumps({"pass": pass_, "workload": wl, "target": target, "round": int(rnd),
     "daemon_cpu_s": None if ticks == "-" else int(ticks) / int(hz),
     "daemon_sys_s": None if kticks == "-" else int(kticks) / int(hz),
     "read_misses": None if misses == "-" else int(misses),
@@ -199,8 +208,8 @@ print(json.dumps({"pass": pass_, "workload": wl, "target": target,
         "$pass" "$wl" "$target" \
         "$([ "$pid" != - ] && echo $((t1 - t0)) || echo -)" "$CLK_TCK" \
         "$([ "$ctl" != - ] && echo $((m1 - m0)) || echo -)" "$rc" "$json" \
-        "$([ "$pid" != - ] && echo $((k1 - k0)) || echo -)" >>"$OUT"
-    log "$pass / $wl / $target done"
+        "$([ "$pid" != - ] && echo $((k1 - k0)) || echo -)" "$ROUND" >>"$OUT"
+    log "$pass / $wl / $target done (round $ROUND)"
 }
 
 WORKLOADS=(
@@ -211,6 +220,17 @@ WORKLOADS=(
     "4K randwrite QD32 flush/32|--pattern randwrite --bs 4K --iodepth 32 --queues 1 --flush-every 32"
     "4K randwrite QD32 flush/1|--pattern randwrite --bs 4K --iodepth 32 --queues 1 --flush-every 1"
 )
+
+# rotate K WORDS...: the words, starting from the (K mod count)-th.
+rotate() {
+    local k=$1; shift
+    local n=$# i
+    for ((i = 0; i < n; i++)); do
+        local j=$(((k + i) % n + 1))
+        echo "${!j}"
+    done
+}
+ROUND=1
 
 # run_pass NAME FASTDIR DIRECT(1|0)
 run_pass() {
@@ -262,9 +282,17 @@ run_pass() {
         wl=${w%%|*}
         if [ -n "$ONLY" ] && ! grep -qE "$ONLY" <<<"$wl"; then continue; fi
         read -r -a args <<<"${w#*|}"
-        run_one "$name" "$wl" qsd "$qpid" - -- --socket "$WORK/qsd.sock" "${args[@]}"
-        run_one "$name" "$wl" vblkcache "$vpid" "$WORK/ctl.sock" -- --socket "$WORK/vbc.sock" "${args[@]}"
-        run_one "$name" "$wl" raw - - -- --file "$fast/fast.img" "${lbuf[@]}" "${args[@]}"
+        for ((ROUND = 1; ROUND <= REPEAT; ROUND++)); do
+            # Rotate the order, so that no target always runs first.
+            for t in $(rotate $((ROUND - 1)) qsd vblkcache raw); do
+                case $t in
+                    qsd) run_one "$name" "$wl" qsd "$qpid" - -- --socket "$WORK/qsd.sock" "${args[@]}" ;;
+                    vblkcache) run_one "$name" "$wl" vblkcache "$vpid" "$WORK/ctl.sock" -- \
+                        --socket "$WORK/vbc.sock" "${args[@]}" ;;
+                    raw) run_one "$name" "$wl" raw - - -- --file "$fast/fast.img" "${lbuf[@]}" "${args[@]}" ;;
+                esac
+            done
+        done
     done
     "$BIN" status --json --control "$WORK/ctl.sock" >"$LOGS/vbc-$name-status.json" || true
     stop_pid "$qpid"
@@ -278,7 +306,7 @@ run_pass() {
 # Daemon logs and vblkcache's final status go next to the results.
 LOGS="${OUT%.jsonl}-logs"
 mkdir -p "$LOGS"
-echo "{\"machine\":{\"nproc\":$(nproc),\"cpu\":\"$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')\",\"date\":\"$(date -u +%FT%TZ)\",\"quick\":$QUICK,\"runtime\":\"$RUNTIME\",\"ramp\":\"$RAMP\",\"disk_mib\":$DISK_MIB,\"cache_mib\":$CACHE_MIB,\"queues\":$QUEUES,\"poll\":\"$POLL\",\"source_latency\":\"$SRC_LAT\"}}" >>"$OUT"
+echo "{\"machine\":{\"nproc\":$(nproc),\"cpu\":\"$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')\",\"date\":\"$(date -u +%FT%TZ)\",\"quick\":$QUICK,\"runtime\":\"$RUNTIME\",\"ramp\":\"$RAMP\",\"disk_mib\":$DISK_MIB,\"cache_mib\":$CACHE_MIB,\"queues\":$QUEUES,\"poll\":\"$POLL\",\"source_latency\":\"$SRC_LAT\",\"repeat\":$REPEAT}}" >>"$OUT"
 log "source: ${DISK_MIB} MiB in $WORK"
 fill "$WORK/source.img"
 run_pass disk "$WORK" 1

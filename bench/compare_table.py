@@ -8,8 +8,13 @@ vblkcache, raw io_uring) and a row of ratios. CPU/IO is the serving daemon's
 CPU time (user+system, whole run incl. ramp) per data request completed in
 that run, with its kernel (system) part in brackets; client CPU/IO is vbc-load's own CPU inside the measured window per
 request measured.
+
+With --repeat N (rows carry a "round"), each target's row gives the median
+of its rounds, and the ratio row gives the median of the per-round ratios
+(each from targets run side by side in the same round) with their range.
 """
 import json
+import statistics
 import sys
 
 
@@ -46,6 +51,35 @@ def metrics(r):
     return m
 
 
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def merged(ms):
+    """The median of each metric over rounds (a target's row)."""
+    ms = [m for m in ms if m is not None]
+    if not ms:
+        return None
+    out = {k: median([m[k] for m in ms]) for k in ("iops", "mib", "p99", "cpu", "sys", "ccpu")}
+    out["errors"] = sum(m["errors"] for m in ms)
+    misses = [m["misses"] for m in ms if m["misses"] is not None]
+    out["misses"] = sum(misses) if misses else None
+    return out
+
+
+def ratio_cell(vs, others, key):
+    """Median of the per-round ratios, with their range when several."""
+    rs = [ratio(v[key], o[key]) for v, o in zip(vs, others) if v and o]
+    rs = [r for r in rs if r is not None]
+    if not rs:
+        return "–"
+    cell = fmt(statistics.median(rs), 2)
+    if len(rs) > 1:
+        cell += f" ({fmt(min(rs), 2)}–{fmt(max(rs), 2)})"
+    return cell
+
+
 def main(path):
     rows = [json.loads(line) for line in open(path) if line.strip()]
     machine = next((r["machine"] for r in rows if "machine" in r), {})
@@ -76,10 +110,15 @@ def main(path):
             if r.get("pass") == p and "workload" in r and r["workload"] not in wls:
                 wls.append(r["workload"])
         for wl in wls:
-            got = {}
+            # target -> {round: metrics}
+            by_round = {}
             for r in rows:
                 if r.get("pass") == p and r.get("workload") == wl:
-                    got[r["target"]] = metrics(r)
+                    by_round.setdefault(r["target"], {})[r.get("round", 1)] = metrics(r)
+            rounds = sorted({k for d in by_round.values() for k in d})
+            per = {t: [by_round.get(t, {}).get(k) for k in rounds] for t in ("qsd", "vblkcache", "raw")}
+            got = {t: merged(ms) for t, ms in per.items()}
+            label = f" (median of {len(rounds)})" if len(rounds) > 1 else ""
             for t in ("qsd", "vblkcache", "raw"):
                 m = got.get(t)
                 if m is None:
@@ -87,16 +126,16 @@ def main(path):
                     continue
                 err = f" ({m['errors']} errors)" if m["errors"] else ""
                 print(
-                    f"| {wl} | {t}{err} | {fmt(m['iops'])} | {fmt(m['mib'], 1)} | {fmt(m['p99'])} | "
+                    f"| {wl} | {t}{label}{err} | {fmt(m['iops'])} | {fmt(m['mib'], 1)} | {fmt(m['p99'])} | "
                     f"{fmt(m['cpu'], 1)}{' (' + fmt(m['sys'], 1) + ')' if m['sys'] is not None else ''} | {fmt(m['ccpu'], 1)} | {fmt(m['misses']) if m['misses'] is not None else ''} |"
                 )
-            v, q, w = got.get("vblkcache"), got.get("qsd"), got.get("raw")
+            v = got.get("vblkcache")
             if v:
                 def rr(k, other):
-                    return fmt(ratio(v[k], other[k] if other else None), 2)
+                    return ratio_cell(per["vblkcache"], per[other], k)
                 print(
-                    f"| {wl} | **vbc/qsd** · vbc/raw | {rr('iops', q)} · {rr('iops', w)} | | "
-                    f"{rr('p99', q)} · {rr('p99', w)} | {rr('cpu', q)} · – | | |"
+                    f"| {wl} | **vbc/qsd** · vbc/raw | {rr('iops', 'qsd')} · {rr('iops', 'raw')} | | "
+                    f"{rr('p99', 'qsd')} · {rr('p99', 'raw')} | {rr('cpu', 'qsd')} · – | | |"
                 )
 
 
