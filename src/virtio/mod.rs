@@ -7,6 +7,7 @@
 pub mod backend;
 pub mod config_space;
 pub mod execute;
+mod filemap;
 mod inflight;
 pub mod pool;
 pub mod request;

@@ -31,6 +31,7 @@
 
 use super::backend::{GuestMem, Vring};
 use super::execute::{walk, write_status};
+use super::filemap::FileMap;
 use super::request::{Request, RequestKind};
 use crate::device::RawAccess;
 use crate::engine::{DirectBufs, DirectIo, Engine};
@@ -126,6 +127,8 @@ pub struct QueueRing {
     unsubmitted: usize,
     /// Do the I/O synchronously (a memory-backed, buffered cache).
     inline: bool,
+    /// With `inline`: the cache file mapped, so that a hit is a memory copy.
+    map: Option<FileMap>,
     /// The kernel has IORING_OP_READ/WRITE (Linux 5.6): one-buffer
     /// requests use them rather than READV/WRITEV.
     plain_ops: bool,
@@ -175,6 +178,11 @@ impl QueueRing {
             ops: 0,
             unsubmitted: 0,
             inline: access.memory,
+            map: if access.memory {
+                FileMap::new(access.fd)
+            } else {
+                None
+            },
             plain_ops,
             ready: Vec::new(),
             spare: Vec::new(),
@@ -198,6 +206,11 @@ impl QueueRing {
         } else {
             cq.disable_eventfd();
         }
+    }
+
+    /// True if hits are served by copying from a mapping of the cache file.
+    pub fn mapped(&self) -> bool {
+        self.map.is_some()
     }
 
     /// Signals the completion eventfd, so that the worker wakes and reaps.
@@ -440,6 +453,14 @@ impl QueueRing {
             let Some(iov) = iovecs.op(i) else {
                 return false;
             };
+            if let Some(map) = &self.map {
+                // SAFETY: each iovec points into guest memory that the
+                // caller's `Arc<GuestMem>` keeps mapped during this call.
+                let copied = unsafe { map.copy(write, ext.dev_offset, ext.len, iov) };
+                if copied {
+                    continue;
+                }
+            }
             let (Ok(n), Ok(off)) = (
                 libc::c_int::try_from(iov.len()),
                 libc::off_t::try_from(ext.dev_offset),

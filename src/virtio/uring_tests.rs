@@ -247,6 +247,28 @@ fn a_cache_in_memory_is_served_on_the_queue_thread() {
     assert_eq!(g.take_used(0), vec![(u32::from(head), 4097)]);
     assert!(g.read_data(&r, 4096) == first);
     assert_eq!(direct_requests(&g), 1);
+    assert!(
+        g.backend.lock_ring(0).is_some_and(|r| r.mapped()),
+        "the memory-backed cache file is not mapped"
+    );
+    // A write hit (write-back) from two guest buffers is copied into the
+    // mapping and reads back through the engine's own (pread) path.
+    let second = pattern(8);
+    let s = Guest::slot(0, 0);
+    g.mem.write_slice(&second, GuestAddress(s.data)).unwrap();
+    publish(
+        &g,
+        VIRTIO_BLK_T_OUT,
+        8,
+        &[(s.data, 1024), (s.data + 1024, 3072)],
+    );
+    g.backend.process_queue(0, &g.vrings[0]).unwrap();
+    assert_eq!(g.take_used(0), vec![(0, 1)]);
+    assert_eq!(g.status(s.status), OK);
+    assert_eq!(direct_requests(&g), 2);
+    let mut back = vec![0u8; 4096];
+    g.engine.read(8 * 512, &mut back).unwrap();
+    assert!(back == second, "the mapped write did not land");
 }
 
 /// Waits up to `limit` for queue 0's used index to reach `n`.

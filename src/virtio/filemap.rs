@@ -1,0 +1,159 @@
+//! A shared mapping of a memory-backed cache file (tmpfs, ramfs), so that a
+//! queue thread serves hits on it with a memory copy instead of a
+//! `preadv`/`pwritev` system call per request.
+//!
+//! Only frames that hold valid blocks are ever copied (the engine pins them
+//! for the copy), and their pages were written when the block was stored, so
+//! a copy never faults in a hole: a full tmpfs cannot turn into SIGBUS here.
+//! The mapping is coherent with `pread`/`pwrite` on the same file (one page
+//! cache), which the engine's other paths keep using.
+
+use std::os::fd::RawFd;
+
+/// A read-write `MAP_SHARED` mapping of a whole file. Invariant: `ptr` maps
+/// `len` bytes until drop.
+pub(crate) struct FileMap {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory, valid until drop whichever
+// thread uses it; callers synchronise access to the bytes (engine pins).
+unsafe impl Send for FileMap {}
+
+impl FileMap {
+    /// Maps the file behind `fd` whole; `None` if it is empty or the kernel
+    /// refuses (callers then use system calls).
+    pub(crate) fn new(fd: RawFd) -> Option<FileMap> {
+        // SAFETY: an all-zero stat is a valid value for fstat to fill.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: `fd` is open for the caller's lifetime; `st` is valid.
+        if unsafe { libc::fstat(fd, &mut st) } != 0 {
+            return None;
+        }
+        let len = usize::try_from(st.st_size).ok().filter(|&l| l > 0)?;
+        // SAFETY: a new shared mapping of `len` bytes of `fd` at an address
+        // the kernel picks; nothing else is affected.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            log::info!(
+                "cannot map the memory-backed cache file ({}); hits use system calls",
+                std::io::Error::last_os_error()
+            );
+            return None;
+        }
+        Some(FileMap {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
+    /// Copies between the file at `offset` and the buffers of `iov` in
+    /// order (into the buffers if `!write`); false, copying nothing, if the
+    /// range is not inside the file or is not `len` bytes.
+    ///
+    /// # Safety
+    /// Each iovec must point to memory valid for reads (write) or writes
+    /// (read) of its length for the duration of the call.
+    pub(crate) unsafe fn copy(
+        &self,
+        write: bool,
+        offset: u64,
+        len: u64,
+        iov: &[libc::iovec],
+    ) -> bool {
+        let total: Option<usize> = iov.iter().try_fold(0usize, |a, v| a.checked_add(v.iov_len));
+        let (Some(total), Ok(start)) = (total, usize::try_from(offset)) else {
+            return false;
+        };
+        if u64::try_from(total).ok() != Some(len)
+            || start.checked_add(total).is_none_or(|e| e > self.len)
+        {
+            return false;
+        }
+        let mut at = start;
+        for v in iov {
+            // SAFETY: `at..at + iov_len` lies inside the mapping (checked
+            // above for the sum); the iovec is valid per the caller, and
+            // guest buffers never overlap our private mapping.
+            unsafe {
+                let file = self.ptr.add(at);
+                let buf = v.iov_base.cast::<u8>();
+                if write {
+                    std::ptr::copy_nonoverlapping(buf, file, v.iov_len);
+                } else {
+                    std::ptr::copy_nonoverlapping(file, buf, v.iov_len);
+                }
+            }
+            at += v.iov_len;
+        }
+        true
+    }
+}
+
+impl Drop for FileMap {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` are the mapping made in `new`, unmapped once.
+        unsafe {
+            libc::munmap(self.ptr.cast(), self.len);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn copies_both_ways_and_refuses_ranges_outside_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("f"))
+            .unwrap();
+        f.write_all_at(&[7u8; 8192], 0).unwrap();
+        let map = FileMap::new(f.as_raw_fd()).unwrap();
+        let mut a = [0u8; 1000];
+        let mut b = [0u8; 1048];
+        let iov = [
+            libc::iovec {
+                iov_base: a.as_mut_ptr().cast(),
+                iov_len: a.len(),
+            },
+            libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            },
+        ];
+        // SAFETY: the iovecs point to the local arrays above.
+        assert!(unsafe { map.copy(false, 4096, 2048, &iov) });
+        assert!(a.iter().chain(b.iter()).all(|&x| x == 7));
+        a.fill(1);
+        b.fill(2);
+        // SAFETY: as above.
+        assert!(unsafe { map.copy(true, 100, 2048, &iov) });
+        let mut back = [0u8; 2048];
+        f.read_exact_at(&mut back, 100).unwrap();
+        assert!(back[..1000].iter().all(|&x| x == 1) && back[1000..].iter().all(|&x| x == 2));
+        // Past the end, or a length that does not match the buffers.
+        for (offset, len) in [(8192 - 1024, 2048), (0, 4096), (u64::MAX, 2048)] {
+            // SAFETY: as above (and nothing is copied).
+            let copied = unsafe { map.copy(false, offset, len, &iov) };
+            assert!(!copied, "{offset} {len}");
+        }
+    }
+}
