@@ -16,6 +16,7 @@
 
 use super::config_space;
 use super::execute::{execute, status_of, write_status};
+use super::filemap::FileMap;
 use super::inflight::InFlight;
 use super::pool::{IoPoolHandle, Job};
 use super::request::Request;
@@ -105,8 +106,15 @@ impl BlkBackend {
         let n = cfg.serial.len().min(serial.len());
         serial[..n].copy_from_slice(&cfg.serial.as_bytes()[..n]);
         let inflight = (0..cfg.num_queues).map(|_| InFlight::default()).collect();
+        // One mapping of a memory-backed cache file for all queues (one
+        // set of page tables).
+        let map = engine
+            .cache_raw_access()
+            .filter(|a| cfg.io_uring && a.memory)
+            .and_then(|a| FileMap::new(a.fd))
+            .map(Arc::new);
         let rings = (0..cfg.num_queues)
-            .map(|q| make_ring(&engine, &cfg, q).map(Mutex::new))
+            .map(|q| make_ring(&engine, &cfg, q, map.clone()).map(Mutex::new))
             .collect();
         BlkBackend {
             inner: Arc::new(Inner {
@@ -537,12 +545,18 @@ fn has_avail(queue: &virtio_queue::Queue, mem: &GuestMemAtomic) -> bool {
 }
 
 /// Sets up queue `q`'s io_uring if enabled and the cache device allows it.
-fn make_ring(engine: &Engine, cfg: &BlkBackendConfig, q: u16) -> Option<QueueRing> {
+/// `map`: the memory-backed cache file's mapping, if any.
+fn make_ring(
+    engine: &Engine,
+    cfg: &BlkBackendConfig,
+    q: u16,
+    map: Option<Arc<FileMap>>,
+) -> Option<QueueRing> {
     if !cfg.io_uring {
         return None;
     }
     let access = engine.cache_raw_access()?;
-    match QueueRing::new(access, cfg.queue_size) {
+    match QueueRing::new(access, cfg.queue_size, map) {
         Ok(r) => Some(r),
         Err(e) => {
             if q == 0 {

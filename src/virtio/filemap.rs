@@ -3,10 +3,15 @@
 //! `preadv`/`pwritev` system call per request.
 //!
 //! Only frames that hold valid blocks are ever copied (the engine pins them
-//! for the copy), and their pages were written when the block was stored, so
-//! a copy never faults in a hole: a full tmpfs cannot turn into SIGBUS here.
-//! The mapping is coherent with `pread`/`pwrite` on the same file (one page
-//! cache), which the engine's other paths keep using.
+//! for the copy), and the daemon wrote their pages when it stored the block
+//! and never punches holes in the file, so a copy does not fault in a hole:
+//! a full tmpfs cannot turn into SIGBUS here. That holds for a file only this
+//! daemon writes: another process truncating the file or punching holes in
+//! it, a cache file copied onto tmpfs sparsely (all-zero frames become holes)
+//! with the tmpfs full, or a swap read error, raise SIGBUS, which ends the
+//! daemon (with `preadv`/`pwritev` they failed one request). The mapping is
+//! coherent with `pread`/`pwrite` on the same file (one page cache), which
+//! the engine's other paths keep using. It is excluded from core dumps.
 
 use std::os::fd::RawFd;
 
@@ -18,8 +23,14 @@ pub(crate) struct FileMap {
 }
 
 // SAFETY: the mapping is plain shared memory, valid until drop whichever
-// thread uses it; callers synchronise access to the bytes (engine pins).
+// thread uses it. Its bytes are accessed only through raw-pointer copies in
+// `copy`; the engine's pins keep a frame's block fixed during a copy, but
+// two requests may copy into or out of the same frame at once (as two
+// `pwritev` calls could): the bytes are then unspecified, never unsafe, since
+// no reference to them exists.
 unsafe impl Send for FileMap {}
+// SAFETY: as for Send; `copy` takes `&self` and uses raw pointers only.
+unsafe impl Sync for FileMap {}
 
 impl FileMap {
     /// Maps the file behind `fd` whole; `None` if it is empty or the kernel
@@ -50,6 +61,10 @@ impl FileMap {
                 std::io::Error::last_os_error()
             );
             return None;
+        }
+        // SAFETY: advice on the mapping just made; failure is harmless.
+        unsafe {
+            libc::madvise(ptr, len, libc::MADV_DONTDUMP);
         }
         Some(FileMap {
             ptr: ptr.cast(),

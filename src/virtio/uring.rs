@@ -127,8 +127,9 @@ pub struct QueueRing {
     unsubmitted: usize,
     /// Do the I/O synchronously (a memory-backed, buffered cache).
     inline: bool,
-    /// With `inline`: the cache file mapped, so that a hit is a memory copy.
-    map: Option<FileMap>,
+    /// With `inline`: the cache file mapped (shared by the queues), so that
+    /// a hit is a memory copy.
+    map: Option<Arc<FileMap>>,
     /// The kernel has IORING_OP_READ/WRITE (Linux 5.6): one-buffer
     /// requests use them rather than READV/WRITEV.
     plain_ops: bool,
@@ -151,8 +152,13 @@ unsafe impl Send for QueueRing {}
 
 impl QueueRing {
     /// A ring for the device behind `access`, sized for `queue_size`
-    /// requests.
-    pub fn new(access: RawAccess, queue_size: u16) -> Result<QueueRing, UringError> {
+    /// requests; `map` is a mapping of that device's file, used when it is
+    /// memory-backed.
+    pub(crate) fn new(
+        access: RawAccess,
+        queue_size: u16,
+        map: Option<Arc<FileMap>>,
+    ) -> Result<QueueRing, UringError> {
         let entries = u32::from(queue_size).clamp(64, 4096);
         let ring = IoUring::new(entries).map_err(|source| UringError::Setup { entries, source })?;
         let event = EventFd::new(EFD_NONBLOCK).map_err(UringError::EventFd)?;
@@ -178,11 +184,7 @@ impl QueueRing {
             ops: 0,
             unsubmitted: 0,
             inline: access.memory,
-            map: if access.memory {
-                FileMap::new(access.fd)
-            } else {
-                None
-            },
+            map: map.filter(|_| access.memory),
             plain_ops,
             ready: Vec::new(),
             spare: Vec::new(),
