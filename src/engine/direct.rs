@@ -44,11 +44,11 @@ pub struct Extent {
     pub len: u64,
 }
 
-/// The vectors of a [`DirectIo`], handed back by [`DirectIo::completed`]
-/// [`DirectIo::failed`] and [`DirectIo::declined`] (empty, capacity kept) so that a caller serving
-/// many requests allocates nothing per request. Invariant: empty whenever a
-/// caller holds one (its fields are private; only `Default` and
-/// `DirectIo::into_bufs` make one).
+/// The vectors of a [`DirectIo`], handed back by [`DirectIo::completed`],
+/// [`DirectIo::failed`] and [`DirectIo::declined`] (empty, capacity kept) so
+/// that a caller serving many requests allocates nothing per request.
+/// Invariant: empty whenever a caller holds one (its fields are private;
+/// only `Default` and `DirectIo::into_bufs` make one).
 #[derive(Debug, Default)]
 pub struct DirectBufs {
     /// (set, frame) of every pinned frame.

@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringState, VringT};
 use virtio_bindings::bindings::virtio_blk::*;
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
@@ -207,10 +207,11 @@ impl BlkBackend {
         self.process(q, vring, false)
     }
 
-    /// Serves queue `q` if it is live (see [`live`]), then polls it for the
-    /// configured interval, if any, when more is to be expected: chains were
-    /// popped, or `posted` completions the driver may answer. (With EVENT_IDX the driver kicks once during a poll session;
-    /// that kick finds nothing new and starts no idle session.)
+    /// Serves queue `q` if it is live (see [`is_live`]), then polls it for
+    /// the configured interval, if any, when more is to be expected: chains
+    /// were popped, or `posted` completions the driver may answer. (With
+    /// EVENT_IDX the driver kicks once during a poll session; that kick finds
+    /// nothing new and starts no idle session.)
     ///
     /// The worker is inside the queue ([`InFlight::enter`]) throughout, so
     /// `stop_vring` returns only once it has left and wrote its last.
@@ -251,7 +252,7 @@ impl BlkBackend {
     fn poll(&self, q: usize, vring: &Vring, interval: Duration) -> io::Result<()> {
         {
             let mut state = vring.get_mut();
-            if !(state.is_enabled() && state.get_queue().ready()) {
+            if !is_live(&state) {
                 return Ok(());
             }
             state.disable_notification().map_err(io::Error::other)?;
@@ -316,8 +317,9 @@ impl BlkBackend {
     }
 
     /// Pops and dispatches every available chain of queue `q`. Unless
-    /// `polling`, then re-enables notifications (EVENT_IDX) and re-checks so
-    /// that no kick is lost, and posts the hits that are already done.
+    /// `polling`, then re-enables notifications (either mode) on a live
+    /// queue and re-checks so that no kick is lost, and posts the hits that
+    /// are already done.
     /// Returns how many chains it popped.
     fn serve(&self, q: usize, vring: &Vring, polling: bool) -> io::Result<usize> {
         let Some(inflight) = self.inner.inflight.get(q) else {
@@ -412,9 +414,7 @@ impl BlkBackend {
             // loop going.
             let again = {
                 let mut state = vring.get_mut();
-                state.is_enabled()
-                    && state.get_queue().ready()
-                    && state.enable_notification().map_err(io::Error::other)?
+                is_live(&state) && state.enable_notification().map_err(io::Error::other)?
             };
             if !again {
                 break;
@@ -509,7 +509,7 @@ fn pop(
     atomic: &GuestMemAtomic,
 ) -> Option<(Chain, Arc<GuestMem>)> {
     let mut state = vring.get_mut();
-    if !state.is_enabled() || !has_avail(state.get_queue(), atomic) {
+    if !has_avail(&state, atomic) {
         return None;
     }
     let mem = atomic.memory().into_inner();
@@ -521,24 +521,28 @@ fn pop(
 }
 
 /// True if the driver has published chains the device has not popped on
-/// an enabled queue.
+/// a live queue.
 fn avail_pending(vring: &Vring, mem: &GuestMemAtomic) -> bool {
-    let state = vring.get_ref();
-    state.is_enabled() && has_avail(state.get_queue(), mem)
+    has_avail(&vring.get_ref(), mem)
 }
 
 /// True while the front-end lets the device use the ring: the queue is
 /// ready (GET_VRING_BASE clears it) and enabled (SET_VRING_ENABLE).
-fn live(vring: &Vring) -> bool {
-    let state = vring.get_ref();
+fn is_live(state: &VringState<GuestMemAtomic>) -> bool {
     state.is_enabled() && state.get_queue().ready()
 }
 
-/// True if `queue` is ready and its available index is ahead of what the
+/// [`is_live`], taking the vring's lock.
+fn live(vring: &Vring) -> bool {
+    is_live(&vring.get_ref())
+}
+
+/// True if the queue is live and its available index is ahead of what the
 /// device popped, read through the current memory map.
-fn has_avail(queue: &virtio_queue::Queue, mem: &GuestMemAtomic) -> bool {
+fn has_avail(state: &VringState<GuestMemAtomic>, mem: &GuestMemAtomic) -> bool {
+    let queue = state.get_queue();
     let m = mem.memory();
-    queue.ready()
+    is_live(state)
         && queue
             .avail_idx(&*m, Ordering::Acquire)
             .is_ok_and(|idx| idx.0 != queue.next_avail())
