@@ -271,12 +271,11 @@ fn a_cache_in_memory_is_served_on_the_queue_thread() {
     assert!(back == second, "the mapped write did not land");
 }
 
-/// Waits up to `limit` for queue 0's used index to reach `n`.
-fn wait_used(g: &Guest, n: u16, limit: Duration) -> bool {
+/// Checks `done` every millisecond for up to `limit`; true once it holds.
+fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
     loop {
-        let idx: u16 = g.mem.read_obj(GuestAddress(used_ring(0) + 2)).unwrap();
-        if idx >= n {
+        if done() {
             return true;
         }
         if Instant::now() >= deadline {
@@ -284,6 +283,14 @@ fn wait_used(g: &Guest, n: u16, limit: Duration) -> bool {
         }
         std::thread::sleep(Duration::from_millis(1));
     }
+}
+
+/// Waits up to `limit` for queue 0's used index to reach `n`.
+fn wait_used(g: &Guest, n: u16, limit: Duration) -> bool {
+    wait_until(limit, || {
+        let idx: u16 = g.mem.read_obj(GuestAddress(used_ring(0) + 2)).unwrap();
+        idx >= n
+    })
 }
 
 /// The used ring's flags word (VRING_USED_F_NO_NOTIFY = 1 asks for no kicks).
@@ -459,14 +466,7 @@ fn a_kick_with_nothing_to_serve_starts_no_poll_session() {
 
 /// Waits up to `limit` for queue 0's used flags word to equal `want`.
 fn wait_flags(g: &Guest, want: u16, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    while used_flags(g) != want {
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    true
+    wait_until(limit, || used_flags(g) == want)
 }
 
 /// Without EVENT_IDX, a poll session sets VRING_USED_F_NO_NOTIFY. When the
@@ -544,14 +544,10 @@ fn worker_parked_with_a_chain_left(
         backend.process_queue(0, &vring).unwrap();
         let _ = tx.send(());
     });
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while g.backend.inner.inflight[0].count() < usize::from(QSIZE) {
-        assert!(
-            Instant::now() < deadline,
-            "the worker did not pop a ring's worth"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    let popped_all = wait_until(Duration::from_secs(5), || {
+        g.backend.inner.inflight[0].count() >= usize::from(QSIZE)
+    });
+    assert!(popped_all, "the worker did not pop a ring's worth");
     // One more chain (avail_idx - next_avail = 1): the worker, held by the
     // bound, cannot pop it until a read completes (`lat` from now).
     g.publish(0, head);
@@ -560,10 +556,10 @@ fn worker_parked_with_a_chain_left(
 
 /// EVENT_IDX: the queue is disabled (SET_VRING_ENABLE 0, which QEMU sends
 /// before GET_VRING_BASE) while the worker is inside `serve` and a chain is
-/// still published. `pop` now refuses a disabled queue, but
+/// still published. `pop` refuses a disabled queue, and virtio-queue's
 /// `enable_notification()` re-checks `avail_idx != next_avail` without
-/// looking at the enabled flag. So `serve` loops forever and rewrites
-/// avail_event on every turn. It must return instead.
+/// looking at the enabled flag: a `serve` that re-armed on a disabled queue
+/// would loop forever, rewriting avail_event on every turn. It must return.
 #[test]
 fn a_queue_disabled_mid_pass_lets_the_worker_go() {
     let (g, worker, rx) = worker_parked_with_a_chain_left(Duration::from_millis(200));
@@ -581,10 +577,9 @@ fn a_queue_disabled_mid_pass_lets_the_worker_go() {
 }
 
 /// The same through GET_VRING_BASE (queue marked not ready, then
-/// stop_vring). `has_avail` refuses a not-ready queue, the re-check does
-/// not, and stop_vring waits up to DRAIN_TIMEOUT (60 s) for the spinning
-/// worker to leave. Expected: it returns once the in-flight reads are done
-/// (about 16 x 200 ms / 2 pool threads).
+/// stop_vring): with a worker spinning there, stop_vring would wait up to
+/// DRAIN_TIMEOUT (60 s) for it to leave. Expected: it returns once the
+/// in-flight reads are done (about 16 x 200 ms / 2 pool threads).
 #[test]
 fn stop_vring_returns_when_chains_are_left_unpopped() {
     let (g, worker, _rx) = worker_parked_with_a_chain_left(Duration::from_millis(200));
@@ -607,10 +602,10 @@ fn stop_vring_returns_when_chains_are_left_unpopped() {
     );
 }
 
-/// Coverage: a write hit from ONE guest buffer goes through the new
-/// opcode::Write path (the existing tests only write from two buffers, which
-/// is WRITEV). On tmpfs the ring is bypassed (inline pwritev), so this
-/// covers opcode::Write only when the temp dir is a disk filesystem.
+/// Coverage: a write hit from ONE guest buffer goes through opcode::Write
+/// (the other write tests use two buffers, which is WRITEV). On tmpfs the
+/// ring is bypassed (a copy through the mapping), so this covers
+/// opcode::Write only when the temp dir is a disk filesystem.
 #[test]
 fn a_one_buffer_write_hit_goes_through_the_ring() {
     for direct in [false, true] {
