@@ -6,7 +6,7 @@
 #   bench/compare.sh [--quick] [--dir DIR] [--shm-dir DIR] [--no-shm]
 #                    [--out FILE] [--no-build] [--poll DURATION] [--only REGEX]
 #                    [--source-latency DURATION] [--no-cold] [--no-writeback]
-#                    [--repeat N]
+#                    [--repeat N] [--vbc-args "ARGS"]
 #
 # Two passes: "disk" (files under DIR, default target/, O_DIRECT everywhere)
 # and "tmpfs" (fast files under /dev/shm, page cache since tmpfs has no
@@ -28,6 +28,8 @@
 # how qsd polls; its default poll-max-ns is 32768). Without it neither polls
 # (qsd serves from its main loop, which does not poll).
 # --only REGEX: run only the workloads whose name matches (grep -E).
+# --vbc-args "ARGS": extra options for `vblkcache serve` (split on spaces),
+# e.g. "--queue-threads 1"; recorded in the machine line of --out.
 # --repeat N: run each workload N rounds on the three targets, rotating
 # which target goes first, and report the median of the per-round ratios
 # with their range (this VM's disk drifts by 10-20 % between minutes).
@@ -53,6 +55,7 @@ SRC_LAT=5ms
 COLD=1
 WB=1
 REPEAT=1
+VBC_EXTRA=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1 ;;
@@ -67,7 +70,8 @@ while [ $# -gt 0 ]; do
         --no-cold) COLD=0 ;;
         --no-writeback) WB=0 ;;
         --repeat) REPEAT=$2; shift ;;
-        -h|--help) sed -n '2,40p' "$0"; exit 0 ;;
+        --vbc-args) read -r -a VBC_EXTRA <<<"$2"; shift ;;
+        -h|--help) sed -n '2,42p' "$0"; exit 0 ;;
         *) echo "compare.sh: unknown option $1" >&2; exit 2 ;;
     esac
     shift
@@ -252,7 +256,7 @@ run_pass() {
     qpid=$!; PIDS+=("$qpid")
     "$BIN" serve --source "$WORK/source.img" --cache "$fast/cache.img" --socket "$WORK/vbc.sock" \
         --queues "$QUEUES" --control "$WORK/ctl.sock" "${vdirect[@]}" "${VBC_POLL[@]}" \
-        --source-latency "$SRC_LAT" \
+        --source-latency "$SRC_LAT" "${VBC_EXTRA[@]}" \
         >"$WORK/vbc-$name.log" 2>&1 &
     vpid=$!; PIDS+=("$vpid")
     wait_socket "$WORK/qsd.sock" "$qpid"
@@ -306,7 +310,7 @@ run_pass() {
 # Daemon logs and vblkcache's final status go next to the results.
 LOGS="${OUT%.jsonl}-logs"
 mkdir -p "$LOGS"
-echo "{\"machine\":{\"nproc\":$(nproc),\"cpu\":\"$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')\",\"date\":\"$(date -u +%FT%TZ)\",\"quick\":$QUICK,\"runtime\":\"$RUNTIME\",\"ramp\":\"$RAMP\",\"disk_mib\":$DISK_MIB,\"cache_mib\":$CACHE_MIB,\"queues\":$QUEUES,\"poll\":\"$POLL\",\"source_latency\":\"$SRC_LAT\",\"repeat\":$REPEAT}}" >>"$OUT"
+echo "{\"machine\":{\"nproc\":$(nproc),\"cpu\":\"$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')\",\"date\":\"$(date -u +%FT%TZ)\",\"quick\":$QUICK,\"runtime\":\"$RUNTIME\",\"ramp\":\"$RAMP\",\"disk_mib\":$DISK_MIB,\"cache_mib\":$CACHE_MIB,\"queues\":$QUEUES,\"poll\":\"$POLL\",\"source_latency\":\"$SRC_LAT\",\"repeat\":$REPEAT,\"vbc_args\":\"${VBC_EXTRA[*]}\"}}" >>"$OUT"
 log "source: ${DISK_MIB} MiB in $WORK"
 fill "$WORK/source.img"
 run_pass disk "$WORK" 1

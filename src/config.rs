@@ -42,6 +42,10 @@ pub enum ConfigError {
     },
     #[error("--queues: {0} is not between 1 and {MAX_QUEUES}")]
     Queues(u16),
+    #[error("--queue-threads: {0} is more than --queues ({1})")]
+    QueueThreads(u16, u16),
+    #[error("--queue-threads {0}: --poll needs one thread per queue ({1})")]
+    QueueThreadsPoll(u16, u16),
     #[error("--queue-size: {0} is not a power of two between 2 and {MAX_QUEUE_SIZE}")]
     QueueSize(u16),
     #[error("--io-threads: {0} is more than {MAX_IO_THREADS}")]
@@ -73,6 +77,9 @@ pub struct ServeConfig {
     pub engine: EngineConfig,
     /// Virtqueues, 1..=16 (default 1).
     pub queues: u16,
+    /// Threads serving the virtqueues, 1..=`queues` (default one per
+    /// queue); queue q is served by thread q mod `queue_threads`.
+    pub queue_threads: u16,
     /// Virtqueue size, a power of two in 2..=1024 (default 256).
     pub queue_size: u16,
     /// Request-executing threads, 1..=256 (default 32 per queue).
@@ -267,6 +274,17 @@ impl TryFrom<ServeArgs> for ServeConfig {
         if a.queues == 0 || a.queues > MAX_QUEUES {
             return Err(ConfigError::Queues(a.queues));
         }
+        let poll = parse_duration(&a.poll)
+            .filter(|d| *d <= MAX_POLL)
+            .ok_or_else(|| ConfigError::Poll(a.poll.clone()))?;
+        let queue_threads = match a.queue_threads {
+            0 => a.queues,
+            n if n > a.queues => return Err(ConfigError::QueueThreads(n, a.queues)),
+            n if n < a.queues && !poll.is_zero() => {
+                return Err(ConfigError::QueueThreadsPoll(n, a.queues))
+            }
+            n => n,
+        };
         if !a.queue_size.is_power_of_two() || !(2..=MAX_QUEUE_SIZE).contains(&a.queue_size) {
             return Err(ConfigError::QueueSize(a.queue_size));
         }
@@ -304,6 +322,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 ..EngineConfig::default()
             },
             queues: a.queues,
+            queue_threads,
             queue_size: a.queue_size,
             io_threads,
             readonly: a.readonly,
@@ -311,9 +330,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             direct: a.direct,
             buffered: a.buffered,
             io_uring: a.io_uring == "on",
-            poll: parse_duration(&a.poll)
-                .filter(|d| *d <= MAX_POLL)
-                .ok_or_else(|| ConfigError::Poll(a.poll.clone()))?,
+            poll,
             socket_mode,
             writeback_on_exit: a.writeback_on_exit,
             source_latency: match &a.source_latency {
@@ -366,6 +383,7 @@ mod tests {
     fn defaults() {
         let c = parse(&[]).unwrap();
         assert_eq!(c.queues, 1);
+        assert_eq!(c.queue_threads, 1);
         assert_eq!(c.queue_size, 256);
         assert_eq!(c.io_threads, 32);
         assert!(c.io_uring && !c.buffered);
@@ -397,6 +415,14 @@ mod tests {
             (&["--control", "/nonexistent-dir/x.sock"], "--control"),
             (&["--poll", "11ms"], "--poll"),
             (&["--poll", "fast"], "--poll"),
+            (
+                &["--queues", "2", "--queue-threads", "3"],
+                "--queue-threads",
+            ),
+            (
+                &["--queues", "2", "--queue-threads", "1", "--poll", "1us"],
+                "--queue-threads",
+            ),
         ];
         for (extra, option) in cases {
             let e = parse(extra).unwrap_err();
@@ -436,9 +462,12 @@ mod tests {
         assert_eq!(c.engine.geometry.cache_blocks, Some(64));
         assert_eq!(c.engine.geometry.assoc, Some(8));
         assert_eq!(c.queues, 4);
+        assert_eq!(c.queue_threads, 4, "one thread per queue by default");
         assert_eq!(c.io_threads, 128);
         assert_eq!(c.socket_mode, 0o660);
         assert!(c.readonly);
+        let c = parse(&["--queues", "4", "--queue-threads", "1"]).unwrap();
+        assert_eq!(c.queue_threads, 1);
     }
 
     #[test]

@@ -185,21 +185,35 @@ fn readonly_is_advertised_and_reads_work() {
 
 #[test]
 fn two_queues_concurrently() {
-    let files = Files::new(16 * MIB, 16 << 20, 3);
-    let daemon = Daemon::start(&files, &["--queues", "2"]);
-    let mut client = Client::connect(&files.socket, 2);
+    queues_concurrently(2, &["--queues", "2"]);
+}
+
+/// Three queues on two threads: thread 0 serves queues 0 and 2 (kicks and
+/// io_uring completions of both on one epoll loop), thread 1 queue 1.
+#[test]
+fn three_queues_on_two_threads() {
+    queues_concurrently(3, &["--queues", "3", "--queue-threads", "2"]);
+}
+
+/// Each of `n` queues, from its own thread, writes and reads back random
+/// ranges of its own slice of the disk; then queue 0 reads the whole disk.
+fn queues_concurrently(n: usize, args: &[&str]) {
+    let slice = 6 * MIB;
+    let files = Files::new(n * slice, 16 << 20, 3);
+    let daemon = Daemon::start(&files, args);
+    let mut client = Client::connect(&files.socket, n as i32);
     let queues = client.split();
-    let half = 8 * MIB;
+    assert_eq!(queues.len(), n);
     let handles: Vec<_> = queues
         .into_iter()
         .enumerate()
         .map(|(i, mut q)| {
-            let mut reference = files.initial[i * half..(i + 1) * half].to_vec();
+            let mut reference = files.initial[i * slice..(i + 1) * slice].to_vec();
             std::thread::spawn(move || {
                 let mut rng = rand::rngs::StdRng::seed_from_u64(100 + i as u64);
                 for _ in 0..60 {
-                    let (off, len) = random_range(&mut rng, half, 128 * 1024);
-                    let disk = (i * half + off) as u64;
+                    let (off, len) = random_range(&mut rng, slice, 128 * 1024);
+                    let disk = (i * slice + off) as u64;
                     if rng.gen_bool(0.5) {
                         let data = random_bytes(&mut rng, len);
                         q.write(disk, &data);
@@ -213,18 +227,20 @@ fn two_queues_concurrently() {
         })
         .collect();
     let mut results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-    let (mut q0, ref0) = results.remove(0);
-    let (_q1, ref1) = results.remove(0);
-    // Queue 0 sees what queue 1 wrote.
-    let whole: Vec<u8> = [ref0, ref1].concat();
-    for off in (0..whole.len()).step_by(4 * MIB) {
+    // Queue 0 sees what every queue wrote.
+    let whole: Vec<u8> = results
+        .iter()
+        .flat_map(|(_, r)| r.iter().copied())
+        .collect();
+    let (mut q0, _) = results.remove(0);
+    for off in (0..whole.len()).step_by(2 * MIB) {
         assert!(
-            q0.read(off as u64, 4 * MIB) == whole[off..off + 4 * MIB],
+            q0.read(off as u64, 2 * MIB) == whole[off..off + 2 * MIB],
             "at {off}"
         );
     }
     drop(q0);
-    drop(_q1);
+    drop(results);
     drop(client);
     assert!(daemon.stop().success());
 }
@@ -321,6 +337,14 @@ fn bad_command_lines_exit_2_and_create_nothing() {
         (&["--queues", "0"], "--queues"),
         (&["--queues", "abc"], "--queues"),
         (&["--queue-size", "100"], "--queue-size"),
+        (
+            &["--queues", "2", "--queue-threads", "3"],
+            "--queue-threads",
+        ),
+        (
+            &["--queues", "2", "--queue-threads", "1", "--poll", "32us"],
+            "--queue-threads",
+        ),
         (&["--block-size", "3K"], "--block-size"),
         (&["--block-size", "lots"], "--block-size"),
         (&["--mode", "fast"], "--mode"),

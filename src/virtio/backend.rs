@@ -1,10 +1,12 @@
 //! The vhost-user-blk backend (`VhostUserBackend` of vhost-user-backend 0.24).
 //!
-//! Each virtqueue has its own epoll worker (`queues_per_thread` gives one
-//! queue per thread). A worker pops descriptor chains, parses them, and hands
-//! the requests to the shared [`IoPool`](super::pool::IoPool); each request
-//! adds itself to the used ring when it completes, under the vring lock, so
-//! requests finish out of order and a slow cache miss blocks nobody else.
+//! Each virtqueue is served by one epoll worker thread: one per queue by
+//! default, or queue `q` by thread `q % queue_threads` when fewer threads
+//! are configured (see [`queue_of`]). A worker pops descriptor chains,
+//! parses them, and hands the requests to the shared
+//! [`IoPool`](super::pool::IoPool); each request adds itself to the used
+//! ring when it completes, under the vring lock, so requests finish out of
+//! order and a slow cache miss blocks nobody else.
 //!
 //! In-flight accounting: a request is counted while the vring lock that
 //! popped it is still held, and uncounted after its used entry is written.
@@ -75,6 +77,24 @@ pub struct BlkBackendConfig {
     pub io_uring: bool,
     /// Keep polling a queue this long after serving it (zero: off).
     pub poll: Duration,
+    /// Queue worker threads, 1..=`num_queues` (out-of-range values are
+    /// clamped). Queue `q` is served by thread `q % queue_threads`. Fewer
+    /// threads than queues means larger batches and fewer context switches
+    /// on hosts with few cores; polling (`poll`) needs one thread per
+    /// queue (see [`BlkBackendConfig::threads`]).
+    pub queue_threads: u16,
+}
+
+impl BlkBackendConfig {
+    /// The number of queue worker threads actually used: `queue_threads`
+    /// clamped to 1..=`num_queues`, and one per queue when polling (a poll
+    /// session serves one queue and would starve the others of its thread).
+    pub fn threads(&self) -> u16 {
+        if !self.poll.is_zero() {
+            return self.num_queues.max(1);
+        }
+        self.queue_threads.clamp(1, self.num_queues.max(1))
+    }
 }
 
 struct Inner {
@@ -141,19 +161,24 @@ impl BlkBackend {
             .clone()
     }
 
-    /// The epoll event id of the io_uring completion eventfds (above the
-    /// ids vhost-user-backend reserves for queues and its exit event).
-    fn ring_event(&self) -> u64 {
-        u64::from(self.inner.cfg.num_queues) + 1
+    /// The epoll event id of the io_uring completion eventfd of the queue
+    /// at index `local` among its thread's queues (above the ids
+    /// vhost-user-backend reserves for queues and its exit event).
+    fn ring_event(&self, local: usize) -> u64 {
+        u64::from(self.inner.cfg.num_queues) + 1 + local as u64
     }
 
-    /// Adds each queue's io_uring eventfd to that queue's epoll loop
-    /// (handler `q` serves queue `q`, see `queues_per_thread`).
+    /// Adds each queue's io_uring eventfd to the epoll loop of the thread
+    /// that serves it (see [`queue_of`]).
     pub fn register_ring_events(
         &self,
         handlers: &[Arc<VringEpollHandler<BlkBackend>>],
     ) -> io::Result<()> {
-        for (q, h) in handlers.iter().enumerate() {
+        let threads = usize::from(self.inner.cfg.threads());
+        for q in 0..usize::from(self.inner.cfg.num_queues) {
+            let Some(h) = handlers.get(q % threads) else {
+                continue;
+            };
             let Some(ring) = self.lock_ring(q) else {
                 continue;
             };
@@ -163,7 +188,7 @@ impl BlkBackend {
             h.register_listener(
                 fd,
                 EventSet::IN | EventSet::EDGE_TRIGGERED,
-                self.ring_event(),
+                self.ring_event(q / threads),
             )?;
         }
         Ok(())
@@ -497,6 +522,15 @@ impl BlkBackend {
     }
 }
 
+/// The queue index of the `local`-th queue of worker thread `thread`, when
+/// queue `q` is served by thread `q % threads` (so a thread's queues, in
+/// index order, are `thread`, `thread + threads`, ...).
+fn queue_of(thread: usize, local: usize, threads: u16) -> usize {
+    local
+        .saturating_mul(usize::from(threads.max(1)))
+        .saturating_add(thread)
+}
+
 /// Pops the next available chain, counting it as in flight.
 ///
 /// The memory snapshot is taken after the available index was seen to
@@ -680,8 +714,16 @@ impl VhostUserBackend for BlkBackend {
         Ok(())
     }
 
+    /// Queue `q` goes to thread `q % threads` (see [`queue_of`]).
     fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.inner.cfg.num_queues).map(|q| 1u64 << q).collect()
+        let threads = self.inner.cfg.threads();
+        (0..threads)
+            .map(|t| {
+                (0..self.inner.cfg.num_queues)
+                    .filter(|q| q % threads == t)
+                    .fold(0u64, |mask, q| mask | 1u64 << q)
+            })
+            .collect()
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -721,20 +763,28 @@ impl VhostUserBackend for BlkBackend {
         vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
-        // One queue per thread: event 0 is its kick, thread_id its index;
-        // `ring_event` is its io_uring completion eventfd.
+        // Event `i` below `vrings.len()` is the kick of the thread's i-th
+        // queue; `ring_event(i)` is that queue's io_uring completion eventfd.
         if !evset.contains(EventSet::IN) {
             return Ok(());
         }
-        let Some(vring) = vrings.first() else {
+        let event = usize::from(device_event);
+        let base = self.ring_event(0);
+        let (local, kick) = if event < vrings.len() {
+            (event, true)
+        } else if let Some(i) = u64::from(device_event).checked_sub(base) {
+            (usize::try_from(i).unwrap_or(usize::MAX), false)
+        } else {
             return Ok(());
         };
-        let result = if device_event == 0 {
-            self.process_queue(thread_id, vring)
-        } else if u64::from(device_event) == self.ring_event() {
-            self.process_ring(thread_id, vring)
+        let Some(vring) = vrings.get(local) else {
+            return Ok(());
+        };
+        let q = queue_of(thread_id, local, self.inner.cfg.threads());
+        let result = if kick {
+            self.process_queue(q, vring)
         } else {
-            Ok(())
+            self.process_ring(q, vring)
         };
         // An error returned here would end the queue's worker thread for
         // good (the library leaves its loop): log it and keep serving; the
@@ -743,7 +793,7 @@ impl VhostUserBackend for BlkBackend {
         if let Err(e) = result {
             let n = self.inner.queue_errors.fetch_add(1, Ordering::Relaxed) + 1;
             if n.is_power_of_two() {
-                log::error!("queue {thread_id}: {e} ({n} queue errors so far)");
+                log::error!("queue {q}: {e} ({n} queue errors so far)");
             }
         }
         Ok(())

@@ -102,8 +102,19 @@ impl Guest {
         cache: Arc<dyn BlockDevice>,
         poll: Duration,
     ) -> Guest {
+        let cfg = test_config(queues, QSIZE, limits, poll);
+        Guest::configured(cfg, source, cache)
+    }
+
+    /// A guest whose backend has configuration `cfg`.
+    fn configured(
+        cfg: BlkBackendConfig,
+        source: Arc<dyn BlockDevice>,
+        cache: Arc<dyn BlockDevice>,
+    ) -> Guest {
+        let queues = cfg.num_queues;
         let mem = GuestMem::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-        let (backend, engine, pool) = test_backend(queues, QSIZE, limits, source, cache, poll);
+        let (backend, engine, pool) = test_backend_with(cfg, source, cache);
         let atomic = GuestMemoryAtomic::new(mem.clone());
         backend.update_memory(atomic.clone()).unwrap();
         let vrings = (0..usize::from(queues))
@@ -243,21 +254,37 @@ pub(super) fn test_backend(
     cache: Arc<dyn BlockDevice>,
     poll: Duration,
 ) -> (BlkBackend, Arc<Engine>, IoPool) {
-    let cfg = EngineConfig::with_block_size(4096, Some(WriteMode::Writeback));
-    let engine = Arc::new(Engine::open(source, cache, cfg).unwrap());
+    test_backend_with(test_config(queues, queue_size, limits, poll), source, cache)
+}
+
+/// The backend configuration of [`test_backend`]: one thread per queue.
+fn test_config(
+    queues: u16,
+    queue_size: u16,
+    limits: DeviceLimits,
+    poll: Duration,
+) -> BlkBackendConfig {
+    BlkBackendConfig {
+        num_queues: queues,
+        queue_size,
+        limits,
+        serial: "test".into(),
+        io_uring: true,
+        poll,
+        queue_threads: queues,
+    }
+}
+
+/// As [`test_backend`], with the backend configured by `cfg`.
+fn test_backend_with(
+    cfg: BlkBackendConfig,
+    source: Arc<dyn BlockDevice>,
+    cache: Arc<dyn BlockDevice>,
+) -> (BlkBackend, Arc<Engine>, IoPool) {
+    let ecfg = EngineConfig::with_block_size(4096, Some(WriteMode::Writeback));
+    let engine = Arc::new(Engine::open(source, cache, ecfg).unwrap());
     let pool = IoPool::new(2, 64).unwrap();
-    let backend = BlkBackend::new(
-        Arc::clone(&engine),
-        BlkBackendConfig {
-            num_queues: queues,
-            queue_size,
-            limits,
-            serial: "test".into(),
-            io_uring: true,
-            poll,
-        },
-        pool.handle(),
-    );
+    let backend = BlkBackend::new(Arc::clone(&engine), cfg, pool.handle());
     (backend, engine, pool)
 }
 

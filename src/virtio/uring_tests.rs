@@ -626,3 +626,67 @@ fn a_one_buffer_write_hit_goes_through_the_ring() {
         assert!(back == want, "direct={direct}: the write did not land");
     }
 }
+
+/// Three queues on two worker threads (`queue_threads` 2): thread 0 serves
+/// queues 0 and 2, thread 1 queue 1. The library names a thread's events by
+/// the queue's place among that thread's queues: kick `i` and io_uring
+/// completion `ring_event(i)`. Each must reach its own queue, and a kick
+/// of one queue must leave the other queue of the thread alone.
+#[test]
+fn queues_sharing_a_thread_are_told_apart_by_their_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cache.img");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    let opts = OpenOptions {
+        direct: false,
+        read_only: false,
+    };
+    let cache = FileDevice::open(&path, opts).unwrap();
+    let mut cfg = test_config(3, QSIZE, limits(), Duration::ZERO);
+    cfg.queue_threads = 2;
+    let mut g = Guest::configured(cfg, Arc::new(MemDevice::new(DISK)), Arc::new(cache));
+    assert_eq!(g.backend.queues_per_thread(), vec![0b101, 0b010]);
+    let data: Vec<Vec<u8>> = (0..3u8).map(|q| pattern(20 + q)).collect();
+    for (q, d) in data.iter().enumerate() {
+        g.engine.write(8 * 512 * (q as u64 + 1), d).unwrap();
+    }
+    let threads: [(usize, Vec<Vring>); 2] = [
+        (0, vec![g.vrings[0].clone(), g.vrings[2].clone()]),
+        (1, vec![g.vrings[1].clone()]),
+    ];
+    // (thread, place among its queues, queue), queue 2 first.
+    for (thread, local, q) in [(0usize, 1usize, 2usize), (1, 0, 1), (0, 0, 0)] {
+        let (_, vrings) = &threads[thread];
+        let (head, s) = g.publish_good_read(q, 8 * (q as u64 + 1));
+        let kick = u16::try_from(local).unwrap();
+        g.backend
+            .handle_event(kick, EventSet::IN, vrings, thread)
+            .unwrap();
+        // Hits complete on the queue's io_uring; its completion event posts
+        // them (a memory-backed cache posts them during the pass already).
+        let ring = u16::try_from(g.backend.ring_event(local)).unwrap();
+        let mut used = Vec::new();
+        assert!(
+            wait_until(Duration::from_secs(10), || {
+                g.backend
+                    .handle_event(ring, EventSet::IN, vrings, thread)
+                    .unwrap();
+                used.extend(g.take_used(q));
+                !used.is_empty()
+            }),
+            "queue {q} was not served"
+        );
+        assert_eq!(used, vec![(u32::from(head), 4097)], "queue {q}");
+        assert!(g.read_data(&s, 4096) == data[q], "queue {q}: data");
+        for other in (0..3).filter(|&o| o != q) {
+            assert!(
+                g.take_used(other).is_empty(),
+                "queue {other} after {q}'s kick"
+            );
+        }
+    }
+    assert_eq!(g.engine.stats().direct_requests, 3);
+}
