@@ -168,6 +168,25 @@ impl Engine {
         self.core.cache.raw_access()
     }
 
+    /// The cache-device byte ranges `(offset, len)` of the frames that hold
+    /// valid blocks now, in device order, adjacent frames merged: the only
+    /// parts of the device the direct paths read or write.
+    pub fn valid_frame_ranges(&self) -> Vec<(u64, u64)> {
+        let c = &self.core;
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for f in 0..c.frames.frames() {
+            if !c.frames.get(f).valid() {
+                continue;
+            }
+            let at = c.layout.frame_offset(f);
+            match out.last_mut() {
+                Some((o, l)) if o.checked_add(*l) == Some(at) => *l += c.bs,
+                _ => out.push((at, c.bs)),
+            }
+        }
+        out
+    }
+
     /// Pins the frames of a read of `[offset, offset+len)` if every block is
     /// cached and readable now.
     pub fn begin_direct_read(&self, offset: u64, len: u64) -> Option<DirectIo> {

@@ -18,7 +18,7 @@
 
 use super::config_space;
 use super::execute::{execute, status_of, write_status};
-use super::filemap::FileMap;
+use super::filemap::{fill_holes, FileMap};
 use super::inflight::InFlight;
 use super::pool::{IoPoolHandle, Job};
 use super::request::Request;
@@ -127,11 +127,19 @@ impl BlkBackend {
         serial[..n].copy_from_slice(&cfg.serial.as_bytes()[..n]);
         let inflight = (0..cfg.num_queues).map(|_| InFlight::default()).collect();
         // One mapping of a memory-backed cache file for all queues (one
-        // set of page tables).
+        // set of page tables), once no valid frame lies over a hole.
         let map = engine
             .cache_raw_access()
             .filter(|a| cfg.io_uring && a.memory)
-            .and_then(|a| FileMap::new(a.fd))
+            .and_then(|a| match fill_holes(a.fd, &engine.valid_frame_ranges()) {
+                Ok(()) => FileMap::new(a.fd),
+                Err(e) => {
+                    log::warn!(
+                        "not mapping the memory-backed cache file: {e}; hits use system calls"
+                    );
+                    None
+                }
+            })
             .map(Arc::new);
         let rings = (0..cfg.num_queues)
             .map(|q| make_ring(&engine, &cfg, q, map.clone()).map(Mutex::new))

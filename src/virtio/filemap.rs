@@ -3,15 +3,17 @@
 //! `preadv`/`pwritev` system call per request.
 //!
 //! Only frames that hold valid blocks are ever copied (the engine pins them
-//! for the copy), and the daemon wrote their pages when it stored the block
-//! and never punches holes in the file, so a copy does not fault in a hole:
-//! a full tmpfs cannot turn into SIGBUS here. That holds for a file only this
-//! daemon writes: another process truncating the file or punching holes in
-//! it, a cache file copied onto tmpfs sparsely (all-zero frames become holes)
-//! with the tmpfs full, or a swap read error, raise SIGBUS, which ends the
-//! daemon (with `preadv`/`pwritev` they failed one request). The mapping is
-//! coherent with `pread`/`pwrite` on the same file (one page cache), which
-//! the engine's other paths keep using. It is excluded from core dumps.
+//! for the copy). Before the file is mapped, [`fill_holes`] allocates any
+//! hole under a valid frame (a cache file copied onto tmpfs sparsely turns
+//! all-zero frames into holes), or the mapping is not used if that fails;
+//! after that the daemon writes the pages of every block it stores and never
+//! punches holes, so a copy does not fault in a hole and a full tmpfs cannot
+//! turn into SIGBUS here. That holds for a file only this daemon writes:
+//! another process truncating the file or punching holes in it while it is
+//! mapped, or a swap read error, raise SIGBUS, which ends the daemon (with
+//! `preadv`/`pwritev` they failed one request). The mapping is coherent with
+//! `pread`/`pwrite` on the same file (one page cache), which the engine's
+//! other paths keep using. It is excluded from core dumps.
 
 use std::os::fd::RawFd;
 
@@ -115,6 +117,48 @@ impl FileMap {
     }
 }
 
+/// Allocates whatever part of each `(offset, len)` range of the file behind
+/// `fd` is a hole, keeping the data around it: afterwards reading or
+/// writing those ranges through a mapping cannot fault on a missing page
+/// (on tmpfs that fault raises SIGBUS when the filesystem is full). One
+/// `lseek` per range that has no hole. Fails, naming the range, if the
+/// filesystem cannot allocate it (full, or no `fallocate`).
+pub(crate) fn fill_holes(fd: RawFd, ranges: &[(u64, u64)]) -> std::io::Result<()> {
+    for &(offset, len) in ranges {
+        let (Ok(start), Some(end)) = (libc::off_t::try_from(offset), offset.checked_add(len))
+        else {
+            return Err(std::io::Error::other(format!(
+                "range {offset}+{len} out of bounds"
+            )));
+        };
+        let Ok(size) = libc::off_t::try_from(len) else {
+            return Err(std::io::Error::other(format!(
+                "range {offset}+{len} out of bounds"
+            )));
+        };
+        // SAFETY: lseek on a descriptor the caller keeps open; it only
+        // reports an offset (the file position it moves is not used here:
+        // every I/O on the cache file is positional).
+        let hole = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if u64::try_from(hole).is_ok_and(|h| h >= end) {
+            continue;
+        }
+        // SAFETY: mode 0 allocates the range's missing blocks inside the
+        // file and leaves existing data and the file size alone.
+        if unsafe { libc::fallocate(fd, 0, start, size) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(std::io::Error::new(
+                e.kind(),
+                format!("cannot allocate bytes {offset}..{end} of the cache file: {e}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl Drop for FileMap {
     fn drop(&mut self) {
         // SAFETY: `ptr`/`len` are the mapping made in `new`, unmapped once.
@@ -170,5 +214,60 @@ mod tests {
             let copied = unsafe { map.copy(false, offset, len, &iov) };
             assert!(!copied, "{offset} {len}");
         }
+    }
+
+    /// The offset of the first hole at or after `at` (the end of the file
+    /// counts as one).
+    fn next_hole(f: &std::fs::File, at: u64) -> u64 {
+        // SAFETY: lseek on an open descriptor.
+        let r = unsafe { libc::lseek(f.as_raw_fd(), at as libc::off_t, libc::SEEK_HOLE) };
+        assert!(r >= 0, "{}", std::io::Error::last_os_error());
+        r as u64
+    }
+
+    /// Bytes allocated to the file.
+    fn allocated(f: &std::fs::File) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        f.metadata().unwrap().blocks() * 512
+    }
+
+    #[test]
+    fn holes_under_the_given_ranges_are_filled_and_others_left() {
+        // tmpfs where there is one (the case that matters), else any
+        // filesystem with holes.
+        let dir = tempfile::tempdir_in("/dev/shm")
+            .or_else(|_| tempfile::tempdir())
+            .unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("f"))
+            .unwrap();
+        const K: u64 = 1024;
+        f.set_len(256 * K).unwrap();
+        f.write_all_at(&[9u8; 4096], 64 * K).unwrap();
+        if next_hole(&f, 0) != 0 {
+            eprintln!("skipping: this filesystem reports no holes");
+            return;
+        }
+        let before = allocated(&f);
+        // A hole, a range with data, a range half data half hole. (SEEK_HOLE
+        // cannot show the result: tmpfs reports allocated pages nobody wrote
+        // as holes; they are allocated all the same, which is what matters.)
+        let ranges = [(0, 16 * K), (64 * K, 4 * K), (60 * K, 8 * K)];
+        fill_holes(f.as_raw_fd(), &ranges).unwrap();
+        assert_eq!(allocated(&f), before + 20 * K, "exactly the holes filled");
+        fill_holes(f.as_raw_fd(), &ranges).unwrap();
+        assert_eq!(allocated(&f), before + 20 * K, "filling again adds nothing");
+        let mut back = [0u8; 4096];
+        f.read_exact_at(&mut back, 64 * K).unwrap();
+        assert!(back.iter().all(|&x| x == 9), "data around the holes kept");
+        f.read_exact_at(&mut back, 0).unwrap();
+        assert!(back.iter().all(|&x| x == 0));
+        assert_eq!(f.metadata().unwrap().len(), 256 * K);
+        // A range past the end of what off_t holds is refused.
+        assert!(fill_holes(f.as_raw_fd(), &[(u64::MAX - 1, 4096)]).is_err());
     }
 }

@@ -271,6 +271,63 @@ fn a_cache_in_memory_is_served_on_the_queue_thread() {
     assert!(back == second, "the mapped write did not land");
 }
 
+/// A cache file copied onto tmpfs sparsely has holes where blocks were all
+/// zeros. Mapped as is, a hit on such a block would fault in a page, and on
+/// a full tmpfs that fault is SIGBUS, which ends the daemon. The backend
+/// allocates every hole under a valid frame before it maps the file (and
+/// nothing else), and the block still reads back.
+#[test]
+fn holes_under_cached_blocks_are_filled_before_the_cache_is_mapped() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+    let Ok(dir) = tempfile::tempdir_in("/dev/shm") else {
+        eprintln!("skipping: no /dev/shm");
+        return;
+    };
+    let path = dir.path().join("cache.img");
+    let (mut g, dir) = file_guest_in(dir, false).unwrap();
+    g.engine.write(8 * 512, &[0u8; 4096]).unwrap();
+    g.engine.write(64 * 512, &pattern(3)).unwrap();
+    let frames = g.engine.valid_frame_ranges();
+    let blocks: u64 = frames.iter().map(|&(_, l)| l).sum();
+    assert_eq!(blocks, 2 * 4096, "{frames:?}");
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    // What a sparse copy makes of the all-zero block: a hole.
+    let (zero_frame, _) = frames[0];
+    // SAFETY: punching a hole in a file this test owns.
+    let r = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            zero_frame as libc::off_t,
+            4096,
+        )
+    };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    let allocated = || file.metadata().unwrap().blocks() * 512;
+    let before = allocated();
+    // A new connection's backend (the same engine) maps the file.
+    let mut cfg = test_config(1, QSIZE, limits(), Duration::ZERO);
+    cfg.io_uring = true;
+    let pool = IoPool::new(1, 16).unwrap();
+    let backend = BlkBackend::new(Arc::clone(&g.engine), cfg, pool.handle());
+    assert!(backend.lock_ring(0).is_some_and(|r| r.mapped()));
+    assert_eq!(
+        allocated(),
+        before + 4096,
+        "the hole was not filled (or more was)"
+    );
+    // Both blocks read back through the mapping of the first backend.
+    for (sector, want) in [(8, vec![0u8; 4096]), (64, pattern(3))] {
+        let (head, r) = g.publish_good_read(0, sector);
+        g.backend.process_queue(0, &g.vrings[0]).unwrap();
+        assert_eq!(g.take_used(0), vec![(u32::from(head), 4097)]);
+        assert!(g.read_data(&r, 4096) == want, "sector {sector}");
+    }
+    drop(backend);
+    drop(dir);
+}
+
 /// Checks `done` every millisecond for up to `limit`; true once it holds.
 fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
