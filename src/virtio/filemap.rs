@@ -38,13 +38,22 @@ impl FileMap {
     /// Maps the file behind `fd` whole; `None` if it is empty or the kernel
     /// refuses (callers then use system calls).
     pub(crate) fn new(fd: RawFd) -> Option<FileMap> {
-        // SAFETY: an all-zero stat is a valid value for fstat to fill.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: `fd` is open for the caller's lifetime; `st` is valid.
-        if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        FileMap::map(fd, file_len(fd)?)
+    }
+
+    /// Maps the first `len` bytes (at most the file's size) of the file
+    /// behind `fd`, leaving the rest unmapped.
+    #[cfg(test)]
+    pub(crate) fn first(fd: RawFd, len: usize) -> Option<FileMap> {
+        FileMap::map(fd, len.min(file_len(fd)?))
+    }
+
+    /// Maps the first `len` bytes of the file behind `fd`; the caller
+    /// checked that the file has them.
+    fn map(fd: RawFd, len: usize) -> Option<FileMap> {
+        if len == 0 {
             return None;
         }
-        let len = usize::try_from(st.st_size).ok().filter(|&l| l > 0)?;
         // SAFETY: a new shared mapping of `len` bytes of `fd` at an address
         // the kernel picks; nothing else is affected.
         let ptr = unsafe {
@@ -115,6 +124,17 @@ impl FileMap {
         }
         true
     }
+}
+
+/// The size of the file behind `fd`, if it can be had.
+fn file_len(fd: RawFd) -> Option<usize> {
+    // SAFETY: an all-zero stat is a valid value for fstat to fill.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is open for the caller's lifetime; `st` is valid.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return None;
+    }
+    usize::try_from(st.st_size).ok()
 }
 
 /// Allocates whatever part of each `(offset, len)` range of the file behind

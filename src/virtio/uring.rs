@@ -210,6 +210,13 @@ impl QueueRing {
         }
     }
 
+    /// Replaces the mapping of the cache file (tests: a mapping of part of
+    /// it); only a memory-backed cache uses one.
+    #[cfg(test)]
+    pub(crate) fn set_map(&mut self, map: Option<Arc<FileMap>>) {
+        self.map = map.filter(|_| self.inline);
+    }
+
     /// True if hits are served by copying from a mapping of the cache file.
     pub fn mapped(&self) -> bool {
         self.map.is_some()

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::device::{FileDevice, OpenOptions};
+use crate::virtio::filemap::FileMap;
 use std::sync::mpsc;
 
 /// A guest with one queue whose cache is a 4 MiB file; the source holds
@@ -326,6 +327,54 @@ fn holes_under_cached_blocks_are_filled_before_the_cache_is_mapped() {
     }
     drop(backend);
     drop(dir);
+}
+
+/// A request over three cache ranges, one inside the mapping of a
+/// memory-backed cache and two past its end: the first is a memory copy,
+/// the others fall back to `preadv`/`pwritev`, and the request is served on
+/// the queue thread all the same (no failure, no retry through the pool).
+#[test]
+fn a_request_partly_outside_the_mapping_is_served_by_both_paths() {
+    let Ok(dir) = tempfile::tempdir_in("/dev/shm") else {
+        eprintln!("skipping: no /dev/shm");
+        return;
+    };
+    let (mut g, _dir) = file_guest_in(dir, false).unwrap();
+    // Blocks 2, 1, 3 cached in that order take three frames in a row, so a
+    // read of blocks 1..=3 needs three ranges, out of device order.
+    let blocks: Vec<Vec<u8>> = (0..3u8).map(|i| pattern(30 + i)).collect();
+    for b in [1usize, 0, 2] {
+        g.engine.write(4096 * (b as u64 + 1), &blocks[b]).unwrap();
+    }
+    let frames = g.engine.valid_frame_ranges();
+    assert_eq!(frames.len(), 1, "{frames:?}");
+    assert_eq!(frames[0].1, 3 * 4096, "{frames:?}");
+    // Only the first of the three frames is mapped.
+    let fd = g.engine.cache_raw_access().unwrap().fd;
+    let end = usize::try_from(frames[0].0 + 4096).unwrap();
+    let map = FileMap::first(fd, end).unwrap();
+    g.backend.lock_ring(0).unwrap().set_map(Some(Arc::new(map)));
+    let before = g.engine.stats();
+    let s = Guest::slot(0, 0);
+    let s = publish(&g, VIRTIO_BLK_T_IN, 8, &[(s.data, 3 * 4096)]);
+    g.backend.process_queue(0, &g.vrings[0]).unwrap();
+    assert_eq!(g.take_used(0), vec![(0, 3 * 4096 + 1)]);
+    assert_eq!(g.status(s.status), OK);
+    assert!(g.read_data(&s, 3 * 4096) == blocks.concat(), "read data");
+    // A write hit of the three blocks, read back through the engine.
+    let second: Vec<u8> = (0..3u8).flat_map(|i| pattern(40 + i)).collect();
+    g.mem.write_slice(&second, GuestAddress(s.data)).unwrap();
+    let s = publish(&g, VIRTIO_BLK_T_OUT, 8, &[(s.data, 3 * 4096)]);
+    g.backend.process_queue(0, &g.vrings[0]).unwrap();
+    assert_eq!(g.take_used(0), vec![(0, 1)]);
+    assert_eq!(g.status(s.status), OK);
+    let mut back = vec![0u8; 3 * 4096];
+    g.engine.read(8 * 512, &mut back).unwrap();
+    assert!(back == second, "written data");
+    let after = g.engine.stats();
+    assert_eq!(after.direct_requests - before.direct_requests, 2);
+    assert_eq!(after.direct_ops - before.direct_ops, 6, "three ranges each");
+    assert_eq!(after.errors, before.errors, "no request failed over");
 }
 
 /// Checks `done` every millisecond for up to `limit`; true once it holds.
