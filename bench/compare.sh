@@ -219,6 +219,7 @@ print(json.dumps({"pass": pass_, "workload": wl, "target": target, "round": int(
 WORKLOADS=(
     "4K randread QD32 1q|--pattern randread --bs 4K --iodepth 32 --queues 1"
     "4K randread QD32 2q|--pattern randread --bs 4K --iodepth 32 --queues 2"
+    "4K randread QD1 1q|--pattern randread --bs 4K --iodepth 1 --queues 1"
     "1M read QD8|--pattern read --bs 1M --iodepth 8 --queues 1"
     "4K randwrite QD32|--pattern randwrite --bs 4K --iodepth 32 --queues 1"
     "4K randwrite QD32 flush/32|--pattern randwrite --bs 4K --iodepth 32 --queues 1 --flush-every 32"
