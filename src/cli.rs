@@ -95,10 +95,9 @@ pub struct ServeArgs {
     /// Number of virtqueues offered to the front-end (1 to 16).
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub queues: u16,
-    /// Threads serving the virtqueues; queue q goes to thread q mod N
-    /// (0 = one per queue). Fewer threads than queues means fewer context
-    /// switches and larger batches on hosts with few cores. With --poll,
-    /// one per queue.
+    /// Threads serving the virtqueues, at most --queues; queue q goes to
+    /// thread q mod N (0 = one per queue). Fewer threads than queues is
+    /// what qemu-storage-daemon does; with --poll, N must equal --queues.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub queue_threads: u16,
     /// Virtqueue size, a power of two from 2 to 1024.

@@ -468,6 +468,8 @@ mod tests {
         assert!(c.readonly);
         let c = parse(&["--queues", "4", "--queue-threads", "1"]).unwrap();
         assert_eq!(c.queue_threads, 1);
+        let c = parse(&["--queues", "2", "--queue-threads", "2", "--poll", "1us"]).unwrap();
+        assert_eq!(c.queue_threads, 2);
     }
 
     #[test]

@@ -185,25 +185,27 @@ fn readonly_is_advertised_and_reads_work() {
 
 #[test]
 fn two_queues_concurrently() {
-    queues_concurrently(2, &["--queues", "2"]);
+    queues_concurrently(2, &["--queues", "2"], 2);
 }
 
 /// Three queues on two threads: thread 0 serves queues 0 and 2 (kicks and
 /// io_uring completions of both on one epoll loop), thread 1 queue 1.
 #[test]
 fn three_queues_on_two_threads() {
-    queues_concurrently(3, &["--queues", "3", "--queue-threads", "2"]);
+    queues_concurrently(3, &["--queues", "3", "--queue-threads", "2"], 2);
 }
 
 /// Each of `n` queues, from its own thread, writes and reads back random
 /// ranges of its own slice of the disk; then queue 0 reads the whole disk.
-fn queues_concurrently(n: usize, args: &[&str]) {
+/// The daemon serves them with `workers` queue threads.
+fn queues_concurrently(n: usize, args: &[&str], workers: usize) {
     let slice = 6 * MIB;
     let files = Files::new(n * slice, 16 << 20, 3);
     let daemon = Daemon::start(&files, args);
     let mut client = Client::connect(&files.socket, n as i32);
     let queues = client.split();
     assert_eq!(queues.len(), n);
+    assert_eq!(threads_named(daemon.pid(), "vring_worker"), workers);
     let handles: Vec<_> = queues
         .into_iter()
         .enumerate()
@@ -468,4 +470,13 @@ impl DirectExt for std::fs::OpenOptions {
         use std::os::unix::fs::OpenOptionsExt;
         self.custom_flags(libc::O_DIRECT)
     }
+}
+
+/// How many threads of process `pid` are named `name`.
+fn threads_named(pid: i32, name: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("comm")).ok())
+        .filter(|comm| comm.trim_end() == name)
+        .count()
 }

@@ -26,6 +26,7 @@ use super::uring::{Done, QueueRing};
 use super::DeviceLimits;
 use crate::engine::{Engine, WriteMode};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -61,6 +62,9 @@ const INFLIGHT_POLL: Duration = Duration::from_secs(1);
 /// epoll loop (which then finds any kick or completion at once). Not needed
 /// for shutdown (`close` stops the poll at once); a safety valve only.
 const POLL_SLICE: Duration = Duration::from_secs(1);
+/// The same, when the worker serves other queues too: their completions are
+/// reaped between waits (see [`BlkBackend::reap_siblings`]).
+const SHARED_INFLIGHT_POLL: Duration = Duration::from_millis(1);
 /// How often (seconds) it logs that it is still waiting.
 const INFLIGHT_WARN_SECS: u64 = 30;
 
@@ -87,13 +91,15 @@ pub struct BlkBackendConfig {
 
 impl BlkBackendConfig {
     /// The number of queue worker threads actually used: `queue_threads`
-    /// clamped to 1..=`num_queues`, and one per queue when polling (a poll
-    /// session serves one queue and would starve the others of its thread).
+    /// clamped to 1..=`num_queues` (0: one per queue), and one per queue when
+    /// polling (a poll session serves one queue and would starve the others
+    /// of its thread).
     pub fn threads(&self) -> u16 {
-        if !self.poll.is_zero() {
-            return self.num_queues.max(1);
+        let queues = self.num_queues.max(1);
+        if !self.poll.is_zero() || self.queue_threads == 0 {
+            return queues;
         }
-        self.queue_threads.clamp(1, self.num_queues.max(1))
+        self.queue_threads.min(queues)
     }
 }
 
@@ -132,7 +138,12 @@ impl BlkBackend {
             .cache_raw_access()
             .filter(|a| cfg.io_uring && a.memory)
             .and_then(|a| match fill_holes(a.fd, &engine.valid_frame_ranges()) {
-                Ok(()) => FileMap::new(a.fd),
+                Ok(n) => {
+                    if n > 0 {
+                        log::info!("allocated {n} bytes of holes under cached blocks of the memory-backed cache file");
+                    }
+                    FileMap::new(a.fd)
+                }
                 Err(e) => {
                     log::warn!(
                         "not mapping the memory-backed cache file: {e}; hits use system calls"
@@ -173,7 +184,7 @@ impl BlkBackend {
     /// at index `local` among its thread's queues (above the ids
     /// vhost-user-backend reserves for queues and its exit event).
     fn ring_event(&self, local: usize) -> u64 {
-        u64::from(self.inner.cfg.num_queues) + 1 + local as u64
+        ring_event_id(self.inner.cfg.num_queues, local)
     }
 
     /// Adds each queue's io_uring eventfd to the epoll loop of the thread
@@ -365,7 +376,12 @@ impl BlkBackend {
             return Ok(0);
         }
         let event_idx = self.inner.event_idx.load(Ordering::Acquire);
+        let shared = self.inner.cfg.threads() < self.inner.cfg.num_queues;
         let mut popped = 0usize;
+        // On a worker shared with other queues, one pass pops at most a
+        // ring's worth, then yields (see below), so that a queue the driver
+        // keeps full does not starve the others.
+        let mut yielded = false;
         // The handle, not a snapshot: `pop` loads the current memory map.
         let atomic = self.memory();
         let mut ring_guard = self.lock_ring(q);
@@ -381,11 +397,27 @@ impl BlkBackend {
             loop {
                 // Back-pressure per queue: at most one ring's worth of
                 // requests in flight, whatever the driver publishes.
-                let limit = usize::from(vring.get_ref().get_queue().size());
-                let mut waited = Duration::ZERO;
-                while inflight.count() >= limit.max(1) {
+                let limit = usize::from(vring.get_ref().get_queue().size()).max(1);
+                if shared && popped >= limit {
+                    yielded = true;
+                    break;
+                }
+                let since = Instant::now();
+                let mut warned = 0u64;
+                while inflight.count() >= limit {
                     if self.inner.closing.load(Ordering::Acquire) {
                         return Ok(popped);
+                    }
+                    // A driver that keeps to the ring's size has nothing more
+                    // to pop: no reason to wait.
+                    if !avail_pending(vring, &atomic) {
+                        break;
+                    }
+                    // The other queues of this worker are not served while
+                    // it waits, but their completions must be posted: their
+                    // pins may be what our pool requests wait for.
+                    if shared {
+                        self.reap_siblings(q);
                     }
                     match ring_guard.as_deref_mut().filter(|r| r.busy()) {
                         // Our own completions can only be reaped here.
@@ -397,11 +429,17 @@ impl BlkBackend {
                             // The pool completes these; do not hold the ring
                             // (the drain takes it) while waiting for them.
                             drop(ring_guard);
-                            if !inflight.wait_below(limit, INFLIGHT_POLL) {
-                                waited += INFLIGHT_POLL;
-                                if waited.as_secs() % INFLIGHT_WARN_SECS == 0 {
+                            let slice = if shared {
+                                SHARED_INFLIGHT_POLL
+                            } else {
+                                INFLIGHT_POLL
+                            };
+                            if !inflight.wait_below(limit, slice) {
+                                let secs = since.elapsed().as_secs();
+                                if secs >= (warned + 1) * INFLIGHT_WARN_SECS {
+                                    warned += 1;
                                     log::warn!(
-                                        "queue {q}: {limit} requests in flight for {waited:?}"
+                                        "queue {q}: {limit} requests in flight for {secs} s"
                                     );
                                 }
                             }
@@ -437,6 +475,12 @@ impl BlkBackend {
             if let Some(r) = ring_guard.as_deref_mut() {
                 r.submit();
             }
+            if yielded {
+                // Kicks stay off: the worker comes back through its own kick
+                // once the other queues' ready events have been handled.
+                self_kick(vring);
+                break;
+            }
             if polling {
                 break;
             }
@@ -464,6 +508,27 @@ impl BlkBackend {
             self.finish_ring(q, vring, done);
         }
         Ok(popped)
+    }
+
+    /// Posts the io_uring completions of the other queues served by the
+    /// worker of queue `q` (called while that worker waits on `q`).
+    /// Takes their ring locks while `q`'s may be held: only this worker
+    /// takes two, always `q`'s first, and the drain runs after it stopped.
+    fn reap_siblings(&self, q: usize) {
+        let threads = usize::from(self.inner.cfg.threads());
+        let queues = usize::from(self.inner.cfg.num_queues);
+        for s in (q % threads..queues).step_by(threads).filter(|&s| s != q) {
+            let Some(mut r) = self.lock_ring(s) else {
+                continue;
+            };
+            // A ring gets its vring when first served, before any I/O.
+            let Some(vring) = r.vring.clone().filter(|_| r.busy()) else {
+                continue;
+            };
+            let done = r.reap();
+            drop(r);
+            self.finish_ring(s, &vring, done);
+        }
     }
 
     /// Queue `q`'s io_uring, locked; `None` where its hits go to the pool.
@@ -530,6 +595,27 @@ impl BlkBackend {
     }
 }
 
+/// The queue masks of the worker threads (vhost-user-backend's
+/// `queues_per_thread`): thread `t` serves the queues `q` with
+/// `q % threads == t`.
+fn thread_masks(queues: u16, threads: u16) -> Vec<u64> {
+    let threads = threads.max(1);
+    (0..threads)
+        .map(|t| {
+            (0..queues.min(64))
+                .filter(|q| q % threads == t)
+                .fold(0u64, |mask, q| mask | 1u64 << q)
+        })
+        .collect()
+}
+
+/// The epoll event id of the io_uring completion eventfd of the `local`-th
+/// queue of a worker: above the ids 0..=`queues` that vhost-user-backend
+/// reserves for kicks and its exit event.
+fn ring_event_id(queues: u16, local: usize) -> u64 {
+    u64::from(queues) + 1 + local as u64
+}
+
 /// The queue index of the `local`-th queue of worker thread `thread`, when
 /// queue `q` is served by thread `q % threads` (so a thread's queues, in
 /// index order, are `thread`, `thread + threads`, ...).
@@ -537,6 +623,26 @@ fn queue_of(thread: usize, local: usize, threads: u16) -> usize {
     local
         .saturating_mul(usize::from(threads.max(1)))
         .saturating_add(thread)
+}
+
+/// Signals the queue's kick eventfd, as the driver would, so that the
+/// worker's epoll loop serves it again after the events already pending.
+fn self_kick(vring: &Vring) {
+    let state = vring.get_ref();
+    let Some(kick) = state.get_kick() else {
+        return;
+    };
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: writes 8 bytes from a local array to a descriptor the vring
+    // keeps open while its state is borrowed; an eventfd adds them to its
+    // counter, and any failure only means no extra wake-up.
+    let n = unsafe { libc::write(kick.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    if n != 8 {
+        log::warn!(
+            "cannot signal a queue's kick eventfd: {}",
+            io::Error::last_os_error()
+        );
+    }
 }
 
 /// Pops the next available chain, counting it as in flight.
@@ -724,14 +830,7 @@ impl VhostUserBackend for BlkBackend {
 
     /// Queue `q` goes to thread `q % threads` (see [`queue_of`]).
     fn queues_per_thread(&self) -> Vec<u64> {
-        let threads = self.inner.cfg.threads();
-        (0..threads)
-            .map(|t| {
-                (0..self.inner.cfg.num_queues)
-                    .filter(|q| q % threads == t)
-                    .fold(0u64, |mask, q| mask | 1u64 << q)
-            })
-            .collect()
+        thread_masks(self.inner.cfg.num_queues, self.inner.cfg.threads())
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -873,5 +972,42 @@ mod tests {
         assert_eq!(rw.queues_per_thread(), vec![1, 2, 4]);
         let cap = rw.get_config(0, 8);
         assert_eq!(u64::from_le_bytes(cap.try_into().unwrap()), 2048);
+    }
+
+    /// For every queue count and thread count, the event a worker gets for
+    /// each of its queues (numbered as vhost-user-backend numbers kicks: the
+    /// queue's place among the thread's queues) maps back to that queue, each
+    /// queue has exactly one worker, and the completion event ids of a
+    /// worker are distinct, above the reserved ids and fit in a u16.
+    #[test]
+    fn every_queue_layout_maps_events_back_to_their_queue() {
+        for queues in 1..=16u16 {
+            for threads in 1..=queues {
+                let masks = thread_masks(queues, threads);
+                assert_eq!(masks.len(), usize::from(threads));
+                let all = masks.iter().fold(0u64, |a, m| {
+                    assert_eq!(a & m, 0, "a queue on two threads");
+                    a | m
+                });
+                assert_eq!(
+                    all,
+                    (1u64 << queues) - 1,
+                    "{queues} queues, {threads} threads"
+                );
+                for (t, &mask) in masks.iter().enumerate() {
+                    let mut ids = Vec::new();
+                    for q in (0..queues).filter(|q| mask >> q & 1 == 1) {
+                        // vhost-user-backend's `evt_idx` for queue q.
+                        let local = (mask.count_ones() - (mask >> q).count_ones()) as usize;
+                        assert_eq!(queue_of(t, local, threads), usize::from(q));
+                        let id = ring_event_id(queues, local);
+                        assert!(id > u64::from(queues) && id <= u64::from(u16::MAX));
+                        ids.push(id);
+                    }
+                    ids.dedup();
+                    assert_eq!(ids.len(), mask.count_ones() as usize);
+                }
+            }
+        }
     }
 }

@@ -137,46 +137,111 @@ fn file_len(fd: RawFd) -> Option<usize> {
     usize::try_from(st.st_size).ok()
 }
 
-/// Allocates whatever part of each `(offset, len)` range of the file behind
-/// `fd` is a hole, keeping the data around it: afterwards reading or
-/// writing those ranges through a mapping cannot fault on a missing page
-/// (on tmpfs that fault raises SIGBUS when the filesystem is full). One
-/// `lseek` per range that has no hole. Fails, naming the range, if the
-/// filesystem cannot allocate it (full, or no `fallocate`).
-pub(crate) fn fill_holes(fd: RawFd, ranges: &[(u64, u64)]) -> std::io::Result<()> {
-    for &(offset, len) in ranges {
-        let (Ok(start), Some(end)) = (libc::off_t::try_from(offset), offset.checked_add(len))
-        else {
-            return Err(std::io::Error::other(format!(
-                "range {offset}+{len} out of bounds"
-            )));
+/// Allocates whatever part of the `(offset, len)` ranges (sorted, not
+/// overlapping) of the file behind `fd` is a hole, keeping the data and the
+/// file size: afterwards reading or writing those ranges through a mapping
+/// cannot fault on a missing page (on tmpfs that fault raises SIGBUS when
+/// the filesystem is full). Parts past the end of the file are left alone
+/// (a mapping does not cover them). One pass over the file's holes and data
+/// (`SEEK_HOLE`/`SEEK_DATA`), so the cost grows with the file, not with the
+/// number of ranges times its size. Returns the bytes newly allocated.
+/// Fails, naming the range, if the filesystem cannot allocate it (full, or
+/// no `fallocate`).
+pub(crate) fn fill_holes(fd: RawFd, ranges: &[(u64, u64)]) -> std::io::Result<u64> {
+    let size = file_len(fd)
+        .and_then(|l| u64::try_from(l).ok())
+        .ok_or_else(|| std::io::Error::other("cannot read the cache file's size"))?;
+    let blocks_before = allocated_bytes(fd);
+    let end_of = |(o, l): (u64, u64)| o.saturating_add(l).min(size);
+    let last = ranges.iter().map(|&r| end_of(r)).max().unwrap_or(0);
+    let mut i = 0;
+    let mut pos = 0u64;
+    while i < ranges.len() {
+        // Skip ranges that end before `pos`, then start at the next one.
+        while i < ranges.len() && end_of(ranges[i]) <= pos {
+            i += 1;
+        }
+        let Some(&(start, _)) = ranges.get(i) else {
+            break;
         };
-        let Ok(size) = libc::off_t::try_from(len) else {
-            return Err(std::io::Error::other(format!(
-                "range {offset}+{len} out of bounds"
-            )));
-        };
-        // SAFETY: lseek on a descriptor the caller keeps open; it only
-        // reports an offset (the file position it moves is not used here:
-        // every I/O on the cache file is positional).
-        let hole = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
-        if hole < 0 {
-            return Err(std::io::Error::last_os_error());
+        pos = pos.max(start);
+        if pos >= last {
+            break;
         }
-        if u64::try_from(hole).is_ok_and(|h| h >= end) {
-            continue;
+        let hole = seek(fd, pos, libc::SEEK_HOLE)?.unwrap_or(size);
+        if hole >= last {
+            break;
         }
-        // SAFETY: mode 0 allocates the range's missing blocks inside the
-        // file and leaves existing data and the file size alone.
-        if unsafe { libc::fallocate(fd, 0, start, size) } != 0 {
-            let e = std::io::Error::last_os_error();
-            return Err(std::io::Error::new(
-                e.kind(),
-                format!("cannot allocate bytes {offset}..{end} of the cache file: {e}"),
-            ));
+        // No data after the hole: it runs to the end of the file.
+        let hole_end = seek(fd, hole, libc::SEEK_DATA)?.unwrap_or(size).min(last);
+        let mut j = i;
+        while let Some(&r) = ranges.get(j) {
+            if r.0 >= hole_end {
+                break;
+            }
+            let (a, b) = (r.0.max(hole), end_of(r).min(hole_end));
+            if a < b {
+                allocate(fd, a, b - a)?;
+            }
+            j += 1;
         }
+        // Progress even if a concurrent store just wrote into the hole.
+        pos = hole_end.max(pos.saturating_add(1));
+    }
+    Ok(allocated_bytes(fd).saturating_sub(blocks_before))
+}
+
+/// `lseek(fd, pos, whence)` for SEEK_HOLE (always an offset: the end of the
+/// file counts as a hole) or SEEK_DATA (`None` when no data follows).
+fn seek(fd: RawFd, pos: u64, whence: libc::c_int) -> std::io::Result<Option<u64>> {
+    let at = libc::off_t::try_from(pos)
+        .map_err(|_| std::io::Error::other(format!("offset {pos} out of range")))?;
+    // SAFETY: lseek on a descriptor the caller keeps open; it only reports
+    // an offset (the file position it moves is not used: every I/O on the
+    // cache file is positional).
+    let r = unsafe { libc::lseek(fd, at, whence) };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        if whence == libc::SEEK_DATA && e.raw_os_error() == Some(libc::ENXIO) {
+            return Ok(None);
+        }
+        return Err(std::io::Error::new(
+            e.kind(),
+            format!("cannot look for holes at byte {pos} of the cache file: {e}"),
+        ));
+    }
+    Ok(u64::try_from(r).ok())
+}
+
+/// Allocates `len` bytes at `offset` inside the file, keeping its size.
+fn allocate(fd: RawFd, offset: u64, len: u64) -> std::io::Result<()> {
+    let end = offset.saturating_add(len);
+    let (Ok(at), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(std::io::Error::other(format!(
+            "bytes {offset}..{end} of the cache file are out of range"
+        )));
+    };
+    // SAFETY: allocates the range's missing blocks; KEEP_SIZE leaves the
+    // file size alone, and existing data is never touched by mode 0.
+    if unsafe { libc::fallocate(fd, libc::FALLOC_FL_KEEP_SIZE, at, n) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(std::io::Error::new(
+            e.kind(),
+            format!("cannot allocate bytes {offset}..{end} of the cache file: {e}"),
+        ));
     }
     Ok(())
+}
+
+/// Bytes allocated to the file behind `fd` (0 if unknown).
+fn allocated_bytes(fd: RawFd) -> u64 {
+    // SAFETY: an all-zero stat is a valid value for fstat to fill.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is open for the caller's lifetime; `st` is valid.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return 0;
+    }
+    u64::try_from(st.st_blocks).unwrap_or(0).saturating_mul(512)
 }
 
 impl Drop for FileMap {
@@ -273,21 +338,26 @@ mod tests {
             return;
         }
         let before = allocated(&f);
-        // A hole, a range with data, a range half data half hole. (SEEK_HOLE
-        // cannot show the result: tmpfs reports allocated pages nobody wrote
-        // as holes; they are allocated all the same, which is what matters.)
-        let ranges = [(0, 16 * K), (64 * K, 4 * K), (60 * K, 8 * K)];
-        fill_holes(f.as_raw_fd(), &ranges).unwrap();
-        assert_eq!(allocated(&f), before + 20 * K, "exactly the holes filled");
-        fill_holes(f.as_raw_fd(), &ranges).unwrap();
-        assert_eq!(allocated(&f), before + 20 * K, "filling again adds nothing");
+        // A hole, a range half hole half data, another hole; the holes
+        // between them stay. (SEEK_HOLE cannot show the result: tmpfs
+        // reports allocated pages nobody wrote as holes; they are allocated
+        // all the same, which is what matters.)
+        let ranges = [(0, 16 * K), (60 * K, 8 * K), (100 * K, 4 * K)];
+        assert_eq!(fill_holes(f.as_raw_fd(), &ranges).unwrap(), 24 * K);
+        assert_eq!(allocated(&f), before + 24 * K, "exactly the holes filled");
+        assert_eq!(fill_holes(f.as_raw_fd(), &ranges).unwrap(), 0);
+        assert_eq!(allocated(&f), before + 24 * K, "filling again adds nothing");
         let mut back = [0u8; 4096];
         f.read_exact_at(&mut back, 64 * K).unwrap();
         assert!(back.iter().all(|&x| x == 9), "data around the holes kept");
         f.read_exact_at(&mut back, 0).unwrap();
         assert!(back.iter().all(|&x| x == 0));
         assert_eq!(f.metadata().unwrap().len(), 256 * K);
-        // A range past the end of what off_t holds is refused.
-        assert!(fill_holes(f.as_raw_fd(), &[(u64::MAX - 1, 4096)]).is_err());
+        // Ranges past the end of the file are left alone (not mapped).
+        assert_eq!(
+            fill_holes(f.as_raw_fd(), &[(256 * K, 4096), (u64::MAX - 1, 4096)]).unwrap(),
+            0
+        );
+        assert_eq!(f.metadata().unwrap().len(), 256 * K);
     }
 }

@@ -142,6 +142,8 @@ pub struct QueueRing {
     cqes: Vec<(u64, i32)>,
     /// The queue's vring, kept so completions can be posted by the drain.
     pub vring: Option<Vring>,
+    /// Ranges copied through `map` so far.
+    mapped_copies: u64,
 }
 
 // SAFETY: the raw iovec pointers inside `Pending` point into guest memory
@@ -190,6 +192,7 @@ impl QueueRing {
             spare: Vec::new(),
             cqes: Vec::new(),
             vring: None,
+            mapped_copies: 0,
         })
     }
 
@@ -215,6 +218,11 @@ impl QueueRing {
     #[cfg(test)]
     pub(crate) fn set_map(&mut self, map: Option<Arc<FileMap>>) {
         self.map = map.filter(|_| self.inline);
+    }
+
+    /// How many cache ranges were copied through the mapping.
+    pub fn mapped_copies(&self) -> u64 {
+        self.mapped_copies
     }
 
     /// True if hits are served by copying from a mapping of the cache file.
@@ -457,7 +465,7 @@ impl QueueRing {
 
     /// Runs each operation with `preadv`/`pwritev` on this thread; false
     /// if one failed or was short.
-    fn run_inline(&self, write: bool, io: &DirectIo, iovecs: &Iovecs) -> bool {
+    fn run_inline(&mut self, write: bool, io: &DirectIo, iovecs: &Iovecs) -> bool {
         for (i, ext) in io.extents().iter().enumerate() {
             let Some(iov) = iovecs.op(i) else {
                 return false;
@@ -467,6 +475,7 @@ impl QueueRing {
                 // caller's `Arc<GuestMem>` keeps mapped during this call.
                 let copied = unsafe { map.copy(write, ext.dev_offset, ext.len, iov) };
                 if copied {
+                    self.mapped_copies += 1;
                     continue;
                 }
             }
