@@ -398,7 +398,7 @@ impl BlkBackend {
                 // Back-pressure per queue: at most one ring's worth of
                 // requests in flight, whatever the driver publishes.
                 let limit = usize::from(vring.get_ref().get_queue().size()).max(1);
-                if shared && popped >= limit {
+                if shared && popped >= limit && avail_pending(vring, &atomic) {
                     yielded = true;
                     break;
                 }
