@@ -81,8 +81,8 @@ pub struct BlkBackendConfig {
     pub io_uring: bool,
     /// Keep polling a queue this long after serving it (zero: off).
     pub poll: Duration,
-    /// Queue worker threads, 1..=`num_queues` (out-of-range values are
-    /// clamped). Queue `q` is served by thread `q % queue_threads`. Fewer
+    /// Queue worker threads, 1..=`num_queues` (0: one per queue; larger
+    /// values are clamped). Queue `q` is served by thread `q % queue_threads`. Fewer
     /// threads than queues means larger batches and fewer context switches
     /// on hosts with few cores; polling (`poll`) needs one thread per
     /// queue (see [`BlkBackendConfig::threads`]).
@@ -324,11 +324,15 @@ impl BlkBackend {
                 }
             }
             if avail_pending(vring, &atomic) {
-                if let Err(e) = self.serve(q, vring, true) {
-                    result = Err(e);
-                    break;
+                match self.serve(q, vring, true) {
+                    // Chains the driver published but `pop` refuses are no
+                    // progress: the session idles out.
+                    Ok(n) => progressed |= n > 0,
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
                 }
-                progressed = true;
             }
             let now = Instant::now();
             if progressed {
@@ -382,6 +386,12 @@ impl BlkBackend {
         // ring's worth, then yields (see below), so that a queue the driver
         // keeps full does not starve the others.
         let mut yielded = false;
+        // Set when the driver's available index is further ahead than the
+        // ring holds: nothing can be popped until it mends it, and the
+        // re-arm would keep saying "more" (see `Popped::Refused`).
+        let mut refused = false;
+        // Set when a ring's worth is in flight and nothing more is published.
+        let mut full = false;
         // The handle, not a snapshot: `pop` loads the current memory map.
         let atomic = self.memory();
         let mut ring_guard = self.lock_ring(q);
@@ -402,17 +412,20 @@ impl BlkBackend {
                     yielded = true;
                     break;
                 }
-                let since = Instant::now();
+                let mut since = None;
                 let mut warned = 0u64;
                 while inflight.count() >= limit {
                     if self.inner.closing.load(Ordering::Acquire) {
                         return Ok(popped);
                     }
                     // A driver that keeps to the ring's size has nothing more
-                    // to pop: no reason to wait.
+                    // to pop: no reason to wait. End the pass (the re-arm
+                    // below re-checks) rather than pop past the limit.
                     if !avail_pending(vring, &atomic) {
+                        full = true;
                         break;
                     }
+                    let since = *since.get_or_insert_with(Instant::now);
                     // The other queues of this worker are not served while
                     // it waits, but their completions must be posted: their
                     // pins may be what our pool requests wait for.
@@ -447,8 +460,16 @@ impl BlkBackend {
                         }
                     }
                 }
-                let Some((chain, mem)) = pop(vring, inflight, &atomic) else {
+                if full {
                     break;
+                }
+                let (chain, mem) = match pop(vring, inflight, &atomic) {
+                    Popped::Chain(chain, mem) => (chain, mem),
+                    Popped::Empty => break,
+                    Popped::Refused => {
+                        refused = true;
+                        break;
+                    }
                 };
                 popped += 1;
                 let head = chain.head_index();
@@ -477,8 +498,22 @@ impl BlkBackend {
             }
             if yielded {
                 // Kicks stay off: the worker comes back through its own kick
-                // once the other queues' ready events have been handled.
-                self_kick(vring);
+                // (or its ring's eventfd) once the other queues' ready events
+                // have been handled.
+                if !self_kick(vring) {
+                    if let Some(r) = ring_guard.as_deref() {
+                        r.wake();
+                    }
+                }
+                break;
+            }
+            if refused {
+                // No re-arm: it would report the same chains forever. The
+                // driver's next kick tries again.
+                let n = self.inner.queue_errors.fetch_add(1, Ordering::Relaxed) + 1;
+                if n.is_power_of_two() {
+                    log::error!("queue {q}: the driver's available index is more than a ring ahead; not serving it ({n} queue errors so far)");
+                }
                 break;
             }
             if polling {
@@ -626,11 +661,12 @@ fn queue_of(thread: usize, local: usize, threads: u16) -> usize {
 }
 
 /// Signals the queue's kick eventfd, as the driver would, so that the
-/// worker's epoll loop serves it again after the events already pending.
-fn self_kick(vring: &Vring) {
+/// worker's epoll loop serves it again after the events already pending;
+/// false if the queue has no kick eventfd.
+fn self_kick(vring: &Vring) -> bool {
     let state = vring.get_ref();
     let Some(kick) = state.get_kick() else {
-        return;
+        return false;
     };
     let one = 1u64.to_ne_bytes();
     // SAFETY: writes 8 bytes from a local array to a descriptor the vring
@@ -643,6 +679,20 @@ fn self_kick(vring: &Vring) {
             io::Error::last_os_error()
         );
     }
+    true
+}
+
+/// What [`pop`] found.
+enum Popped {
+    /// A chain, counted in flight, with the memory map it was read through.
+    Chain(Chain, Arc<GuestMem>),
+    /// Nothing published (or the queue is not live).
+    Empty,
+    /// Chains are published but cannot be popped: the available index is
+    /// more than a ring ahead of the device's, or the ring entry cannot be
+    /// read. Only a faulty or hostile driver does this; nothing more can be
+    /// served until it mends the ring.
+    Refused,
 }
 
 /// Pops the next available chain, counting it as in flight.
@@ -651,21 +701,30 @@ fn self_kick(vring: &Vring) {
 /// move: the driver maps a buffer (ADD_MEM_REGION, acknowledged) before it
 /// publishes a request using it, so a snapshot taken earlier could miss
 /// that region and fail a valid request.
-fn pop(
-    vring: &Vring,
-    inflight: &InFlight,
-    atomic: &GuestMemAtomic,
-) -> Option<(Chain, Arc<GuestMem>)> {
+fn pop(vring: &Vring, inflight: &InFlight, atomic: &GuestMemAtomic) -> Popped {
     let mut state = vring.get_mut();
-    if !has_avail(&state, atomic) {
-        return None;
+    let pending = {
+        let queue = state.get_queue();
+        let m = atomic.memory();
+        match queue.avail_idx(&*m, Ordering::Acquire) {
+            Ok(idx) if is_live(&state) => idx.0.wrapping_sub(queue.next_avail()),
+            _ => 0,
+        }
+    };
+    if pending == 0 {
+        return Popped::Empty;
+    }
+    // Checked here so that a hostile index costs no error line per pass in
+    // virtio-queue (which refuses it too).
+    if pending > state.get_queue().size() {
+        return Popped::Refused;
     }
     let mem = atomic.memory().into_inner();
-    let chain = state
-        .get_queue_mut()
-        .pop_descriptor_chain(Arc::clone(&mem))?;
+    let Some(chain) = state.get_queue_mut().pop_descriptor_chain(Arc::clone(&mem)) else {
+        return Popped::Refused;
+    };
     inflight.begin();
-    Some((chain, mem))
+    Popped::Chain(chain, mem)
 }
 
 /// True if the driver has published chains the device has not popped on

@@ -728,3 +728,43 @@ fn inflight_bound_waits_for_a_completion() {
 
 #[path = "uring_tests.rs"]
 mod uring_tests;
+
+/// A driver that moves the available index more than a ring ahead of the
+/// device's publishes chains nobody can pop. Before, each pass re-armed
+/// kicks, saw "more pending" and tried again: a worker spinning at 100 %
+/// for good (and, with `--poll`, a poll session that never idled). Now the
+/// pass ends, the error is counted, and once the driver mends its index
+/// the queue serves again. With and without busy polling.
+#[test]
+fn an_available_index_past_the_ring_ends_the_pass() {
+    for poll in [Duration::ZERO, Duration::from_micros(200)] {
+        let source: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(DISK));
+        let cache: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(1 << 20));
+        let mut g = Guest::polled(1, limits(), source, cache, poll);
+        g.backend.set_event_idx(true);
+        let idx_addr = GuestAddress(avail_ring(0) + 2);
+        g.mem.write_obj(QSIZE + 1, idx_addr).unwrap();
+        let (backend, vring) = (g.backend.clone(), g.vrings[0].clone());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let r = backend.process_queue(0, &vring);
+            let _ = tx.send(r.is_ok());
+        });
+        let finished = rx.recv_timeout(Duration::from_secs(10));
+        assert_eq!(finished, Ok(true), "poll {poll:?}: the pass did not end");
+        assert!(g.backend.inner.queue_errors.load(Ordering::Relaxed) >= 1);
+        assert!(g.take_used(0).is_empty());
+        // The driver mends its index: requests are served again.
+        g.mem.write_obj(0u16, idx_addr).unwrap();
+        let want = pattern(4);
+        g.engine.write(8 * 512, &want).unwrap();
+        let (head, s) = g.publish_good_read(0, 8);
+        g.run(0);
+        assert_eq!(
+            g.take_used(0),
+            vec![(u32::from(head), 4097)],
+            "poll {poll:?}"
+        );
+        assert!(g.read_data(&s, 4096) == want);
+    }
+}
