@@ -259,16 +259,21 @@ mod tests {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::FileExt;
 
-    #[test]
-    fn copies_both_ways_and_refuses_ranges_outside_the_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = std::fs::OpenOptions::new()
+    /// A new empty file `f` in `dir`, open for reading and writing.
+    fn new_file(dir: &tempfile::TempDir) -> std::fs::File {
+        std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
             .open(dir.path().join("f"))
-            .unwrap();
+            .unwrap()
+    }
+
+    #[test]
+    fn copies_both_ways_and_refuses_ranges_outside_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = new_file(&dir);
         f.write_all_at(&[7u8; 8192], 0).unwrap();
         let map = FileMap::new(f.as_raw_fd()).unwrap();
         let mut a = [0u8; 1000];
@@ -323,13 +328,7 @@ mod tests {
         let dir = tempfile::tempdir_in("/dev/shm")
             .or_else(|_| tempfile::tempdir())
             .unwrap();
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dir.path().join("f"))
-            .unwrap();
+        let f = new_file(&dir);
         const K: u64 = 1024;
         f.set_len(256 * K).unwrap();
         f.write_all_at(&[9u8; 4096], 64 * K).unwrap();

@@ -18,23 +18,33 @@ fn file_guest_in(dir: tempfile::TempDir, direct: bool) -> Option<(Guest, tempfil
 }
 
 /// As `file_guest_in`, with the queue busy-polled for `poll` after a pass.
-fn file_guest_polled(
-    dir: tempfile::TempDir,
+/// A new 4 MiB cache file `cache.img` in `dir`, opened with or without
+/// O_DIRECT.
+fn cache_file(
+    dir: &tempfile::TempDir,
     direct: bool,
-    poll: Duration,
-) -> Option<(Guest, tempfile::TempDir)> {
+) -> Result<FileDevice, crate::device::DeviceError> {
     let path = dir.path().join("cache.img");
     std::fs::File::create(&path)
         .unwrap()
         .set_len(4 << 20)
         .unwrap();
-    let cache = match FileDevice::open(
+    FileDevice::open(
         &path,
         OpenOptions {
             direct,
             read_only: false,
         },
-    ) {
+    )
+}
+
+/// As `file_guest_in`, with the queue busy-polled for `poll` after a pass.
+fn file_guest_polled(
+    dir: tempfile::TempDir,
+    direct: bool,
+    poll: Duration,
+) -> Option<(Guest, tempfile::TempDir)> {
+    let cache = match cache_file(&dir, direct) {
         Ok(d) => d,
         Err(e) if direct => {
             eprintln!("skipping the O_DIRECT case: {e}");
@@ -750,16 +760,7 @@ fn a_one_buffer_write_hit_goes_through_the_ring() {
 #[test]
 fn queues_sharing_a_thread_are_told_apart_by_their_events() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("cache.img");
-    std::fs::File::create(&path)
-        .unwrap()
-        .set_len(4 << 20)
-        .unwrap();
-    let opts = OpenOptions {
-        direct: false,
-        read_only: false,
-    };
-    let cache = FileDevice::open(&path, opts).unwrap();
+    let cache = cache_file(&dir, false).unwrap();
     // Misses take 300 ms, so one stays in flight long enough to be seen.
     let slow = LatencyProfile {
         read: Duration::from_millis(300),
@@ -854,17 +855,8 @@ fn queues_sharing_a_thread_are_told_apart_by_their_events() {
 #[test]
 fn a_worker_waiting_on_one_queue_posts_its_other_queues_completions() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("cache.img");
-    std::fs::File::create(&path)
-        .unwrap()
-        .set_len(4 << 20)
-        .unwrap();
     // O_DIRECT: a hit stays on the ring for the device's latency.
-    let opts = OpenOptions {
-        direct: true,
-        read_only: false,
-    };
-    let cache = match FileDevice::open(&path, opts) {
+    let cache = match cache_file(&dir, true) {
         Ok(d) if !d.is_memory() => d,
         // tmpfs (which takes O_DIRECT since Linux 6.6) serves hits inline.
         Ok(_) => {
