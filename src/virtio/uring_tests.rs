@@ -868,33 +868,75 @@ fn a_worker_waiting_on_one_queue_posts_its_other_queues_completions() {
             return;
         }
     };
+    // Misses take 300 ms: queue 0's pool requests keep the worker waiting.
+    let slow = LatencyProfile {
+        read: Duration::from_millis(300),
+        ..LatencyProfile::default()
+    };
+    let source = LatencyDevice::new(MemDevice::new(DISK), slow);
     let mut cfg = test_config(2, QSIZE, limits(), Duration::ZERO);
     cfg.queue_threads = 1;
-    let mut g = Guest::configured(cfg, Arc::new(MemDevice::new(DISK)), Arc::new(cache));
-    let data = pattern(2);
+    let mut g = Guest::configured(cfg, Arc::new(source), Arc::new(cache));
+    // A 48 KiB hit, long enough on the device to outlast its pass.
+    const LEN: u32 = 48 << 10;
+    let data: Vec<u8> = (0..12u8).flat_map(pattern).collect();
     g.engine.write(8 * 512, &data).unwrap();
     let vrings = vec![g.vrings[0].clone(), g.vrings[1].clone()];
-    for _ in 0..50 {
-        let (head, s) = g.publish_good_read(1, 8);
+    for _ in 0..200 {
+        let s = Guest::slot(1, 0);
+        g.reset_status(&s);
+        g.header(s.hdr, VIRTIO_BLK_T_IN, 8);
+        let head = g.chain(1, 0, &[(s.hdr, 16, 0), (s.data, LEN, W), (s.status, 1, W)]);
+        g.publish(1, head);
         // Queue 1's kick: its hit goes to its ring.
         g.backend.handle_event(1, EventSet::IN, &vrings, 0).unwrap();
         if !g.backend.lock_ring(1).unwrap().busy() {
             // Done within the pass already: try again.
-            assert_eq!(g.take_used(1), vec![(u32::from(head), 4097)]);
+            assert_eq!(g.take_used(1), vec![(u32::from(head), LEN + 1)]);
             continue;
         }
         assert!(g.take_used(1).is_empty());
+        // Queue 0: a ring's worth of misses in flight (one chain published
+        // QSIZE times), then one more published: the worker must wait.
+        let miss = Guest::slot(0, 0);
+        g.reset_status(&miss);
+        g.header(miss.hdr, VIRTIO_BLK_T_IN, 400);
+        let h0 = g.chain(
+            0,
+            0,
+            &[(miss.hdr, 16, 0), (miss.data, 4096, W), (miss.status, 1, W)],
+        );
+        for _ in 0..QSIZE {
+            g.publish(0, h0);
+        }
+        g.backend.handle_event(0, EventSet::IN, &vrings, 0).unwrap();
+        assert_eq!(g.backend.inner.inflight[0].count(), usize::from(QSIZE));
+        assert!(
+            g.take_used(1).is_empty(),
+            "queue 1 posted by queue 0's pass"
+        );
+        g.publish(0, h0);
+        let (backend, worker_vrings) = (g.backend.clone(), vrings.clone());
+        let worker = std::thread::spawn(move || {
+            backend
+                .handle_event(0, EventSet::IN, &worker_vrings, 0)
+                .unwrap();
+        });
+        // No event of queue 1 is delivered: only the waiting worker can
+        // post its completion.
         let mut used = Vec::new();
-        assert!(wait_until(Duration::from_secs(5), || {
-            g.backend.reap_siblings(0);
-            used.extend(g.take_used(1));
-            !used.is_empty()
-        }));
-        assert_eq!(used, vec![(u32::from(head), 4097)]);
-        assert!(g.read_data(&s, 4096) == data);
-        // Queue 0's own ring is not queue 1's sibling's business.
-        g.backend.reap_siblings(1);
-        assert!(g.take_used(0).is_empty());
+        assert!(
+            wait_until(Duration::from_secs(5), || {
+                used.extend(g.take_used(1));
+                !used.is_empty()
+            }),
+            "queue 1's completion was not posted while the worker waited"
+        );
+        assert_eq!(used, vec![(u32::from(head), LEN + 1)]);
+        assert!(g.read_data(&s, LEN as usize) == data);
+        worker.join().unwrap();
+        assert!(g.backend.drain(Duration::from_secs(30)), "drain");
+        assert_eq!(g.take_used(0).len(), usize::from(QSIZE) + 1);
         return;
     }
     panic!("no hit was still in flight after its pass");
