@@ -82,10 +82,10 @@ pub struct BlkBackendConfig {
     /// Keep polling a queue this long after serving it (zero: off).
     pub poll: Duration,
     /// Queue worker threads, 1..=`num_queues` (0: one per queue; larger
-    /// values are clamped). Queue `q` is served by thread `q % queue_threads`. Fewer
-    /// threads than queues means larger batches and fewer context switches
-    /// on hosts with few cores; polling (`poll`) needs one thread per
-    /// queue (see [`BlkBackendConfig::threads`]).
+    /// values are clamped). Queue `q` is served by thread
+    /// `q % queue_threads`. Fewer threads than queues means larger batches
+    /// and fewer context switches on hosts with few cores; polling (`poll`)
+    /// needs one thread per queue (see [`BlkBackendConfig::threads`]).
     pub queue_threads: u16,
 }
 
@@ -510,10 +510,10 @@ impl BlkBackend {
             if refused {
                 // No re-arm: it would report the same chains forever. The
                 // driver's next kick tries again.
-                let n = self.inner.queue_errors.fetch_add(1, Ordering::Relaxed) + 1;
-                if n.is_power_of_two() {
-                    log::error!("queue {q}: the driver's available index is more than a ring ahead; not serving it ({n} queue errors so far)");
-                }
+                self.inner.queue_error(
+                    q,
+                    "the driver's available index is more than a ring ahead; not serving it",
+                );
                 break;
             }
             if polling {
@@ -703,14 +703,7 @@ enum Popped {
 /// that region and fail a valid request.
 fn pop(vring: &Vring, inflight: &InFlight, atomic: &GuestMemAtomic) -> Popped {
     let mut state = vring.get_mut();
-    let pending = {
-        let queue = state.get_queue();
-        let m = atomic.memory();
-        match queue.avail_idx(&*m, Ordering::Acquire) {
-            Ok(idx) if is_live(&state) => idx.0.wrapping_sub(queue.next_avail()),
-            _ => 0,
-        }
-    };
+    let pending = pending(&state, atomic);
     if pending == 0 {
         return Popped::Empty;
     }
@@ -730,7 +723,7 @@ fn pop(vring: &Vring, inflight: &InFlight, atomic: &GuestMemAtomic) -> Popped {
 /// True if the driver has published chains the device has not popped on
 /// a live queue.
 fn avail_pending(vring: &Vring, mem: &GuestMemAtomic) -> bool {
-    has_avail(&vring.get_ref(), mem)
+    pending(&vring.get_ref(), mem) != 0
 }
 
 /// True while the front-end lets the device use the ring: the queue is
@@ -744,15 +737,17 @@ fn live(vring: &Vring) -> bool {
     is_live(&vring.get_ref())
 }
 
-/// True if the queue is live and its available index is ahead of what the
-/// device popped, read through the current memory map.
-fn has_avail(state: &VringState<GuestMemAtomic>, mem: &GuestMemAtomic) -> bool {
+/// How far the driver's available index is ahead of what the device
+/// popped, read through the current memory map; 0 if the queue is not live
+/// or the index cannot be read. More than the queue size only from a faulty
+/// or hostile driver (see [`Popped::Refused`]).
+fn pending(state: &VringState<GuestMemAtomic>, mem: &GuestMemAtomic) -> u16 {
     let queue = state.get_queue();
     let m = mem.memory();
-    is_live(state)
-        && queue
-            .avail_idx(&*m, Ordering::Acquire)
-            .is_ok_and(|idx| idx.0 != queue.next_avail())
+    match queue.avail_idx(&*m, Ordering::Acquire) {
+        Ok(idx) if is_live(state) => idx.0.wrapping_sub(queue.next_avail()),
+        _ => 0,
+    }
 }
 
 /// Sets up queue `q`'s io_uring if enabled and the cache device allows it.
@@ -779,6 +774,15 @@ fn make_ring(
 }
 
 impl Inner {
+    /// Counts an error of queue `q` that a guest can repeat at will, and
+    /// logs its 1st, 2nd, 4th, 8th, ... occurrence (all queues together).
+    fn queue_error(&self, q: usize, what: impl std::fmt::Display) {
+        let n = self.queue_errors.fetch_add(1, Ordering::Relaxed) + 1;
+        if n.is_power_of_two() {
+            log::error!("queue {q}: {what} ({n} queue errors so far)");
+        }
+    }
+
     /// Puts each `(head, used_len)` on the used ring, signals the driver
     /// once if EVENT_IDX says so, and uncounts the requests.
     fn complete(&self, q: usize, vring: &Vring, done: &[(u16, u32)]) {
@@ -957,10 +961,7 @@ impl VhostUserBackend for BlkBackend {
         // next kick or completion tries again. A guest can cause one per
         // kick (a ring outside its memory), so log the 1st, 2nd, 4th, ...
         if let Err(e) = result {
-            let n = self.inner.queue_errors.fetch_add(1, Ordering::Relaxed) + 1;
-            if n.is_power_of_two() {
-                log::error!("queue {q}: {e} ({n} queue errors so far)");
-            }
+            self.inner.queue_error(q, e);
         }
         Ok(())
     }

@@ -128,13 +128,18 @@ impl FileMap {
 
 /// The size of the file behind `fd`, if it can be had.
 fn file_len(fd: RawFd) -> Option<usize> {
+    usize::try_from(fstat(fd)?.st_size).ok()
+}
+
+/// `fstat` of `fd`, if it succeeds.
+fn fstat(fd: RawFd) -> Option<libc::stat> {
     // SAFETY: an all-zero stat is a valid value for fstat to fill.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: `fd` is open for the caller's lifetime; `st` is valid.
     if unsafe { libc::fstat(fd, &mut st) } != 0 {
         return None;
     }
-    usize::try_from(st.st_size).ok()
+    Some(st)
 }
 
 /// Allocates whatever part of the `(offset, len)` ranges (sorted, not
@@ -235,13 +240,10 @@ fn allocate(fd: RawFd, offset: u64, len: u64) -> std::io::Result<()> {
 
 /// Bytes allocated to the file behind `fd` (0 if unknown).
 fn allocated_bytes(fd: RawFd) -> u64 {
-    // SAFETY: an all-zero stat is a valid value for fstat to fill.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: `fd` is open for the caller's lifetime; `st` is valid.
-    if unsafe { libc::fstat(fd, &mut st) } != 0 {
-        return 0;
-    }
-    u64::try_from(st.st_blocks).unwrap_or(0).saturating_mul(512)
+    fstat(fd)
+        .and_then(|st| u64::try_from(st.st_blocks).ok())
+        .unwrap_or(0)
+        .saturating_mul(512)
 }
 
 impl Drop for FileMap {
