@@ -135,6 +135,12 @@ pub struct ServeArgs {
     /// 10ms).
     #[arg(long, value_name = "DURATION", default_value = "0")]
     pub poll: String,
+    /// Register guest memory with each queue's io_uring, so that cache hits
+    /// skip pinning guest pages per request. All of the guest's RAM is then
+    /// faulted in and locked while it is connected (needs RLIMIT_MEMLOCK of
+    /// at least its size, or CAP_IPC_LOCK) [default: off].
+    #[arg(long)]
+    pub pin_guest_memory: bool,
     /// Format the cache device even if it holds data that is not a vblkcache
     /// cache [default: refuse].
     #[arg(long)]

@@ -98,6 +98,8 @@ pub struct ServeConfig {
     /// Busy-polling interval of each queue after it was served (default
     /// zero: sleep at once).
     pub poll: std::time::Duration,
+    /// Register guest memory as io_uring fixed buffers (default off).
+    pub pin_guest_memory: bool,
     /// Permission bits of the sockets (default 0o600).
     pub socket_mode: u32,
     /// Write dirty blocks back to the source on shutdown (default off).
@@ -331,6 +333,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             buffered: a.buffered,
             io_uring: a.io_uring == "on",
             poll,
+            pin_guest_memory: a.pin_guest_memory,
             socket_mode,
             writeback_on_exit: a.writeback_on_exit,
             source_latency: match &a.source_latency {
@@ -393,6 +396,7 @@ mod tests {
         assert_eq!(c.engine.mode, None);
         assert_eq!(c.serial, "vblkcache");
         assert!(!c.readonly && !c.direct && !c.engine.format);
+        assert!(!c.pin_guest_memory, "pinning guest memory is opt-in");
     }
 
     #[test]
@@ -454,9 +458,11 @@ mod tests {
             "--readonly",
             "--poll",
             "32us",
+            "--pin-guest-memory",
         ])
         .unwrap();
         assert_eq!(c.poll, std::time::Duration::from_micros(32));
+        assert!(c.pin_guest_memory);
         assert_eq!(c.engine.mode, Some(WriteMode::Writethrough));
         assert_eq!(c.engine.geometry.block_size, Some(128 * 1024));
         assert_eq!(c.engine.geometry.cache_blocks, Some(64));

@@ -284,6 +284,7 @@ fn serve_engine(cfg: &ServeConfig, stop: &Arc<Stop>, engine: &Arc<Engine>) -> Re
         serial: cfg.serial.clone(),
         io_uring: cfg.io_uring,
         poll: cfg.poll,
+        pin_guest_memory: cfg.pin_guest_memory,
         queue_threads: cfg.queue_threads,
     };
     // Everything that may need privileges is open: devices, sockets, threads.

@@ -87,6 +87,9 @@ pub struct BlkBackendConfig {
     /// and fewer context switches on hosts with few cores; polling (`poll`)
     /// needs one thread per queue (see [`BlkBackendConfig::threads`]).
     pub queue_threads: u16,
+    /// Register guest memory with each queue's io_uring as fixed buffers
+    /// (see [`super::fixed`]).
+    pub pin_guest_memory: bool,
 }
 
 impl BlkBackendConfig {
@@ -762,7 +765,7 @@ fn make_ring(
         return None;
     }
     let access = engine.cache_raw_access()?;
-    match QueueRing::new(access, cfg.queue_size, map) {
+    match QueueRing::new(access, cfg.queue_size, map, cfg.pin_guest_memory) {
         Ok(r) => Some(r),
         Err(e) => {
             if q == 0 {

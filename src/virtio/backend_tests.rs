@@ -272,6 +272,7 @@ fn test_config(
         io_uring: true,
         poll,
         queue_threads: queues,
+        pin_guest_memory: false,
     }
 }
 

@@ -8,6 +8,7 @@ pub mod backend;
 pub mod config_space;
 pub mod execute;
 mod filemap;
+mod fixed;
 mod inflight;
 pub mod pool;
 pub mod request;

@@ -32,6 +32,7 @@
 use super::backend::{GuestMem, Vring};
 use super::execute::{walk, write_status};
 use super::filemap::FileMap;
+use super::fixed::FixedBufs;
 use super::request::{Request, RequestKind};
 use crate::device::RawAccess;
 use crate::engine::{DirectBufs, DirectIo, Engine};
@@ -133,6 +134,9 @@ pub struct QueueRing {
     /// The kernel has IORING_OP_READ/WRITE (Linux 5.6): one-buffer
     /// requests use them rather than READV/WRITEV.
     plain_ops: bool,
+    /// The kernel has IORING_OP_READV/WRITEV_FIXED (Linux 6.15): requests
+    /// with several buffers can use registered guest memory too.
+    vec_fixed_ops: bool,
     /// Requests served synchronously, waiting to be reaped.
     ready: Vec<Done>,
     /// Vectors of finished requests, for the next ones.
@@ -144,6 +148,10 @@ pub struct QueueRing {
     pub vring: Option<Vring>,
     /// Ranges copied through `map` so far.
     mapped_copies: u64,
+    /// Guest memory registered as fixed buffers (`--pin-guest-memory`).
+    fixed: Option<FixedBufs>,
+    /// Operations queued on registered buffers so far.
+    fixed_ops: u64,
 }
 
 // SAFETY: the raw iovec pointers inside `Pending` point into guest memory
@@ -155,11 +163,12 @@ unsafe impl Send for QueueRing {}
 impl QueueRing {
     /// A ring for the device behind `access`, sized for `queue_size`
     /// requests; `map` is a mapping of that device's file, used when it is
-    /// memory-backed.
+    /// memory-backed; `pin_memory` registers guest memory with the ring.
     pub(crate) fn new(
         access: RawAccess,
         queue_size: u16,
         map: Option<Arc<FileMap>>,
+        pin_memory: bool,
     ) -> Result<QueueRing, UringError> {
         let entries = u32::from(queue_size).clamp(64, 4096);
         let ring = IoUring::new(entries).map_err(|source| UringError::Setup { entries, source })?;
@@ -171,7 +180,7 @@ impl QueueRing {
         ring.submitter()
             .register_files(&[access.fd])
             .map_err(UringError::RegisterFile)?;
-        let plain_ops = supports_plain_ops(&ring);
+        let (plain_ops, vec_fixed_ops) = supported_ops(&ring);
         Ok(QueueRing {
             ring,
             event,
@@ -188,11 +197,14 @@ impl QueueRing {
             inline: access.memory,
             map: map.filter(|_| access.memory),
             plain_ops,
+            vec_fixed_ops,
             ready: Vec::new(),
             spare: Vec::new(),
             cqes: Vec::new(),
             vring: None,
             mapped_copies: 0,
+            fixed: pin_memory.then(FixedBufs::default),
+            fixed_ops: 0,
         })
     }
 
@@ -223,6 +235,17 @@ impl QueueRing {
     /// How many cache ranges were copied through the mapping.
     pub fn mapped_copies(&self) -> u64 {
         self.mapped_copies
+    }
+
+    /// How many operations used registered guest memory.
+    pub fn fixed_ops(&self) -> u64 {
+        self.fixed_ops
+    }
+
+    /// True if requests with several buffers can use registered memory.
+    #[cfg(test)]
+    pub(crate) fn vectored_fixed(&self) -> bool {
+        self.vec_fixed_ops
     }
 
     /// True if hits are served by copying from a mapping of the cache file.
@@ -322,21 +345,49 @@ impl QueueRing {
             // One buffer (the common 4 KiB request): plain READ/WRITE, which
             // spare the kernel copying and walking an iovec array.
             let sqe = match (iov, write) {
-                ([one], w) if self.plain_ops => match u32::try_from(one.iov_len) {
-                    Ok(len) if w => opcode::Write::new(fd, one.iov_base.cast::<u8>(), len)
-                        .offset(at)
-                        .build(),
-                    Ok(len) => opcode::Read::new(fd, one.iov_base.cast::<u8>(), len)
-                        .offset(at)
-                        .build(),
-                    Err(_) => break,
-                },
-                (_, true) => opcode::Writev::new(fd, iov.as_ptr(), iov_len)
-                    .offset(at)
-                    .build(),
-                (_, false) => opcode::Readv::new(fd, iov.as_ptr(), iov_len)
-                    .offset(at)
-                    .build(),
+                ([one], w) if self.plain_ops => {
+                    let Ok(len) = u32::try_from(one.iov_len) else {
+                        break;
+                    };
+                    let buf = one.iov_base.cast::<u8>();
+                    let fixed = self
+                        .fixed
+                        .as_mut()
+                        .and_then(|f| f.index(&self.ring, &pending.mem, buf, one.iov_len));
+                    if fixed.is_some() {
+                        self.fixed_ops += 1;
+                    }
+                    match (fixed, w) {
+                        (Some(ix), true) => {
+                            opcode::WriteFixed::new(fd, buf, len, ix).offset(at).build()
+                        }
+                        (Some(ix), false) => {
+                            opcode::ReadFixed::new(fd, buf, len, ix).offset(at).build()
+                        }
+                        (None, true) => opcode::Write::new(fd, buf, len).offset(at).build(),
+                        (None, false) => opcode::Read::new(fd, buf, len).offset(at).build(),
+                    }
+                }
+                (_, w) => {
+                    let fixed = match &mut self.fixed {
+                        Some(f) if self.vec_fixed_ops => f.index_all(&self.ring, &pending.mem, iov),
+                        _ => None,
+                    };
+                    if fixed.is_some() {
+                        self.fixed_ops += 1;
+                    }
+                    let v = iov.as_ptr();
+                    match (fixed, w) {
+                        (Some(ix), true) => opcode::WritevFixed::new(fd, v, iov_len, ix)
+                            .offset(at)
+                            .build(),
+                        (Some(ix), false) => opcode::ReadvFixed::new(fd, v, iov_len, ix)
+                            .offset(at)
+                            .build(),
+                        (None, true) => opcode::Writev::new(fd, v, iov_len).offset(at).build(),
+                        (None, false) => opcode::Readv::new(fd, v, iov_len).offset(at).build(),
+                    }
+                }
             }
             .user_data(user_data);
             if self.ring.submission().is_full() {
@@ -593,13 +644,19 @@ impl QueueRing {
     }
 }
 
-/// True if the kernel offers IORING_OP_READ and IORING_OP_WRITE (a probe
-/// failing means a kernel older than 5.6, which has neither).
-fn supports_plain_ops(ring: &IoUring) -> bool {
+/// Whether the kernel offers IORING_OP_READ and IORING_OP_WRITE, and
+/// IORING_OP_READV_FIXED and IORING_OP_WRITEV_FIXED (a probe failing means a
+/// kernel older than 5.6, which has none of them).
+fn supported_ops(ring: &IoUring) -> (bool, bool) {
     let mut probe = io_uring::Probe::new();
-    ring.submitter().register_probe(&mut probe).is_ok()
-        && probe.is_supported(opcode::Read::CODE)
-        && probe.is_supported(opcode::Write::CODE)
+    if ring.submitter().register_probe(&mut probe).is_err() {
+        return (false, false);
+    }
+    let has = |a: u8, b: u8| probe.is_supported(a) && probe.is_supported(b);
+    (
+        has(opcode::Read::CODE, opcode::Write::CODE),
+        has(opcode::ReadvFixed::CODE, opcode::WritevFixed::CODE),
+    )
 }
 
 /// The completion of a request served without error.

@@ -1,0 +1,301 @@
+//! Guest memory registered with a queue's io_uring as fixed buffers
+//! (`--pin-guest-memory`, off by default).
+//!
+//! A read or write into an unregistered buffer makes the kernel look up and
+//! pin the guest pages it touches, and unpin them again at completion, for
+//! every operation. Registering guest memory does that once: the kernel
+//! pins every page of it for as long as it stays registered. The price is
+//! that all of the guest's RAM is faulted in and locked (it counts against
+//! `RLIMIT_MEMLOCK` unless the daemon has `CAP_IPC_LOCK`), which is why it is
+//! opt-in.
+//!
+//! Invariants:
+//! - the table describes exactly what is registered with the ring: after a
+//!   failed registration it is empty and nothing is registered;
+//! - the registered generation of guest memory (`mem`) is kept alive while
+//!   registered, so its mappings outlive the registration;
+//! - a buffer index is handed out only for a range wholly inside one
+//!   registered buffer;
+//! - a generation is registered at most once: a failure is logged once and
+//!   the ring serves that generation with unregistered buffers.
+
+use super::backend::GuestMem;
+use io_uring::IoUring;
+use std::sync::Arc;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+/// The largest buffer the kernel accepts in one registration entry.
+const MAX_BUF: usize = 1 << 30;
+/// The most buffers one ring may register (the kernel's limit is 16384).
+const MAX_BUFS: usize = 16384;
+
+/// The fixed buffers of one ring.
+#[derive(Default)]
+pub(crate) struct FixedBufs {
+    /// The guest memory generation the table was built for.
+    mem: Option<Arc<GuestMem>>,
+    /// Registered buffers as (host start, length), sorted by start; the
+    /// position is the buffer index.
+    bufs: Vec<(usize, usize)>,
+    /// Registrations attempted.
+    generations: u64,
+}
+
+impl FixedBufs {
+    /// The index of the registered buffer holding `[ptr, ptr + len)`,
+    /// registering `mem` first if it is a new generation.
+    pub(crate) fn index(
+        &mut self,
+        ring: &IoUring,
+        mem: &Arc<GuestMem>,
+        ptr: *const u8,
+        len: usize,
+    ) -> Option<u16> {
+        let current = self.mem.as_ref().is_some_and(|m| Arc::ptr_eq(m, mem));
+        if !current {
+            self.register(ring, mem);
+        }
+        let start = ptr as usize;
+        let end = start.checked_add(len)?;
+        let i = self
+            .bufs
+            .partition_point(|&(s, _)| s <= start)
+            .checked_sub(1)?;
+        let &(s, l) = self.bufs.get(i)?;
+        (end <= s.checked_add(l)?).then(|| u16::try_from(i).ok())?
+    }
+
+    /// The index of the one registered buffer holding every range of
+    /// `iov`, registering `mem` first if it is a new generation.
+    pub(crate) fn index_all(
+        &mut self,
+        ring: &IoUring,
+        mem: &Arc<GuestMem>,
+        iov: &[libc::iovec],
+    ) -> Option<u16> {
+        let (first, rest) = iov.split_first()?;
+        let ix = self.index(ring, mem, first.iov_base.cast(), first.iov_len)?;
+        let &(s, l) = self.bufs.get(usize::from(ix))?;
+        let end = s.checked_add(l)?;
+        rest.iter()
+            .all(|v| {
+                let a = v.iov_base as usize;
+                a >= s && a.checked_add(v.iov_len).is_some_and(|e| e <= end)
+            })
+            .then_some(ix)
+    }
+
+    /// True if guest memory is registered.
+    pub(crate) fn registered(&self) -> bool {
+        !self.bufs.is_empty()
+    }
+
+    /// Replaces the registration with `mem`'s regions.
+    fn register(&mut self, ring: &IoUring, mem: &Arc<GuestMem>) {
+        if self.registered() {
+            // Operations in flight keep their own reference to the buffers
+            // they use; the kernel releases them as they complete.
+            if let Err(e) = ring.submitter().unregister_buffers() {
+                log::warn!("cannot unregister guest memory from io_uring: {e}");
+            }
+            self.bufs.clear();
+        }
+        self.mem = Some(Arc::clone(mem));
+        self.generations += 1;
+        let mut bufs = Vec::new();
+        for region in mem.iter() {
+            let base = region.as_ptr() as usize;
+            let Ok(size) = usize::try_from(region.len()) else {
+                continue;
+            };
+            let mut at = 0;
+            while at < size {
+                let n = (size - at).min(MAX_BUF);
+                bufs.push((base + at, n));
+                at += n;
+            }
+        }
+        bufs.sort_unstable();
+        if bufs.is_empty() || bufs.len() > MAX_BUFS {
+            return;
+        }
+        let iov: Vec<libc::iovec> = bufs
+            .iter()
+            .map(|&(s, l)| libc::iovec {
+                iov_base: s as *mut libc::c_void,
+                iov_len: l,
+            })
+            .collect();
+        // SAFETY: every iovec is a live mapping of guest memory, kept mapped
+        // by `self.mem` for as long as it is registered (the kernel pins the
+        // pages in any case).
+        match unsafe { ring.submitter().register_buffers(&iov) } {
+            Ok(()) => {
+                let bytes: usize = bufs.iter().map(|&(_, l)| l).sum();
+                log::info!(
+                    "guest memory registered with io_uring: {} MiB in {} buffers",
+                    bytes >> 20,
+                    bufs.len()
+                );
+                self.bufs = bufs;
+            }
+            Err(e) => log::warn!(
+                "cannot register guest memory with io_uring ({e}): it needs RLIMIT_MEMLOCK \
+                 of at least the guest's RAM or CAP_IPC_LOCK, and shared memory (memfd, \
+                 shm or hugetlbfs); serving without registered buffers"
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use io_uring::{opcode, types};
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    use vm_memory::{Bytes, FileOffset, GuestAddress};
+
+    const MIB: usize = 1 << 20;
+
+    /// A 64 KiB file of `seed`-derived bytes.
+    fn data_file(seed: u8) -> std::fs::File {
+        let mut f = tempfile::tempfile().unwrap();
+        let bytes: Vec<u8> = (0..65536u32).map(|i| (i as u8) ^ seed).collect();
+        f.write_all(&bytes).unwrap();
+        f
+    }
+
+    /// Reads 4 KiB of `file` into `ptr` with READ_FIXED on buffer `index`;
+    /// the kernel's result.
+    fn read_fixed(ring: &mut IoUring, file: &std::fs::File, ptr: *mut u8, index: u16) -> i32 {
+        let sqe = opcode::ReadFixed::new(types::Fd(file.as_raw_fd()), ptr, 4096, index)
+            .offset(8192)
+            .build();
+        // SAFETY: `ptr` points at 4 KiB of guest memory the caller keeps
+        // mapped until the completion is reaped below.
+        unsafe { ring.submission().push(&sqe) }.unwrap();
+        ring.submit_and_wait(1).unwrap();
+        ring.completion().next().unwrap().result()
+    }
+
+    fn host(mem: &GuestMem, addr: u64) -> *mut u8 {
+        mem.get_slice(GuestAddress(addr), 4096)
+            .unwrap()
+            .ptr_guard_mut()
+            .as_ptr()
+    }
+
+    /// Two guest regions are two buffers; a range is found in the one that
+    /// holds it (the kernel agrees: READ_FIXED with that index lands the
+    /// file's bytes in guest memory), and ranges outside or across a
+    /// region's end get no index.
+    #[test]
+    fn each_range_gets_the_buffer_that_holds_it() {
+        let mut ring = IoUring::new(8).unwrap();
+        let mem = Arc::new(
+            GuestMem::from_ranges(&[
+                (GuestAddress(0), 2 * MIB),
+                (GuestAddress(4 * MIB as u64), MIB),
+            ])
+            .unwrap(),
+        );
+        let mut fixed = FixedBufs::default();
+        let file = data_file(7);
+        let want: Vec<u8> = (8192..8192 + 4096u32).map(|i| (i as u8) ^ 7).collect();
+        for addr in [0u64, MIB as u64, 4 * MIB as u64 + 8192] {
+            let ptr = host(&mem, addr);
+            let ix = fixed.index(&ring, &mem, ptr, 4096).unwrap();
+            assert_eq!(
+                read_fixed(&mut ring, &file, ptr, ix),
+                4096,
+                "addr {addr:#x}"
+            );
+            let mut got = vec![0u8; 4096];
+            mem.read_slice(&mut got, GuestAddress(addr)).unwrap();
+            assert!(got == want, "addr {addr:#x}");
+        }
+        assert!(fixed.registered());
+        assert_eq!(fixed.generations, 1, "one generation, registered once");
+        let first = host(&mem, 0);
+        let second = host(&mem, 4 * MIB as u64);
+        // The two regions are separate mappings: a range running off the end
+        // of the first one is in no buffer.
+        let end_of_first = host(&mem, 2 * MIB as u64 - 4096);
+        assert_eq!(fixed.index(&ring, &mem, end_of_first, 8192), None);
+        assert!(fixed.index(&ring, &mem, first, 2 * MIB).is_some());
+        assert_ne!(
+            fixed.index(&ring, &mem, first, 4096),
+            fixed.index(&ring, &mem, second, 4096)
+        );
+        let iov = |p: *mut u8| libc::iovec {
+            iov_base: p.cast(),
+            iov_len: 4096,
+        };
+        let same = [iov(first), iov(host(&mem, 8192))];
+        assert_eq!(
+            fixed.index_all(&ring, &mem, &same),
+            fixed.index(&ring, &mem, first, 4096)
+        );
+        let split = [iov(first), iov(second)];
+        assert_eq!(fixed.index_all(&ring, &mem, &split), None, "two buffers");
+        let mut outside = vec![0u8; 4096];
+        assert_eq!(fixed.index(&ring, &mem, outside.as_mut_ptr(), 4096), None);
+    }
+
+    /// New guest memory (SET_MEM_TABLE) replaces the registration: the
+    /// new memory gets buffers and the old memory's are gone from the
+    /// kernel too (READ_FIXED into it fails).
+    #[test]
+    fn new_guest_memory_replaces_the_registration() {
+        let mut ring = IoUring::new(8).unwrap();
+        let old = Arc::new(GuestMem::from_ranges(&[(GuestAddress(0), MIB)]).unwrap());
+        let new = Arc::new(GuestMem::from_ranges(&[(GuestAddress(0), MIB)]).unwrap());
+        let file = data_file(3);
+        let mut fixed = FixedBufs::default();
+        let old_ptr = host(&old, 0);
+        let old_ix = fixed.index(&ring, &old, old_ptr, 4096).unwrap();
+        assert_eq!(read_fixed(&mut ring, &file, old_ptr, old_ix), 4096);
+        let new_ptr = host(&new, 0);
+        let new_ix = fixed.index(&ring, &new, new_ptr, 4096).unwrap();
+        assert_eq!(fixed.generations, 2);
+        assert_eq!(read_fixed(&mut ring, &file, new_ptr, new_ix), 4096);
+        assert_eq!(fixed.index(&ring, &new, old_ptr, 4096), None);
+        assert_eq!(
+            read_fixed(&mut ring, &file, old_ptr, old_ix),
+            -libc::EFAULT,
+            "the old memory is still registered"
+        );
+    }
+
+    /// Guest memory the kernel will not pin for long (a shared mapping of a
+    /// file on a disk filesystem) is not registered: no index is handed
+    /// out, and the same generation is not tried again.
+    #[test]
+    fn memory_that_cannot_be_pinned_is_used_unregistered() {
+        let ring = IoUring::new(8).unwrap();
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let path = dir.path().join("ram");
+        let file = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        file.set_len(MIB as u64).unwrap();
+        let mem = Arc::new(
+            GuestMem::from_ranges_with_files(&[(
+                GuestAddress(0),
+                MIB,
+                Some(FileOffset::new(file, 0)),
+            )])
+            .unwrap(),
+        );
+        let mut fixed = FixedBufs::default();
+        let ptr = host(&mem, 0);
+        assert_eq!(fixed.index(&ring, &mem, ptr, 4096), None);
+        assert_eq!(fixed.index(&ring, &mem, ptr, 4096), None);
+        assert!(!fixed.registered());
+        assert_eq!(fixed.generations, 1, "a failed generation was retried");
+    }
+}
