@@ -6,7 +6,7 @@
 #   bench/compare.sh [--quick] [--dir DIR] [--shm-dir DIR] [--no-shm]
 #                    [--out FILE] [--no-build] [--poll DURATION] [--only REGEX]
 #                    [--source-latency DURATION] [--no-cold] [--no-writeback]
-#                    [--repeat N] [--vbc-args "ARGS"]
+#                    [--repeat N] [--vbc-args "ARGS"] [--also-vbc "NAME:ARGS"]
 #
 # Two passes: "disk" (files under DIR, default target/, O_DIRECT everywhere)
 # and "tmpfs" (fast files under /dev/shm, page cache since tmpfs has no
@@ -30,6 +30,10 @@
 # --only REGEX: run only the workloads whose name matches (grep -E).
 # --vbc-args "ARGS": extra options for `vblkcache serve` (split on spaces),
 # e.g. "--queue-threads 1"; recorded in the machine line of --out.
+# --also-vbc "NAME:ARGS": a second vblkcache daemon with these extra options
+# (its own source copy and cache file, warmed the same way) runs as a fourth
+# target, "vblkcache-NAME", in the same rounds; e.g.
+# "pin:--pin-guest-memory".
 # --repeat N: run each workload N rounds on the three targets, rotating
 # which target goes first, and report the median of the per-round ratios
 # with their range (this VM's disk drifts by 10-20 % between minutes).
@@ -56,6 +60,8 @@ COLD=1
 WB=1
 REPEAT=1
 VBC_EXTRA=()
+ALSO_NAME=""
+ALSO_ARGS=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1 ;;
@@ -71,7 +77,14 @@ while [ $# -gt 0 ]; do
         --no-writeback) WB=0 ;;
         --repeat) REPEAT=$2; shift ;;
         --vbc-args) read -r -a VBC_EXTRA <<<"$2"; shift ;;
-        -h|--help) sed -n '2,42p' "$0"; exit 0 ;;
+        --also-vbc)
+            ALSO_NAME=${2%%:*}
+            read -r -a ALSO_ARGS <<<"${2#*:}"
+            if [ -z "$ALSO_NAME" ] || [ "$ALSO_NAME" = "$2" ]; then
+                echo "compare.sh: --also-vbc wants NAME:ARGS, e.g. pin:--pin-guest-memory" >&2; exit 2
+            fi
+            shift ;;
+        -h|--help) sed -n '2,46p' "$0"; exit 0 ;;
         *) echo "compare.sh: unknown option $1" >&2; exit 2 ;;
     esac
     shift
@@ -237,6 +250,32 @@ rotate() {
 }
 ROUND=1
 
+# warm PASS PREFIX: warms the vblkcache daemon at $WORK/PREFIX.sock (control
+# socket $WORK/ctl.sock for "vbc", $WORK/PREFIX-ctl.sock otherwise): one
+# sequential pass over the disk, then checks that the whole disk is cached
+# and that a second pass misses nothing.
+warm() {
+    local name=$1 sock="$WORK/$2.sock" ctl="$WORK/$2-ctl.sock" valid bsz m0 m1
+    [ "$2" = vbc ] && ctl="$WORK/ctl.sock"
+    log "warming vblkcache ($2)"
+    "$LOAD" --socket "$sock" --pattern read --bs 1M --iodepth 8 --once --ramp 0 \
+        --runtime 600s --json >/dev/null
+    valid=$(status_field "$ctl" valid_blocks)
+    bsz=$(status_field "$ctl" geometry.block_size)
+    m0=$(status_field "$ctl" stats.read_misses)
+    "$LOAD" --socket "$sock" --pattern read --bs 1M --iodepth 8 --once --ramp 0 \
+        --runtime 600s --json >/dev/null
+    m1=$(status_field "$ctl" stats.read_misses)
+    log "warm ($2): valid_blocks=$valid x $bsz bytes (disk $((DISK_MIB << 20))), misses on the second pass: $((m1 - m0))"
+    if [ $((valid * bsz)) -lt $((DISK_MIB << 20)) ] || [ "$m1" != "$m0" ]; then
+        log "WARNING: the vblkcache cache ($2) is not fully warm"
+        FAILED=1
+    fi
+    [ "$2" = vbc ] &&
+        echo "{\"pass\":\"$name\",\"warm\":{\"valid_blocks\":$valid,\"block_size\":$bsz,\"second_pass_misses\":$((m1 - m0))}}" >>"$OUT"
+    return 0
+}
+
 # run_pass NAME FASTDIR DIRECT(1|0)
 run_pass() {
     local name=$1 fast=$2 direct=$3 qpid vpid w wl args
@@ -264,24 +303,19 @@ run_pass() {
     wait_socket "$WORK/vbc.sock" "$vpid"
     wait_socket "$WORK/ctl.sock" "$vpid"
 
-    # Warm the cache: one sequential pass over the disk, then check that the
-    # whole disk is cached and that a second pass misses nothing.
-    log "warming vblkcache"
-    "$LOAD" --socket "$WORK/vbc.sock" --pattern read --bs 1M --iodepth 8 --once --ramp 0 \
-        --runtime 600s --json >/dev/null
-    local valid bsz m0 m1
-    valid=$(status_field "$WORK/ctl.sock" valid_blocks)
-    bsz=$(status_field "$WORK/ctl.sock" geometry.block_size)
-    m0=$(status_field "$WORK/ctl.sock" stats.read_misses)
-    "$LOAD" --socket "$WORK/vbc.sock" --pattern read --bs 1M --iodepth 8 --once --ramp 0 \
-        --runtime 600s --json >/dev/null
-    m1=$(status_field "$WORK/ctl.sock" stats.read_misses)
-    log "warm: valid_blocks=$valid x $bsz bytes (disk $((DISK_MIB << 20))), misses on the second pass: $((m1 - m0))"
-    if [ $((valid * bsz)) -lt $((DISK_MIB << 20)) ] || [ "$m1" != "$m0" ]; then
-        log "WARNING: the vblkcache cache is not fully warm"
-        FAILED=1
+    warm "$name" vbc
+    local apid=""
+    if [ -n "$ALSO_NAME" ]; then
+        truncate -s "${CACHE_MIB}M" "$fast/cache-also.img"
+        "$BIN" serve --source "$WORK/source-also.img" --cache "$fast/cache-also.img" \
+            --socket "$WORK/also.sock" --queues "$QUEUES" --control "$WORK/also-ctl.sock" \
+            "${vdirect[@]}" "${VBC_POLL[@]}" --source-latency "$SRC_LAT" "${VBC_EXTRA[@]}" \
+            "${ALSO_ARGS[@]}" >"$WORK/vbc-$ALSO_NAME-$name.log" 2>&1 &
+        apid=$!; PIDS+=("$apid")
+        wait_socket "$WORK/also.sock" "$apid"
+        wait_socket "$WORK/also-ctl.sock" "$apid"
+        warm "$name" also
     fi
-    echo "{\"pass\":\"$name\",\"warm\":{\"valid_blocks\":$valid,\"block_size\":$bsz,\"second_pass_misses\":$((m1 - m0))}}" >>"$OUT"
 
     for w in "${WORKLOADS[@]}"; do
         wl=${w%%|*}
@@ -289,8 +323,12 @@ run_pass() {
         read -r -a args <<<"${w#*|}"
         for ((ROUND = 1; ROUND <= REPEAT; ROUND++)); do
             # Rotate the order, so that no target always runs first.
-            for t in $(rotate $((ROUND - 1)) qsd vblkcache raw); do
+            local targets=(qsd vblkcache raw)
+            [ -n "$apid" ] && targets=(qsd vblkcache "vblkcache-$ALSO_NAME" raw)
+            for t in $(rotate $((ROUND - 1)) "${targets[@]}"); do
                 case $t in
+                    "vblkcache-$ALSO_NAME") run_one "$name" "$wl" "$t" "$apid" "$WORK/also-ctl.sock" -- \
+                        --socket "$WORK/also.sock" "${args[@]}" ;;
                     qsd) run_one "$name" "$wl" qsd "$qpid" - -- --socket "$WORK/qsd.sock" "${args[@]}" ;;
                     vblkcache) run_one "$name" "$wl" vblkcache "$vpid" "$WORK/ctl.sock" -- \
                         --socket "$WORK/vbc.sock" "${args[@]}" ;;
@@ -302,18 +340,24 @@ run_pass() {
     "$BIN" status --json --control "$WORK/ctl.sock" >"$LOGS/vbc-$name-status.json" || true
     stop_pid "$qpid"
     stop_pid "$vpid"
+    if [ -n "$apid" ]; then
+        "$BIN" status --json --control "$WORK/also-ctl.sock" >"$LOGS/vbc-$ALSO_NAME-$name-status.json" || true
+        stop_pid "$apid"
+        cp "$WORK/vbc-$ALSO_NAME-$name.log" "$LOGS/" 2>/dev/null || true
+    fi
     PIDS=()
     cp "$WORK/qsd-$name.log" "$WORK/vbc-$name.log" "$LOGS/" 2>/dev/null || true
-    rm -f "$WORK"/*.sock "$fast/fast.img" "$fast/cache.img"
+    rm -f "$WORK"/*.sock "$fast/fast.img" "$fast/cache.img" "$fast/cache-also.img"
 }
 
 : >"$OUT"
 # Daemon logs and vblkcache's final status go next to the results.
 LOGS="${OUT%.jsonl}-logs"
 mkdir -p "$LOGS"
-echo "{\"machine\":{\"nproc\":$(nproc),\"cpu\":\"$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')\",\"date\":\"$(date -u +%FT%TZ)\",\"quick\":$QUICK,\"runtime\":\"$RUNTIME\",\"ramp\":\"$RAMP\",\"disk_mib\":$DISK_MIB,\"cache_mib\":$CACHE_MIB,\"queues\":$QUEUES,\"poll\":\"$POLL\",\"source_latency\":\"$SRC_LAT\",\"repeat\":$REPEAT,\"vbc_args\":\"${VBC_EXTRA[*]}\"}}" >>"$OUT"
+echo "{\"machine\":{\"nproc\":$(nproc),\"cpu\":\"$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')\",\"date\":\"$(date -u +%FT%TZ)\",\"quick\":$QUICK,\"runtime\":\"$RUNTIME\",\"ramp\":\"$RAMP\",\"disk_mib\":$DISK_MIB,\"cache_mib\":$CACHE_MIB,\"queues\":$QUEUES,\"poll\":\"$POLL\",\"source_latency\":\"$SRC_LAT\",\"repeat\":$REPEAT,\"vbc_args\":\"${VBC_EXTRA[*]}\",\"also_vbc\":\"${ALSO_NAME:+$ALSO_NAME:${ALSO_ARGS[*]}}\"}}" >>"$OUT"
 log "source: ${DISK_MIB} MiB in $WORK"
 fill "$WORK/source.img"
+[ -n "$ALSO_NAME" ] && cp "$WORK/source.img" "$WORK/source-also.img"
 run_pass disk "$WORK" 1
 if [ "$DO_SHM" = 1 ]; then
     SHM_WORK=$(mktemp -d "$SHM_DIR/vbc-compare.XXXXXX")

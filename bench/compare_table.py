@@ -116,10 +116,13 @@ def main(path):
                 if r.get("pass") == p and r.get("workload") == wl:
                     by_round.setdefault(r["target"], {})[r.get("round", 1)] = metrics(r)
             rounds = sorted({k for d in by_round.values() for k in d})
-            per = {t: [by_round.get(t, {}).get(k) for k in rounds] for t in ("qsd", "vblkcache", "raw")}
+            # qsd, vblkcache, any other vblkcache daemon (--also-vbc), raw
+            extra = sorted(t for t in by_round if t.startswith("vblkcache-"))
+            targets = ["qsd", "vblkcache", *extra, "raw"]
+            per = {t: [by_round.get(t, {}).get(k) for k in rounds] for t in targets}
             got = {t: merged(ms) for t, ms in per.items()}
             label = f" (median of {len(rounds)})" if len(rounds) > 1 else ""
-            for t in ("qsd", "vblkcache", "raw"):
+            for t in targets:
                 m = got.get(t)
                 if m is None:
                     print(f"| {wl} | {t} | FAILED | | | | | |")
@@ -129,12 +132,16 @@ def main(path):
                     f"| {wl} | {t}{label}{err} | {fmt(m['iops'])} | {fmt(m['mib'], 1)} | {fmt(m['p99'])} | "
                     f"{fmt(m['cpu'], 1)}{' (' + fmt(m['sys'], 1) + ')' if m['sys'] is not None else ''} | {fmt(m['ccpu'], 1)} | {fmt(m['misses']) if m['misses'] is not None else ''} |"
                 )
-            v = got.get("vblkcache")
-            if v:
-                def rr(k, other):
-                    return ratio_cell(per["vblkcache"], per[other], k)
+            for t in ("vblkcache", *extra):
+                if not got.get(t):
+                    continue
+
+                def rr(k, other, t=t):
+                    return ratio_cell(per[t], per[other], k)
+
+                name = "vbc" + t[len("vblkcache"):]
                 print(
-                    f"| {wl} | **vbc/qsd** · vbc/raw | {rr('iops', 'qsd')} · {rr('iops', 'raw')} | | "
+                    f"| {wl} | **{name}/qsd** · {name}/raw | {rr('iops', 'qsd')} · {rr('iops', 'raw')} | | "
                     f"{rr('p99', 'qsd')} · {rr('p99', 'raw')} | {rr('cpu', 'qsd')} · – | | |"
                 )
 
