@@ -160,7 +160,9 @@ fn random_io_scenario(io_uring: &str, extra: &[&str]) -> u64 {
         .unwrap();
     drop(q);
     drop(client);
-    let pinned = daemon.log_text().contains("guest memory registered with io_uring");
+    let pinned = daemon
+        .log_text()
+        .contains("guest memory registered with io_uring");
     assert_eq!(
         pinned,
         extra.contains(&"--pin-guest-memory"),
