@@ -289,8 +289,10 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_exit,
     libc::SYS_exit_group,
     // Cache hits are served with io_uring (src/virtio/uring.rs). Its
-    // operations bypass this filter, but the daemon only submits readv and
-    // writev on the cache device.
+    // operations bypass this filter, but the daemon only submits reads and
+    // writes (plain, vectored and on registered buffers) on the cache
+    // device; io_uring_register also runs after set-up, to register guest
+    // memory with --pin-guest-memory.
     libc::SYS_io_uring_setup,
     libc::SYS_io_uring_enter,
     libc::SYS_io_uring_register,

@@ -891,6 +891,15 @@ impl VhostUserBackend for BlkBackend {
 
     fn update_memory(&self, mem: GuestMemAtomic) -> io::Result<()> {
         *self.inner.mem.lock().unwrap_or_else(|p| p.into_inner()) = mem;
+        if self.inner.cfg.pin_guest_memory {
+            // Memory that left the guest must not stay pinned until the
+            // queue's next hit.
+            for q in 0..self.inner.rings.len() {
+                if let Some(mut r) = self.lock_ring(q) {
+                    r.release_fixed();
+                }
+            }
+        }
         Ok(())
     }
 

@@ -17,7 +17,13 @@
 //! - a buffer index is handed out only for a range wholly inside one
 //!   registered buffer;
 //! - a generation is registered at most once: a failure is logged once and
-//!   the ring serves that generation with unregistered buffers.
+//!   the ring serves that generation with unregistered buffers;
+//! - the caller submits every queued operation before a new generation is
+//!   registered ([`FixedBufs::is_current`]): the kernel resolves a buffer
+//!   index when it takes the operation from the submission queue, and an
+//!   operation it has taken keeps the buffer it resolved;
+//! - if the kernel refuses to drop a registration, the ring stops using
+//!   registered buffers for good and keeps that generation mapped.
 
 use super::backend::GuestMem;
 use io_uring::IoUring;
@@ -39,9 +45,34 @@ pub(crate) struct FixedBufs {
     bufs: Vec<(usize, usize)>,
     /// Registrations attempted.
     generations: u64,
+    /// Unregistering failed: registered buffers are no longer used.
+    broken: bool,
 }
 
 impl FixedBufs {
+    /// True if `mem` is the generation the table was built for (nothing to
+    /// register before using it).
+    pub(crate) fn is_current(&self, mem: &Arc<GuestMem>) -> bool {
+        self.broken || self.mem.as_ref().is_some_and(|m| Arc::ptr_eq(m, mem))
+    }
+
+    /// Drops the registration (the guest's memory changed: the next request
+    /// registers the new generation), so that memory that left the guest is
+    /// not kept pinned. The caller has submitted every queued operation.
+    pub(crate) fn release(&mut self, ring: &IoUring) {
+        if self.broken || !self.registered() {
+            self.mem = None;
+            return;
+        }
+        match ring.submitter().unregister_buffers() {
+            Ok(()) => {
+                self.bufs.clear();
+                self.mem = None;
+            }
+            Err(e) => self.give_up(&e),
+        }
+    }
+
     /// The index of the registered buffer holding `[ptr, ptr + len)`,
     /// registering `mem` first if it is a new generation.
     pub(crate) fn index(
@@ -51,9 +82,11 @@ impl FixedBufs {
         ptr: *const u8,
         len: usize,
     ) -> Option<u16> {
-        let current = self.mem.as_ref().is_some_and(|m| Arc::ptr_eq(m, mem));
-        if !current {
+        if !self.is_current(mem) {
             self.register(ring, mem);
+        }
+        if self.broken {
+            return None;
         }
         let start = ptr as usize;
         let end = start.checked_add(len)?;
@@ -90,13 +123,26 @@ impl FixedBufs {
         !self.bufs.is_empty()
     }
 
+    /// Stops using registered buffers after the kernel refused to drop a
+    /// registration: the old generation stays mapped (`mem` is kept), since
+    /// the kernel may still hold its pages.
+    fn give_up(&mut self, e: &std::io::Error) {
+        log::warn!(
+            "cannot unregister guest memory from io_uring ({e}); this queue no longer uses \
+             registered buffers"
+        );
+        self.bufs.clear();
+        self.broken = true;
+    }
+
     /// Replaces the registration with `mem`'s regions.
     fn register(&mut self, ring: &IoUring, mem: &Arc<GuestMem>) {
         if self.registered() {
-            // Operations in flight keep their own reference to the buffers
-            // they use; the kernel releases them as they complete.
+            // Operations already taken by the kernel keep the buffers they
+            // resolved; the caller submitted every queued one.
             if let Err(e) = ring.submitter().unregister_buffers() {
-                log::warn!("cannot unregister guest memory from io_uring: {e}");
+                self.give_up(&e);
+                return;
             }
             self.bufs.clear();
         }
@@ -116,7 +162,15 @@ impl FixedBufs {
             }
         }
         bufs.sort_unstable();
-        if bufs.is_empty() || bufs.len() > MAX_BUFS {
+        if bufs.is_empty() {
+            return;
+        }
+        if bufs.len() > MAX_BUFS {
+            log::warn!(
+                "guest memory needs {} io_uring buffers, more than the {MAX_BUFS} a ring takes; \
+                 serving without registered buffers",
+                bufs.len()
+            );
             return;
         }
         let iov: Vec<libc::iovec> = bufs
@@ -140,9 +194,10 @@ impl FixedBufs {
                 self.bufs = bufs;
             }
             Err(e) => log::warn!(
-                "cannot register guest memory with io_uring ({e}): it needs RLIMIT_MEMLOCK \
-                 of at least the guest's RAM or CAP_IPC_LOCK, and shared memory (memfd, \
-                 shm or hugetlbfs); serving without registered buffers"
+                "cannot register guest memory with io_uring ({e}): each queue locks all of \
+                 the guest's RAM, so it needs RLIMIT_MEMLOCK of queues x guest RAM for the \
+                 daemon's user (or CAP_IPC_LOCK, which --user drops), and shared memory \
+                 (memfd, shm or hugetlbfs); this queue serves without registered buffers"
             ),
         }
     }
@@ -266,6 +321,30 @@ mod tests {
             -libc::EFAULT,
             "the old memory is still registered"
         );
+    }
+
+    /// A release (the guest's memory table changed) unregisters at once:
+    /// the kernel no longer has the buffer, and the next use registers the
+    /// current generation again.
+    #[test]
+    fn a_release_unregisters_until_the_next_use() {
+        let mut ring = IoUring::new(8).unwrap();
+        let mem = Arc::new(GuestMem::from_ranges(&[(GuestAddress(0), MIB)]).unwrap());
+        let file = data_file(5);
+        let mut fixed = FixedBufs::default();
+        let ptr = host(&mem, 0);
+        let ix = fixed.index(&ring, &mem, ptr, 4096).unwrap();
+        fixed.release(&ring);
+        assert!(!fixed.registered());
+        assert!(!fixed.is_current(&mem));
+        assert_eq!(
+            read_fixed(&mut ring, &file, ptr, ix),
+            -libc::EFAULT,
+            "still registered after the release"
+        );
+        assert_eq!(fixed.index(&ring, &mem, ptr, 4096), Some(ix));
+        assert_eq!(fixed.generations, 2);
+        assert_eq!(read_fixed(&mut ring, &file, ptr, ix), 4096);
     }
 
     /// Guest memory the kernel will not pin for long (a shared mapping of a

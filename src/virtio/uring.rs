@@ -237,9 +237,26 @@ impl QueueRing {
         self.mapped_copies
     }
 
+    /// Drops the registration of guest memory (the guest's memory table
+    /// changed); the next hit registers the new one.
+    pub fn release_fixed(&mut self) {
+        if self.fixed.is_some() {
+            self.submit();
+        }
+        if let Some(f) = self.fixed.as_mut() {
+            f.release(&self.ring);
+        }
+    }
+
     /// How many operations used registered guest memory.
     pub fn fixed_ops(&self) -> u64 {
         self.fixed_ops
+    }
+
+    /// True if guest memory is registered with the ring.
+    #[cfg(test)]
+    pub(crate) fn fixed_registered(&self) -> bool {
+        self.fixed.as_ref().is_some_and(|f| f.registered())
     }
 
     /// True if requests with several buffers can use registered memory.
@@ -328,6 +345,16 @@ impl QueueRing {
             let done = self.finish(pending);
             self.ready.push(done);
             return Ok(());
+        }
+        // A new guest memory generation is registered below, replacing the
+        // old one: operations queued with the old one's buffer indices go to
+        // the kernel first.
+        if self
+            .fixed
+            .as_ref()
+            .is_some_and(|f| !f.is_current(&pending.mem))
+        {
+            self.submit();
         }
         let slot = self.alloc_slot();
         let n = pending.io.extents().len();
