@@ -311,6 +311,44 @@ fn guest_fio_verify_and_ext4_roundtrip() {
     daemon.stop();
 }
 
+/// The same fio verification with `--pin-guest-memory`: QEMU's memfd guest
+/// RAM is registered with the queues' io_uring and the guest's hits use it
+/// as fixed buffers.
+#[test]
+fn guest_fio_verify_with_pinned_guest_memory() {
+    require_host_tools();
+    let _one = GUEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let guest = build_guest();
+    let work = tempfile::tempdir().unwrap();
+    create_image(&work.path().join("source.img"), "256M");
+    create_image(&work.path().join("cache.img"), "64M");
+
+    let mut daemon = Daemon::start(work.path(), &["--pin-guest-memory"]);
+    run_guest(
+        &mut daemon,
+        &guest,
+        work.path(),
+        &["fio-verify.sh"],
+        &["fio-verify: OK"],
+    );
+    let direct = daemon.stat("direct_requests");
+    let log = daemon.log_text();
+    assert!(
+        log.contains("guest memory registered with io_uring"),
+        "guest memory was not registered\n{log}"
+    );
+    assert!(
+        direct > 100,
+        "only {direct} guest requests took the io_uring path\n{log}"
+    );
+    // A fixed-buffer operation the kernel refused would count an error.
+    assert_eq!(daemon.stat("errors"), 0, "{log}");
+    for l in log.lines().filter(|l| l.contains("registered with io_uring")) {
+        eprintln!("{l}");
+    }
+    daemon.stop();
+}
+
 #[test]
 fn guest_fs_survives_reconnect_and_daemon_restart() {
     require_host_tools();
