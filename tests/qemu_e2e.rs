@@ -343,7 +343,10 @@ fn guest_fio_verify_with_pinned_guest_memory() {
     );
     // A fixed-buffer operation the kernel refused would count an error.
     assert_eq!(daemon.stat("errors"), 0, "{log}");
-    for l in log.lines().filter(|l| l.contains("registered with io_uring")) {
+    for l in log
+        .lines()
+        .filter(|l| l.contains("registered with io_uring"))
+    {
         eprintln!("{l}");
     }
     daemon.stop();
