@@ -136,8 +136,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DURATION", default_value = "0")]
     pub poll: String,
     /// Register guest memory with each queue's io_uring, so that cache hits
-    /// skip pinning guest pages per request. The first hit on each queue
-    /// faults in and locks all of the guest's RAM while it is connected
+    /// skip pinning guest pages per request. Each queue faults in and locks
+    /// all of the guest's RAM while it is connected
     /// (needs RLIMIT_MEMLOCK of queues x guest RAM, or CAP_IPC_LOCK); not
     /// with virtio-balloon, virtio-mem or swappable guest RAM [default: off].
     #[arg(long)]

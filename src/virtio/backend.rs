@@ -890,13 +890,16 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn update_memory(&self, mem: GuestMemAtomic) -> io::Result<()> {
+        let current = mem.memory().into_inner();
         *self.inner.mem.lock().unwrap_or_else(|p| p.into_inner()) = mem;
         if self.inner.cfg.pin_guest_memory {
-            // Memory that left the guest must not stay pinned until the
-            // queue's next hit.
+            // Register the new memory now (memory that left the guest must
+            // not stay pinned, and the queue workers must not stall on the
+            // registration at their next hit). `pop` hands out this same
+            // generation until the next update.
             for q in 0..self.inner.rings.len() {
                 if let Some(mut r) = self.lock_ring(q) {
-                    r.release_fixed();
+                    r.reregister_fixed(&current);
                 }
             }
         }

@@ -73,6 +73,20 @@ impl FixedBufs {
         }
     }
 
+    /// Registers `mem` unless it is the current generation. The caller has
+    /// submitted every queued operation.
+    pub(crate) fn prepare(&mut self, ring: &IoUring, mem: &Arc<GuestMem>) {
+        if !self.is_current(mem) {
+            self.register(ring, mem);
+        }
+    }
+
+    /// How many registrations were attempted.
+    #[cfg(test)]
+    pub(crate) fn generations(&self) -> u64 {
+        self.generations
+    }
+
     /// The index of the registered buffer holding `[ptr, ptr + len)`,
     /// registering `mem` first if it is a new generation.
     pub(crate) fn index(

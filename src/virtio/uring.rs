@@ -237,15 +237,26 @@ impl QueueRing {
         self.mapped_copies
     }
 
-    /// Drops the registration of guest memory (the guest's memory table
-    /// changed); the next hit registers the new one.
-    pub fn release_fixed(&mut self) {
-        if self.fixed.is_some() {
-            self.submit();
+    /// Replaces the registration of guest memory with `mem` (the guest's
+    /// memory table changed): done here, on the vhost-user thread, rather
+    /// than on the queue worker at the next hit, since pinning a large
+    /// guest's RAM takes seconds. A memory-backed cache registers nothing
+    /// (its hits are copies).
+    pub fn reregister_fixed(&mut self, mem: &Arc<GuestMem>) {
+        if self.fixed.is_none() || self.inline {
+            return;
         }
+        self.submit();
         if let Some(f) = self.fixed.as_mut() {
             f.release(&self.ring);
+            f.prepare(&self.ring, mem);
         }
+    }
+
+    /// How many guest memory registrations were attempted.
+    #[cfg(test)]
+    pub(crate) fn fixed_generations(&self) -> u64 {
+        self.fixed.as_ref().map_or(0, |f| f.generations())
     }
 
     /// How many operations used registered guest memory.
