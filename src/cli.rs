@@ -136,10 +136,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DURATION", default_value = "0")]
     pub poll: String,
     /// Register guest memory with each queue's io_uring, so that cache hits
-    /// skip pinning guest pages per request. Each queue faults in and locks
-    /// all of the guest's RAM while it is connected
-    /// (needs RLIMIT_MEMLOCK of queues x guest RAM, or CAP_IPC_LOCK); not
-    /// with virtio-balloon, virtio-mem or swappable guest RAM [default: off].
+    /// skip pinning guest pages per request. All of the guest's RAM is
+    /// faulted in and locked while it is connected (needs RLIMIT_MEMLOCK of
+    /// the guest's RAM, times the queues before Linux 6.12, or
+    /// CAP_IPC_LOCK); not with virtio-balloon, virtio-mem or swappable guest
+    /// RAM [default: off].
     #[arg(long)]
     pub pin_guest_memory: bool,
     /// Format the cache device even if it holds data that is not a vblkcache

@@ -897,9 +897,15 @@ impl VhostUserBackend for BlkBackend {
             // not stay pinned, and the queue workers must not stall on the
             // registration at their next hit). `pop` hands out this same
             // generation until the next update.
+            // The first ring that registers it shares its registration
+            // with the others (pinned and charged to memlock once).
+            let mut from = None;
             for q in 0..self.inner.rings.len() {
                 if let Some(mut r) = self.lock_ring(q) {
-                    r.reregister_fixed(&current);
+                    let mine = r.reregister_fixed(&current, from.as_ref());
+                    if from.is_none() {
+                        from = mine;
+                    }
                 }
             }
         }

@@ -18,15 +18,18 @@
 //!   registered buffer;
 //! - a generation is registered at most once: a failure is logged once and
 //!   the ring serves that generation with unregistered buffers;
-//! - the caller submits every queued operation before a new generation is
-//!   registered ([`FixedBufs::is_current`]): the kernel resolves a buffer
-//!   index when it takes the operation from the submission queue, and an
-//!   operation it has taken keeps the buffer it resolved;
+//! - only [`FixedBufs::prepare`] registers, called by the vhost-user thread
+//!   when the memory table changes, after the ring's queued operations were
+//!   submitted: the kernel resolves a buffer index when it takes an
+//!   operation from the submission queue, and an operation it has taken
+//!   keeps the buffer it resolved. A request read through another
+//!   generation gets no index;
 //! - if the kernel refuses to drop a registration, the ring stops using
 //!   registered buffers for good and keeps that generation mapped.
 
 use super::backend::GuestMem;
 use io_uring::IoUring;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
@@ -47,6 +50,18 @@ pub(crate) struct FixedBufs {
     generations: u64,
     /// Unregistering failed: registered buffers are no longer used.
     broken: bool,
+    /// Registrations shared from another ring rather than made here.
+    shared: u64,
+}
+
+/// One ring's registration of a memory generation, which other rings can
+/// share (IORING_REGISTER_CLONE_BUFFERS, Linux 6.12+): the pages are pinned
+/// and charged to RLIMIT_MEMLOCK once, not once per queue. Valid while the
+/// ring whose descriptor it holds exists.
+pub(crate) struct SharedBufs {
+    fd: RawFd,
+    mem: Arc<GuestMem>,
+    bufs: Vec<(usize, usize)>,
 }
 
 impl FixedBufs {
@@ -60,25 +75,67 @@ impl FixedBufs {
     /// registers the new generation), so that memory that left the guest is
     /// not kept pinned. The caller has submitted every queued operation.
     pub(crate) fn release(&mut self, ring: &IoUring) {
-        if self.broken || !self.registered() {
+        if self.unregister(ring) {
             self.mem = None;
-            return;
-        }
-        match ring.submitter().unregister_buffers() {
-            Ok(()) => {
-                self.bufs.clear();
-                self.mem = None;
-            }
-            Err(e) => self.give_up(&e),
         }
     }
 
-    /// Registers `mem` unless it is the current generation. The caller has
+    /// Registers `mem` unless it is the current generation, sharing
+    /// `from`'s registration of it where the kernel can (the table is then
+    /// the same as `from`'s); otherwise registers it itself. The caller has
     /// submitted every queued operation.
-    pub(crate) fn prepare(&mut self, ring: &IoUring, mem: &Arc<GuestMem>) {
-        if !self.is_current(mem) {
-            self.register(ring, mem);
+    pub(crate) fn prepare(
+        &mut self,
+        ring: &IoUring,
+        mem: &Arc<GuestMem>,
+        from: Option<&SharedBufs>,
+    ) {
+        if self.is_current(mem) {
+            return;
         }
+        let Some(src) = from.filter(|s| Arc::ptr_eq(&s.mem, mem)) else {
+            self.register(ring, mem);
+            return;
+        };
+        if !self.unregister(ring) {
+            return;
+        }
+        match ring.submitter().register_buffers_clone(src.fd) {
+            Ok(()) => {
+                self.mem = Some(Arc::clone(mem));
+                self.generations += 1;
+                self.shared += 1;
+                self.bufs = src.bufs.clone();
+                log::info!(
+                    "guest memory shared with another queue's io_uring: {} buffers",
+                    self.bufs.len()
+                );
+            }
+            // Older kernels (before 6.12) cannot share: register here.
+            Err(e) => {
+                log::debug!("cannot share a registration of guest memory ({e}); registering");
+                self.register(ring, mem);
+            }
+        }
+    }
+
+    /// This ring's registration, for other rings to share; `None` if
+    /// nothing is registered.
+    pub(crate) fn sharable(&self, ring: &IoUring) -> Option<SharedBufs> {
+        if self.broken || !self.registered() {
+            return None;
+        }
+        Some(SharedBufs {
+            fd: ring.as_raw_fd(),
+            mem: Arc::clone(self.mem.as_ref()?),
+            bufs: self.bufs.clone(),
+        })
+    }
+
+    /// How many registrations were shared from another ring.
+    #[cfg(test)]
+    pub(crate) fn shared(&self) -> u64 {
+        self.shared
     }
 
     /// How many registrations were attempted.
@@ -87,19 +144,12 @@ impl FixedBufs {
         self.generations
     }
 
-    /// The index of the registered buffer holding `[ptr, ptr + len)`,
-    /// registering `mem` first if it is a new generation.
-    pub(crate) fn index(
-        &mut self,
-        ring: &IoUring,
-        mem: &Arc<GuestMem>,
-        ptr: *const u8,
-        len: usize,
-    ) -> Option<u16> {
-        if !self.is_current(mem) {
-            self.register(ring, mem);
-        }
-        if self.broken {
+    /// The index of the registered buffer holding `[ptr, ptr + len)`, if
+    /// `mem` is the registered generation. Only [`FixedBufs::prepare`]
+    /// registers: a request read through an older map (popped before the
+    /// memory table changed) uses plain operations.
+    pub(crate) fn index(&self, mem: &Arc<GuestMem>, ptr: *const u8, len: usize) -> Option<u16> {
+        if self.broken || !self.is_current(mem) {
             return None;
         }
         let start = ptr as usize;
@@ -113,15 +163,10 @@ impl FixedBufs {
     }
 
     /// The index of the one registered buffer holding every range of
-    /// `iov`, registering `mem` first if it is a new generation.
-    pub(crate) fn index_all(
-        &mut self,
-        ring: &IoUring,
-        mem: &Arc<GuestMem>,
-        iov: &[libc::iovec],
-    ) -> Option<u16> {
+    /// `iov`, as [`FixedBufs::index`].
+    pub(crate) fn index_all(&self, mem: &Arc<GuestMem>, iov: &[libc::iovec]) -> Option<u16> {
         let (first, rest) = iov.split_first()?;
-        let ix = self.index(ring, mem, first.iov_base.cast(), first.iov_len)?;
+        let ix = self.index(mem, first.iov_base.cast(), first.iov_len)?;
         let &(s, l) = self.bufs.get(usize::from(ix))?;
         let end = s.checked_add(l)?;
         rest.iter()
@@ -149,16 +194,28 @@ impl FixedBufs {
         self.broken = true;
     }
 
-    /// Replaces the registration with `mem`'s regions.
-    fn register(&mut self, ring: &IoUring, mem: &Arc<GuestMem>) {
+    /// Drops the current registration, if any; false if the kernel refused
+    /// (the ring then stops using registered buffers).
+    fn unregister(&mut self, ring: &IoUring) -> bool {
+        if self.broken {
+            return false;
+        }
         if self.registered() {
             // Operations already taken by the kernel keep the buffers they
             // resolved; the caller submitted every queued one.
             if let Err(e) = ring.submitter().unregister_buffers() {
                 self.give_up(&e);
-                return;
+                return false;
             }
             self.bufs.clear();
+        }
+        true
+    }
+
+    /// Replaces the registration with `mem`'s regions.
+    fn register(&mut self, ring: &IoUring, mem: &Arc<GuestMem>) {
+        if !self.unregister(ring) {
+            return;
         }
         self.mem = Some(Arc::clone(mem));
         self.generations += 1;
@@ -208,17 +265,18 @@ impl FixedBufs {
                 self.bufs = bufs;
             }
             Err(e) => log::warn!(
-                "cannot register guest memory with io_uring ({e}): each queue locks all of \
-                 the guest's RAM, so it needs RLIMIT_MEMLOCK of queues x guest RAM for the \
-                 daemon's user (or CAP_IPC_LOCK, which --user drops), and shared memory \
-                 (memfd, shm or hugetlbfs); this queue serves without registered buffers"
+                "cannot register guest memory with io_uring ({e}): it locks all of the \
+                 guest's RAM, so it needs RLIMIT_MEMLOCK of the guest's RAM for the daemon's \
+                 user (x queues before Linux 6.12), or CAP_IPC_LOCK (which --user drops), and \
+                 shared memory (memfd, shm or hugetlbfs); this queue serves without registered \
+                 buffers"
             ),
         }
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use io_uring::{opcode, types};
     use std::io::Write;
@@ -226,6 +284,17 @@ mod tests {
     use vm_memory::{Bytes, FileOffset, GuestAddress};
 
     const MIB: usize = 1 << 20;
+
+    /// True if the running kernel is at least `major.minor`.
+    pub(crate) fn kernel_at_least(major: u32, minor: u32) -> bool {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let mut parts = release
+            .trim()
+            .split(|c: char| !c.is_ascii_digit())
+            .map(|p| p.parse::<u32>().unwrap_or(0));
+        let version = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+        version >= (major, minor)
+    }
 
     /// A 64 KiB file of `seed`-derived bytes.
     fn data_file(seed: u8) -> std::fs::File {
@@ -270,11 +339,14 @@ mod tests {
             .unwrap(),
         );
         let mut fixed = FixedBufs::default();
+        let ptr = host(&mem, 0);
+        assert_eq!(fixed.index(&mem, ptr, 4096), None, "nothing registered yet");
+        fixed.prepare(&ring, &mem, None);
         let file = data_file(7);
         let want: Vec<u8> = (8192..8192 + 4096u32).map(|i| (i as u8) ^ 7).collect();
         for addr in [0u64, MIB as u64, 4 * MIB as u64 + 8192] {
             let ptr = host(&mem, addr);
-            let ix = fixed.index(&ring, &mem, ptr, 4096).unwrap();
+            let ix = fixed.index(&mem, ptr, 4096).unwrap();
             assert_eq!(
                 read_fixed(&mut ring, &file, ptr, ix),
                 4096,
@@ -291,25 +363,22 @@ mod tests {
         // The two regions are separate mappings: a range running off the end
         // of the first one is in no buffer.
         let end_of_first = host(&mem, 2 * MIB as u64 - 4096);
-        assert_eq!(fixed.index(&ring, &mem, end_of_first, 8192), None);
-        assert!(fixed.index(&ring, &mem, first, 2 * MIB).is_some());
+        assert_eq!(fixed.index(&mem, end_of_first, 8192), None);
+        assert!(fixed.index(&mem, first, 2 * MIB).is_some());
         assert_ne!(
-            fixed.index(&ring, &mem, first, 4096),
-            fixed.index(&ring, &mem, second, 4096)
+            fixed.index(&mem, first, 4096),
+            fixed.index(&mem, second, 4096)
         );
         let iov = |p: *mut u8| libc::iovec {
             iov_base: p.cast(),
             iov_len: 4096,
         };
         let same = [iov(first), iov(host(&mem, 8192))];
-        assert_eq!(
-            fixed.index_all(&ring, &mem, &same),
-            fixed.index(&ring, &mem, first, 4096)
-        );
+        assert_eq!(fixed.index_all(&mem, &same), fixed.index(&mem, first, 4096));
         let split = [iov(first), iov(second)];
-        assert_eq!(fixed.index_all(&ring, &mem, &split), None, "two buffers");
+        assert_eq!(fixed.index_all(&mem, &split), None, "two buffers");
         let mut outside = vec![0u8; 4096];
-        assert_eq!(fixed.index(&ring, &mem, outside.as_mut_ptr(), 4096), None);
+        assert_eq!(fixed.index(&mem, outside.as_mut_ptr(), 4096), None);
     }
 
     /// New guest memory (SET_MEM_TABLE) replaces the registration: the
@@ -323,13 +392,21 @@ mod tests {
         let file = data_file(3);
         let mut fixed = FixedBufs::default();
         let old_ptr = host(&old, 0);
-        let old_ix = fixed.index(&ring, &old, old_ptr, 4096).unwrap();
+        fixed.prepare(&ring, &old, None);
+        let old_ix = fixed.index(&old, old_ptr, 4096).unwrap();
         assert_eq!(read_fixed(&mut ring, &file, old_ptr, old_ix), 4096);
         let new_ptr = host(&new, 0);
-        let new_ix = fixed.index(&ring, &new, new_ptr, 4096).unwrap();
+        assert_eq!(
+            fixed.index(&new, new_ptr, 4096),
+            None,
+            "a request's generation was registered by the hit path"
+        );
+        fixed.prepare(&ring, &new, None);
+        let new_ix = fixed.index(&new, new_ptr, 4096).unwrap();
         assert_eq!(fixed.generations, 2);
+        assert_eq!(fixed.index(&old, old_ptr, 4096), None, "old generation");
         assert_eq!(read_fixed(&mut ring, &file, new_ptr, new_ix), 4096);
-        assert_eq!(fixed.index(&ring, &new, old_ptr, 4096), None);
+        assert_eq!(fixed.index(&new, old_ptr, 4096), None);
         assert_eq!(
             read_fixed(&mut ring, &file, old_ptr, old_ix),
             -libc::EFAULT,
@@ -337,9 +414,8 @@ mod tests {
         );
     }
 
-    /// A release (the guest's memory table changed) unregisters at once:
-    /// the kernel no longer has the buffer, and the next use registers the
-    /// current generation again.
+    /// A release unregisters at once: the kernel no longer has the buffer,
+    /// no index is handed out, and preparing registers the generation again.
     #[test]
     fn a_release_unregisters_until_the_next_use() {
         let mut ring = IoUring::new(8).unwrap();
@@ -347,8 +423,10 @@ mod tests {
         let file = data_file(5);
         let mut fixed = FixedBufs::default();
         let ptr = host(&mem, 0);
-        let ix = fixed.index(&ring, &mem, ptr, 4096).unwrap();
+        fixed.prepare(&ring, &mem, None);
+        let ix = fixed.index(&mem, ptr, 4096).unwrap();
         fixed.release(&ring);
+        assert_eq!(fixed.index(&mem, ptr, 4096), None);
         assert!(!fixed.registered());
         assert!(!fixed.is_current(&mem));
         assert_eq!(
@@ -356,9 +434,44 @@ mod tests {
             -libc::EFAULT,
             "still registered after the release"
         );
-        assert_eq!(fixed.index(&ring, &mem, ptr, 4096), Some(ix));
+        fixed.prepare(&ring, &mem, None);
+        assert_eq!(fixed.index(&mem, ptr, 4096), Some(ix));
         assert_eq!(fixed.generations, 2);
         assert_eq!(read_fixed(&mut ring, &file, ptr, ix), 4096);
+    }
+
+    /// A second ring shares the first one's registration (one pin, one
+    /// memlock charge): the same table, and the kernel serves READ_FIXED on
+    /// it, even after the first ring dropped its own.
+    #[test]
+    fn a_second_ring_shares_the_registration() {
+        let mut first = IoUring::new(8).unwrap();
+        let mut second = IoUring::new(8).unwrap();
+        let mem = Arc::new(
+            GuestMem::from_ranges(&[(GuestAddress(0), MIB), (GuestAddress(4 * MIB as u64), MIB)])
+                .unwrap(),
+        );
+        let file = data_file(9);
+        let (mut a, mut b) = (FixedBufs::default(), FixedBufs::default());
+        a.prepare(&first, &mem, None);
+        let from = a.sharable(&first).unwrap();
+        b.prepare(&second, &mem, Some(&from));
+        // IORING_REGISTER_CLONE_BUFFERS is in Linux 6.12.
+        assert_eq!(b.shared(), u64::from(kernel_at_least(6, 12)));
+        assert!(b.is_current(&mem) && b.registered());
+        assert_eq!(a.bufs, b.bufs);
+        let ptr = host(&mem, 4 * MIB as u64);
+        let ix = b.index(&mem, ptr, 4096).unwrap();
+        assert_eq!(read_fixed(&mut first, &file, ptr, ix), 4096);
+        a.release(&first);
+        assert_eq!(read_fixed(&mut first, &file, ptr, ix), -libc::EFAULT);
+        assert_eq!(read_fixed(&mut second, &file, ptr, ix), 4096);
+        // A registration of another generation is not shared.
+        let other = Arc::new(GuestMem::from_ranges(&[(GuestAddress(0), MIB)]).unwrap());
+        let mut c = FixedBufs::default();
+        c.prepare(&first, &other, Some(&from));
+        assert_eq!(c.shared(), 0);
+        assert!(c.is_current(&other) && c.registered());
     }
 
     /// Guest memory the kernel will not pin for long (a shared mapping of a
@@ -386,8 +499,9 @@ mod tests {
         );
         let mut fixed = FixedBufs::default();
         let ptr = host(&mem, 0);
-        assert_eq!(fixed.index(&ring, &mem, ptr, 4096), None);
-        assert_eq!(fixed.index(&ring, &mem, ptr, 4096), None);
+        fixed.prepare(&ring, &mem, None);
+        assert_eq!(fixed.index(&mem, ptr, 4096), None);
+        fixed.prepare(&ring, &mem, None);
         assert!(!fixed.registered());
         assert_eq!(fixed.generations, 1, "a failed generation was retried");
     }

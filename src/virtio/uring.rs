@@ -32,7 +32,7 @@
 use super::backend::{GuestMem, Vring};
 use super::execute::{walk, write_status};
 use super::filemap::FileMap;
-use super::fixed::FixedBufs;
+use super::fixed::{FixedBufs, SharedBufs};
 use super::request::{Request, RequestKind};
 use crate::device::RawAccess;
 use crate::engine::{DirectBufs, DirectIo, Engine};
@@ -240,17 +240,28 @@ impl QueueRing {
     /// Replaces the registration of guest memory with `mem` (the guest's
     /// memory table changed): done here, on the vhost-user thread, rather
     /// than on the queue worker at the next hit, since pinning a large
-    /// guest's RAM takes seconds. A memory-backed cache registers nothing
-    /// (its hits are copies).
-    pub fn reregister_fixed(&mut self, mem: &Arc<GuestMem>) {
+    /// guest's RAM takes seconds. Shares `from`'s registration where the
+    /// kernel can. A memory-backed cache registers nothing (its hits are
+    /// copies). Returns this ring's registration, for the next rings.
+    pub(crate) fn reregister_fixed(
+        &mut self,
+        mem: &Arc<GuestMem>,
+        from: Option<&SharedBufs>,
+    ) -> Option<SharedBufs> {
         if self.fixed.is_none() || self.inline {
-            return;
+            return None;
         }
         self.submit();
-        if let Some(f) = self.fixed.as_mut() {
-            f.release(&self.ring);
-            f.prepare(&self.ring, mem);
-        }
+        let f = self.fixed.as_mut()?;
+        f.release(&self.ring);
+        f.prepare(&self.ring, mem, from);
+        f.sharable(&self.ring)
+    }
+
+    /// How many guest memory registrations were shared from another ring.
+    #[cfg(test)]
+    pub(crate) fn fixed_shared(&self) -> u64 {
+        self.fixed.as_ref().map_or(0, |f| f.shared())
     }
 
     /// How many guest memory registrations were attempted.
@@ -357,16 +368,6 @@ impl QueueRing {
             self.ready.push(done);
             return Ok(());
         }
-        // A new guest memory generation is registered below, replacing the
-        // old one: operations queued with the old one's buffer indices go to
-        // the kernel first.
-        if self
-            .fixed
-            .as_ref()
-            .is_some_and(|f| !f.is_current(&pending.mem))
-        {
-            self.submit();
-        }
         let slot = self.alloc_slot();
         let n = pending.io.extents().len();
         let mut queued = 0;
@@ -390,8 +391,8 @@ impl QueueRing {
                     let buf = one.iov_base.cast::<u8>();
                     let fixed = self
                         .fixed
-                        .as_mut()
-                        .and_then(|f| f.index(&self.ring, &pending.mem, buf, one.iov_len));
+                        .as_ref()
+                        .and_then(|f| f.index(&pending.mem, buf, one.iov_len));
                     if fixed.is_some() {
                         self.fixed_ops += 1;
                     }
@@ -407,8 +408,8 @@ impl QueueRing {
                     }
                 }
                 (_, w) => {
-                    let fixed = match &mut self.fixed {
-                        Some(f) if self.vec_fixed_ops => f.index_all(&self.ring, &pending.mem, iov),
+                    let fixed = match &self.fixed {
+                        Some(f) if self.vec_fixed_ops => f.index_all(&pending.mem, iov),
                         _ => None,
                     };
                     if fixed.is_some() {

@@ -1064,3 +1064,39 @@ fn pinned_guest_memory_serves_one_buffer_hits_as_fixed_buffers() {
         }
     }
 }
+
+/// With two queues, the second ring shares the first one's registration of
+/// guest memory (Linux 6.12+: pinned and charged to memlock once) and its
+/// hits use it.
+#[test]
+fn queues_share_one_registration_of_guest_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = cache_file(&dir, false).unwrap();
+    let mut cfg = test_config(2, QSIZE, limits(), Duration::ZERO);
+    cfg.pin_guest_memory = true;
+    let mut g = Guest::configured(cfg, Arc::new(MemDevice::new(DISK)), Arc::new(cache));
+    if g.backend.lock_ring(0).is_some_and(|r| r.mapped()) {
+        eprintln!("skipping: the temp dir is memory-backed (hits are copies)");
+        return;
+    }
+    let ring = |g: &Guest, q: usize| {
+        let r = g.backend.lock_ring(q).unwrap();
+        (
+            r.fixed_registered(),
+            r.fixed_generations(),
+            r.fixed_shared(),
+        )
+    };
+    assert_eq!(ring(&g, 0), (true, 1, 0), "queue 0 registers");
+    // IORING_REGISTER_CLONE_BUFFERS is in Linux 6.12.
+    let shares = crate::virtio::fixed::tests::kernel_at_least(6, 12);
+    assert_eq!(ring(&g, 1), (true, 1, u64::from(shares)), "queue 1");
+    let want = pattern(4);
+    g.engine.write(8 * 512, &want).unwrap();
+    let (head, r) = g.publish_good_read(1, 8);
+    g.run(1);
+    assert_eq!(g.take_used(1), vec![(u32::from(head), 4097)]);
+    assert!(g.read_data(&r, 4096) == want);
+    assert_eq!(g.backend.lock_ring(1).unwrap().fixed_ops(), 1);
+    assert_eq!(g.engine.stats().errors, 0, "a ring operation failed");
+}
