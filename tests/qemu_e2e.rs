@@ -19,7 +19,7 @@ use common::{is_listening, status_json};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -282,16 +282,23 @@ fn run_guest(daemon: &mut Daemon, guest: &Path, work: &Path, tests: &[&str], exp
     eprintln!("guest {tests:?} passed in {:?}", started.elapsed());
 }
 
-#[test]
-fn guest_fio_verify_and_ext4_roundtrip() {
+/// The set-up of the fio tests: the host tools, this process's one guest at
+/// a time, the guest build, and a work directory with a 256 MiB source and
+/// a 64 MiB cache, smaller than what fio writes (4 x 24 MiB), so that it
+/// evicts.
+fn fio_setup() -> (MutexGuard<'static, ()>, PathBuf, tempfile::TempDir) {
     require_host_tools();
-    let _one = GUEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let one = GUEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let guest = build_guest();
     let work = tempfile::tempdir().unwrap();
-    // A cache smaller than what fio writes (4 x 24 MiB) forces evictions.
     create_image(&work.path().join("source.img"), "256M");
     create_image(&work.path().join("cache.img"), "64M");
+    (one, guest, work)
+}
 
+#[test]
+fn guest_fio_verify_and_ext4_roundtrip() {
+    let (_one, guest, work) = fio_setup();
     let mut daemon = Daemon::start(work.path(), &[]);
     run_guest(
         &mut daemon,
@@ -316,13 +323,7 @@ fn guest_fio_verify_and_ext4_roundtrip() {
 /// as fixed buffers.
 #[test]
 fn guest_fio_verify_with_pinned_guest_memory() {
-    require_host_tools();
-    let _one = GUEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let guest = build_guest();
-    let work = tempfile::tempdir().unwrap();
-    create_image(&work.path().join("source.img"), "256M");
-    create_image(&work.path().join("cache.img"), "64M");
-
+    let (_one, guest, work) = fio_setup();
     let mut daemon = Daemon::start(work.path(), &["--pin-guest-memory"]);
     run_guest(
         &mut daemon,

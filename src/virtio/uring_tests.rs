@@ -942,6 +942,29 @@ fn a_worker_waiting_on_one_queue_posts_its_other_queues_completions() {
     panic!("no hit was still in flight after its pass");
 }
 
+/// A guest with `queues` queues over a disk-file cache (`direct`: with
+/// O_DIRECT) whose backend registers guest memory if `pin`; `None` (after
+/// saying why) if the filesystem refuses O_DIRECT or is memory-backed
+/// (hits are then copies and register nothing).
+fn pinnable_guest(queues: u16, direct: bool, pin: bool) -> Option<(Guest, tempfile::TempDir)> {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = match cache_file(&dir, direct) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("skipping the O_DIRECT case: {e}");
+            return None;
+        }
+    };
+    let mut cfg = test_config(queues, QSIZE, limits(), Duration::ZERO);
+    cfg.pin_guest_memory = pin;
+    let g = Guest::configured(cfg, Arc::new(MemDevice::new(DISK)), Arc::new(cache));
+    if g.backend.lock_ring(0).is_some_and(|r| r.mapped()) {
+        eprintln!("skipping: the temp dir is memory-backed (hits are copies)");
+        return None;
+    }
+    Some((g, dir))
+}
+
 /// With `pin_guest_memory`, hits use guest memory registered with the ring
 /// (READ_FIXED / WRITE_FIXED, and READV_FIXED / WRITEV_FIXED for several
 /// buffers where the kernel has them, Linux 6.15) and land the same bytes.
@@ -950,22 +973,9 @@ fn a_worker_waiting_on_one_queue_posts_its_other_queues_completions() {
 fn pinned_guest_memory_serves_one_buffer_hits_as_fixed_buffers() {
     for direct in [false, true] {
         for pin in [false, true] {
-            let dir = tempfile::tempdir().unwrap();
-            let cache = match cache_file(&dir, direct) {
-                Ok(d) => d,
-                Err(e) => {
-                    eprintln!("skipping the O_DIRECT case: {e}");
-                    continue;
-                }
+            let Some((mut g, _dir)) = pinnable_guest(1, direct, pin) else {
+                continue;
             };
-            let mut cfg = test_config(1, QSIZE, limits(), Duration::ZERO);
-            cfg.pin_guest_memory = pin;
-            let source = Arc::new(MemDevice::new(DISK));
-            let mut g = Guest::configured(cfg, source, Arc::new(cache));
-            if g.backend.lock_ring(0).is_some_and(|r| r.mapped()) {
-                eprintln!("skipping: the temp dir is memory-backed (hits are copies)");
-                return;
-            }
             let case = format!("direct={direct} pin={pin}");
             let first = pattern(1);
             g.engine.write(8 * 512, &first).unwrap();
@@ -1070,15 +1080,9 @@ fn pinned_guest_memory_serves_one_buffer_hits_as_fixed_buffers() {
 /// hits use it.
 #[test]
 fn queues_share_one_registration_of_guest_memory() {
-    let dir = tempfile::tempdir().unwrap();
-    let cache = cache_file(&dir, false).unwrap();
-    let mut cfg = test_config(2, QSIZE, limits(), Duration::ZERO);
-    cfg.pin_guest_memory = true;
-    let mut g = Guest::configured(cfg, Arc::new(MemDevice::new(DISK)), Arc::new(cache));
-    if g.backend.lock_ring(0).is_some_and(|r| r.mapped()) {
-        eprintln!("skipping: the temp dir is memory-backed (hits are copies)");
+    let Some((mut g, _dir)) = pinnable_guest(2, false, true) else {
         return;
-    }
+    };
     let ring = |g: &Guest, q: usize| {
         let r = g.backend.lock_ring(q).unwrap();
         (
