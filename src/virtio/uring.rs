@@ -253,7 +253,6 @@ impl QueueRing {
         }
         self.submit();
         let f = self.fixed.as_mut()?;
-        f.release(&self.ring);
         f.prepare(&self.ring, mem, from);
         f.sharable(&self.ring)
     }
