@@ -3,7 +3,7 @@
 #
 #   bench/ab.sh [--a "ARGS"] [--b "ARGS"] [--rounds N] [--queues N]
 #               [--iodepth N] [--bs SIZE] [--pattern P] [--runtime SECONDS]
-#               [--swap] [--dir DIR] [--no-build]
+#               [--swap] [--dir DIR] [--no-build] [--a-bin PATH]
 #
 # Two daemons, A and B, each with its own copy of a 256 MiB source and its
 # own 400 MiB cache file under DIR (default target/), both warmed by one
@@ -15,11 +15,15 @@
 # The second run of a round can be systematically slower or faster than the
 # first on a shared machine; --swap runs B first in every round. Run both
 # orders (or A against A) before believing a difference of a few per cent.
+#
+# --a-bin PATH runs A from another vblkcache binary (B is always this
+# tree's release build), to compare two versions of the code, e.g. one
+# built from an older commit with `git worktree add` and CARGO_TARGET_DIR.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 A_ARGS="" B_ARGS="" ROUNDS=6 QUEUES=1 QD=32 BS=4K PAT=randread RT=5 SWAP=0
-DIR="$ROOT/target" BUILD=1
+DIR="$ROOT/target" BUILD=1 A_BIN=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --a) A_ARGS=$2; shift ;;
@@ -33,7 +37,8 @@ while [ $# -gt 0 ]; do
         --swap) SWAP=1 ;;
         --dir) DIR=$2; shift ;;
         --no-build) BUILD=0 ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        --a-bin) A_BIN=$2; shift ;;
+        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
         *) echo "ab.sh: unknown option $1" >&2; exit 2 ;;
     esac
     shift
@@ -46,6 +51,10 @@ if [ "$BUILD" = 1 ]; then
     (cd "$ROOT" && cargo build --release --quiet && cargo build --release --quiet --example vbc-load)
 fi
 BIN=$ROOT/target/release/vblkcache
+if [ -n "$A_BIN" ] && [ ! -x "$A_BIN" ]; then
+    echo "ab.sh: --a-bin $A_BIN is not an executable file" >&2
+    exit 2
+fi
 LOAD=$ROOT/target/release/examples/vbc-load
 WORK=$(mktemp -d "$DIR/vbc-ab.XXXXXX")
 PIDS=()
@@ -63,10 +72,10 @@ declare -A PID
 for t in A B; do
     cp "$WORK/source.img" "$WORK/source-$t.img"
     truncate -s 400M "$WORK/cache-$t.img"
-    args=$A_ARGS
-    [ "$t" = B ] && args=$B_ARGS
+    args=$A_ARGS bin=${A_BIN:-$BIN}
+    [ "$t" = B ] && args=$B_ARGS bin=$BIN
     read -r -a extra <<<"$args"
-    "$BIN" serve --source "$WORK/source-$t.img" --cache "$WORK/cache-$t.img" \
+    "$bin" serve --source "$WORK/source-$t.img" --cache "$WORK/cache-$t.img" \
         --socket "$WORK/$t.sock" --control "$WORK/ctl-$t.sock" --queues "$QUEUES" \
         "${extra[@]}" >"$WORK/daemon-$t.log" 2>&1 &
     PID[$t]=$!
@@ -77,7 +86,7 @@ for t in A B; do
         --runtime 600s --json >/dev/null
 done
 
-echo "A: ${A_ARGS:-(defaults)}   B: ${B_ARGS:-(defaults)}   $PAT $BS QD$QD, $QUEUES queue(s), ${RT}s x $ROUNDS rounds$([ "$SWAP" = 1 ] && echo ', B first')"
+echo "A: ${A_BIN:+$A_BIN }${A_ARGS:-(defaults)}   B: ${B_ARGS:-(defaults)}   $PAT $BS QD$QD, $QUEUES queue(s), ${RT}s x $ROUNDS rounds$([ "$SWAP" = 1 ] && echo ', B first')"
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 HZ=$(getconf CLK_TCK)
 order="A B"
