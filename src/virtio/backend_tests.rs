@@ -769,3 +769,72 @@ fn an_available_index_past_the_ring_ends_the_pass() {
         assert!(g.read_data(&s, 4096) == want);
     }
 }
+
+/// A worker shared by several queues pops at most a ring's worth of chains
+/// from one queue per pass, even while the driver keeps publishing, then
+/// yields: it signals the queue's own kick eventfd so that its epoll loop
+/// comes back to the queue after the other queues' pending events.
+///
+/// A publisher thread republishes each chain as soon as it is used; the
+/// chains are malformed (a short header), so each completes within the pass
+/// and the driver can always publish more. Without the yield the pass would
+/// run for as long as the publisher keeps up and never signal the kick.
+#[test]
+fn a_shared_worker_yields_after_a_ring_of_chains() {
+    use std::sync::atomic::AtomicBool;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+    let source: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(DISK));
+    let cache: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(1 << 20));
+    let mut cfg = test_config(2, QSIZE, limits(), Duration::ZERO);
+    cfg.queue_threads = 1;
+    let g = Guest::configured(cfg, source, cache);
+    let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+    let dup = std::os::fd::IntoRawFd::into_raw_fd(kick.try_clone().unwrap());
+    // SAFETY: `dup` is a new descriptor that nothing else owns or closes.
+    let kick_file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(dup) };
+    g.vrings[0].set_kick(Some(kick_file));
+    let s = Guest::slot(0, 0);
+    // An 8-byte header: the request is refused as malformed at once.
+    let head = g.chain(0, 0, &[(s.hdr, 8, 0), (s.status, 1, W)]);
+    for _ in 0..QSIZE {
+        g.publish(0, head);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let (mem, stop2) = (g.mem.clone(), Arc::clone(&stop));
+    let publisher = std::thread::spawn(move || {
+        let avail_idx = GuestAddress(avail_ring(0) + 2);
+        let used_idx = GuestAddress(used_ring(0) + 2);
+        // Bounded, so that a worker that never yields still ends its pass.
+        let mut published = 0u32;
+        while !stop2.load(Ordering::Relaxed) && published < 1_000_000 {
+            let used: u16 = mem.read_obj(used_idx).unwrap();
+            let idx: u16 = mem.read_obj(avail_idx).unwrap();
+            // Keep a ring's worth published ahead of the device.
+            if idx.wrapping_sub(used) < QSIZE {
+                let entry = avail_ring(0) + 4 + 2 * u64::from(idx % QSIZE);
+                mem.write_obj(head, GuestAddress(entry)).unwrap();
+                std::sync::atomic::fence(Ordering::Release);
+                mem.write_obj(idx.wrapping_add(1), avail_idx).unwrap();
+                published += 1;
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+    });
+    let vrings = vec![g.vrings[0].clone(), g.vrings[1].clone()];
+    let mut yielded = false;
+    // A pass yields only if the publisher runs alongside it; on a busy
+    // machine that may take many passes.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(20) {
+        g.backend.handle_event(0, EventSet::IN, &vrings, 0).unwrap();
+        if kick.read().is_ok() {
+            yielded = true;
+            break;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    publisher.join().unwrap();
+    assert!(yielded, "the shared worker never yielded its queue");
+    assert_eq!(g.backend.inner.inflight[0].count(), 0);
+}
