@@ -185,11 +185,7 @@ impl Guest {
 
     /// Makes `head` available to the device.
     fn publish(&self, q: usize, head: u16) {
-        let idx_addr = GuestAddress(avail_ring(q) + 2);
-        let idx: u16 = self.mem.read_obj(idx_addr).unwrap();
-        let entry = avail_ring(q) + 4 + 2 * u64::from(idx % QSIZE);
-        self.mem.write_obj(head, GuestAddress(entry)).unwrap();
-        self.mem.write_obj(idx.wrapping_add(1), idx_addr).unwrap();
+        publish_in(&self.mem, q, head);
     }
 
     /// Lets the backend process queue q and waits for every request.
@@ -770,6 +766,18 @@ fn an_available_index_past_the_ring_ends_the_pass() {
     }
 }
 
+/// Makes `head` available on queue `q` of `mem`, as a driver does: the ring
+/// entry first, then the index (so another thread may publish this way
+/// while the device pops).
+fn publish_in(mem: &GuestMem, q: usize, head: u16) {
+    let idx_addr = GuestAddress(avail_ring(q) + 2);
+    let idx: u16 = mem.read_obj(idx_addr).unwrap();
+    let entry = avail_ring(q) + 4 + 2 * u64::from(idx % QSIZE);
+    mem.write_obj(head, GuestAddress(entry)).unwrap();
+    std::sync::atomic::fence(Ordering::Release);
+    mem.write_obj(idx.wrapping_add(1), idx_addr).unwrap();
+}
+
 /// A worker shared by several queues pops at most a ring's worth of chains
 /// from one queue per pass, even while the driver keeps publishing, then
 /// yields: it signals the queue's own kick eventfd so that its epoll loop
@@ -811,10 +819,7 @@ fn a_shared_worker_yields_after_a_ring_of_chains() {
             let idx: u16 = mem.read_obj(avail_idx).unwrap();
             // Keep a ring's worth published ahead of the device.
             if idx.wrapping_sub(used) < QSIZE {
-                let entry = avail_ring(0) + 4 + 2 * u64::from(idx % QSIZE);
-                mem.write_obj(head, GuestAddress(entry)).unwrap();
-                std::sync::atomic::fence(Ordering::Release);
-                mem.write_obj(idx.wrapping_add(1), avail_idx).unwrap();
+                publish_in(&mem, 0, head);
                 published += 1;
             } else {
                 std::hint::spin_loop();
