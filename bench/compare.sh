@@ -59,6 +59,7 @@ SRC_LAT=5ms
 COLD=1
 WB=1
 REPEAT=1
+DEV=
 VBC_EXTRA=()
 ALSO_NAME=""
 ALSO_ARGS=()
@@ -178,6 +179,27 @@ cpu_ticks() {
     echo "$(( ${12} + ${13} )) ${13}"
 }
 
+# The block device that holds $1 (its /sys/class/block name), or nothing.
+block_dev_of() {
+    local src
+    src=$(findmnt -no SOURCE --target "$1" 2>/dev/null) || return 0
+    src=$(basename "$src")
+    [ -r "/sys/class/block/$src/stat" ] && echo "$src"
+    return 0
+}
+
+# "read_ios read_merges read_sectors write_ios write_merges write_sectors" of
+# block device $1 (zeros when there is none, e.g. tmpfs).
+dev_stat() {
+    if [ -n "$1" ]; then
+        # shellcheck disable=SC2046
+        set -- $(<"/sys/class/block/$1/stat")
+        echo "$1 $2 $3 $5 $6 $7"
+    else
+        echo "0 0 0 0 0 0"
+    fi
+}
+
 status_field() { # control-socket field (dotted path) -> value
     "$BIN" status --json --control "$1" | python3 -c '
 import json, sys
@@ -198,10 +220,13 @@ fill() { # file, extra vbc-load args: write every byte once with 1M requests
 run_one() {
     local pass=$1 wl=$2 target=$3 pid=$4 ctl=$5; shift 6
     local t0=0 t1=0 k0=0 k1=0 m0=0 m1=0 json rc=0 err="$WORK/load.err"
+    local d0 d1
+    d0=$(dev_stat "$DEV")
     [ "$pid" != - ] && read -r t0 k0 < <(cpu_ticks "$pid")
     [ "$ctl" != - ] && { m0=$(status_field "$ctl" stats.read_misses) || m0=0; }
     json=$("$LOAD" "$@" --runtime "$RUNTIME" --ramp "$RAMP" --json 2>"$err") || rc=$?
     [ "$pid" != - ] && { read -r t1 k1 < <(cpu_ticks "$pid") || { t1=$t0; k1=$k0; }; }
+    d1=$(dev_stat "$DEV")
     [ "$ctl" != - ] && { m1=$(status_field "$ctl" stats.read_misses) || m1=$m0; }
     if [ "$rc" != 0 ] || [ -z "$json" ]; then
         FAILED=1
@@ -216,8 +241,11 @@ run_one() {
     fi
     python3 -c '
 import json, sys
-pass_, wl, target, ticks, hz, misses, rc, load, kticks, rnd = sys.argv[1:11]
+pass_, wl, target, ticks, hz, misses, rc, load, kticks, rnd, dev, d0, d1 = sys.argv[1:14]
+keys = ["read_ios", "read_merges", "read_sectors", "write_ios", "write_merges", "write_sectors"]
+delta = {k: int(b) - int(a) for k, a, b in zip(keys, d0.split(), d1.split())}
 print(json.dumps({"pass": pass_, "workload": wl, "target": target, "round": int(rnd),
+    "device": dict(name=dev, **delta) if dev else None,
     "daemon_cpu_s": None if ticks == "-" else int(ticks) / int(hz),
     "daemon_sys_s": None if kticks == "-" else int(kticks) / int(hz),
     "read_misses": None if misses == "-" else int(misses),
@@ -225,7 +253,7 @@ print(json.dumps({"pass": pass_, "workload": wl, "target": target, "round": int(
         "$pass" "$wl" "$target" \
         "$([ "$pid" != - ] && echo $((t1 - t0)) || echo -)" "$CLK_TCK" \
         "$([ "$ctl" != - ] && echo $((m1 - m0)) || echo -)" "$rc" "$json" \
-        "$([ "$pid" != - ] && echo $((k1 - k0)) || echo -)" "$ROUND" >>"$OUT"
+        "$([ "$pid" != - ] && echo $((k1 - k0)) || echo -)" "$ROUND" "$DEV" "$d0" "$d1" >>"$OUT"
     log "$pass / $wl / $target done (round $ROUND)"
 }
 
@@ -282,6 +310,10 @@ run_pass() {
     local fdir=on vdirect=(--direct) lbuf=()
     if [ "$direct" = 0 ]; then fdir=off; vdirect=(); lbuf=(--buffered); fi
     log "pass $name: files in $fast (O_DIRECT: $direct)"
+    # Block-device counters around each run (the whole device: other
+    # processes' I/O counts too), to compare request sizes at the device.
+    DEV=$(block_dev_of "$fast")
+    [ "$direct" = 0 ] && DEV=
     rm -f "$fast"/fast.img "$fast"/cache.img
     fill "$fast/fast.img" "${lbuf[@]}"
     truncate -s "${CACHE_MIB}M" "$fast/cache.img"
