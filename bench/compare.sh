@@ -200,6 +200,11 @@ dev_stat() {
     fi
 }
 
+# "context_switches interrupts" of the whole machine so far (/proc/stat).
+sys_events() {
+    awk '$1 == "ctxt" { c = $2 } $1 == "intr" { i = $2 } END { print c + 0, i + 0 }' /proc/stat
+}
+
 status_field() { # control-socket field (dotted path) -> value
     "$BIN" status --json --control "$1" | python3 -c '
 import json, sys
@@ -220,13 +225,15 @@ fill() { # file, extra vbc-load args: write every byte once with 1M requests
 run_one() {
     local pass=$1 wl=$2 target=$3 pid=$4 ctl=$5; shift 6
     local t0=0 t1=0 k0=0 k1=0 m0=0 m1=0 json rc=0 err="$WORK/load.err"
-    local d0 d1
+    local d0 d1 e0 e1
     d0=$(dev_stat "$DEV")
+    e0=$(sys_events)
     [ "$pid" != - ] && read -r t0 k0 < <(cpu_ticks "$pid")
     [ "$ctl" != - ] && { m0=$(status_field "$ctl" stats.read_misses) || m0=0; }
     json=$("$LOAD" "$@" --runtime "$RUNTIME" --ramp "$RAMP" --json 2>"$err") || rc=$?
     [ "$pid" != - ] && { read -r t1 k1 < <(cpu_ticks "$pid") || { t1=$t0; k1=$k0; }; }
     d1=$(dev_stat "$DEV")
+    e1=$(sys_events)
     [ "$ctl" != - ] && { m1=$(status_field "$ctl" stats.read_misses) || m1=$m0; }
     if [ "$rc" != 0 ] || [ -z "$json" ]; then
         FAILED=1
@@ -241,11 +248,12 @@ run_one() {
     fi
     python3 -c '
 import json, sys
-pass_, wl, target, ticks, hz, misses, rc, load, kticks, rnd, dev, d0, d1 = sys.argv[1:14]
+pass_, wl, target, ticks, hz, misses, rc, load, kticks, rnd, dev, d0, d1, e0, e1 = sys.argv[1:16]
 keys = ["read_ios", "read_merges", "read_sectors", "write_ios", "write_merges", "write_sectors"]
 delta = {k: int(b) - int(a) for k, a, b in zip(keys, d0.split(), d1.split())}
 print(json.dumps({"pass": pass_, "workload": wl, "target": target, "round": int(rnd),
     "device": dict(name=dev, **delta) if dev else None,
+    "machine_events": {k: int(b) - int(a) for k, a, b in zip(["context_switches", "interrupts"], e0.split(), e1.split())},
     "daemon_cpu_s": None if ticks == "-" else int(ticks) / int(hz),
     "daemon_sys_s": None if kticks == "-" else int(kticks) / int(hz),
     "read_misses": None if misses == "-" else int(misses),
@@ -253,7 +261,7 @@ print(json.dumps({"pass": pass_, "workload": wl, "target": target, "round": int(
         "$pass" "$wl" "$target" \
         "$([ "$pid" != - ] && echo $((t1 - t0)) || echo -)" "$CLK_TCK" \
         "$([ "$ctl" != - ] && echo $((m1 - m0)) || echo -)" "$rc" "$json" \
-        "$([ "$pid" != - ] && echo $((k1 - k0)) || echo -)" "$ROUND" "$DEV" "$d0" "$d1" >>"$OUT"
+        "$([ "$pid" != - ] && echo $((k1 - k0)) || echo -)" "$ROUND" "$DEV" "$d0" "$d1" "$e0" "$e1" >>"$OUT"
     log "$pass / $wl / $target done (round $ROUND)"
 }
 

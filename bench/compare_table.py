@@ -9,7 +9,9 @@ CPU time (user+system, whole run incl. ramp) per data request completed in
 that run, with its kernel (system) part in brackets; client CPU/IO is vbc-load's own CPU inside the measured window per
 request measured. Device KiB/req is the mean size of the requests the block
 device under the files completed during the run (all its I/O, whoever
-issued it; "–" on tmpfs).
+issued it; "–" on tmpfs). Machine events are the context switches and
+interrupts of the whole machine (client, daemon and kernel) during the run,
+per 32 requests (one turn of a QD32 queue).
 
 With --repeat N (rows carry a "round"), each target's row gives the median
 of its rounds, and the ratio row gives the median of the per-round ratios
@@ -46,7 +48,13 @@ def metrics(r):
         "errors": load["errors"],
         "misses": r.get("read_misses"),
         "devkib": None,
+        "cs32": None,
+        "irq32": None,
     }
+    ev = r.get("machine_events")
+    if ev and load.get("total_ios"):
+        m["cs32"] = ev["context_switches"] * 32 / load["total_ios"]
+        m["irq32"] = ev["interrupts"] * 32 / load["total_ios"]
     dev = r.get("device")
     if dev:
         ios = dev["read_ios"] + dev["write_ios"]
@@ -69,7 +77,7 @@ def merged(ms):
     ms = [m for m in ms if m is not None]
     if not ms:
         return None
-    out = {k: median([m[k] for m in ms]) for k in ("iops", "mib", "p99", "cpu", "sys", "ccpu", "devkib")}
+    out = {k: median([m[k] for m in ms]) for k in ("iops", "mib", "p99", "cpu", "sys", "ccpu", "devkib", "cs32", "irq32")}
     out["errors"] = sum(m["errors"] for m in ms)
     misses = [m["misses"] for m in ms if m["misses"] is not None]
     out["misses"] = sum(misses) if misses else None
@@ -111,8 +119,8 @@ def main(path):
                 f"{warm['second_pass_misses']} misses on a second full read"
             )
         print()
-        print("| workload | target | IOPS | MiB/s | p99 µs | daemon CPU µs/IO (kernel) | client CPU µs/IO | device KiB/req | vbc read misses |")
-        print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+        print("| workload | target | IOPS | MiB/s | p99 µs | daemon CPU µs/IO (kernel) | client CPU µs/IO | device KiB/req | machine ctx sw · irqs per 32 req | vbc read misses |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         wls = []
         for r in rows:
             if r.get("pass") == p and "workload" in r and r["workload"] not in wls:
@@ -133,12 +141,12 @@ def main(path):
             for t in targets:
                 m = got.get(t)
                 if m is None:
-                    print(f"| {wl} | {t} | FAILED | | | | | | |")
+                    print(f"| {wl} | {t} | FAILED | | | | | | | |")
                     continue
                 err = f" ({m['errors']} errors)" if m["errors"] else ""
                 print(
                     f"| {wl} | {t}{label}{err} | {fmt(m['iops'])} | {fmt(m['mib'], 1)} | {fmt(m['p99'])} | "
-                    f"{fmt(m['cpu'], 1)}{' (' + fmt(m['sys'], 1) + ')' if m['sys'] is not None else ''} | {fmt(m['ccpu'], 1)} | {fmt(m['devkib'])} | {fmt(m['misses']) if m['misses'] is not None else ''} |"
+                    f"{fmt(m['cpu'], 1)}{' (' + fmt(m['sys'], 1) + ')' if m['sys'] is not None else ''} | {fmt(m['ccpu'], 1)} | {fmt(m['devkib'])} | {fmt(m['cs32'], 1)} · {fmt(m['irq32'], 1)} | {fmt(m['misses']) if m['misses'] is not None else ''} |"
                 )
             for t in ("vblkcache", *extra):
                 if not got.get(t):
@@ -150,7 +158,7 @@ def main(path):
                 name = "vbc" + t[len("vblkcache"):]
                 print(
                     f"| {wl} | **{name}/qsd** · {name}/raw | {rr('iops', 'qsd')} · {rr('iops', 'raw')} | | "
-                    f"{rr('p99', 'qsd')} · {rr('p99', 'raw')} | {rr('cpu', 'qsd')} · – | | | |"
+                    f"{rr('p99', 'qsd')} · {rr('p99', 'raw')} | {rr('cpu', 'qsd')} · – | | | | |"
                 )
 
 
