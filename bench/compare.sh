@@ -17,7 +17,10 @@
 # runs io_uring on fast.img. Every workload is
 # run on the three targets back to back, so their ratios come from the same
 # minute of a noisy machine. Daemon CPU is read from /proc/PID/stat around
-# each run and divided by the data requests that run completed.
+# each run and divided by the data requests that run completed. Around each
+# run it also reads the counters of the block device under the files
+# ("device": requests, merges, sectors; none on tmpfs) and the machine's
+# context switches and interrupts ("machine_events", from /proc/stat).
 #
 # Results: one JSON object per run in --out (default
 # target/compare-results.jsonl; daemon logs and vblkcache's final status in
