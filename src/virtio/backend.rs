@@ -403,6 +403,11 @@ impl BlkBackend {
                 r.vring = Some(vring.clone());
             }
         }
+        // Completions already there are posted every `post_batch` popped
+        // requests, so that the driver can answer while the pass goes on
+        // (see `uring::POST_BATCH`). Requests that went to the pool post
+        // their own.
+        let post_batch = ring_guard.as_deref().map_or(usize::MAX, |r| r.post_batch());
         loop {
             if event_idx && !polling {
                 vring.disable_notification().map_err(io::Error::other)?;
@@ -493,6 +498,12 @@ impl BlkBackend {
                             _ => 0,
                         };
                         self.inner.complete(q, vring, &[(head, used)]);
+                    }
+                }
+                if popped % post_batch == 0 {
+                    if let Some(r) = ring_guard.as_deref_mut() {
+                        let done = r.reap();
+                        self.finish_ring(q, vring, done);
                     }
                 }
             }
