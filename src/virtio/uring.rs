@@ -138,9 +138,10 @@ pub const SUBMIT_BATCH: usize = 16;
 /// Posting every 16 lets the driver consume and publish new requests while
 /// the pass goes on, and the pass picks those up before it re-arms kicks,
 /// so the worker often does not sleep between turns. Paired A/B, 4 KiB
-/// randread QD32, 1 queue (BENCHMARKS.md, session 8): IOPS 1.4-1.6x and
-/// CPU per I/O 12-18 % lower with the cache on tmpfs; on disk IOPS 1.0-1.13x
-/// and CPU per I/O 6-11 % lower.
+/// randread QD32 (BENCHMARKS.md, session 8): with the cache on tmpfs and
+/// 1 queue, IOPS 1.48-1.74x and CPU per I/O 0.71-0.85x; on disk with
+/// 1 queue, IOPS 1.01-1.13x and CPU per I/O 0.90-1.00x; on disk with
+/// 2 queues, no difference beyond the order of the runs.
 pub const POST_BATCH: usize = 16;
 
 /// One queue's io_uring and its in-flight requests.
