@@ -766,6 +766,14 @@ fn an_available_index_past_the_ring_ends_the_pass() {
     }
 }
 
+/// A new descriptor of `fd` as a `File`, the form the vring's kick and call
+/// setters take; `fd` stays usable to signal or read the counter.
+fn eventfd_file(fd: &vmm_sys_util::eventfd::EventFd) -> std::fs::File {
+    let dup = std::os::fd::IntoRawFd::into_raw_fd(fd.try_clone().unwrap());
+    // SAFETY: `dup` is a new descriptor that nothing else owns or closes.
+    unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(dup) }
+}
+
 /// Makes `head` available on queue `q` of `mem`, as a driver does: the ring
 /// entry first, then the index (so another thread may publish this way
 /// while the device pops).
@@ -797,10 +805,7 @@ fn a_shared_worker_yields_after_a_ring_of_chains() {
     cfg.queue_threads = 1;
     let g = Guest::configured(cfg, source, cache);
     let kick = EventFd::new(EFD_NONBLOCK).unwrap();
-    let dup = std::os::fd::IntoRawFd::into_raw_fd(kick.try_clone().unwrap());
-    // SAFETY: `dup` is a new descriptor that nothing else owns or closes.
-    let kick_file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(dup) };
-    g.vrings[0].set_kick(Some(kick_file));
+    g.vrings[0].set_kick(Some(eventfd_file(&kick)));
     let s = Guest::slot(0, 0);
     // An 8-byte header: the request is refused as malformed at once.
     let head = g.chain(0, 0, &[(s.hdr, 8, 0), (s.status, 1, W)]);

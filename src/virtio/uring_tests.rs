@@ -219,12 +219,7 @@ fn republish_full_rings(mut g: Guest, _dir: tempfile::TempDir) {
     assert!(g.backend.drain(Duration::from_secs(10)));
     done_tx.send(()).unwrap();
     watchdog.join().unwrap();
-    let used = g.take_used(0);
-    assert_eq!(used.len(), 2 * usize::from(QSIZE));
-    assert!(used
-        .iter()
-        .all(|&(id, len)| id == u32::from(head) && len == 4097));
-    assert!(g.read_data(&s, 4096) == want);
+    assert_reads_served(&mut g, head, &s, &want, 2 * QSIZE, "two rings");
     assert_eq!(direct_requests(&g), 2 * u64::from(QSIZE));
 }
 
@@ -1121,19 +1116,9 @@ fn a_large_pass_is_submitted_in_batches() {
         let want = pattern(6);
         g.engine.write(0, &want).unwrap();
         g.backend.lock_ring(0).unwrap().set_submit_batch(batch);
-        let s = Guest::slot(0, 0);
-        g.header(s.hdr, VIRTIO_BLK_T_IN, 0);
-        let head = g.chain(0, 0, &[(s.hdr, 16, 0), (s.data, 4096, W), (s.status, 1, W)]);
-        for _ in 0..QSIZE {
-            g.publish(0, head);
-        }
+        let (head, s) = publish_ring_of_reads(&g);
         g.run(0);
-        let used = g.take_used(0);
-        assert_eq!(used.len(), usize::from(QSIZE), "batch {batch}");
-        assert!(used
-            .iter()
-            .all(|&(id, len)| id == u32::from(head) && len == 4097));
-        assert!(g.read_data(&s, 4096) == want, "batch {batch}");
+        assert_reads_served(&mut g, head, &s, &want, QSIZE, &format!("batch {batch}"));
         assert_eq!(direct_requests(&g), u64::from(QSIZE), "batch {batch}");
         let submits = g.backend.lock_ring(0).unwrap().submits();
         assert_eq!(submits, want_submits, "batch {batch}");
@@ -1158,24 +1143,37 @@ fn a_pass_posts_what_is_done_every_post_batch() {
         g.engine.write(0, &want).unwrap();
         g.backend.lock_ring(0).unwrap().set_post_batch(batch);
         let call = EventFd::new(EFD_NONBLOCK).unwrap();
-        let dup = std::os::fd::IntoRawFd::into_raw_fd(call.try_clone().unwrap());
-        // SAFETY: `dup` is a new descriptor that nothing else owns or closes.
-        let call_file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(dup) };
-        g.vrings[0].set_call(Some(call_file));
-        let s = Guest::slot(0, 0);
-        g.header(s.hdr, VIRTIO_BLK_T_IN, 0);
-        let head = g.chain(0, 0, &[(s.hdr, 16, 0), (s.data, 4096, W), (s.status, 1, W)]);
-        for _ in 0..QSIZE {
-            g.publish(0, head);
-        }
+        g.vrings[0].set_call(Some(eventfd_file(&call)));
+        let (head, s) = publish_ring_of_reads(&g);
         g.backend.process_queue(0, &g.vrings[0]).unwrap();
         // The eventfd's counter is the number of signals.
         assert_eq!(call.read().unwrap(), want_signals, "batch {batch}");
-        let used = g.take_used(0);
-        assert_eq!(used.len(), usize::from(QSIZE), "batch {batch}");
-        assert!(used
-            .iter()
-            .all(|&(id, len)| id == u32::from(head) && len == 4097));
-        assert!(g.read_data(&s, 4096) == want, "batch {batch}");
+        assert_reads_served(&mut g, head, &s, &want, QSIZE, &format!("batch {batch}"));
     }
+}
+
+/// Publishes a 4 KiB read of sector 0 into slot 0 of queue 0 (descriptors
+/// 0..3), a ring's worth of times.
+fn publish_ring_of_reads(g: &Guest) -> (u16, Slot) {
+    let s = Guest::slot(0, 0);
+    g.header(s.hdr, VIRTIO_BLK_T_IN, 0);
+    let head = g.chain(0, 0, &[(s.hdr, 16, 0), (s.data, 4096, W), (s.status, 1, W)]);
+    for _ in 0..QSIZE {
+        g.publish(0, head);
+    }
+    (head, s)
+}
+
+/// Checks that exactly `n` used entries arrived on queue 0, each `head`
+/// with 4096 bytes of data and the status byte, and that slot `s` holds
+/// `want`.
+fn assert_reads_served(g: &mut Guest, head: u16, s: &Slot, want: &[u8], n: u16, ctx: &str) {
+    let used = g.take_used(0);
+    assert_eq!(used.len(), usize::from(n), "{ctx}");
+    assert!(
+        used.iter()
+            .all(|&(id, len)| id == u32::from(head) && len == 4097),
+        "{ctx}"
+    );
+    assert!(g.read_data(s, 4096) == want, "{ctx}");
 }
