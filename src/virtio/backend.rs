@@ -395,6 +395,8 @@ impl BlkBackend {
         let mut refused = false;
         // Set when a ring's worth is in flight and nothing more is published.
         let mut full = false;
+        // Set when the pass ends with kicks off on a deep ring.
+        let mut kickless = false;
         // The handle, not a snapshot: `pop` loads the current memory map.
         let atomic = self.memory();
         let mut ring_guard = self.lock_ring(q);
@@ -533,6 +535,20 @@ impl BlkBackend {
             if polling {
                 break;
             }
+            // A deep queue on the ring: post what is done, and if it is still
+            // deep, end the pass with kicks off; the next completion runs the
+            // next pass (see `uring::KICKLESS_DEPTH`). Checked after the
+            // reap, and nothing is reaped after it, so that kicks stay off
+            // only on operations still to come. Not on a shared worker: its
+            // waits reap the other queues' rings (`reap_siblings`).
+            if let Some(r) = ring_guard.as_deref_mut().filter(|r| !shared && r.deep()) {
+                let done = r.reap();
+                self.finish_ring(q, vring, done);
+                if r.deep() {
+                    kickless = true;
+                    break;
+                }
+            }
             // Re-arm kicks (EVENT_IDX: `avail_event`; otherwise clear
             // NO_NOTIFY, which a poll cut short by a stop may have left set)
             // and re-check, on a live queue only: a stopped or disabled ring
@@ -546,8 +562,8 @@ impl BlkBackend {
                 break;
             }
         }
-        if polling {
-            // The poll loop reaps.
+        if polling || kickless {
+            // The poll loop reaps; after a kickless end, the completions do.
             return Ok(popped);
         }
         // Hits on a fast device may already be done: post them now.

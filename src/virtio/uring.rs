@@ -51,6 +51,9 @@ const MAX_EXTENTS: usize = 256;
 const SUBMIT_RETRIES: u32 = 100;
 /// Alignment after the device refused `FIRST_ALIGN`.
 const SAFE_ALIGN: u64 = 4096;
+/// `user_data` of a test's held operation (see `QueueRing::hold_for`).
+#[cfg(test)]
+const HELD: u64 = u64::MAX;
 
 /// Ring set-up errors.
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +147,28 @@ pub const SUBMIT_BATCH: usize = 16;
 /// 2 queues, no difference beyond the order of the runs.
 pub const POST_BATCH: usize = 16;
 
+/// Operations in flight on the ring from which a worker that ends a pass
+/// leaves the driver's kicks off and lets the next completion wake it
+/// instead: the pass that follows takes whatever the driver published in
+/// between.
+///
+/// Why: at queue depth 32 each turn of the queue cost the worker two
+/// wake-ups, one for a completion and one for the kick of the requests the
+/// driver sent in answer, about 20 µs each on the test machine. With this
+/// many operations in flight the next completion is never far off, and the
+/// kick costs the driver a system call (a VM exit in a guest) too. Paired
+/// A/B, 4 KiB randread QD32 on disk (BENCHMARKS.md, session 9): kick reads
+/// per I/O 0.022 → 0.015, daemon CPU per I/O 0.96-0.99x with 1 and 2
+/// queues in both orders, IOPS 0.99-1.04x; at QD8 it does not engage.
+///
+/// Invariant: kicks stay off only while at least this many submitted
+/// operations are in flight; each of them completes and signals the
+/// completion eventfd, which runs a pass (see `BlkBackend::process_ring`),
+/// so no published request waits for more than the next completion.
+/// Shallower queues, synchronous (tmpfs) hits and requests the pool serves
+/// re-arm kicks at the end of every pass, as before.
+pub const KICKLESS_DEPTH: usize = 16;
+
 /// One queue's io_uring and its in-flight requests.
 pub struct QueueRing {
     ring: IoUring,
@@ -163,6 +188,8 @@ pub struct QueueRing {
     submits: u64,
     /// Post what is done after this many popped requests ([`POST_BATCH`]).
     post_batch: usize,
+    /// Leave kicks off from this many operations in flight ([`KICKLESS_DEPTH`]).
+    kickless_depth: usize,
     /// Do the I/O synchronously (a memory-backed, buffered cache).
     inline: bool,
     /// With `inline`: the cache file mapped (shared by the queues), so that
@@ -233,6 +260,7 @@ impl QueueRing {
             unsubmitted: 0,
             submit_batch: SUBMIT_BATCH,
             post_batch: POST_BATCH,
+            kickless_depth: KICKLESS_DEPTH,
             submits: 0,
             inline: access.memory,
             map: map.filter(|_| access.memory),
@@ -287,6 +315,32 @@ impl QueueRing {
     #[cfg(test)]
     pub(crate) fn set_post_batch(&mut self, n: usize) {
         self.post_batch = n.max(1);
+    }
+
+    /// True when a pass may end with kicks off: at least
+    /// [`KICKLESS_DEPTH`] submitted operations are in flight, so a
+    /// completion is bound to wake the worker (see that constant).
+    pub(crate) fn deep(&self) -> bool {
+        self.ops.saturating_sub(self.unsubmitted) >= self.kickless_depth
+    }
+
+    /// Changes [`KICKLESS_DEPTH`] (tests; `usize::MAX` turns it off).
+    #[cfg(test)]
+    pub(crate) fn set_kickless_depth(&mut self, n: usize) {
+        self.kickless_depth = n.max(1);
+    }
+
+    /// Puts an operation in flight that completes after `d` and serves no
+    /// request (tests: a slow device operation the test controls).
+    #[cfg(test)]
+    pub(crate) fn hold_for(&mut self, d: std::time::Duration) {
+        let ts = Box::leak(Box::new(types::Timespec::from(d)));
+        let sqe = opcode::Timeout::new(ts).build().user_data(HELD);
+        // SAFETY: `ts` is leaked, so it outlives the operation.
+        unsafe { self.ring.submission().push(&sqe) }.expect("room for a held operation");
+        self.ops += 1;
+        self.unsubmitted += 1;
+        self.submit();
     }
 
     /// How many `io_uring_enter` calls submitted operations.
@@ -579,6 +633,13 @@ impl QueueRing {
         let mut cqes = std::mem::take(&mut self.cqes);
         cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
         for (user_data, res) in cqes.drain(..) {
+            #[cfg(test)]
+            {
+                if user_data == HELD {
+                    self.ops = self.ops.saturating_sub(1);
+                    continue;
+                }
+            }
             let slot = (user_data >> 16) as usize;
             let op = (user_data & 0xffff) as usize;
             self.ops = self.ops.saturating_sub(1);

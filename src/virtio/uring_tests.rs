@@ -1177,3 +1177,84 @@ fn assert_reads_served(g: &mut Guest, head: u16, s: &Slot, want: &[u8], n: u16, 
     );
     assert!(g.read_data(s, 4096) == want, "{ctx}");
 }
+
+/// With at least `kickless_depth` operations in flight on the ring, a pass
+/// ends with the driver's kicks left off (EVENT_IDX: `avail_event` is not
+/// written), and the completion that comes next runs a pass that serves
+/// what the driver published meanwhile, without a kick. Once nothing is in
+/// flight, the pass re-arms kicks. With the depth out of reach, every pass
+/// re-arms, as before.
+#[test]
+fn a_deep_ring_leaves_kicks_off_until_its_next_completion() {
+    const UNWRITTEN: u16 = 0xabcd;
+    for depth in [1, usize::MAX] {
+        let Some((mut g, _dir)) = file_guest(false) else {
+            unreachable!("buffered files always open")
+        };
+        g.backend.set_event_idx(true);
+        g.vrings[0].set_queue_event_idx(true);
+        let want = pattern(5);
+        g.engine.write(0, &want).unwrap();
+        let avail_event = GuestAddress(used_ring(0) + 4 + 8 * u64::from(QSIZE));
+        g.mem.write_obj(UNWRITTEN, avail_event).unwrap();
+        let ring_fd = {
+            let mut r = g.backend.lock_ring(0).unwrap();
+            r.set_kickless_depth(depth);
+            // A slow operation in flight, as on a deep queue.
+            r.hold_for(Duration::from_millis(300));
+            r.event_fd()
+        };
+        let s = Guest::slot(0, 0);
+        g.header(s.hdr, VIRTIO_BLK_T_IN, 0);
+        let head = g.chain(0, 0, &[(s.hdr, 16, 0), (s.data, 4096, W), (s.status, 1, W)]);
+        g.publish(0, head);
+        g.backend.process_queue(0, &g.vrings[0]).unwrap();
+        let after_first: u16 = g.mem.read_obj(avail_event).unwrap();
+        let want_first = if depth == 1 { UNWRITTEN } else { 1 };
+        assert_eq!(
+            after_first, want_first,
+            "depth {depth}: avail_event after the first pass"
+        );
+        // The driver publishes a second read; with kicks off it does not
+        // kick. The worker runs on its ring's completion events only, as
+        // its epoll loop would.
+        g.publish(0, head);
+        let turn = || {
+            let mut p = libc::pollfd {
+                fd: ring_fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd, for the duration of the call.
+            if unsafe { libc::poll(&mut p, 1, 100) } == 1 {
+                let mut counter = 0u64;
+                // SAFETY: reads 8 bytes into `counter` (clears the eventfd).
+                unsafe { libc::read(ring_fd, (&mut counter as *mut u64).cast(), 8) };
+                g.backend.process_ring(0, &g.vrings[0]).unwrap();
+            }
+        };
+        let served = wait_until(Duration::from_secs(5), || {
+            turn();
+            g.mem
+                .read_obj::<u16>(GuestAddress(used_ring(0) + 2))
+                .unwrap()
+                == 2
+        });
+        assert!(
+            served,
+            "depth {depth}: the read published while kicks were off was not served"
+        );
+        // The held operation completes later; that event ends the last pass.
+        let idle = wait_until(Duration::from_secs(5), || {
+            turn();
+            !g.backend.lock_ring(0).unwrap().busy()
+        });
+        assert!(idle, "depth {depth}: the held operation never completed");
+        assert_reads_served(&mut g, head, &s, &want, 2, &format!("depth {depth}"));
+        let after_last: u16 = g.mem.read_obj(avail_event).unwrap();
+        assert_eq!(
+            after_last, 2,
+            "depth {depth}: kicks not re-armed once the ring was idle"
+        );
+    }
+}
