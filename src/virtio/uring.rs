@@ -157,9 +157,10 @@ pub const POST_BATCH: usize = 16;
 /// driver sent in answer, about 20 µs each on the test machine. With this
 /// many operations in flight the next completion is never far off, and the
 /// kick costs the driver a system call (a VM exit in a guest) too. Paired
-/// A/B, 4 KiB randread QD32 on disk (BENCHMARKS.md, session 9): kick reads
-/// per I/O 0.022 → 0.015, daemon CPU per I/O 0.96-0.99x with 1 and 2
-/// queues in both orders, IOPS 0.99-1.04x; at QD8 it does not engage.
+/// A/B, 4 KiB randread on disk (BENCHMARKS.md, session 9): kick reads per
+/// I/O 0.023 → 0.015 at QD32; daemon CPU per I/O 0.965-0.986x with 1 queue
+/// at QD32 and QD16, 0.96-1.00x with 2 queues; IOPS 0.99-1.04x; at QD8 it
+/// does not engage.
 ///
 /// Invariant: kicks stay off only while at least this many submitted
 /// operations are in flight; each of them completes and signals the
