@@ -165,9 +165,12 @@ pub const POST_BATCH: usize = 16;
 /// Invariant: kicks stay off only while at least this many submitted
 /// operations are in flight; each of them completes and signals the
 /// completion eventfd, which runs a pass (see `BlkBackend::process_ring`),
-/// so no published request waits for more than the next completion.
-/// Shallower queues, synchronous (tmpfs) hits and requests the pool serves
-/// re-arm kicks at the end of every pass, as before.
+/// so no published request waits for more than the next completion. A
+/// queue stopped or disabled meanwhile gets one pass when it is live again
+/// (vhost-user-backend runs one for each kick it registers), which takes
+/// what was published and re-arms kicks. Shallower queues, synchronous
+/// (tmpfs) hits and requests the pool serves re-arm kicks at the end of
+/// every pass, as before.
 pub const KICKLESS_DEPTH: usize = 16;
 
 /// One queue's io_uring and its in-flight requests.
