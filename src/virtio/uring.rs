@@ -194,6 +194,10 @@ pub struct QueueRing {
     post_batch: usize,
     /// Leave kicks off from this many operations in flight ([`KICKLESS_DEPTH`]).
     kickless_depth: usize,
+    /// Tests: `reap` takes nothing while set, as if no operation had
+    /// completed yet (see `set_unreaped`).
+    #[cfg(test)]
+    unreaped: bool,
     /// Do the I/O synchronously (a memory-backed, buffered cache).
     inline: bool,
     /// With `inline`: the cache file mapped (shared by the queues), so that
@@ -265,6 +269,8 @@ impl QueueRing {
             submit_batch: SUBMIT_BATCH,
             post_batch: POST_BATCH,
             kickless_depth: KICKLESS_DEPTH,
+            #[cfg(test)]
+            unreaped: false,
             submits: 0,
             inline: access.memory,
             map: map.filter(|_| access.memory),
@@ -332,6 +338,13 @@ impl QueueRing {
     #[cfg(test)]
     pub(crate) fn set_kickless_depth(&mut self, n: usize) {
         self.kickless_depth = n.max(1);
+    }
+
+    /// While `on`, `reap` takes nothing (tests: an operation that is still
+    /// on the device after its pass, whatever the device's speed).
+    #[cfg(test)]
+    pub(crate) fn set_unreaped(&mut self, on: bool) {
+        self.unreaped = on;
     }
 
     /// Puts an operation in flight that completes after `d` and serves no
@@ -630,6 +643,12 @@ impl QueueRing {
 
     /// Takes every completed request.
     pub fn reap(&mut self) -> Vec<Done> {
+        #[cfg(test)]
+        {
+            if self.unreaped {
+                return Vec::new();
+            }
+        }
         let mut done = std::mem::take(&mut self.ready);
         if self.ops == 0 {
             return done;
