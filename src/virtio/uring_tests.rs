@@ -200,9 +200,7 @@ fn republished_heads_with_a_cache_in_memory_complete() {
 fn republish_full_rings(mut g: Guest, _dir: tempfile::TempDir) {
     let want = pattern(6);
     g.engine.write(0, &want).unwrap();
-    let s = Guest::slot(0, 0);
-    g.header(s.hdr, VIRTIO_BLK_T_IN, 0);
-    let head = g.chain(0, 0, &[(s.hdr, 16, 0), (s.data, 4096, W), (s.status, 1, W)]);
+    let (head, s) = read_chain(&g);
     let (done_tx, done_rx) = mpsc::channel::<()>();
     let watchdog = std::thread::spawn(move || {
         if done_rx.recv_timeout(Duration::from_secs(60)).is_err() {
@@ -1153,12 +1151,18 @@ fn a_pass_posts_what_is_done_every_post_batch() {
     }
 }
 
-/// Publishes a 4 KiB read of sector 0 into slot 0 of queue 0 (descriptors
-/// 0..3), a ring's worth of times.
-fn publish_ring_of_reads(g: &Guest) -> (u16, Slot) {
+/// Writes a 4 KiB read of sector 0 into slot 0 of queue 0 (descriptors
+/// 0..3), not yet published; `assert_reads_served` checks its completions.
+fn read_chain(g: &Guest) -> (u16, Slot) {
     let s = Guest::slot(0, 0);
     g.header(s.hdr, VIRTIO_BLK_T_IN, 0);
     let head = g.chain(0, 0, &[(s.hdr, 16, 0), (s.data, 4096, W), (s.status, 1, W)]);
+    (head, s)
+}
+
+/// Publishes the read of [`read_chain`] a ring's worth of times.
+fn publish_ring_of_reads(g: &Guest) -> (u16, Slot) {
+    let (head, s) = read_chain(g);
     for _ in 0..QSIZE {
         g.publish(0, head);
     }
@@ -1205,9 +1209,7 @@ fn a_deep_ring_leaves_kicks_off_until_its_next_completion() {
             r.hold_for(Duration::from_millis(300));
             r.event_fd()
         };
-        let s = Guest::slot(0, 0);
-        g.header(s.hdr, VIRTIO_BLK_T_IN, 0);
-        let head = g.chain(0, 0, &[(s.hdr, 16, 0), (s.data, 4096, W), (s.status, 1, W)]);
+        let (head, s) = read_chain(&g);
         g.publish(0, head);
         g.backend.process_queue(0, &g.vrings[0]).unwrap();
         let after_first: u16 = g.mem.read_obj(avail_event).unwrap();
