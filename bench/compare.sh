@@ -19,7 +19,8 @@
 # minute of a noisy machine. Daemon CPU is read from /proc/PID/stat around
 # each run and divided by the data requests that run completed. Around each
 # run it also reads the counters of the block device under the files
-# ("device": requests, merges, sectors; none on tmpfs) and the machine's
+# ("device": requests, merges, sectors, time its requests spent in it, and
+# the wall time of the run; none on tmpfs) and the machine's
 # context switches and interrupts ("machine_events", from /proc/stat).
 #
 # Results: one JSON object per run in --out (default
@@ -191,15 +192,17 @@ block_dev_of() {
     return 0
 }
 
-# "read_ios read_merges read_sectors write_ios write_merges write_sectors" of
-# block device $1 (zeros when there is none, e.g. tmpfs).
+# "read_ios read_merges read_sectors write_ios write_merges write_sectors
+# read_ms write_ms" of block device $1 (zeros when there is none, e.g.
+# tmpfs). The last two are the summed time its requests spent in the device
+# (from issue to completion), in milliseconds.
 dev_stat() {
     if [ -n "$1" ]; then
         # shellcheck disable=SC2046
         set -- $(<"/sys/class/block/$1/stat")
-        echo "$1 $2 $3 $5 $6 $7"
+        echo "$1 $2 $3 $5 $6 $7 $4 $8"
     else
-        echo "0 0 0 0 0 0"
+        echo "0 0 0 0 0 0 0 0"
     fi
 }
 
@@ -228,7 +231,8 @@ fill() { # file, extra vbc-load args: write every byte once with 1M requests
 run_one() {
     local pass=$1 wl=$2 target=$3 pid=$4 ctl=$5; shift 6
     local t0=0 t1=0 k0=0 k1=0 m0=0 m1=0 json rc=0 err="$WORK/load.err"
-    local d0 d1 e0 e1
+    local d0 d1 e0 e1 w0 w1
+    w0=$(date +%s%N)
     d0=$(dev_stat "$DEV")
     e0=$(sys_events)
     [ "$pid" != - ] && read -r t0 k0 < <(cpu_ticks "$pid")
@@ -236,6 +240,7 @@ run_one() {
     json=$("$LOAD" "$@" --runtime "$RUNTIME" --ramp "$RAMP" --json 2>"$err") || rc=$?
     [ "$pid" != - ] && { read -r t1 k1 < <(cpu_ticks "$pid") || { t1=$t0; k1=$k0; }; }
     d1=$(dev_stat "$DEV")
+    w1=$(date +%s%N)
     e1=$(sys_events)
     [ "$ctl" != - ] && { m1=$(status_field "$ctl" stats.read_misses) || m1=$m0; }
     if [ "$rc" != 0 ] || [ -z "$json" ]; then
@@ -251,11 +256,11 @@ run_one() {
     fi
     python3 -c '
 import json, sys
-pass_, wl, target, ticks, hz, misses, rc, load, kticks, rnd, dev, d0, d1, e0, e1 = sys.argv[1:16]
-keys = ["read_ios", "read_merges", "read_sectors", "write_ios", "write_merges", "write_sectors"]
+pass_, wl, target, ticks, hz, misses, rc, load, kticks, rnd, dev, d0, d1, e0, e1, wall = sys.argv[1:17]
+keys = ["read_ios", "read_merges", "read_sectors", "write_ios", "write_merges", "write_sectors", "read_ms", "write_ms"]
 delta = {k: int(b) - int(a) for k, a, b in zip(keys, d0.split(), d1.split())}
 print(json.dumps({"pass": pass_, "workload": wl, "target": target, "round": int(rnd),
-    "device": dict(name=dev, **delta) if dev else None,
+    "device": dict(name=dev, wall_s=int(wall) / 1e9, **delta) if dev else None,
     "machine_events": {k: int(b) - int(a) for k, a, b in zip(["context_switches", "interrupts"], e0.split(), e1.split())},
     "daemon_cpu_s": None if ticks == "-" else int(ticks) / int(hz),
     "daemon_sys_s": None if kticks == "-" else int(kticks) / int(hz),
@@ -264,7 +269,7 @@ print(json.dumps({"pass": pass_, "workload": wl, "target": target, "round": int(
         "$pass" "$wl" "$target" \
         "$([ "$pid" != - ] && echo $((t1 - t0)) || echo -)" "$CLK_TCK" \
         "$([ "$ctl" != - ] && echo $((m1 - m0)) || echo -)" "$rc" "$json" \
-        "$([ "$pid" != - ] && echo $((k1 - k0)) || echo -)" "$ROUND" "$DEV" "$d0" "$d1" "$e0" "$e1" >>"$OUT"
+        "$([ "$pid" != - ] && echo $((k1 - k0)) || echo -)" "$ROUND" "$DEV" "$d0" "$d1" "$e0" "$e1" "$((w1 - w0))" >>"$OUT"
     log "$pass / $wl / $target done (round $ROUND)"
 }
 

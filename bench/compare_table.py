@@ -9,7 +9,10 @@ CPU time (user+system, whole run incl. ramp) per data request completed in
 that run, with its kernel (system) part in brackets; client CPU/IO is vbc-load's own CPU inside the measured window per
 request measured. Device KiB/req is the mean size of the requests the block
 device under the files completed during the run (all its I/O, whoever
-issued it; "–" on tmpfs). Machine events are the context switches and
+issued it; "–" on tmpfs), followed (in runs recorded since session 11) by
+the mean time a request spent in the device, from issue to completion, and
+the mean number of requests it held (that time summed over requests,
+divided by the run's wall time). Machine events are the context switches and
 interrupts of the whole machine (client, daemon and kernel) during the run,
 per 32 requests (one turn of a QD32 queue).
 
@@ -48,6 +51,8 @@ def metrics(r):
         "errors": load["errors"],
         "misses": r.get("read_misses"),
         "devkib": None,
+        "devlat": None,
+        "devqd": None,
         "cs32": None,
         "irq32": None,
     }
@@ -60,11 +65,28 @@ def metrics(r):
         ios = dev["read_ios"] + dev["write_ios"]
         if ios:
             m["devkib"] = (dev["read_sectors"] + dev["write_sectors"]) * 512 / 1024 / ios
+            # Runs recorded before these counters were added lack them.
+            busy_ms = dev.get("read_ms", 0) + dev.get("write_ms", 0)
+            if "read_ms" in dev:
+                m["devlat"] = busy_ms * 1000 / ios
+            if "read_ms" in dev and dev.get("wall_s"):
+                m["devqd"] = busy_ms / 1000 / dev["wall_s"]
     if r.get("daemon_cpu_s") is not None and load.get("total_ios"):
         m["cpu"] = r["daemon_cpu_s"] * 1e6 / load["total_ios"]
         if r.get("daemon_sys_s") is not None:
             m["sys"] = r["daemon_sys_s"] * 1e6 / load["total_ios"]
     return m
+
+
+def dev_cell(m):
+    """Mean request size at the device, and, where recorded, the mean time a
+    request spent in it and the mean number of requests it held."""
+    cell = fmt(m["devkib"])
+    if m.get("devlat") is not None:
+        cell += f" · {fmt(m['devlat'])}"
+    if m.get("devqd") is not None:
+        cell += f" · {fmt(m['devqd'], 1)}"
+    return cell
 
 
 def median(xs):
@@ -77,7 +99,7 @@ def merged(ms):
     ms = [m for m in ms if m is not None]
     if not ms:
         return None
-    out = {k: median([m[k] for m in ms]) for k in ("iops", "mib", "p99", "cpu", "sys", "ccpu", "devkib", "cs32", "irq32")}
+    out = {k: median([m[k] for m in ms]) for k in ("iops", "mib", "p99", "cpu", "sys", "ccpu", "devkib", "devlat", "devqd", "cs32", "irq32")}
     out["errors"] = sum(m["errors"] for m in ms)
     misses = [m["misses"] for m in ms if m["misses"] is not None]
     out["misses"] = sum(misses) if misses else None
@@ -119,7 +141,7 @@ def main(path):
                 f"{warm['second_pass_misses']} misses on a second full read"
             )
         print()
-        print("| workload | target | IOPS | MiB/s | p99 µs | daemon CPU µs/IO (kernel) | client CPU µs/IO | device KiB/req | machine ctx sw · irqs per 32 req | vbc read misses |")
+        print("| workload | target | IOPS | MiB/s | p99 µs | daemon CPU µs/IO (kernel) | client CPU µs/IO | device KiB/req · µs/req · QD | machine ctx sw · irqs per 32 req | vbc read misses |")
         print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         wls = []
         for r in rows:
@@ -146,7 +168,7 @@ def main(path):
                 err = f" ({m['errors']} errors)" if m["errors"] else ""
                 print(
                     f"| {wl} | {t}{label}{err} | {fmt(m['iops'])} | {fmt(m['mib'], 1)} | {fmt(m['p99'])} | "
-                    f"{fmt(m['cpu'], 1)}{' (' + fmt(m['sys'], 1) + ')' if m['sys'] is not None else ''} | {fmt(m['ccpu'], 1)} | {fmt(m['devkib'])} | {fmt(m['cs32'], 1)} · {fmt(m['irq32'], 1)} | {fmt(m['misses']) if m['misses'] is not None else ''} |"
+                    f"{fmt(m['cpu'], 1)}{' (' + fmt(m['sys'], 1) + ')' if m['sys'] is not None else ''} | {fmt(m['ccpu'], 1)} | {dev_cell(m)} | {fmt(m['cs32'], 1)} · {fmt(m['irq32'], 1)} | {fmt(m['misses']) if m['misses'] is not None else ''} |"
                 )
             for t in ("vblkcache", *extra):
                 if not got.get(t):
