@@ -66,11 +66,11 @@ def metrics(r):
         if ios:
             m["devkib"] = (dev["read_sectors"] + dev["write_sectors"]) * 512 / 1024 / ios
             # Runs recorded before these counters were added lack them.
-            busy_ms = dev.get("read_ms", 0) + dev.get("write_ms", 0)
             if "read_ms" in dev:
+                busy_ms = dev["read_ms"] + dev["write_ms"]
                 m["devlat"] = busy_ms * 1000 / ios
-            if "read_ms" in dev and dev.get("wall_s"):
-                m["devqd"] = busy_ms / 1000 / dev["wall_s"]
+                if dev.get("wall_s"):
+                    m["devqd"] = busy_ms / 1000 / dev["wall_s"]
     if r.get("daemon_cpu_s") is not None and load.get("total_ios"):
         m["cpu"] = r["daemon_cpu_s"] * 1e6 / load["total_ios"]
         if r.get("daemon_sys_s") is not None:
@@ -82,9 +82,9 @@ def dev_cell(m):
     """Mean request size at the device, and, where recorded, the mean time a
     request spent in it and the mean number of requests it held."""
     cell = fmt(m["devkib"])
-    if m.get("devlat") is not None:
+    if m["devlat"] is not None:
         cell += f" · {fmt(m['devlat'])}"
-    if m.get("devqd") is not None:
+    if m["devqd"] is not None:
         cell += f" · {fmt(m['devqd'], 1)}"
     return cell
 
