@@ -7,6 +7,7 @@
 #                    [--out FILE] [--no-build] [--poll DURATION] [--only REGEX]
 #                    [--source-latency DURATION] [--no-cold] [--no-writeback]
 #                    [--repeat N] [--vbc-args "ARGS"] [--also-vbc "NAME:ARGS"]
+#                    [--also-bin PATH]
 #
 # Two passes: "disk" (files under DIR, default target/, O_DIRECT everywhere)
 # and "tmpfs" (fast files under /dev/shm, page cache since tmpfs has no
@@ -38,6 +39,9 @@
 # (its own source copy and cache file, warmed the same way) runs as a fourth
 # target, "vblkcache-NAME", in the same rounds; e.g.
 # "pin:--pin-guest-memory".
+# --also-bin PATH: the vblkcache binary of that fourth target (default: this
+# tree's release build), to compare an older build side by side, e.g.
+# --also-vbc "old:" --also-bin /tmp/old/vblkcache.
 # --repeat N: run each workload N rounds on the three targets, rotating
 # which target goes first, and report the median of the per-round ratios
 # with their range (this VM's disk drifts by 10-20 % between minutes).
@@ -67,6 +71,7 @@ DEV=
 VBC_EXTRA=()
 ALSO_NAME=""
 ALSO_ARGS=()
+ALSO_BIN=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1 ;;
@@ -82,6 +87,7 @@ while [ $# -gt 0 ]; do
         --no-writeback) WB=0 ;;
         --repeat) REPEAT=$2; shift ;;
         --vbc-args) read -r -a VBC_EXTRA <<<"$2"; shift ;;
+        --also-bin) ALSO_BIN=$2; shift ;;
         --also-vbc)
             ALSO_NAME=${2%%:*}
             read -r -a ALSO_ARGS <<<"${2#*:}"
@@ -89,7 +95,7 @@ while [ $# -gt 0 ]; do
                 echo "compare.sh: --also-vbc wants NAME:ARGS, e.g. pin:--pin-guest-memory" >&2; exit 2
             fi
             shift ;;
-        -h|--help) sed -n '2,46p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,54p' "$0"; exit 0 ;;
         *) echo "compare.sh: unknown option $1" >&2; exit 2 ;;
     esac
     shift
@@ -121,6 +127,10 @@ print(int(m.group(1)) * {"ns": 1, "us": 1000, "ms": 1000000}[m.group(2)])' "$POL
 fi
 
 BIN="$ROOT/target/release/vblkcache"
+ALSO_BIN=${ALSO_BIN:-$BIN}
+if [ ! -x "$ALSO_BIN" ]; then
+    echo "compare.sh: --also-bin $ALSO_BIN is not an executable file" >&2; exit 2
+fi
 LOAD="$ROOT/target/release/examples/vbc-load"
 if [ "$BUILD" = 1 ]; then
     (cd "$ROOT" && cargo build --release --quiet --bin vblkcache --example vbc-load)
@@ -355,7 +365,7 @@ run_pass() {
     local apid=""
     if [ -n "$ALSO_NAME" ]; then
         truncate -s "${CACHE_MIB}M" "$fast/cache-also.img"
-        "$BIN" serve --source "$WORK/source-also.img" --cache "$fast/cache-also.img" \
+        "$ALSO_BIN" serve --source "$WORK/source-also.img" --cache "$fast/cache-also.img" \
             --socket "$WORK/also.sock" --queues "$QUEUES" --control "$WORK/also-ctl.sock" \
             "${vdirect[@]}" "${VBC_POLL[@]}" --source-latency "$SRC_LAT" "${VBC_EXTRA[@]}" \
             "${ALSO_ARGS[@]}" >"$WORK/vbc-$ALSO_NAME-$name.log" 2>&1 &
@@ -402,7 +412,7 @@ run_pass() {
 # Daemon logs and vblkcache's final status go next to the results.
 LOGS="${OUT%.jsonl}-logs"
 mkdir -p "$LOGS"
-echo "{\"machine\":{\"nproc\":$(nproc),\"cpu\":\"$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')\",\"date\":\"$(date -u +%FT%TZ)\",\"quick\":$QUICK,\"runtime\":\"$RUNTIME\",\"ramp\":\"$RAMP\",\"disk_mib\":$DISK_MIB,\"cache_mib\":$CACHE_MIB,\"queues\":$QUEUES,\"poll\":\"$POLL\",\"source_latency\":\"$SRC_LAT\",\"repeat\":$REPEAT,\"vbc_args\":\"${VBC_EXTRA[*]}\",\"also_vbc\":\"${ALSO_NAME:+$ALSO_NAME:${ALSO_ARGS[*]}}\"}}" >>"$OUT"
+echo "{\"machine\":{\"nproc\":$(nproc),\"cpu\":\"$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')\",\"date\":\"$(date -u +%FT%TZ)\",\"quick\":$QUICK,\"runtime\":\"$RUNTIME\",\"ramp\":\"$RAMP\",\"disk_mib\":$DISK_MIB,\"cache_mib\":$CACHE_MIB,\"queues\":$QUEUES,\"poll\":\"$POLL\",\"source_latency\":\"$SRC_LAT\",\"repeat\":$REPEAT,\"vbc_args\":\"${VBC_EXTRA[*]}\",\"also_vbc\":\"${ALSO_NAME:+$ALSO_NAME:${ALSO_ARGS[*]}}\",\"also_bin\":\"${ALSO_NAME:+$ALSO_BIN}\"}}" >>"$OUT"
 log "source: ${DISK_MIB} MiB in $WORK"
 fill "$WORK/source.img"
 [ -n "$ALSO_NAME" ] && cp "$WORK/source.img" "$WORK/source-also.img"

@@ -10,8 +10,10 @@
 //! 1. take the queued frames and their wanted values (frames still `Filling`
 //!    stay queued: their data is not complete);
 //! 2. flush the cache device (the data of every recorded dirty frame was
-//!    written before step 1) and the source (every recorded dirty→clean
-//!    transition follows a completed writeback write);
+//!    written before step 1) and, if anything wrote to it, the source. A
+//!    writeback does not count: it flushes the source itself, and until then
+//!    its frames (`SRCPEND`) are recorded dirty, so a guest FLUSH never waits
+//!    for a slow source's flush;
 //! 3. write the records as journal blocks and flush the cache device — or,
 //!    when the journal is full, write the changed table pages, flush, and
 //!    restart the journal through the superblock;

@@ -7,7 +7,9 @@
 //! Requests that hold claims while waiting (uncached writes) take them in
 //! ascending block order.
 
-use super::frames::{Entry, FrameState, FrameTable, StripeState, BLOCK_MASK, CDIRTY, QUEUED};
+use super::frames::{
+    Entry, FrameState, FrameTable, StripeState, BLOCK_MASK, CDIRTY, QUEUED, SRCPEND,
+};
 use super::meta::Layout;
 use super::mode::WriteMode;
 use super::policy::Policy;
@@ -137,10 +139,12 @@ impl Core {
             let e = self.frames.get(f);
             e.valid() && e.dirty() && e.quiet()
         };
-        // Clean or free frames that a commit would make reusable.
+        // Clean or free frames that a commit would make reusable. Frames
+        // written back to an unflushed source are not among them: they wait
+        // for the writeback's source flush, which wakes the set.
         let waiting_commit = (first..first + u64::from(n)).any(|f| {
             let e = self.frames.get(f);
-            e.cdirty() && !e.dirty() && e.quiet()
+            e.cdirty() && !e.dirty() && e.quiet() && !e.srcpend()
         });
         if waiting_commit {
             return Victim::NeedsCommit;
@@ -177,8 +181,14 @@ impl Core {
     }
 
     /// Empties frame `f` (stripe lock held), keeping the counters right.
+    ///
+    /// A frame written back to a source not flushed since will be recorded
+    /// free, so the commit that records it must flush the source first.
     pub fn free_frame(&self, f: u64) {
         let e = self.frames.get(f);
+        if e.srcpend() {
+            self.source_written.store(true, SeqCst);
+        }
         if e.valid() {
             self.valid.fetch_sub(1, Relaxed);
             if e.dirty() {
@@ -192,7 +202,8 @@ impl Core {
         self.note(f);
     }
 
-    /// Marks a valid frame clean or dirty (stripe lock held).
+    /// Marks a valid frame clean or dirty (stripe lock held). Dirty data
+    /// ends a pending source flush's hold on the frame (`SRCPEND`).
     pub fn set_dirty(&self, f: u64, dirty: bool) {
         let e = self.frames.get(f);
         if e.dirty() != dirty {
@@ -201,8 +212,35 @@ impl Core {
             } else {
                 self.dirty.fetch_sub(1, Relaxed);
             }
-            self.frames.set(f, e.with_dirty(dirty));
+            self.frames.set(
+                f,
+                e.with_dirty(dirty)
+                    .with_flag(SRCPEND, e.srcpend() && !dirty),
+            );
             self.note(f);
+        }
+    }
+
+    /// Ends the hold of a source flush on frames written back before it:
+    /// `written` lists (block, frame) of runs whose source writes returned
+    /// before the flush started. If the flush succeeded (`durable`), frames
+    /// still clean and holding their block may now be committed clean; if
+    /// not, they become dirty again and will be written back once more.
+    pub fn settle_written_back(&self, written: &[(u64, u64)], durable: bool) {
+        for &(block, f) in written {
+            let set = self.set_of(block);
+            let g = self.lock(set);
+            let e = self.frames.get(f);
+            if !(e.srcpend() && e.valid() && e.block() == block) {
+                continue;
+            }
+            if durable {
+                self.frames.set(f, e.with_flag(SRCPEND, false));
+                self.note(f);
+            } else {
+                self.set_dirty(f, true);
+            }
+            self.frames.notify(set, &g);
         }
     }
 

@@ -2,11 +2,13 @@
 //! stripes that serialise changes to the sets.
 //!
 //! Entry layout (bit 63 down):
-//! `VALID | DIRTY | CDIRTY | QUEUED | unused | state(3) | pins(8) | source block(48)`.
+//! `VALID | DIRTY | CDIRTY | QUEUED | SRCPEND | state(3) | pins(8) | source block(48)`.
 //!
 //! `CDIRTY` says the last *committed* metadata (journal or table on the cache
 //! device) maps this frame as dirty for its block; `QUEUED` says the frame is
-//! in the commit queue. A freed frame keeps its block number (with `VALID`
+//! in the commit queue. `SRCPEND` says writeback made the frame clean but the
+//! source has not been flushed since: until it is, the frame's data is durable
+//! only in the cache, so a commit must still map it dirty. A freed frame keeps its block number (with `VALID`
 //! clear) so the committed view can still be written out.
 //!
 //! Invariants, all under the stripe lock of the frame's set:
@@ -21,6 +23,9 @@
 //! - `Filling` frames are owned by one request or worker: nobody else reads or
 //!   writes their data until the owner sets them `Idle` (or frees them);
 //! - `WritingBack` frames may be read but not written;
+//! - `SRCPEND` is set only on a valid clean frame; making the frame dirty
+//!   clears it, and freeing it clears it and marks the source as needing a
+//!   flush before the next commit (the free state will be recorded);
 //! - pins count requests reading or writing the frame's data right now.
 //!
 //! The atomics only provide safe interior mutability: every change happens
@@ -34,6 +39,7 @@ pub const VALID: u64 = 1 << 63;
 pub const DIRTY: u64 = 1 << 62;
 pub const CDIRTY: u64 = 1 << 61;
 pub const QUEUED: u64 = 1 << 60;
+pub const SRCPEND: u64 = 1 << 59;
 const STATE_SHIFT: u32 = 56;
 const STATE_MASK: u64 = 0x7 << STATE_SHIFT;
 const PIN_SHIFT: u32 = 48;
@@ -76,6 +82,10 @@ impl Entry {
     pub fn queued(self) -> bool {
         self.0 & QUEUED != 0
     }
+    /// Written back, source not flushed since (see the module comment).
+    pub fn srcpend(self) -> bool {
+        self.0 & SRCPEND != 0
+    }
     /// A free frame that nothing committed points at: may take a new block.
     pub fn reusable(self) -> bool {
         !self.valid() && !self.cdirty()
@@ -95,9 +105,10 @@ impl Entry {
             0
         }
     }
-    /// What the next commit should say about this frame.
+    /// What the next commit should say about this frame: dirty while its
+    /// data is dirty, or written back to a source not flushed since.
     pub fn wanted(self) -> u64 {
-        if self.valid() && self.dirty() {
+        if self.valid() && (self.dirty() || self.srcpend()) {
             VALID | DIRTY | self.block()
         } else {
             0

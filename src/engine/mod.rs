@@ -576,7 +576,10 @@ impl Engine {
         // Data first: the table written next points at it.
         c.cache.flush().map_err(EngineError::Cache)?;
         c.cache_written.store(false, SeqCst);
-        if c.source_written.swap(false, SeqCst) {
+        // Frames written back whose pass has not flushed the source yet are
+        // persisted clean below: the source must hold their data first.
+        let written_back = (0..c.frames.frames()).any(|f| c.frames.get(f).srcpend());
+        if c.source_written.swap(false, SeqCst) | written_back {
             c.source.flush().map_err(EngineError::Source)?;
         }
         let mut j = c.journal.lock().unwrap_or_else(|p| p.into_inner());

@@ -28,7 +28,7 @@ mod writer;
 pub(crate) use writer::{RunBuffers, WriterPool};
 
 use super::core::Core;
-use super::frames::FrameState;
+use super::frames::{FrameState, SRCPEND};
 use super::{EngineError, FlushProgress};
 use crate::device::AlignedBuf;
 use std::collections::VecDeque;
@@ -41,6 +41,10 @@ use writer::Writer;
 const THROTTLE_PAUSE: Duration = Duration::from_millis(2);
 /// How often the background thread looks at the watermark without a kick.
 const IDLE_CHECK: Duration = Duration::from_millis(500);
+/// A pass flushes the source after this many bytes written back (and at its
+/// end). Frames written back wait for that flush before a commit may record
+/// them clean and they can be evicted.
+const FLUSH_EVERY_BYTES: u64 = 64 << 20;
 
 /// A claimed run: (source block, frame) of consecutive blocks.
 type Run = Vec<(u64, u64)>;
@@ -118,12 +122,18 @@ impl Core {
     }
 
     /// Ends the writeback of `run`: its frames become idle, and clean if
-    /// `result` is Ok (the source has their data), else stay dirty.
+    /// `result` is Ok (the source has their data), else stay dirty. Clean
+    /// frames keep `SRCPEND` until the pass flushes the source
+    /// ([`Core::settle_written_back`]): until then commits still map them
+    /// dirty, so a guest FLUSH never has to wait for the source's flush.
     fn finish_run(&self, run: &[(u64, u64)], result: &Result<(), EngineError>) {
         for &(block, f) in run {
             let set = self.set_of(block);
             let g = self.lock(set);
-            let e = self.frames.get(f).with_state(FrameState::Idle);
+            let mut e = self.frames.get(f).with_state(FrameState::Idle);
+            if result.is_ok() {
+                e = e.with_flag(SRCPEND, true);
+            }
             self.frames.set(f, e);
             if result.is_ok() {
                 self.set_dirty(f, false);
@@ -165,6 +175,7 @@ impl Core {
             bufs: Vec::with_capacity(2),
             flying: VecDeque::with_capacity(writer::DEPTH),
             written: 0,
+            unflushed: Vec::new(),
             failed: None,
             progress,
         };
@@ -203,7 +214,8 @@ impl Core {
                 idle_passes = 0;
             }
         }
-        // Flush the source, then commit the clean states.
+        // Each pass flushed the source for what it wrote: commit the clean
+        // states (and flush the source for any other writes to it).
         self.commit()?;
         progress(FlushProgress {
             total: total.max(done),
@@ -270,6 +282,8 @@ struct Pass<'a, 'p> {
     /// The runs with the writer, oldest first (at most [`writer::DEPTH`]).
     flying: VecDeque<Run>,
     written: u64,
+    /// (block, frame) of the runs written since the last source flush.
+    unflushed: Vec<(u64, u64)>,
     failed: Option<EngineError>,
     progress: &'p mut dyn FnMut(u64),
 }
@@ -342,6 +356,10 @@ impl Pass<'_, '_> {
         match done.result {
             Ok(()) => {
                 self.written += run.len() as u64;
+                self.unflushed.extend_from_slice(&run);
+                if self.unflushed.len() as u64 * self.core.bs >= FLUSH_EVERY_BYTES {
+                    self.flush_source();
+                }
                 (self.progress)(self.written);
             }
             Err(e) => {
@@ -353,10 +371,33 @@ impl Pass<'_, '_> {
         true
     }
 
+    /// Flushes the source for the runs written since the last flush, then
+    /// lets commits record them clean (or, if the flush failed, makes them
+    /// dirty again).
+    fn flush_source(&mut self) {
+        if self.unflushed.is_empty() {
+            return;
+        }
+        let r = self.core.source.flush().map_err(EngineError::Source);
+        self.core.settle_written_back(&self.unflushed, r.is_ok());
+        if let Err(e) = r {
+            self.core.stats.errors.fetch_add(1, Relaxed);
+            log::warn!(
+                "writeback: flushing the source failed, {} blocks stay dirty: {e}",
+                self.unflushed.len()
+            );
+            if self.failed.is_none() {
+                self.failed = Some(e);
+            }
+        }
+        self.unflushed.clear();
+    }
+
     /// Returns the buffers for later passes and the pass's result.
     fn end(mut self) -> Result<u64, EngineError> {
         // Nothing is with the writer any more (`run` returns only then).
         while self.collect_one() {}
+        self.flush_source();
         for buf in self.bufs.drain(..) {
             self.core.wb_bufs.give(buf);
         }

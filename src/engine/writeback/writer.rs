@@ -12,7 +12,6 @@ use crate::device::{AlignedBuf, DeviceError, IoOp};
 use crate::engine::core::Core;
 use crate::engine::EngineError;
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering::SeqCst;
 use std::sync::mpsc::{self, Receiver, SendError, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -263,16 +262,9 @@ impl Writer {
         let done = if inline {
             self.ready.pop_front()
         } else {
-            let done = self.thread.as_ref().and_then(|t| t.done.recv().ok());
-            // Only now, once the write is over: a commit that took the flag
-            // while the write was still on its way would flush the source
-            // before the data got there, and the next commit, finding the
-            // flag clear, would record the run clean with no flush after it.
-            // The pass marks the run clean after this, so the commit that
-            // records it clean finds the flag set (or follows a flush that
-            // came after the write).
-            core.source_written.store(true, SeqCst);
-            done
+            // The source is not marked written: the pass flushes it itself
+            // before commits may record the run clean (`SRCPEND`).
+            self.thread.as_ref().and_then(|t| t.done.recv().ok())
         };
         Some(done.unwrap_or_else(|| {
             // The writer thread died before answering (it can only panic):
