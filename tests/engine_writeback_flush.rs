@@ -1,7 +1,8 @@
 //! Writeback flushes the source itself: a guest FLUSH that arrives while a
 //! writeback pass waits for the source's flush neither waits for it nor
 //! commits the written-back blocks clean, and a crash at that moment loses
-//! nothing that FLUSH covered.
+//! nothing that FLUSH covered. Also: a frame freed while its writeback awaits
+//! the source flush, a failed source flush, and two passes at once.
 
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
@@ -12,49 +13,80 @@ use vblkcache::engine::{Engine, EngineConfig, GeometryRequest, WriteMode};
 const BS: usize = 4096;
 const WAIT: Duration = Duration::from_secs(10);
 
-/// A source with a volatile write cache whose flushes wait at a gate until
-/// the test opens it; after `off` every operation fails (the power is cut).
+/// Operations of the source that can be held at a gate.
+#[derive(Clone, Copy)]
+enum Op {
+    /// A flush, before it reaches the device.
+    Flush = 0,
+    WriteZeroes = 1,
+    /// A flush that has flushed the device, before it returns.
+    FlushDone = 2,
+}
+
+/// A source with a volatile write cache whose flushes and write-zeroes can
+/// be held at gates until the test opens them; after `off` every operation
+/// fails (the power is cut).
 struct GatedSource {
     dev: VolatileCacheDevice<MemDevice>,
-    gate: Mutex<Gate>,
+    gates: Mutex<[Gate; 3]>,
     cond: Condvar,
     off: AtomicBool,
 }
 
-#[derive(Default)]
+#[derive(Default, Clone, Copy)]
 struct Gate {
-    /// Flushes that reached the gate.
+    closed: bool,
+    /// Operations that reached the closed gate.
     entered: u32,
-    open: bool,
 }
 
 impl GatedSource {
     fn new(size: usize) -> Self {
         GatedSource {
-            dev: VolatileCacheDevice::new(MemDevice::new(size as u64)),
-            gate: Mutex::new(Gate {
-                open: true,
-                ..Gate::default()
-            }),
+            // Not zeros, so that a lost write-zeroes and a lost writeback
+            // differ from the old content.
+            dev: VolatileCacheDevice::new(MemDevice::from_bytes(&vec![0x11u8; size])),
+            gates: Mutex::new([Gate::default(); 3]),
             cond: Condvar::new(),
             off: AtomicBool::new(false),
         }
     }
-    fn close(&self) {
-        self.gate.lock().unwrap().open = false;
+    fn close(&self, op: Op) {
+        self.gates.lock().unwrap()[op as usize].closed = true;
     }
-    fn open(&self) {
-        self.gate.lock().unwrap().open = true;
+    fn open(&self, op: Op) {
+        self.gates.lock().unwrap()[op as usize].closed = false;
         self.cond.notify_all();
     }
-    /// Waits until a flush is held at the closed gate.
-    fn wait_entered(&self) -> bool {
-        let g = self.gate.lock().unwrap();
+    fn open_all(&self) {
+        for g in self.gates.lock().unwrap().iter_mut() {
+            g.closed = false;
+        }
+        self.cond.notify_all();
+    }
+    /// Waits until an operation is held at the closed gate of `op`.
+    fn wait_entered(&self, op: Op) -> bool {
+        self.wait_entered_for(op, WAIT)
+    }
+    fn wait_entered_for(&self, op: Op, limit: Duration) -> bool {
+        let g = self.gates.lock().unwrap();
         let (g, _) = self
             .cond
-            .wait_timeout_while(g, WAIT, |g| g.entered == 0)
+            .wait_timeout_while(g, limit, |g| g[op as usize].entered == 0)
             .unwrap();
-        g.entered > 0
+        g[op as usize].entered > 0
+    }
+    fn pass(&self, op: Op) -> Result<(), DeviceError> {
+        let mut g = self.gates.lock().unwrap();
+        if g[op as usize].closed {
+            g[op as usize].entered += 1;
+            self.cond.notify_all();
+            while g[op as usize].closed {
+                g = self.cond.wait(g).unwrap();
+            }
+        }
+        drop(g);
+        self.powered()
     }
     fn powered(&self) -> Result<(), DeviceError> {
         if self.off.load(SeqCst) {
@@ -78,19 +110,47 @@ impl BlockDevice for GatedSource {
         self.dev.write_at(buf, offset)
     }
     fn flush(&self) -> Result<(), DeviceError> {
-        {
-            let mut g = self.gate.lock().unwrap();
-            if !g.open {
-                g.entered += 1;
-                self.cond.notify_all();
-                while !g.open {
-                    g = self.cond.wait(g).unwrap();
-                }
-            }
-        }
-        self.powered()?;
-        self.dev.flush()
+        self.pass(Op::Flush)?;
+        self.dev.flush()?;
+        self.pass(Op::FlushDone)
     }
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        self.pass(Op::WriteZeroes)?;
+        self.dev.write_zeroes(offset, len)
+    }
+}
+
+/// A write-back engine on a gated source and a volatile cache device, with
+/// the format made durable.
+fn rig() -> (
+    Arc<GatedSource>,
+    Arc<VolatileCacheDevice<MemDevice>>,
+    Engine,
+) {
+    let src = Arc::new(GatedSource::new(64 * BS));
+    let cache = Arc::new(VolatileCacheDevice::new(MemDevice::new(4 << 20)));
+    let e = Engine::open(src.clone(), cache.clone(), cfg(Some(WriteMode::Writeback))).unwrap();
+    e.flush().unwrap();
+    src.dev.flush().unwrap();
+    cache.flush().unwrap();
+    (src, cache, e)
+}
+
+/// Cuts the power: both devices fail from now on, then lose every write
+/// not flushed, and come back.
+fn power_cut(src: &GatedSource, cache: &VolatileCacheDevice<MemDevice>) {
+    src.off.store(true, SeqCst);
+    cache.cut_power_after(0);
+    src.open_all();
+}
+
+/// After `power_cut`, once the engine is gone: drops the unflushed writes,
+/// powers on and reopens.
+fn recover(src: &Arc<GatedSource>, cache: &Arc<VolatileCacheDevice<MemDevice>>) -> Engine {
+    src.dev.power_cut(|_, _| false).unwrap();
+    cache.power_cut(|_, _| false).unwrap();
+    src.off.store(false, SeqCst);
+    Engine::open(src.clone(), cache.clone(), cfg(None)).unwrap()
 }
 
 fn cfg(mode: Option<WriteMode>) -> EngineConfig {
@@ -110,22 +170,19 @@ fn cfg(mode: Option<WriteMode>) -> EngineConfig {
 /// meanwhile. Then the power is cut with every unflushed write lost, and the
 /// reopened cache must still return the block.
 fn guest_flush_during_writeback_flush(committed: bool) {
-    let src = Arc::new(GatedSource::new(64 * BS));
-    let cache = Arc::new(VolatileCacheDevice::new(MemDevice::new(4 << 20)));
-    let e = Engine::open(src.clone(), cache.clone(), cfg(Some(WriteMode::Writeback))).unwrap();
-    e.flush().unwrap();
-    src.dev.flush().unwrap();
-    cache.flush().unwrap();
-
+    let (src, cache, e) = rig();
     let data = vec![0xA5u8; BS];
     e.write(3 * BS as u64, &data).unwrap();
     if committed {
         e.flush().unwrap();
     }
-    src.close();
+    src.close(Op::Flush);
     std::thread::scope(|s| {
         let wb = s.spawn(|| e.flush_all(&mut |_| {}));
-        assert!(src.wait_entered(), "flush_all never flushed the source");
+        assert!(
+            src.wait_entered(Op::Flush),
+            "flush_all never flushed the source"
+        );
         // The block was written to the source (not durably) and is clean in
         // RAM now. A guest FLUSH must not wait for the held source flush.
         let (tx, rx) = mpsc::channel();
@@ -137,9 +194,7 @@ fn guest_flush_during_writeback_flush(committed: bool) {
         let ok = rx.recv_timeout(WAIT);
         // Power cut while the source flush is still held: the source loses
         // the written-back block, the cache keeps what was flushed.
-        src.off.store(true, SeqCst);
-        cache.cut_power_after(0);
-        src.open();
+        power_cut(&src, &cache);
         assert_eq!(
             ok,
             Ok(true),
@@ -152,17 +207,13 @@ fn guest_flush_during_writeback_flush(committed: bool) {
     });
     e.halt();
     drop(e);
-    src.dev.power_cut(|_, _| false).unwrap();
-    cache.power_cut(|_, _| false).unwrap();
-    src.off.store(false, SeqCst);
-
+    let e = recover(&src, &cache);
     let mut on_source = vec![0u8; BS];
     src.dev.read_at(&mut on_source, 3 * BS as u64).unwrap();
     assert_ne!(
         on_source, data,
         "the test needs the source write to be lost"
     );
-    let e = Engine::open(src.clone(), cache.clone(), cfg(None)).unwrap();
     let mut back = vec![0u8; BS];
     e.read(3 * BS as u64, &mut back).unwrap();
     assert!(
@@ -208,4 +259,110 @@ fn failed_source_flush_keeps_blocks_dirty() {
     let mut back = vec![0u8; 2 * BS];
     src.inner().read_at(&mut back, 0).unwrap();
     assert!(back == vec![7u8; 2 * BS]);
+}
+
+/// A block written back to a source not flushed since, then zeroed by the
+/// guest: the frame is freed before the source is zeroed. A guest FLUSH in
+/// that window must flush the source before it records the frame free;
+/// else a crash leaves the block with the source's content from before the
+/// writeback: neither the flushed data nor zeros.
+#[test]
+fn guest_flush_between_free_and_zeroing_of_written_back_block() {
+    let (src, cache, e) = rig();
+    let data = vec![0x5Au8; BS];
+    e.write(5 * BS as u64, &data).unwrap();
+    e.flush().unwrap();
+    src.close(Op::Flush);
+    src.close(Op::WriteZeroes);
+    std::thread::scope(|s| {
+        let wb = s.spawn(|| e.flush_all(&mut |_| {}));
+        assert!(
+            src.wait_entered(Op::Flush),
+            "flush_all never flushed the source"
+        );
+        let zero = s.spawn(|| e.write_zeroes(5 * BS as u64, BS as u64));
+        assert!(
+            src.wait_entered(Op::WriteZeroes),
+            "write_zeroes never reached the source"
+        );
+        // The frame is free now and the zeroing held. A guest FLUSH may not
+        // complete without the (held) source flush; give it time to go wrong.
+        let (tx, rx) = mpsc::channel();
+        let eng = &e;
+        s.spawn(move || {
+            let _ = tx.send(eng.flush().is_ok());
+        });
+        let early = rx.recv_timeout(Duration::from_millis(500));
+        power_cut(&src, &cache);
+        assert_ne!(
+            early,
+            Ok(true),
+            "the FLUSH completed without flushing the source"
+        );
+        assert!(wb.join().unwrap().is_err());
+        assert!(zero.join().unwrap().is_err());
+    });
+    e.halt();
+    drop(e);
+    let e = recover(&src, &cache);
+    let mut back = vec![0u8; BS];
+    e.read(5 * BS as u64, &mut back).unwrap();
+    assert!(
+        back == data || back == vec![0u8; BS],
+        "after the crash the block is neither its flushed data nor zeros"
+    );
+}
+
+/// Two writeback passes at once (background writeback and `flush_all` can
+/// overlap). Pass A has flushed the source but not yet settled its frames
+/// when the block is written again and pass B writes the new data back. A's
+/// settling must not clear the hold B's (unflushed) write put on the frame,
+/// or the next commit records the block clean and a crash loses data a
+/// completed FLUSH covered.
+#[test]
+fn overlapping_passes_do_not_settle_each_others_writes() {
+    let (src, cache, e) = rig();
+    let at = 7 * BS as u64;
+    e.write(at, &vec![1u8; BS]).unwrap();
+    e.flush().unwrap();
+    src.close(Op::FlushDone);
+    std::thread::scope(|s| {
+        let a = s.spawn(|| e.flush_all(&mut |_| {}));
+        assert!(
+            src.wait_entered(Op::FlushDone),
+            "pass A never flushed the source"
+        );
+        // Later flushes are held before they reach the device.
+        src.close(Op::Flush);
+        let v2 = vec![2u8; BS];
+        e.write(at, &v2).unwrap();
+        let b = s.spawn(|| e.flush_all(&mut |_| {}));
+        // Give B time to write the block back (it may have to wait for A).
+        src.wait_entered_for(Op::Flush, Duration::from_millis(500));
+        src.open(Op::FlushDone);
+        assert!(a.join().unwrap().is_ok());
+        assert!(
+            src.wait_entered(Op::Flush),
+            "pass B never flushed the source"
+        );
+        // B's write of v2 is not durable; a FLUSH now covers v2.
+        let (tx, rx) = mpsc::channel();
+        let eng = &e;
+        s.spawn(move || {
+            let _ = tx.send(eng.flush().is_ok());
+        });
+        let ok = rx.recv_timeout(WAIT);
+        power_cut(&src, &cache);
+        assert_eq!(ok, Ok(true), "the guest FLUSH did not complete");
+        assert!(b.join().unwrap().is_err());
+    });
+    e.halt();
+    drop(e);
+    let e = recover(&src, &cache);
+    let mut back = vec![0u8; BS];
+    e.read(at, &mut back).unwrap();
+    assert!(
+        back == vec![2u8; BS],
+        "a write completed before a completed FLUSH was lost after the crash"
+    );
 }

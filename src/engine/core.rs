@@ -69,6 +69,12 @@ pub(crate) struct Core {
     pub wb_bufs: super::writeback::RunBuffers,
     /// Writer threads reused by writeback passes.
     pub wb_pool: super::writeback::WriterPool,
+    /// Held by a writeback pass from the start of its source flush until it
+    /// has settled the frames that flush covered, and while a pass marks
+    /// frames `SRCPEND`. Passes can run at the same time (background and
+    /// `flush_all`): without it a pass could clear the `SRCPEND` another pass
+    /// set for a write its flush did not cover.
+    pub wb_settle: Mutex<()>,
     pub store: StoreQueue,
     /// Idle one-block fetch buffers reused by read misses.
     pub fetch_bufs: super::bufpool::BufPool,

@@ -282,6 +282,7 @@ impl Engine {
             wb_cond: Condvar::new(),
             wb_bufs: writeback::RunBuffers::default(),
             wb_pool: writeback::WriterPool::default(),
+            wb_settle: Mutex::new(()),
             store,
             fetch_bufs: bufpool::BufPool::new(layout.block_size as usize, FETCH_BUFS),
             commit_queue: Mutex::new(Vec::new()),

@@ -127,6 +127,7 @@ impl Core {
     /// ([`Core::settle_written_back`]): until then commits still map them
     /// dirty, so a guest FLUSH never has to wait for the source's flush.
     fn finish_run(&self, run: &[(u64, u64)], result: &Result<(), EngineError>) {
+        let _settle = self.wb_settle.lock().unwrap_or_else(|p| p.into_inner());
         for &(block, f) in run {
             let set = self.set_of(block);
             let g = self.lock(set);
@@ -378,8 +379,14 @@ impl Pass<'_, '_> {
         if self.unflushed.is_empty() {
             return;
         }
+        let settle = self
+            .core
+            .wb_settle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let r = self.core.source.flush().map_err(EngineError::Source);
         self.core.settle_written_back(&self.unflushed, r.is_ok());
+        drop(settle);
         if let Err(e) = r {
             self.core.stats.errors.fetch_add(1, Relaxed);
             log::warn!(
