@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::Duration;
 use vblkcache::device::{BlockDevice, DeviceError, FaultDevice, MemDevice, VolatileCacheDevice};
-use vblkcache::engine::{Engine, EngineConfig, GeometryRequest, WriteMode};
+use vblkcache::engine::{Engine, EngineConfig, GeometryRequest, WriteMode, WritebackConfig};
 
 const BS: usize = 4096;
 const WAIT: Duration = Duration::from_secs(10);
@@ -21,6 +21,7 @@ enum Op {
     WriteZeroes = 1,
     /// A flush that has flushed the device, before it returns.
     FlushDone = 2,
+    Write = 3,
 }
 
 /// A source with a volatile write cache whose flushes and write-zeroes can
@@ -28,7 +29,7 @@ enum Op {
 /// fails (the power is cut).
 struct GatedSource {
     dev: VolatileCacheDevice<MemDevice>,
-    gates: Mutex<[Gate; 3]>,
+    gates: Mutex<[Gate; 4]>,
     cond: Condvar,
     off: AtomicBool,
 }
@@ -36,6 +37,8 @@ struct GatedSource {
 #[derive(Default, Clone, Copy)]
 struct Gate {
     closed: bool,
+    /// Operations the closed gate still lets through before it holds one.
+    let_through: u32,
     /// Operations that reached the closed gate.
     entered: u32,
 }
@@ -46,13 +49,19 @@ impl GatedSource {
             // Not zeros, so that a lost write-zeroes and a lost writeback
             // differ from the old content.
             dev: VolatileCacheDevice::new(MemDevice::from_bytes(&vec![0x11u8; size])),
-            gates: Mutex::new([Gate::default(); 3]),
+            gates: Mutex::new([Gate::default(); 4]),
             cond: Condvar::new(),
             off: AtomicBool::new(false),
         }
     }
     fn close(&self, op: Op) {
-        self.gates.lock().unwrap()[op as usize].closed = true;
+        self.close_after(op, 0);
+    }
+    /// Closes the gate of `op` once `n` more operations have passed.
+    fn close_after(&self, op: Op, n: u32) {
+        let mut g = self.gates.lock().unwrap();
+        g[op as usize].closed = true;
+        g[op as usize].let_through = n;
     }
     fn open(&self, op: Op) {
         self.gates.lock().unwrap()[op as usize].closed = false;
@@ -78,7 +87,9 @@ impl GatedSource {
     }
     fn pass(&self, op: Op) -> Result<(), DeviceError> {
         let mut g = self.gates.lock().unwrap();
-        if g[op as usize].closed {
+        if g[op as usize].closed && g[op as usize].let_through > 0 {
+            g[op as usize].let_through -= 1;
+        } else if g[op as usize].closed {
             g[op as usize].entered += 1;
             self.cond.notify_all();
             while g[op as usize].closed {
@@ -106,7 +117,7 @@ impl BlockDevice for GatedSource {
         self.dev.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DeviceError> {
-        self.powered()?;
+        self.pass(Op::Write)?;
         self.dev.write_at(buf, offset)
     }
     fn flush(&self) -> Result<(), DeviceError> {
@@ -153,6 +164,13 @@ fn recover(src: &Arc<GatedSource>, cache: &Arc<VolatileCacheDevice<MemDevice>>) 
     Engine::open(src.clone(), cache.clone(), cfg(None)).unwrap()
 }
 
+/// No background writeback: each test's passes are the only ones.
+const NO_BACKGROUND: WritebackConfig = WritebackConfig {
+    high_watermark_pct: 100,
+    low_watermark_pct: 25,
+    max_run_bytes: 4 << 20,
+};
+
 fn cfg(mode: Option<WriteMode>) -> EngineConfig {
     EngineConfig {
         geometry: GeometryRequest {
@@ -161,6 +179,7 @@ fn cfg(mode: Option<WriteMode>) -> EngineConfig {
             assoc: Some(8),
         },
         mode,
+        writeback: NO_BACKGROUND,
         ..EngineConfig::default()
     }
 }
@@ -365,4 +384,57 @@ fn overlapping_passes_do_not_settle_each_others_writes() {
         back == vec![2u8; BS],
         "a write completed before a completed FLUSH was lost after the crash"
     );
+}
+
+/// A set whose only reusable frames wait for a pass's source flush does not
+/// make a miss wait for the rest of the pass: the miss flushes the source
+/// itself and takes a frame.
+#[test]
+fn miss_in_a_set_held_by_writeback_flushes_the_source_itself() {
+    let src = Arc::new(GatedSource::new(64 * BS));
+    let cache = Arc::new(VolatileCacheDevice::new(MemDevice::new(4 << 20)));
+    let one_set = EngineConfig {
+        geometry: GeometryRequest {
+            block_size: Some(BS as u32),
+            cache_blocks: Some(8),
+            assoc: Some(8),
+        },
+        mode: Some(WriteMode::Writeback),
+        writeback: NO_BACKGROUND,
+        ..EngineConfig::default()
+    };
+    let e = Engine::open(src.clone(), cache.clone(), one_set).unwrap();
+    // Two runs of dirty blocks fill the only set, committed dirty.
+    for b in [0u64, 1, 2, 3, 10, 11, 12, 13] {
+        e.write(b * BS as u64, &vec![b as u8 + 1; BS]).unwrap();
+    }
+    e.flush().unwrap();
+    // The first run reaches the source, the second is held there.
+    src.close_after(Op::Write, 1);
+    std::thread::scope(|s| {
+        let wb = s.spawn(|| e.flush_all(&mut |_| {}));
+        assert!(
+            src.wait_entered(Op::Write),
+            "the second run never reached the source"
+        );
+        let (tx, rx) = mpsc::channel();
+        let eng = &e;
+        s.spawn(move || {
+            let mut buf = vec![0u8; BS];
+            let r = eng.read(30 * BS as u64, &mut buf);
+            let _ = tx.send(r.map(|_| buf));
+        });
+        let got = rx.recv_timeout(WAIT);
+        src.open_all();
+        let got = got
+            .expect("the miss waited for the writeback pass")
+            .unwrap();
+        assert!(got == vec![0x11u8; BS]);
+        wb.join().unwrap().unwrap();
+    });
+    let mut back = vec![0u8; BS];
+    for b in [0u64, 1, 2, 3, 10, 11, 12, 13] {
+        src.dev.read_at(&mut back, b * BS as u64).unwrap();
+        assert!(back == vec![b as u8 + 1; BS], "block {b} on the source");
+    }
 }

@@ -29,6 +29,9 @@ pub(crate) enum Victim {
     /// Clean or free frames exist but the committed metadata still maps them
     /// dirty: a commit makes them reusable.
     NeedsCommit,
+    /// Clean frames are held until the source is flushed after their
+    /// writeback (`SRCPEND`): a source flush and a commit make them reusable.
+    NeedsSourceFlush,
     /// Every frame is busy.
     None,
 }
@@ -155,6 +158,13 @@ impl Core {
         if waiting_commit {
             return Victim::NeedsCommit;
         }
+        let held = (first..first + u64::from(n)).any(|f| {
+            let e = self.frames.get(f);
+            e.srcpend() && e.quiet()
+        });
+        if held {
+            return Victim::NeedsSourceFlush;
+        }
         match self.policy.victim(first, n, g.clock, &mut |f| dirty(f)) {
             Some(f) => Victim::Dirty(f),
             None => Victim::None,
@@ -248,6 +258,26 @@ impl Core {
             }
             self.frames.notify(set, &g);
         }
+    }
+
+    /// Flushes the source for a request that needs a frame of `set` held by
+    /// a writeback pass that has not flushed yet, and releases the set's
+    /// held frames for the next commit. Under `wb_settle`, every `SRCPEND`
+    /// seen after the flush was set before it started (see that lock).
+    pub fn settle_set(&self, set: u64) -> Result<(), EngineError> {
+        let _settle = self.wb_settle.lock().unwrap_or_else(|p| p.into_inner());
+        self.source.flush().map_err(EngineError::Source)?;
+        let first = self.first_frame(set);
+        let g = self.lock(set);
+        for f in first..first + u64::from(self.layout.assoc) {
+            let e = self.frames.get(f);
+            if e.srcpend() {
+                self.frames.set(f, e.with_flag(SRCPEND, false));
+                self.note(f);
+            }
+        }
+        self.frames.notify(set, &g);
+        Ok(())
     }
 
     /// Sets frame `f` of `set` to `state` and wakes waiters.

@@ -8,8 +8,9 @@
 //! device) maps this frame as dirty for its block; `QUEUED` says the frame is
 //! in the commit queue. `SRCPEND` says writeback made the frame clean but the
 //! source has not been flushed since: until it is, the frame's data is durable
-//! only in the cache, so a commit must still map it dirty. A freed frame keeps its block number (with `VALID`
-//! clear) so the committed view can still be written out.
+//! only in the cache, so a commit must still map it dirty. A freed frame keeps
+//! its block number (with `VALID` clear) so the committed view can still be
+//! written out.
 //!
 //! Invariants, all under the stripe lock of the frame's set:
 //! - an entry with `VALID` clear is a free frame (only `CDIRTY`, `QUEUED` and

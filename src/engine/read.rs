@@ -107,6 +107,13 @@ impl Core {
                         self.commit()?;
                         continue;
                     }
+                    Victim::NeedsSourceFlush => {
+                        drop(g);
+                        self.settle(run, buf)?;
+                        self.settle_set(set)?;
+                        self.commit()?;
+                        continue;
+                    }
                     // Every frame of the set is busy for a moment (being
                     // fetched, stored, read or written back): wait for one.
                     Victim::None => true,

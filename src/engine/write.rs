@@ -92,6 +92,12 @@ impl Core {
                         self.commit()?;
                         continue;
                     }
+                    Victim::NeedsSourceFlush => {
+                        drop(g);
+                        self.settle_set(set)?;
+                        self.commit()?;
+                        continue;
+                    }
                     // All frames busy for a moment: wait for one.
                     Victim::None => {}
                 },
