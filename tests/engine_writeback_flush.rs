@@ -425,10 +425,13 @@ fn miss_in_a_set_held_by_writeback_flushes_the_source_itself() {
             let _ = tx.send(r.map(|_| buf));
         });
         let got = rx.recv_timeout(WAIT);
+        // The pass is still held: the one source flush so far is the miss's.
+        let flushes = e.stats().writeback_source_flushes;
         src.open_all();
         let got = got
             .expect("the miss waited for the writeback pass")
             .unwrap();
+        assert_eq!(flushes, 1);
         assert!(got == vec![0x11u8; BS]);
         wb.join().unwrap().unwrap();
     });

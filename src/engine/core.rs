@@ -266,6 +266,7 @@ impl Core {
     /// seen after the flush was set before it started (see that lock).
     pub fn settle_set(&self, set: u64) -> Result<(), EngineError> {
         let _settle = self.wb_settle.lock().unwrap_or_else(|p| p.into_inner());
+        self.stats.writeback_source_flushes.fetch_add(1, Relaxed);
         self.source.flush().map_err(EngineError::Source)?;
         let first = self.first_frame(set);
         let g = self.lock(set);

@@ -51,6 +51,10 @@ counters! {
     /// Cache reads issued by writeback runs (frames that follow each other on
     /// the cache device are read with one request).
     writeback_cache_reads,
+    /// Source flushes issued by writeback itself: by a pass (every 64 MiB
+    /// written back and at its end) or by a miss that needed a frame whose
+    /// writeback awaited one. Guest FLUSHes do not wait for these.
+    writeback_source_flushes,
     /// Block-sized pieces served straight from/to the source, bypassing the cache.
     bypassed,
     /// Partial-block write misses that read the rest of the block from the source.

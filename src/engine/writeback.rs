@@ -384,6 +384,8 @@ impl Pass<'_, '_> {
             .wb_settle
             .lock()
             .unwrap_or_else(|p| p.into_inner());
+        let stats = &self.core.stats;
+        stats.writeback_source_flushes.fetch_add(1, Relaxed);
         let r = self.core.source.flush().map_err(EngineError::Source);
         self.core.settle_written_back(&self.unflushed, r.is_ok());
         drop(settle);

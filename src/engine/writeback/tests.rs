@@ -155,5 +155,7 @@ fn a_run_in_neighbouring_frames_is_one_cache_read() {
     // of their set (one set here): one cache read per run, not per block.
     assert_eq!(reads, runs, "one cache read per run");
     assert_eq!(cache.counts().reads - c0.reads, reads);
+    // The pass flushed the source once, at its end (less than 64 MiB).
+    assert_eq!(s1.writeback_source_flushes - s0.writeback_source_flushes, 1);
     e.shutdown(false).unwrap();
 }
