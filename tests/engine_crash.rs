@@ -414,6 +414,26 @@ fn crash_at_every_io_writethrough_and_writearound() {
     assert!(a > 100 && b > 100);
 }
 
+/// More write-back workloads than the suite runs, for `scripts/crash-soak.sh`:
+/// `CRASH_SEEDS` seeds (default 50) from seed 1000 on, half of them
+/// commit-heavy.
+#[test]
+#[ignore]
+fn crash_soak_writeback() {
+    let seeds: u64 = match std::env::var("CRASH_SEEDS") {
+        Ok(v) => v.parse().expect("CRASH_SEEDS must be a number"),
+        Err(_) => 50,
+    };
+    let half = seeds / 2;
+    let a = sweep(WriteMode::Writeback, 1000..1000 + half, 40);
+    let b = sweep_with(WriteMode::Writeback, 5000..5000 + (seeds - half), 60, true);
+    eprintln!(
+        "crash soak: {seeds} write-back workloads, {} crash points checked",
+        a + b
+    );
+    assert!(a + b > seeds * 50);
+}
+
 #[test]
 #[ignore]
 fn debug_one() {
