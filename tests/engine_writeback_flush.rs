@@ -171,6 +171,20 @@ const NO_BACKGROUND: WritebackConfig = WritebackConfig {
     max_run_bytes: 4 << 20,
 };
 
+/// Runs a guest FLUSH on a thread of `s` and waits at most `limit` for it:
+/// whether it succeeded, or a timeout (the thread then runs on).
+fn flush_within<'scope>(
+    s: &'scope std::thread::Scope<'scope, '_>,
+    e: &'scope Engine,
+    limit: Duration,
+) -> Result<bool, mpsc::RecvTimeoutError> {
+    let (tx, rx) = mpsc::channel();
+    s.spawn(move || {
+        let _ = tx.send(e.flush().is_ok());
+    });
+    rx.recv_timeout(limit)
+}
+
 fn cfg(mode: Option<WriteMode>) -> EngineConfig {
     EngineConfig {
         geometry: GeometryRequest {
@@ -204,13 +218,7 @@ fn guest_flush_during_writeback_flush(committed: bool) {
         );
         // The block was written to the source (not durably) and is clean in
         // RAM now. A guest FLUSH must not wait for the held source flush.
-        let (tx, rx) = mpsc::channel();
-        let eng = &e;
-        s.spawn(move || {
-            let r = eng.flush();
-            let _ = tx.send(r.is_ok());
-        });
-        let ok = rx.recv_timeout(WAIT);
+        let ok = flush_within(s, &e, WAIT);
         // Power cut while the source flush is still held: the source loses
         // the written-back block, the cache keeps what was flushed.
         power_cut(&src, &cache);
@@ -306,12 +314,7 @@ fn guest_flush_between_free_and_zeroing_of_written_back_block() {
         );
         // The frame is free now and the zeroing held. A guest FLUSH may not
         // complete without the (held) source flush; give it time to go wrong.
-        let (tx, rx) = mpsc::channel();
-        let eng = &e;
-        s.spawn(move || {
-            let _ = tx.send(eng.flush().is_ok());
-        });
-        let early = rx.recv_timeout(Duration::from_millis(500));
+        let early = flush_within(s, &e, Duration::from_millis(500));
         power_cut(&src, &cache);
         assert_ne!(
             early,
@@ -365,12 +368,7 @@ fn overlapping_passes_do_not_settle_each_others_writes() {
             "pass B never flushed the source"
         );
         // B's write of v2 is not durable; a FLUSH now covers v2.
-        let (tx, rx) = mpsc::channel();
-        let eng = &e;
-        s.spawn(move || {
-            let _ = tx.send(eng.flush().is_ok());
-        });
-        let ok = rx.recv_timeout(WAIT);
+        let ok = flush_within(s, &e, WAIT);
         power_cut(&src, &cache);
         assert_eq!(ok, Ok(true), "the guest FLUSH did not complete");
         assert!(b.join().unwrap().is_err());
@@ -399,9 +397,7 @@ fn miss_in_a_set_held_by_writeback_flushes_the_source_itself() {
             cache_blocks: Some(8),
             assoc: Some(8),
         },
-        mode: Some(WriteMode::Writeback),
-        writeback: NO_BACKGROUND,
-        ..EngineConfig::default()
+        ..cfg(Some(WriteMode::Writeback))
     };
     let e = Engine::open(src.clone(), cache.clone(), one_set).unwrap();
     // Two runs of dirty blocks fill the only set, committed dirty.
