@@ -260,25 +260,39 @@ impl Core {
         }
     }
 
-    /// Flushes the source for a request that needs a frame of `set` held by
-    /// a writeback pass that has not flushed yet, and releases the set's
-    /// held frames for the next commit. Under `wb_settle`, every `SRCPEND`
-    /// seen after the flush was set before it started (see that lock).
-    pub fn settle_set(&self, set: u64) -> Result<(), EngineError> {
+    /// The one way writeback flushes the source: under `wb_settle`, counted,
+    /// then `settle(flush succeeded)` still under the lock. Holding the lock
+    /// from before the flush until the settling is done is what makes every
+    /// `SRCPEND` seen while settling one set before the flush started (see
+    /// that lock).
+    pub fn writeback_flush(&self, settle: impl FnOnce(bool)) -> Result<(), EngineError> {
         let _settle = self.wb_settle.lock().unwrap_or_else(|p| p.into_inner());
         self.stats.writeback_source_flushes.fetch_add(1, Relaxed);
-        self.source.flush().map_err(EngineError::Source)?;
-        let first = self.first_frame(set);
-        let g = self.lock(set);
-        for f in first..first + u64::from(self.layout.assoc) {
-            let e = self.frames.get(f);
-            if e.srcpend() {
-                self.frames.set(f, e.with_flag(SRCPEND, false));
-                self.note(f);
+        let r = self.source.flush().map_err(EngineError::Source);
+        settle(r.is_ok());
+        r
+    }
+
+    /// Flushes the source for a request that needs a frame of `set` held by
+    /// a writeback pass that has not flushed yet, and releases the set's
+    /// held frames for the next commit. If the flush fails they stay held
+    /// (the pass settles them).
+    pub fn settle_set(&self, set: u64) -> Result<(), EngineError> {
+        self.writeback_flush(|durable| {
+            if !durable {
+                return;
             }
-        }
-        self.frames.notify(set, &g);
-        Ok(())
+            let first = self.first_frame(set);
+            let g = self.lock(set);
+            for f in first..first + u64::from(self.layout.assoc) {
+                let e = self.frames.get(f);
+                if e.srcpend() {
+                    self.frames.set(f, e.with_flag(SRCPEND, false));
+                    self.note(f);
+                }
+            }
+            self.frames.notify(set, &g);
+        })
     }
 
     /// Sets frame `f` of `set` to `state` and wakes waiters.

@@ -131,11 +131,9 @@ impl Core {
         for &(block, f) in run {
             let set = self.set_of(block);
             let g = self.lock(set);
-            let mut e = self.frames.get(f).with_state(FrameState::Idle);
-            if result.is_ok() {
-                e = e.with_flag(SRCPEND, true);
-            }
-            self.frames.set(f, e);
+            // A claimed frame was dirty, so it had no `SRCPEND` before.
+            let e = self.frames.get(f).with_state(FrameState::Idle);
+            self.frames.set(f, e.with_flag(SRCPEND, result.is_ok()));
             if result.is_ok() {
                 self.set_dirty(f, false);
             }
@@ -379,16 +377,9 @@ impl Pass<'_, '_> {
         if self.unflushed.is_empty() {
             return;
         }
-        let settle = self
-            .core
-            .wb_settle
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let stats = &self.core.stats;
-        stats.writeback_source_flushes.fetch_add(1, Relaxed);
-        let r = self.core.source.flush().map_err(EngineError::Source);
-        self.core.settle_written_back(&self.unflushed, r.is_ok());
-        drop(settle);
+        let core = self.core;
+        let written = &self.unflushed;
+        let r = core.writeback_flush(|durable| core.settle_written_back(written, durable));
         if let Err(e) = r {
             self.core.stats.errors.fetch_add(1, Relaxed);
             log::warn!(
