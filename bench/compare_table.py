@@ -16,6 +16,15 @@ divided by the run's wall time). Machine events are the context switches and
 interrupts of the whole machine (client, daemon and kernel) during the run,
 per 32 requests (one turn of a QD32 queue).
 
+The "floor" row divides the raw target's client CPU per request (vbc-load
+alone reading the file with io_uring, no server at all) by qsd's daemon CPU
+per request, then the same for the client's kernel time alone (recorded
+since session 13). A server that reads the file with io_uring pays about
+that kernel time per request too (the client's includes its own waits, and
+the client reads into registered buffers, which the server by default does
+not), so a CPU ratio much below the kernel-part floor is out of any
+daemon's reach on that machine.
+
 With --repeat N (rows carry a "round"), each target's row gives the median
 of its rounds, and the ratio row gives the median of the per-round ratios
 (each from targets run side by side in the same round) with their range.
@@ -48,6 +57,7 @@ def metrics(r):
         "cpu": None,
         "sys": None,
         "ccpu": load.get("client_cpu_us_per_io"),
+        "csys": load.get("client_sys_us_per_io"),
         "errors": load["errors"],
         "misses": r.get("read_misses"),
         "devkib": None,
@@ -99,7 +109,7 @@ def merged(ms):
     ms = [m for m in ms if m is not None]
     if not ms:
         return None
-    out = {k: median([m[k] for m in ms]) for k in ("iops", "mib", "p99", "cpu", "sys", "ccpu", "devkib", "devlat", "devqd", "cs32", "irq32")}
+    out = {k: median([m[k] for m in ms]) for k in ("iops", "mib", "p99", "cpu", "sys", "ccpu", "csys", "devkib", "devlat", "devqd", "cs32", "irq32")}
     out["errors"] = sum(m["errors"] for m in ms)
     misses = [m["misses"] for m in ms if m["misses"] is not None]
     out["misses"] = sum(misses) if misses else None
@@ -141,7 +151,7 @@ def main(path):
                 f"{warm['second_pass_misses']} misses on a second full read"
             )
         print()
-        print("| workload | target | IOPS | MiB/s | p99 µs | daemon CPU µs/IO (kernel) | client CPU µs/IO | device KiB/req · µs/req · QD | machine ctx sw · irqs per 32 req | vbc read misses |")
+        print("| workload | target | IOPS | MiB/s | p99 µs | daemon CPU µs/IO (kernel) | client CPU µs/IO (kernel) | device KiB/req · µs/req · QD | machine ctx sw · irqs per 32 req | vbc read misses |")
         print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         wls = []
         for r in rows:
@@ -168,7 +178,7 @@ def main(path):
                 err = f" ({m['errors']} errors)" if m["errors"] else ""
                 print(
                     f"| {wl} | {t}{label}{err} | {fmt(m['iops'])} | {fmt(m['mib'], 1)} | {fmt(m['p99'])} | "
-                    f"{fmt(m['cpu'], 1)}{' (' + fmt(m['sys'], 1) + ')' if m['sys'] is not None else ''} | {fmt(m['ccpu'], 1)} | {dev_cell(m)} | {fmt(m['cs32'], 1)} · {fmt(m['irq32'], 1)} | {fmt(m['misses']) if m['misses'] is not None else ''} |"
+                    f"{fmt(m['cpu'], 1)}{' (' + fmt(m['sys'], 1) + ')' if m['sys'] is not None else ''} | {fmt(m['ccpu'], 1)}{' (' + fmt(m['csys'], 1) + ')' if m['csys'] is not None else ''} | {dev_cell(m)} | {fmt(m['cs32'], 1)} · {fmt(m['irq32'], 1)} | {fmt(m['misses']) if m['misses'] is not None else ''} |"
                 )
             for t in ("vblkcache", *extra):
                 if not got.get(t):
@@ -181,6 +191,22 @@ def main(path):
                 print(
                     f"| {wl} | **{name}/qsd** · {name}/raw | {rr('iops', 'qsd')} · {rr('iops', 'raw')} | | "
                     f"{rr('p99', 'qsd')} · {rr('p99', 'raw')} | {rr('cpu', 'qsd')} · – | | | | |"
+                )
+            # The floor of the CPU ratio: what the raw client alone spends per
+            # request reading the same file with io_uring (all of it, and its
+            # kernel part), over qsd's daemon CPU per request.
+            cells = []
+            for key in ("ccpu", "csys"):
+                cell = ratio_cell(
+                    [{"cpu": m[key]} if m and m[key] is not None else None for m in per["raw"]],
+                    per["qsd"],
+                    "cpu",
+                )
+                cells.append(cell)
+            if cells[0] != "–":
+                print(
+                    f"| {wl} | floor: raw client CPU/qsd CPU (kernel part only) | | | | "
+                    f"{cells[0]} ({cells[1]}) | | | | |"
                 )
 
 

@@ -280,7 +280,11 @@ fn run(a: &Args) -> Result<report::Summary, String> {
             let _ = done_rx.recv_timeout(ramp_end.saturating_duration_since(Instant::now()));
             let a = process_cpu_s()?;
             let _ = done_rx.recv_timeout(end.saturating_duration_since(Instant::now()));
-            Some(process_cpu_s()? - a)
+            let b = process_cpu_s()?;
+            Some(report::Cpu {
+                total_s: b.total_s - a.total_s,
+                sys_s: b.sys_s - a.sys_s,
+            })
         });
         let handles: Vec<_> = started
             .queues
@@ -360,8 +364,8 @@ fn run(a: &Args) -> Result<report::Summary, String> {
     Ok(report::Summary::new(a, info, &stats))
 }
 
-/// User + system CPU seconds of this process so far.
-fn process_cpu_s() -> Option<f64> {
+/// CPU seconds of this process so far: user + system, and system alone.
+fn process_cpu_s() -> Option<report::Cpu> {
     // SAFETY: an all-zero rusage is a valid value of this plain C struct.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: getrusage writes only into the struct we pass.
@@ -370,7 +374,10 @@ fn process_cpu_s() -> Option<f64> {
         return None;
     }
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    Some(tv(ru.ru_utime) + tv(ru.ru_stime))
+    Some(report::Cpu {
+        total_s: tv(ru.ru_utime) + tv(ru.ru_stime),
+        sys_s: tv(ru.ru_stime),
+    })
 }
 
 fn main() -> ExitCode {

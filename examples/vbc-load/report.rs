@@ -18,7 +18,16 @@ pub struct Run<'a> {
     /// The measured window.
     pub window: Duration,
     /// This process's CPU seconds inside the window.
-    pub cpu_s: Option<f64>,
+    pub cpu_s: Option<Cpu>,
+}
+
+/// CPU time of this process over an interval.
+#[derive(Clone, Copy, Debug)]
+pub struct Cpu {
+    /// User + system seconds.
+    pub total_s: f64,
+    /// System (kernel) seconds alone.
+    pub sys_s: f64,
 }
 
 /// Everything printed at the end of a run.
@@ -42,8 +51,8 @@ pub struct Summary {
     errors: u64,
     first_error: Option<String>,
     total_ios: u64,
-    /// This process's CPU seconds (user + system) inside the window.
-    cpu_s: Option<f64>,
+    /// This process's CPU seconds inside the window.
+    cpu_s: Option<Cpu>,
     verify: bool,
     verify_failures: u64,
     first_verify_failure: Option<String>,
@@ -168,9 +177,12 @@ impl Summary {
             "write": lat_json(&self.write),
             "flush": lat_json(&self.flush),
             "total_ios": self.total_ios,
-            "client_cpu_s": self.cpu_s.map(round6),
+            "client_cpu_s": self.cpu_s.map(|c| round6(c.total_s)),
             "client_cpu_us_per_io": self.cpu_s.filter(|_| data.count() > 0)
-                .map(|c| round2(c * 1e6 / data.count() as f64)),
+                .map(|c| round2(c.total_s * 1e6 / data.count() as f64)),
+            "client_sys_s": self.cpu_s.map(|c| round6(c.sys_s)),
+            "client_sys_us_per_io": self.cpu_s.filter(|_| data.count() > 0)
+                .map(|c| round2(c.sys_s * 1e6 / data.count() as f64)),
             "errors": self.errors,
             "first_error": self.first_error,
             "verify": self.verify,
@@ -228,9 +240,11 @@ impl Summary {
         if let Some(c) = self.cpu_s.filter(|_| data.count() > 0) {
             let _ = writeln!(
                 o,
-                "  client CPU: {:.3} s in the window, {:.2} us per I/O",
-                c,
-                c * 1e6 / data.count() as f64
+                "  client CPU: {:.3} s in the window ({:.3} s kernel), {:.2} us per I/O ({:.2} kernel)",
+                c.total_s,
+                c.sys_s,
+                c.total_s * 1e6 / data.count() as f64,
+                c.sys_s * 1e6 / data.count() as f64
             );
         }
         let _ = writeln!(o, "  errors: {}", self.errors);
