@@ -19,9 +19,10 @@
 use super::config_space;
 use super::execute::{execute, status_of, write_status};
 use super::filemap::{fill_holes, FileMap};
+use super::flushq::{FlushQueue, Waiting};
 use super::inflight::InFlight;
 use super::pool::{IoPoolHandle, Job};
-use super::request::Request;
+use super::request::{BlkError, Request, RequestKind};
 use super::uring::{Done, QueueRing};
 use super::DeviceLimits;
 use crate::engine::{Engine, WriteMode};
@@ -120,6 +121,10 @@ struct Inner {
     closing: AtomicBool,
     /// Errors of queue passes (logged sparsely, see `handle_event`).
     queue_errors: AtomicU64,
+    /// Each queue's FLUSHes waiting for the next engine flush (`flushq`).
+    flushes: Vec<FlushQueue>,
+    /// Engine flushes run for guest FLUSHes (each serves one or more).
+    flush_batches: AtomicU64,
 }
 
 /// The backend. Cheap to clone (the vhost-user library clones it per worker).
@@ -169,6 +174,8 @@ impl BlkBackend {
                 rings,
                 closing: AtomicBool::new(false),
                 queue_errors: AtomicU64::new(0),
+                flushes: (0..cfg.num_queues).map(|_| FlushQueue::default()).collect(),
+                flush_batches: AtomicU64::new(0),
                 cfg,
             }),
         }
@@ -637,6 +644,20 @@ impl BlkBackend {
     }
 
     fn submit(&self, q: usize, vring: &Vring, mem: Arc<GuestMem>, head: u16, req: Request) {
+        if matches!(req.kind, RequestKind::Flush) {
+            if let Some(fq) = self.inner.flushes.get(q) {
+                let w = Waiting {
+                    head,
+                    status_addr: req.status_addr,
+                    mem,
+                    vring: vring.clone(),
+                };
+                if fq.push(w) {
+                    self.run_job(Box::new(flush_runner(Arc::clone(&self.inner), q)));
+                }
+                return;
+            }
+        }
         let inner = Arc::clone(&self.inner);
         let vring = vring.clone();
         let job: Job = Box::new(move |buf| {
@@ -652,10 +673,50 @@ impl BlkBackend {
             };
             inner.complete(q, &vring, &[(head, used)]);
         });
+        self.run_job(job);
+    }
+
+    /// Hands `job` to the I/O pool.
+    fn run_job(&self, job: Job) {
         if let Err(job) = self.inner.pool.submit(job) {
             // The pool is gone (shutting down): run it here rather than lose it.
             let mut buf = Vec::new();
             job(&mut buf);
+        }
+    }
+
+    /// Engine flushes run for guest FLUSHes so far (tests).
+    #[cfg(test)]
+    pub(crate) fn flush_batches(&self) -> u64 {
+        self.inner.flush_batches.load(Ordering::SeqCst)
+    }
+}
+
+/// The runner of queue `q`'s FLUSHes (see `flushq`): takes every waiting
+/// FLUSH, then flushes the engine once for all of them, then completes
+/// them; again until none waits.
+fn flush_runner(inner: Arc<Inner>, q: usize) -> impl FnOnce(&mut Vec<u8>) + Send + 'static {
+    move |_buf| {
+        let Some(fq) = inner.flushes.get(q) else {
+            return;
+        };
+        while let Some(batch) = fq.take() {
+            // Only now, after the take: the commit must start after every
+            // FLUSH in `batch` was received.
+            inner.flush_batches.fetch_add(1, Ordering::SeqCst);
+            let result = inner
+                .engine
+                .flush_requests(batch.len() as u64)
+                .map(|()| 0)
+                .map_err(BlkError::from);
+            if let Err(e) = &result {
+                log::warn!("queue {q}: {} FLUSH request(s) failed: {e}", batch.len());
+            }
+            let status = status_of(&result);
+            for w in batch {
+                let used = u32::from(write_status(&*w.mem, w.status_addr, status).is_ok());
+                inner.complete(q, &w.vring, &[(w.head, used)]);
+            }
         }
     }
 }

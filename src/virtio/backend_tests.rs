@@ -17,6 +17,9 @@ use virtio_bindings::bindings::virtio_ring::{
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress};
 
+#[path = "flush_tests.rs"]
+mod flush_tests;
+
 const QSIZE: u16 = 16;
 const MEM_SIZE: usize = 8 << 20;
 const DISK: u64 = 1 << 20;

@@ -9,6 +9,7 @@ pub mod config_space;
 pub mod execute;
 mod filemap;
 mod fixed;
+mod flushq;
 mod inflight;
 pub mod pool;
 pub mod request;
