@@ -242,6 +242,28 @@ impl Guest {
     }
 }
 
+/// Checks `done` every millisecond for up to `limit`; true once it holds.
+fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Waits up to `limit` for queue 0's used index to reach `n`.
+fn wait_used(g: &Guest, n: u16, limit: Duration) -> bool {
+    wait_until(limit, || {
+        let idx: u16 = g.mem.read_obj(GuestAddress(used_ring(0) + 2)).unwrap();
+        idx >= n
+    })
+}
+
 /// A write-back engine with 4 KiB blocks on these devices, and a backend of
 /// `queues` queues (io_uring on, where the cache device allows it) with its
 /// I/O pool. Shared with the backend's own unit tests.

@@ -6,6 +6,8 @@ use super::*;
 use crate::device::DeviceError;
 use std::sync::Condvar;
 
+const WAIT: Duration = Duration::from_secs(10);
+
 /// A memory cache device whose flushes can be held at a gate; counts the
 /// flushes that reached it.
 struct GateDevice {
@@ -42,12 +44,12 @@ impl GateDevice {
         self.state.lock().unwrap().entered
     }
 
-    /// Waits until `n` flushes have entered (false after 10 s).
+    /// Waits until `n` flushes have entered (false after [`WAIT`]).
     fn wait_entered(&self, n: u64) -> bool {
         let g = self.state.lock().unwrap();
         let (g, _) = self
             .cond
-            .wait_timeout_while(g, Duration::from_secs(10), |s| s.entered < n)
+            .wait_timeout_while(g, WAIT, |s| s.entered < n)
             .unwrap();
         g.entered >= n
     }
@@ -102,17 +104,6 @@ fn publish_write(g: &Guest, k: u16, data: &[u8]) -> Slot {
     );
     g.publish(0, head);
     s
-}
-
-/// Waits until queue 0's used ring holds `n` new entries (false after 10 s).
-fn wait_used(g: &mut Guest, n: usize) -> bool {
-    let until = Instant::now() + Duration::from_secs(10);
-    let mut got = 0;
-    while got < n && Instant::now() < until {
-        got += g.take_used(0).len();
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    got >= n
 }
 
 #[test]
@@ -178,7 +169,9 @@ fn a_flush_received_during_an_engine_flush_waits_for_the_next() {
     // thread), then F2 arrives: only a flush that starts after F2 covers it.
     let w2 = publish_write(&g, 4, &pattern(3));
     g.backend.process_queue(0, &g.vrings[0]).unwrap();
-    assert!(wait_used(&mut g, 1), "the write never completed");
+    let next = g.used_seen[0].wrapping_add(1);
+    assert!(wait_used(&g, next, WAIT), "the write never completed");
+    assert_eq!(g.take_used(0).len(), 1);
     assert_eq!(g.status(w2.status), OK);
     let f2 = publish_flush(&g, 6);
     g.backend.process_queue(0, &g.vrings[0]).unwrap();
@@ -188,7 +181,9 @@ fn a_flush_received_during_an_engine_flush_waits_for_the_next() {
     // which is held in turn.
     gate.set_permits(Some(1));
     assert!(gate.wait_entered(at_f2 + 1), "no flush after F2 arrived");
-    assert!(wait_used(&mut g, 1), "F1 never completed");
+    let next = g.used_seen[0].wrapping_add(1);
+    assert!(wait_used(&g, next, WAIT), "F1 never completed");
+    assert_eq!(g.take_used(0).len(), 1);
     assert_eq!(g.status(f1.status), OK);
     assert_eq!(
         g.status(f2.status),
@@ -197,7 +192,7 @@ fn a_flush_received_during_an_engine_flush_waits_for_the_next() {
     );
 
     gate.set_permits(None);
-    assert!(g.backend.drain(Duration::from_secs(10)), "drain");
+    assert!(g.backend.drain(WAIT), "drain");
     assert_eq!(g.take_used(0).len(), 1);
     assert_eq!(g.status(f2.status), OK);
 }

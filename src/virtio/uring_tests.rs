@@ -389,28 +389,6 @@ fn a_request_partly_outside_the_mapping_is_served_by_both_paths() {
     assert_eq!(after.errors, before.errors, "no request failed over");
 }
 
-/// Checks `done` every millisecond for up to `limit`; true once it holds.
-fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        if done() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
-
-/// Waits up to `limit` for queue 0's used index to reach `n`.
-fn wait_used(g: &Guest, n: u16, limit: Duration) -> bool {
-    wait_until(limit, || {
-        let idx: u16 = g.mem.read_obj(GuestAddress(used_ring(0) + 2)).unwrap();
-        idx >= n
-    })
-}
-
 /// The used ring's flags word (VRING_USED_F_NO_NOTIFY = 1 asks for no kicks).
 fn used_flags(g: &Guest) -> u16 {
     g.mem.read_obj(GuestAddress(used_ring(0))).unwrap()
