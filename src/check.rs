@@ -88,9 +88,14 @@ pub struct SuperblockReport {
     pub seq: u64,
     pub clean: bool,
     pub mode: WriteMode,
+    /// 1: frames set after set; 2: neighbouring runs in neighbouring sets,
+    /// frames by row.
+    pub format_version: u32,
     pub block_size: u32,
     pub cache_blocks: u64,
     pub assoc: u32,
+    /// Neighbouring runs placed in neighbouring sets.
+    pub span: u32,
     pub source_size: u64,
     pub commit_seq: u64,
     pub journal_pos: u64,
@@ -199,9 +204,11 @@ pub fn check_device(dev: &dyn BlockDevice, repair: bool) -> Result<Report, Check
         seq: sb.seq,
         clean: sb.clean,
         mode: sb.mode,
+        format_version: l.geometry().format_version(),
         block_size: l.block_size,
         cache_blocks: l.cache_blocks,
         assoc: l.assoc,
+        span: l.span,
         source_size: sb.source_size,
         commit_seq: sb.commit_seq,
         journal_pos: sb.journal_pos,
@@ -552,12 +559,14 @@ pub fn write_human(r: &Report, out: &mut dyn std::io::Write) -> std::io::Result<
     if let Some(sb) = &r.superblock {
         writeln!(
             out,
-            "  using slot {}: mode {}, {} blocks of {} bytes, associativity {}, source {} bytes, {}",
+            "  using slot {}: format version {}, mode {}, {} blocks of {} bytes, associativity {}, span {}, source {} bytes, {}",
             sb.slot,
+            sb.format_version,
             sb.mode,
             sb.cache_blocks,
             sb.block_size,
             sb.assoc,
+            sb.span,
             sb.source_size,
             if sb.clean { "clean shutdown" } else { "not shut down cleanly" }
         )?;

@@ -68,21 +68,16 @@ fn active_table(dev: &MemDevice) -> u64 {
 fn layout(dev: &MemDevice) -> Layout {
     let r = check_device(dev, false).unwrap();
     let sb = r.superblock.unwrap();
-    let g = crate::engine::Geometry {
-        block_size: sb.block_size,
-        cache_blocks: sb.cache_blocks,
-        assoc: sb.assoc,
-        run: crate::engine::Geometry::resolve(
-            &GeometryRequest {
-                block_size: Some(sb.block_size),
-                cache_blocks: Some(sb.cache_blocks),
-                assoc: Some(sb.assoc),
-            },
-            sb.cache_blocks,
-        )
-        .unwrap()
-        .run,
-    };
+    // Images here are made by this build, so in the current format.
+    let g = crate::engine::Geometry::resolve(
+        &GeometryRequest {
+            block_size: Some(sb.block_size),
+            cache_blocks: Some(sb.cache_blocks),
+            assoc: Some(sb.assoc),
+        },
+        sb.cache_blocks,
+    )
+    .unwrap();
     Layout::new(&g)
 }
 

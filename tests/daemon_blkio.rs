@@ -229,7 +229,10 @@ fn queues_concurrently(n: usize, args: &[&str], workers: usize) {
     let mut client = Client::connect(&files.socket, n as i32);
     let queues = client.split();
     assert_eq!(queues.len(), n);
-    assert_eq!(threads_named(daemon.pid(), "vring_worker"), workers);
+    assert_eq!(
+        threads_named_settled(daemon.pid(), "vring_worker", workers),
+        workers
+    );
     let handles: Vec<_> = queues
         .into_iter()
         .enumerate()
@@ -497,6 +500,20 @@ impl DirectExt for std::fs::OpenOptions {
 }
 
 /// How many threads of process `pid` are named `name`.
+/// The number of threads of `pid` called `name`, once it is `want` or 5 s
+/// have passed: a new thread names itself after it starts, so a count taken
+/// at once can miss one that is still starting.
+fn threads_named_settled(pid: i32, name: &str, want: usize) -> usize {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let n = threads_named(pid, name);
+        if n == want || std::time::Instant::now() > deadline {
+            return n;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 fn threads_named(pid: i32, name: &str) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()

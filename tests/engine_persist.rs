@@ -325,3 +325,115 @@ fn passthrough_refuses_dirty_cache() {
         "{err}"
     );
 }
+
+/// Rewrites the clean cache image on `cache` in format version 1: the same
+/// entries, each moved to a free frame of the set version 1 maps its block
+/// to, with its data at that frame's version 1 place; the data area is
+/// otherwise zeros, so a read from a version 2 place would return zeros.
+fn rewrite_as_version1(cache: &MemDevice) {
+    use vblkcache::engine::meta::{self, Found, Layout, BLOCK_MASK, ENTRIES_PER_PAGE, VALID};
+    let Found::Superblock(mut sb, slot) = meta::read_superblock(cache).unwrap() else {
+        panic!("no superblock");
+    };
+    assert!(sb.clean);
+    let l2 = sb.layout;
+    let g1 = l2.geometry().version1();
+    let l1 = Layout::new(&g1);
+    assert_eq!(l1.data_offset, l2.data_offset);
+    let table = l2.table_copy_offset(sb.table_copy);
+    let mut entries = Vec::new();
+    for p in 0..l2.table_pages() {
+        let mut page = vec![0u8; 4096];
+        cache.read_at(&mut page, table + p * 4096).unwrap();
+        let want = ENTRIES_PER_PAGE.min(l2.cache_blocks - p * ENTRIES_PER_PAGE) as usize;
+        meta::decode_page(&page, p, want, &mut entries).unwrap();
+    }
+    let bs = u64::from(l2.block_size);
+    let assoc = u64::from(l2.assoc);
+    let mut new = vec![0u64; entries.len()];
+    let mut data = vec![0u8; (l2.cache_blocks * bs) as usize];
+    let mut moved = 0;
+    for (f, &e) in entries.iter().enumerate() {
+        if e & VALID == 0 {
+            continue;
+        }
+        let set = g1.set_of(e & BLOCK_MASK);
+        let f1 = (set * assoc..(set + 1) * assoc)
+            .find(|&x| new[x as usize] == 0)
+            .expect("a free frame in the version 1 set");
+        new[f1 as usize] = e;
+        let at = (l1.frame_offset(f1) - l1.data_offset) as usize;
+        cache
+            .read_at(&mut data[at..at + bs as usize], l2.frame_offset(f as u64))
+            .unwrap();
+        moved += 1;
+    }
+    assert!(moved > 0);
+    cache.write_at(&data, l1.data_offset).unwrap();
+    for (p, chunk) in new.chunks(ENTRIES_PER_PAGE as usize).enumerate() {
+        let page = meta::encode_page(p as u64, chunk);
+        cache.write_at(&page, table + p as u64 * 4096).unwrap();
+    }
+    sb.layout = l1;
+    cache
+        .write_at(&sb.encode(), slot as u64 * meta::META_PAGE)
+        .unwrap();
+}
+
+fn format_version(cache: &MemDevice) -> u32 {
+    match vblkcache::engine::meta::read_superblock(cache).unwrap() {
+        vblkcache::engine::meta::Found::Superblock(sb, _) => sb.layout.geometry().format_version(),
+        _ => panic!("no superblock"),
+    }
+}
+
+#[test]
+fn version_1_cache_keeps_its_dirty_data_and_format() {
+    let (src, cache) = devices();
+    let e = open(
+        &src,
+        &cache,
+        cfg(4096, Some(512), Some(8), Some(WriteMode::Writeback)),
+    );
+    let regions: [(u64, u8, usize); 3] = [
+        (0, 0xa1, 32768),
+        (1 << 20, 0xb2, 16384),
+        (3 << 20, 0xc3, 8192),
+    ];
+    for &(at, byte, len) in &regions {
+        e.write(at, &vec![byte; len]).unwrap();
+    }
+    // Blocks of runs that share a set may have been written back to make
+    // room; the rest stay dirty.
+    let dirty = e.dirty_blocks();
+    assert!(dirty >= 8, "{dirty} dirty blocks");
+    e.shutdown(false).unwrap();
+    assert_eq!(format_version(&cache), 2);
+    rewrite_as_version1(&cache);
+    assert_eq!(format_version(&cache), 1);
+
+    let e = reopen(&src, &cache).unwrap();
+    assert_eq!(e.dirty_blocks(), dirty);
+    for &(at, byte, len) in &regions {
+        let mut b = vec![0u8; len];
+        e.read(at, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == byte), "dirty data at {at} lost");
+    }
+    // New writes and a clean restart keep the format.
+    e.write(2 << 20, &[0xd4; 4096]).unwrap();
+    e.shutdown(false).unwrap();
+    assert_eq!(format_version(&cache), 1);
+    let e = reopen(&src, &cache).unwrap();
+    assert!(e.dirty_blocks() > dirty);
+    e.flush_all(&mut |_| {}).unwrap();
+    assert_eq!(e.dirty_blocks(), 0);
+    e.shutdown(false).unwrap();
+    let mut b = vec![0u8; 4096];
+    for &(at, byte, _) in regions.iter().chain(&[(2 << 20, 0xd4, 4096)]) {
+        src.read_at(&mut b, at).unwrap();
+        assert!(
+            b.iter().all(|&x| x == byte),
+            "source at {at} not written back"
+        );
+    }
+}

@@ -174,7 +174,7 @@ impl Engine {
     pub fn valid_frame_ranges(&self) -> Vec<(u64, u64)> {
         let c = &self.core;
         let mut out: Vec<(u64, u64)> = Vec::new();
-        for f in 0..c.frames.frames() {
+        for f in c.layout.frames_in_device_order() {
             if !c.frames.get(f).valid() {
                 continue;
             }

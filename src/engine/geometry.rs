@@ -10,6 +10,8 @@ pub const MAX_CACHE_BLOCKS: u64 = u32::MAX as u64;
 pub const MAX_SOURCE_BLOCKS: u64 = 1 << 48;
 /// Neighbouring source blocks grouped into one set, at most.
 const MAX_RUN: u32 = 16;
+/// Neighbouring runs placed in neighbouring sets, at most.
+pub const MAX_SPAN: u32 = 16;
 
 /// What the user asked for. `None` means "choose the default".
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -52,10 +54,26 @@ pub enum GeometryError {
     SourceTooLarge { source_size: u64, block_size: u32 },
 }
 
+/// The order of the frames in the data area of the cache device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FrameOrder {
+    /// Set after set: frame `f` is slot `f` (format version 1).
+    BySet,
+    /// Row after row (format version 2). A set's ways form `assoc / run`
+    /// rows of `run` frames; row `r` of every set comes before row `r + 1`
+    /// of any set, set after set. So runs that the same row of neighbouring
+    /// sets hold lie side by side on the device, and a guest reading in order
+    /// reads the cache device in order too (see [`Geometry::set_of`]).
+    ByRow,
+}
+
 /// A validated geometry.
 ///
 /// Invariants: `block_size` is a power of two in [4K, 1M]; `assoc` is a power
-/// of two dividing `cache_blocks`; `sets = cache_blocks / assoc >= 1`.
+/// of two dividing `cache_blocks`; `sets = cache_blocks / assoc >= 1`; `run`
+/// is a power of two dividing `assoc`; `span` is a power of two dividing
+/// `sets`, and is 1 with [`FrameOrder::BySet`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Geometry {
     pub block_size: u32,
@@ -63,6 +81,10 @@ pub struct Geometry {
     pub assoc: u32,
     /// Neighbouring source blocks that share a set (in different frames).
     pub run: u32,
+    /// Neighbouring runs that go to neighbouring sets.
+    pub span: u32,
+    /// The order of the frames on the device.
+    pub order: FrameOrder,
 }
 
 impl Geometry {
@@ -128,7 +150,27 @@ impl Geometry {
             cache_blocks: blocks,
             assoc,
             run: assoc.min(MAX_RUN),
+            span: span_for(blocks / u64::from(assoc)),
+            order: FrameOrder::ByRow,
         })
+    }
+
+    /// The same geometry as format version 1 mapped it: no span, frames
+    /// set after set.
+    pub fn version1(self) -> Geometry {
+        Geometry {
+            span: 1,
+            order: FrameOrder::BySet,
+            ..self
+        }
+    }
+
+    /// The on-disk format version of this geometry's mapping and layout.
+    pub fn format_version(&self) -> u32 {
+        match self.order {
+            FrameOrder::BySet => 1,
+            FrameOrder::ByRow => 2,
+        }
     }
 
     /// Number of sets.
@@ -139,15 +181,61 @@ impl Geometry {
     /// The set that source block `block` maps to.
     ///
     /// `run` neighbouring blocks share a set, so a sequential run lands in one
-    /// set (in different frames); runs are spread over the sets by a
-    /// multiplicative hash so strided access does not pile into one set.
+    /// set (in different frames). `span` neighbouring runs go to `span`
+    /// neighbouring sets (an aligned group of them), and the groups are
+    /// spread over the sets by a multiplicative hash so strided access does
+    /// not pile into one set.
     #[inline]
     pub fn set_of(&self, block: u64) -> u64 {
-        let group = block / u64::from(self.run);
-        let h = group.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        // Map the hash onto [0, sets) without division (Lemire's range reduction).
-        ((u128::from(h) * u128::from(self.sets())) >> 64) as u64
+        let run = block / u64::from(self.run);
+        let span = u64::from(self.span);
+        let h = (run / span).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        // Map the hash onto [0, sets / span) without division (Lemire's range
+        // reduction); span divides sets.
+        let groups = self.sets() / span;
+        ((u128::from(h) * u128::from(groups)) >> 64) as u64 * span + run % span
     }
+
+    /// The position of frame `frame` (`set * assoc + way`) in the data area,
+    /// in frames. A bijection of `[0, cache_blocks)`.
+    #[inline]
+    pub fn slot_of(&self, frame: u64) -> u64 {
+        match self.order {
+            FrameOrder::BySet => frame,
+            FrameOrder::ByRow => {
+                let (a, r) = (u64::from(self.assoc), u64::from(self.run));
+                let (set, way) = (frame / a, frame % a);
+                (way / r * self.sets() + set) * r + way % r
+            }
+        }
+    }
+
+    /// The frame at position `slot` of the data area: the inverse of
+    /// [`Geometry::slot_of`].
+    pub fn frame_at(&self, slot: u64) -> u64 {
+        match self.order {
+            FrameOrder::BySet => slot,
+            FrameOrder::ByRow => {
+                let (a, r) = (u64::from(self.assoc), u64::from(self.run));
+                let row_len = self.sets() * r;
+                let (row, rest) = (slot / row_len, slot % row_len);
+                rest / r * a + row * r + rest % r
+            }
+        }
+    }
+}
+
+/// The largest span worth using with `sets` sets: [`MAX_SPAN`], but at most
+/// `sets / 16`, so runs at the same place in their groups still have at
+/// least 16 sets to spread over (a power of two, at least 1).
+pub fn max_span(sets: u64) -> u32 {
+    round_down_pow2((sets / 16).max(1)).min(u64::from(MAX_SPAN)) as u32
+}
+
+/// The span for `sets` sets: the largest power of two, at most
+/// [`max_span`], that divides it.
+pub fn span_for(sets: u64) -> u32 {
+    1 << sets.trailing_zeros().min(max_span(sets).trailing_zeros())
 }
 
 /// Largest power of two `<= n` (n > 0).
@@ -227,5 +315,67 @@ mod tests {
         assert_eq!(full.set_of(12345), 0);
         let direct = Geometry::resolve(&req(4096, None, Some(1)), 64).unwrap();
         assert_eq!(direct.run, 1);
+    }
+
+    #[test]
+    fn slots_are_a_bijection_and_inverse() {
+        for (blocks, assoc) in [(1024u64, 64u32), (96 * 64, 64), (64, 4), (48, 16), (8, 1)] {
+            let g = Geometry::resolve(&req(4096, None, Some(assoc)), blocks).unwrap();
+            for h in [g, g.version1()] {
+                let mut seen = vec![false; blocks as usize];
+                for f in 0..blocks {
+                    let s = h.slot_of(f);
+                    assert!(s < blocks && !seen[s as usize], "{h:?} frame {f}");
+                    seen[s as usize] = true;
+                    assert_eq!(h.frame_at(s), f);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn neighbouring_runs_sit_side_by_side() {
+        // 256 sets of 64 ways: span 16, runs of 16 blocks, 4 rows.
+        let g = Geometry::resolve(&req(65536, None, Some(64)), 256 * 64).unwrap();
+        assert_eq!((g.run, g.span, g.order), (16, 16, FrameOrder::ByRow));
+        // Place blocks in order, each run into the first free row of its set
+        // (what a sequential fill of an empty cache does): a whole aligned
+        // group of 16 runs is then one stretch of the device.
+        let mut rows = vec![0u64; 256];
+        let mut slots = Vec::new();
+        for run in 0..(16 * 40) {
+            let set = g.set_of(run * 16);
+            for b in 0..16 {
+                assert_eq!(g.set_of(run * 16 + b), set);
+                slots.push(g.slot_of(set * 64 + rows[set as usize] * 16 + b));
+            }
+            rows[set as usize] += 1;
+            assert!(rows[set as usize] <= 4, "set {set} is full");
+        }
+        for group in slots.chunks(16 * 16) {
+            for w in group.windows(2) {
+                assert_eq!(w[1], w[0] + 1);
+            }
+        }
+        // Version 1 spreads each run on its own and keeps set order.
+        let v1 = g.version1();
+        assert_eq!(v1.slot_of(12345), 12345);
+        assert_eq!(v1.set_of(16), {
+            let h = 1u64.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            ((u128::from(h) * 256) >> 64) as u64
+        });
+    }
+
+    #[test]
+    fn span_is_the_largest_dividing_power_of_two() {
+        assert_eq!(span_for(1), 1);
+        assert_eq!(span_for(6), 1);
+        assert_eq!(span_for(64), 4);
+        assert_eq!(span_for(96), 4);
+        assert_eq!(span_for(256), 16);
+        assert_eq!(span_for(368), 16);
+        assert_eq!(span_for(1 << 20), 16);
+        assert_eq!(span_for(383), 1);
+        assert_eq!(span_for(36), 2);
     }
 }

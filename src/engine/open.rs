@@ -2,7 +2,8 @@
 //! check it matches what was asked for; and persisting it on shutdown.
 
 use super::geometry::{
-    Geometry, GeometryError, GeometryRequest, DEFAULT_ASSOC, DEFAULT_BLOCK_SIZE, MAX_SOURCE_BLOCKS,
+    max_span, Geometry, GeometryError, GeometryRequest, DEFAULT_ASSOC, DEFAULT_BLOCK_SIZE,
+    MAX_SOURCE_BLOCKS,
 };
 use super::meta::{self, Found, Layout, Superblock, META_PAGE};
 use super::mode::WriteMode;
@@ -33,6 +34,18 @@ fn conflict(
     }
 }
 
+/// The number of sets to use of `sets` that fit: rounded down to a multiple
+/// of the largest span (a power of two up to [`max_span`]) that leaves at
+/// most 1/32 of them unused, so sequential reads stay sequential on the
+/// cache device (see `Geometry::set_of`) at a bounded cost in capacity.
+fn spread_sets(sets: u64) -> u64 {
+    let mut span = u64::from(max_span(sets));
+    while span > 1 && sets % span > sets / 32 {
+        span /= 2;
+    }
+    sets - sets % span
+}
+
 /// Chooses the geometry for a new cache on a device of `dev_size` bytes.
 pub(crate) fn new_geometry(
     req: &GeometryRequest,
@@ -54,14 +67,15 @@ pub(crate) fn new_geometry(
                     a
                 }
             };
-            let n = fit / u64::from(assoc) * u64::from(assoc);
+            let n = spread_sets(fit / u64::from(assoc)) * u64::from(assoc);
             if n == 0 {
-                let g = Geometry {
-                    block_size: bs,
-                    cache_blocks: u64::from(assoc),
-                    assoc,
-                    run: 1,
-                };
+                let g = Geometry::resolve(
+                    &GeometryRequest {
+                        assoc: Some(assoc),
+                        ..*req
+                    },
+                    u64::from(assoc),
+                )?;
                 let l = Layout::new(&g);
                 return Err(GeometryError::CacheTooSmall {
                     blocks: u64::from(assoc),

@@ -105,15 +105,16 @@ impl Core {
         let bs = self.bs as usize;
         let mut i = 0;
         while let Some(&(_, first)) = run.get(i) {
+            let at = self.layout.frame_offset(first);
             let mut n = 1;
-            while run.get(i + n).is_some_and(|&(_, f)| f == first + n as u64) {
+            while run
+                .get(i + n)
+                .is_some_and(|&(_, f)| self.layout.frame_offset(f) == at + n as u64 * self.bs)
+            {
                 n += 1;
             }
             self.cache
-                .read_at(
-                    &mut buf[i * bs..(i + n) * bs],
-                    self.layout.frame_offset(first),
-                )
+                .read_at(&mut buf[i * bs..(i + n) * bs], at)
                 .map_err(EngineError::Cache)?;
             self.stats.writeback_cache_reads.fetch_add(1, Relaxed);
             i += n;

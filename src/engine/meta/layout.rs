@@ -1,7 +1,7 @@
 //! Where things are on the cache device.
 
 use super::table::ENTRIES_PER_PAGE;
-use crate::engine::geometry::Geometry;
+use crate::engine::geometry::{FrameOrder, Geometry};
 
 /// Size of a superblock slot and of a table page.
 pub const META_PAGE: u64 = 4096;
@@ -22,6 +22,8 @@ pub struct Layout {
     pub cache_blocks: u64,
     pub assoc: u32,
     pub run: u32,
+    pub span: u32,
+    pub order: FrameOrder,
     pub journal_offset: u64,
     pub journal_len: u64,
     pub table_offset: u64,
@@ -43,6 +45,8 @@ impl Layout {
             cache_blocks: g.cache_blocks,
             assoc: g.assoc,
             run: g.run,
+            span: g.span,
+            order: g.order,
             journal_offset: JOURNAL_OFFSET,
             journal_len,
             table_offset,
@@ -56,6 +60,8 @@ impl Layout {
             cache_blocks: self.cache_blocks,
             assoc: self.assoc,
             run: self.run,
+            span: self.span,
+            order: self.order,
         }
     }
 
@@ -83,10 +89,18 @@ impl Layout {
             .saturating_add(self.cache_blocks.saturating_mul(u64::from(self.block_size)))
     }
 
-    /// Byte offset of frame `frame` on the cache device.
+    /// Byte offset of frame `frame` on the cache device (where
+    /// [`Geometry::slot_of`] puts it).
     #[inline]
     pub fn frame_offset(&self, frame: u64) -> u64 {
-        self.data_offset + frame * u64::from(self.block_size)
+        self.data_offset + self.geometry().slot_of(frame) * u64::from(self.block_size)
+    }
+
+    /// The frame at byte offset `offset + n * block_size` of the data area
+    /// for `n` in `0..cache_blocks`, in device order.
+    pub fn frames_in_device_order(&self) -> impl Iterator<Item = u64> {
+        let g = self.geometry();
+        (0..self.cache_blocks).map(move |s| g.frame_at(s))
     }
 
     /// The largest number of blocks of `block_size` that fit on a device of
@@ -100,6 +114,8 @@ impl Layout {
                 cache_blocks: units * m,
                 assoc: 1,
                 run: 1,
+                span: 1,
+                order: FrameOrder::ByRow,
             };
             Layout::new(&g).device_len() <= dev_size
         };
@@ -135,6 +151,8 @@ mod tests {
                 cache_blocks: n,
                 assoc: 1,
                 run: 1,
+                span: 1,
+                order: FrameOrder::ByRow,
             };
             let l = Layout::new(&g);
             assert!(l.device_len() <= dev);

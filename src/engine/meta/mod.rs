@@ -51,7 +51,7 @@ pub enum MetaError {
 
 /// Checks decoded entries against a layout (see `table::validate_entries`).
 pub fn validate_entries(entries: &[u64], source_blocks: u64, l: &Layout) -> Result<(), MetaError> {
-    table::validate_entries(entries, source_blocks, l.assoc, l.sets(), l.run)
+    table::validate_entries(entries, source_blocks, &l.geometry())
 }
 
 /// What the superblock area holds.

@@ -6,7 +6,7 @@
 //!  0 magic "VBLKCACH"     8 version u32    12 flags u32
 //! 16 seq u64             24 block_size u32 28 assoc u32
 //! 32 cache_blocks u64    40 source_size u64
-//! 48 mode u8  49 clean u8  50 run u16  52 table_copy u8  53 reserved
+//! 48 mode u8  49 clean u8  50 run u16  52 table_copy u8  53 span u8 (0 in version 1)
 //! 56 journal_offset u64  64 journal_len u64
 //! 72 table_offset u64    80 data_offset u64
 //! 88 uuid [u8;16]        104 commit_seq u64 (sequence of the first commit in the journal)
@@ -14,10 +14,15 @@
 //! ```
 
 use super::layout::{Layout, META_PAGE};
+use crate::engine::geometry::FrameOrder;
 use crate::engine::mode::WriteMode;
 
 pub const MAGIC: &[u8; 8] = b"VBLKCACH";
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version new caches get: 2 maps neighbouring runs to
+/// neighbouring sets and orders frames by row (see
+/// [`crate::engine::geometry::FrameOrder`]); version 1 caches are still read
+/// and written in their own format.
+pub const FORMAT_VERSION: u32 = 2;
 /// Every field and the CRC fit in the first 512-byte sector, so a superblock
 /// write is atomic on any disk: a bad checksum is damage, never a torn write.
 const CRC_AT: usize = 508;
@@ -63,7 +68,7 @@ impl Superblock {
         let mut p = [0u8; META_PAGE as usize];
         let l = &self.layout;
         p[0..8].copy_from_slice(MAGIC);
-        put32(&mut p, 8, FORMAT_VERSION);
+        put32(&mut p, 8, l.geometry().format_version());
         put32(&mut p, 12, self.flags);
         put64(&mut p, 16, self.seq);
         put32(&mut p, 24, l.block_size);
@@ -74,6 +79,10 @@ impl Superblock {
         p[49] = u8::from(self.clean);
         p[50..52].copy_from_slice(&(l.run as u16).to_le_bytes());
         p[52] = self.table_copy;
+        p[53] = match l.order {
+            FrameOrder::BySet => 0,
+            FrameOrder::ByRow => l.span as u8,
+        };
         put64(&mut p, 56, l.journal_offset);
         put64(&mut p, 64, l.journal_len);
         put64(&mut p, 72, l.table_offset);
@@ -106,8 +115,8 @@ impl Superblock {
             ));
         }
         let version = get32(p, 8);
-        if version != FORMAT_VERSION {
-            return Err(format!("format version {version} is not supported (this build reads version {FORMAT_VERSION})"));
+        if !(1..=FORMAT_VERSION).contains(&version) {
+            return Err(format!("format version {version} is not supported (this build reads versions 1 to {FORMAT_VERSION})"));
         }
         let mode = WriteMode::from_u8(p[48])
             .ok_or_else(|| format!("unknown write mode code {}", p[48]))?;
@@ -122,8 +131,18 @@ impl Superblock {
             cache_blocks: Some(cache_blocks),
             assoc: Some(assoc),
         };
-        let g = crate::engine::geometry::Geometry::resolve(&req, cache_blocks)
+        let mut g = crate::engine::geometry::Geometry::resolve(&req, cache_blocks)
             .map_err(|e| format!("bad geometry: {e}"))?;
+        if version == 1 {
+            g = g.version1();
+        } else if u32::from(p[53]) != g.span {
+            return Err(format!(
+                "span {} does not match {} sets (expected {})",
+                p[53],
+                g.sets(),
+                g.span
+            ));
+        }
         if g.run != run {
             return Err(format!(
                 "run length {run} does not match associativity {assoc}"
@@ -187,6 +206,8 @@ mod tests {
             cache_blocks: 1024,
             assoc: 256,
             run: 16,
+            span: 1,
+            order: FrameOrder::ByRow,
         };
         Superblock {
             seq: 9,
@@ -228,5 +249,37 @@ mod tests {
             p[i] ^= 0x01;
             assert!(Superblock::decode(&p).is_err(), "flip at {i} not detected");
         }
+    }
+
+    fn reseal(p: &mut [u8; META_PAGE as usize]) {
+        let crc = crc32c::crc32c(&p[..CRC_AT]);
+        p[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    #[test]
+    fn version_1_roundtrips_in_its_own_format() {
+        let mut sb = sample();
+        sb.layout = Layout::new(&sb.layout.geometry().version1());
+        let p = sb.encode();
+        assert_eq!((get32(&p, 8), p[53]), (1, 0));
+        let back = Superblock::decode(&p).unwrap();
+        assert_eq!(back, sb);
+        assert_eq!(back.layout.order, FrameOrder::BySet);
+        let v2 = sample().encode();
+        assert_eq!((get32(&v2, 8), v2[53]), (2, 1));
+    }
+
+    #[test]
+    fn unknown_version_and_wrong_span_are_refused() {
+        let mut p = sample().encode();
+        put32(&mut p, 8, 3);
+        reseal(&mut p);
+        let e = Superblock::decode(&p).unwrap_err();
+        assert!(e.contains("format version 3"), "{e}");
+        let mut p = sample().encode();
+        p[53] = 8;
+        reseal(&mut p);
+        let e = Superblock::decode(&p).unwrap_err();
+        assert!(e.contains("span 8"), "{e}");
     }
 }

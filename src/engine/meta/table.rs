@@ -98,19 +98,12 @@ pub fn entry_problem(e: u64, frame: u64, source_blocks: u64, g: &Geometry) -> Op
 pub fn validate_entries(
     entries: &[u64],
     source_blocks: u64,
-    assoc: u32,
-    sets: u64,
-    run: u32,
+    g: &Geometry,
 ) -> Result<(), MetaError> {
-    let g = Geometry {
-        block_size: 4096,
-        cache_blocks: sets * u64::from(assoc),
-        assoc,
-        run,
-    };
+    let assoc = g.assoc;
     for (f, &e) in entries.iter().enumerate() {
         let frame = f as u64;
-        if let Some(p) = entry_problem(e, frame, source_blocks, &g) {
+        if let Some(p) = entry_problem(e, frame, source_blocks, g) {
             return Err(MetaError::BadEntry {
                 frame,
                 what: p.to_string(),
@@ -165,30 +158,34 @@ mod tests {
 
     #[test]
     fn validation_catches_bad_entries() {
-        let g = Geometry {
-            block_size: 4096,
-            cache_blocks: 8,
-            assoc: 4,
-            run: 4,
-        };
+        let g = Geometry::resolve(
+            &crate::engine::geometry::GeometryRequest {
+                block_size: Some(4096),
+                cache_blocks: Some(8),
+                assoc: Some(4),
+            },
+            8,
+        )
+        .unwrap();
+        assert_eq!((g.sets(), g.run, g.span), (2, 4, 1));
         let mut e = vec![0u64; 8];
         let b = 3u64;
         let f = g.set_of(b) * 4;
         e[f as usize] = VALID | b;
-        assert!(validate_entries(&e, 100, 4, 2, 4).is_ok());
+        assert!(validate_entries(&e, 100, &g).is_ok());
         let mut dup = e.clone();
         dup[f as usize + 1] = VALID | b;
-        assert!(validate_entries(&dup, 100, 4, 2, 4)
+        assert!(validate_entries(&dup, 100, &g)
             .unwrap_err()
             .to_string()
             .contains("another frame"));
-        assert!(validate_entries(&e, 3, 4, 2, 4)
+        assert!(validate_entries(&e, 3, &g)
             .unwrap_err()
             .to_string()
             .contains("past the end"));
         let mut junk = e.clone();
         junk[f as usize] |= 1 << 50;
-        assert!(validate_entries(&junk, 100, 4, 2, 4)
+        assert!(validate_entries(&junk, 100, &g)
             .unwrap_err()
             .to_string()
             .contains("bits"));
