@@ -95,7 +95,7 @@ impl DirectIo {
         for &(set, f) in &self.bufs.pins {
             self.core.unpin(set, f);
         }
-        self.core.inflight.fetch_sub(1, SeqCst);
+        self.core.inflight.dec();
         if self.write {
             self.core.wb_writers.fetch_sub(1, SeqCst);
             self.core.maybe_kick_writeback();
@@ -116,7 +116,7 @@ impl DirectIo {
     /// `DirectIo` without calling this or [`DirectIo::failed`] counts
     /// nothing: the caller declined it.)
     pub fn completed(self) -> DirectBufs {
-        let s = &self.core.stats;
+        let s = self.core.stats.here();
         let blocks = self.bufs.pins.len() as u64;
         s.direct_requests.fetch_add(1, Relaxed);
         s.direct_ops
@@ -147,7 +147,7 @@ impl DirectIo {
     /// Records that the caller's I/O failed (the request is then retried
     /// through the blocking path).
     pub fn failed(self) -> DirectBufs {
-        self.core.stats.errors.fetch_add(1, Relaxed);
+        self.core.stats.here().errors.fetch_add(1, Relaxed);
         if self.write {
             // Part of it may have reached the device.
             self.core.cache_written.store(true, SeqCst);
@@ -256,7 +256,7 @@ impl Engine {
         if len == 0 || end > self.size() {
             return None;
         }
-        c.inflight.fetch_add(1, SeqCst);
+        c.inflight.inc();
         if write {
             c.wb_writers.fetch_add(1, SeqCst);
         }

@@ -13,6 +13,7 @@ pub mod mode;
 mod open;
 pub mod policy;
 mod read;
+mod shard;
 pub mod stats;
 mod store;
 mod write;
@@ -25,6 +26,7 @@ pub use stats::{Stats, StatsSnapshot};
 
 use crate::device::{BlockDevice, DeviceError};
 use core::Core;
+use shard::ShardedCount;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -226,10 +228,10 @@ pub struct Engine {
 }
 
 /// Decrements the in-flight counter when a request ends.
-struct InFlight<'a>(&'a AtomicU64);
+struct InFlight<'a>(&'a ShardedCount);
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, SeqCst);
+        self.0.dec();
     }
 }
 
@@ -274,7 +276,7 @@ impl Engine {
             dirty: AtomicU64::new(0),
             cache_written: AtomicBool::new(false),
             source_written: AtomicBool::new(false),
-            inflight: AtomicU64::new(0),
+            inflight: ShardedCount::default(),
             wb_writers: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             wb: cfg.writeback,
@@ -361,7 +363,7 @@ impl Engine {
     }
 
     fn begin(&self, offset: u64, len: u64) -> Result<InFlight<'_>, EngineError> {
-        self.core.inflight.fetch_add(1, SeqCst);
+        self.core.inflight.inc();
         let guard = InFlight(&self.core.inflight);
         if self.core.closed.load(SeqCst) {
             return Err(EngineError::ShutDown);
@@ -379,14 +381,15 @@ impl Engine {
     /// Reads `buf.len()` bytes at `offset` of the virtual disk.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), EngineError> {
         let _g = self.begin(offset, buf.len() as u64)?;
-        self.core.stats.reads.fetch_add(1, Relaxed);
+        self.core.stats.here().reads.fetch_add(1, Relaxed);
         self.core
             .stats
+            .here()
             .bytes_read
             .fetch_add(buf.len() as u64, Relaxed);
         let r = self.core.read(offset, buf);
         if r.is_err() {
-            self.core.stats.errors.fetch_add(1, Relaxed);
+            self.core.stats.here().errors.fetch_add(1, Relaxed);
         }
         r
     }
@@ -394,9 +397,10 @@ impl Engine {
     /// Writes `buf` at `offset` of the virtual disk. Durable after `flush`.
     pub fn write(&self, offset: u64, buf: &[u8]) -> Result<(), EngineError> {
         let _g = self.begin(offset, buf.len() as u64)?;
-        self.core.stats.writes.fetch_add(1, Relaxed);
+        self.core.stats.here().writes.fetch_add(1, Relaxed);
         self.core
             .stats
+            .here()
             .bytes_written
             .fetch_add(buf.len() as u64, Relaxed);
         self.core.write(offset, buf)
@@ -415,10 +419,10 @@ impl Engine {
     /// completed before any of them.
     pub fn flush_requests(&self, n: u64) -> Result<(), EngineError> {
         let _g = self.begin(0, 0)?;
-        self.core.stats.flushes.fetch_add(n, Relaxed);
+        self.core.stats.here().flushes.fetch_add(n, Relaxed);
         let r = self.core.commit();
         if r.is_err() {
-            self.core.stats.errors.fetch_add(1, Relaxed);
+            self.core.stats.here().errors.fetch_add(1, Relaxed);
         }
         r
     }
@@ -426,14 +430,14 @@ impl Engine {
     /// Discards a range: reads of it return zeros afterwards.
     pub fn discard(&self, offset: u64, len: u64) -> Result<(), EngineError> {
         let _g = self.begin(offset, len)?;
-        self.core.stats.discards.fetch_add(1, Relaxed);
+        self.core.stats.here().discards.fetch_add(1, Relaxed);
         self.core.zero_range(offset, len, true)
     }
 
     /// Sets a range to zeros.
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), EngineError> {
         let _g = self.begin(offset, len)?;
-        self.core.stats.discards.fetch_add(1, Relaxed);
+        self.core.stats.here().discards.fetch_add(1, Relaxed);
         self.core.zero_range(offset, len, false)
     }
 
@@ -529,7 +533,7 @@ impl Engine {
         }
         let c = &self.core;
         c.closed.store(true, SeqCst);
-        while c.inflight.load(SeqCst) > 0 {
+        while c.inflight.total() > 0 {
             std::thread::sleep(Duration::from_micros(200));
         }
         c.store.wait_idle();

@@ -30,7 +30,7 @@ const MAX_RUN_BYTES: u64 = 4 << 20;
 impl Core {
     pub(crate) fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), EngineError> {
         if self.mode() == WriteMode::Passthrough {
-            self.stats.bypassed.fetch_add(1, Relaxed);
+            self.stats.here().bypassed.fetch_add(1, Relaxed);
             return self
                 .source
                 .read_at(buf, offset)
@@ -76,7 +76,7 @@ impl Core {
                         self.frames.set(f, e.pinned());
                         self.policy.on_hit(f, &mut g.clock);
                         drop(g);
-                        self.stats.read_hits.fetch_add(1, Relaxed);
+                        self.stats.here().read_hits.fetch_add(1, Relaxed);
                         let r = self
                             .cache
                             .read_at(&mut buf[out.clone()], self.layout.frame_offset(f) + c.off)
@@ -91,8 +91,8 @@ impl Core {
                     Victim::Free(f) => {
                         self.install(f, Entry::new(c.block, false, FrameState::Filling), &mut g);
                         drop(g);
-                        self.stats.read_misses.fetch_add(1, Relaxed);
-                        self.stats.promotions.fetch_add(1, Relaxed);
+                        self.stats.here().read_misses.fetch_add(1, Relaxed);
+                        self.stats.here().promotions.fetch_add(1, Relaxed);
                         return self.extend_run(run, c, f, buf);
                     }
                     Victim::Dirty(f) => {
@@ -126,7 +126,7 @@ impl Core {
                     continue;
                 }
                 if !waited {
-                    self.stats.waits.fetch_add(1, Relaxed);
+                    self.stats.here().waits.fetch_add(1, Relaxed);
                     waited = true;
                 }
                 drop(self.frames.wait(set, g));
@@ -180,7 +180,7 @@ impl Core {
         let mut data = self.fetch_bufs.take(span);
         if let Err(e) = self.read_source_blocks(r.first_block, &mut data) {
             self.fetch_bufs.give(data);
-            self.stats.errors.fetch_add(1, Relaxed);
+            self.stats.here().errors.fetch_add(1, Relaxed);
             for (i, &f) in r.frames.iter().enumerate() {
                 self.abandon(self.set_of(r.first_block + i as u64), f);
             }

@@ -2,24 +2,56 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use super::shard::{shard_index, SHARDS};
+
 macro_rules! counters {
     ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
-        /// Live counters. Each is a relaxed atomic: totals are exact, but a
-        /// snapshot taken during I/O is not a single instant.
+        /// One thread's share of the counters, alone in its cache lines.
         #[derive(Default, Debug)]
-        pub struct Stats { $( $(#[$doc])* pub $name: AtomicU64, )* }
+        #[repr(align(128))]
+        pub struct Shard { $( $(#[$doc])* pub $name: AtomicU64, )* }
+
+        /// Live counters, sharded by thread: every request bumps several, and
+        /// queue threads on different cores bumping the same atomics (or
+        /// anything in their cache lines) would pass the lines back and forth
+        /// on every request. Bump through [`Stats::here`]; read totals with
+        /// [`Stats::snapshot`]. Each is a relaxed atomic: totals are exact,
+        /// but a snapshot taken during I/O is not a single instant.
+        #[derive(Debug)]
+        pub struct Stats { shards: Box<[Shard]> }
+
+        impl Default for Stats {
+            fn default() -> Self {
+                Stats { shards: (0..SHARDS).map(|_| Shard::default()).collect() }
+            }
+        }
 
         /// A copy of [`Stats`] with named fields, serialisable as-is.
         #[derive(Default, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
         pub struct StatsSnapshot { $( $(#[$doc])* pub $name: u64, )* }
 
         impl Stats {
-            pub fn snapshot(&self) -> StatsSnapshot {
-                StatsSnapshot { $( $name: self.$name.load(Relaxed), )* }
+            /// The calling thread's shard, to add to. Its values are a part
+            /// of the totals only.
+            #[inline]
+            pub fn here(&self) -> &Shard {
+                &self.shards[shard_index() % self.shards.len()]
             }
+
+            /// The totals over all shards.
+            pub fn snapshot(&self) -> StatsSnapshot {
+                let mut t = StatsSnapshot::default();
+                for sh in self.shards.iter() {
+                    $( t.$name = t.$name.wrapping_add(sh.$name.load(Relaxed)); )*
+                }
+                t
+            }
+
             /// Zeroes every counter.
             pub fn reset(&self) {
-                $( self.$name.store(0, Relaxed); )*
+                for sh in self.shards.iter() {
+                    $( sh.$name.store(0, Relaxed); )*
+                }
             }
         }
     };

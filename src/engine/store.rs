@@ -140,7 +140,7 @@ impl Core {
                 Ok(()) => self.finish(set, f, FrameState::Idle),
                 Err(e) => {
                     log::warn!("storing block {block} into cache frame {f} failed: {e}");
-                    self.stats.errors.fetch_add(1, Relaxed);
+                    self.stats.here().errors.fetch_add(1, Relaxed);
                     self.abandon(set, f);
                 }
             }

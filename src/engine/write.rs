@@ -64,11 +64,11 @@ impl Core {
                         self.set_dirty(f, true);
                         self.policy.on_hit(f, &mut g.clock);
                         drop(g);
-                        self.stats.write_hits.fetch_add(1, Relaxed);
+                        self.stats.here().write_hits.fetch_add(1, Relaxed);
                         let r = self.write_frame(f, c.off, data);
                         self.unpin(set, f);
                         if r.is_err() {
-                            self.stats.errors.fetch_add(1, Relaxed);
+                            self.stats.here().errors.fetch_add(1, Relaxed);
                         }
                         return r;
                     }
@@ -78,8 +78,8 @@ impl Core {
                     Victim::Free(f) => {
                         self.install(f, Entry::new(c.block, true, FrameState::Filling), &mut g);
                         drop(g);
-                        self.stats.write_misses.fetch_add(1, Relaxed);
-                        self.stats.promotions.fetch_add(1, Relaxed);
+                        self.stats.here().write_misses.fetch_add(1, Relaxed);
+                        self.stats.here().promotions.fetch_add(1, Relaxed);
                         return self.fill_for_write(set, f, c, data);
                     }
                     Victim::Dirty(f) => {
@@ -103,7 +103,7 @@ impl Core {
                 },
             }
             if !waited {
-                self.stats.waits.fetch_add(1, Relaxed);
+                self.stats.here().waits.fetch_add(1, Relaxed);
                 waited = true;
             }
             drop(self.frames.wait(set, g));
@@ -118,7 +118,7 @@ impl Core {
         let r = if whole {
             self.write_frame(f, 0, data)
         } else {
-            self.stats.partial_fills.fetch_add(1, Relaxed);
+            self.stats.here().partial_fills.fetch_add(1, Relaxed);
             let mut block = AlignedBuf::new(self.bs as usize);
             self.read_source_blocks(c.block, &mut block).and_then(|_| {
                 block[c.off as usize..(c.off + c.len) as usize].copy_from_slice(data);
@@ -131,7 +131,7 @@ impl Core {
                 Ok(())
             }
             Err(e) => {
-                self.stats.errors.fetch_add(1, Relaxed);
+                self.stats.here().errors.fetch_add(1, Relaxed);
                 self.abandon(set, f);
                 Err(e)
             }
@@ -165,7 +165,7 @@ impl Core {
                 let end = ((block + 1) * self.bs).min(offset + buf.len() as u64);
                 let data = &buf[(start - offset) as usize..(end - offset) as usize];
                 if let Err(e) = self.write_frame(f, start - block * self.bs, data) {
-                    self.stats.errors.fetch_add(1, Relaxed);
+                    self.stats.here().errors.fetch_add(1, Relaxed);
                     // The source holds the new data: a clean frame is dropped
                     // rather than left stale. A dirty frame cannot be dropped
                     // (it holds other unwritten data) and the error is returned.
@@ -183,7 +183,7 @@ impl Core {
             self.unregister_uncached(b);
         }
         if !source_ok {
-            self.stats.errors.fetch_add(1, Relaxed);
+            self.stats.here().errors.fetch_add(1, Relaxed);
         }
         result
     }
@@ -201,11 +201,11 @@ impl Core {
                         if update || e.dirty() {
                             self.frames.set(f, e.with_state(FrameState::Filling));
                             self.policy.on_hit(f, &mut g.clock);
-                            self.stats.write_hits.fetch_add(1, Relaxed);
+                            self.stats.here().write_hits.fetch_add(1, Relaxed);
                             claims.update.push((block, f));
                         } else {
                             self.free_frame(f);
-                            self.stats.invalidations.fetch_add(1, Relaxed);
+                            self.stats.here().invalidations.fetch_add(1, Relaxed);
                             Core::register_uncached(&mut g, block);
                             claims.registered.push(block);
                         }
@@ -213,13 +213,13 @@ impl Core {
                     }
                 }
                 None => {
-                    self.stats.write_misses.fetch_add(1, Relaxed);
+                    self.stats.here().write_misses.fetch_add(1, Relaxed);
                     Core::register_uncached(&mut g, block);
                     claims.registered.push(block);
                     return;
                 }
             }
-            self.stats.waits.fetch_add(1, Relaxed);
+            self.stats.here().waits.fetch_add(1, Relaxed);
             g = self.frames.wait(set, g);
         }
     }
@@ -275,11 +275,11 @@ impl Core {
             match self.lookup(set, block) {
                 Some(f) if self.frames.get(f).quiet() => {
                     self.free_frame(f);
-                    self.stats.invalidations.fetch_add(1, Relaxed);
+                    self.stats.here().invalidations.fetch_add(1, Relaxed);
                     break;
                 }
                 Some(_) => {
-                    self.stats.waits.fetch_add(1, Relaxed);
+                    self.stats.here().waits.fetch_add(1, Relaxed);
                     g = self.frames.wait(set, g);
                 }
                 None => break,

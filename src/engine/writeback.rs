@@ -116,7 +116,10 @@ impl Core {
             self.cache
                 .read_at(&mut buf[i * bs..(i + n) * bs], at)
                 .map_err(EngineError::Cache)?;
-            self.stats.writeback_cache_reads.fetch_add(1, Relaxed);
+            self.stats
+                .here()
+                .writeback_cache_reads
+                .fetch_add(1, Relaxed);
             i += n;
         }
         Ok(())
@@ -142,11 +145,14 @@ impl Core {
         }
         match result {
             Ok(()) => {
-                self.stats.writebacks.fetch_add(run.len() as u64, Relaxed);
-                self.stats.writeback_runs.fetch_add(1, Relaxed);
+                self.stats
+                    .here()
+                    .writebacks
+                    .fetch_add(run.len() as u64, Relaxed);
+                self.stats.here().writeback_runs.fetch_add(1, Relaxed);
             }
             Err(e) => {
-                self.stats.errors.fetch_add(1, Relaxed);
+                self.stats.here().errors.fetch_add(1, Relaxed);
                 log::warn!(
                     "writeback of {} blocks from source block {} failed: {e}",
                     run.len(),
@@ -305,7 +311,7 @@ impl Pass<'_, '_> {
             let more = self.failed.is_none()
                 && i < cands.len()
                 && core.dirty.load(Relaxed).saturating_sub(pending as u64) > target;
-            if more && throttle && !self.flying.is_empty() && core.inflight.load(Relaxed) > 0 {
+            if more && throttle && !self.flying.is_empty() && core.inflight.total() > 0 {
                 // Foreground requests are in flight: let the source finish
                 // alone, then pause before the next run.
                 while self.collect_one() {}
@@ -382,7 +388,7 @@ impl Pass<'_, '_> {
         let written = &self.unflushed;
         let r = core.writeback_flush(|durable| core.settle_written_back(written, durable));
         if let Err(e) = r {
-            self.core.stats.errors.fetch_add(1, Relaxed);
+            self.core.stats.here().errors.fetch_add(1, Relaxed);
             log::warn!(
                 "writeback: flushing the source failed, {} blocks stay dirty: {e}",
                 self.unflushed.len()
