@@ -1,48 +1,34 @@
 //! Deterministic interleavings of the engine's concurrency protocol, forced
 //! with a source device whose writes wait at a gate.
 
-use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
-use vblkcache::device::{BlockDevice, DeviceError, MemDevice};
+use vblkcache::device::{BlockDevice, GateDevice, GateOp, MemDevice};
 use vblkcache::engine::{Engine, EngineConfig, GeometryRequest, WriteMode};
 
-/// Source whose writes announce themselves and then wait for a release.
-struct GatedSource {
-    inner: MemDevice,
-    entered: Mutex<Sender<()>>,
-    release: Mutex<Receiver<()>>,
+const WAIT: Duration = Duration::from_secs(10);
+
+type Gated = GateDevice<MemDevice>;
+
+/// A source of `size` bytes of 1s whose writes wait at a closed gate.
+fn gated(size: u64) -> Arc<Gated> {
+    let src = Arc::new(GateDevice::new(MemDevice::from_bytes(&vec![
+        1u8;
+        size as usize
+    ])));
+    src.close(GateOp::Write);
+    src
 }
 
-impl BlockDevice for GatedSource {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DeviceError> {
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DeviceError> {
-        let _ = self.entered.lock().unwrap().send(());
-        let _ = self.release.lock().unwrap().recv();
-        self.inner.write_at(buf, offset)
-    }
-    fn flush(&self) -> Result<(), DeviceError> {
-        Ok(())
-    }
+/// Waits until the `n`th source write has reached the gate.
+fn wait_write(src: &Gated, n: u64) {
+    assert!(
+        src.wait_arrived(GateOp::Write, n, WAIT),
+        "source write {n} never came"
+    );
 }
 
-fn gated(size: u64) -> (Arc<GatedSource>, Receiver<()>, Sender<()>) {
-    let (etx, erx) = channel();
-    let (rtx, rrx) = channel();
-    let src = Arc::new(GatedSource {
-        inner: MemDevice::from_bytes(&vec![1u8; size as usize]),
-        entered: Mutex::new(etx),
-        release: Mutex::new(rrx),
-    });
-    (src, erx, rtx)
-}
-
-fn engine(source: Arc<GatedSource>, mode: WriteMode) -> Arc<Engine> {
+fn engine(source: Arc<Gated>, mode: WriteMode) -> Arc<Engine> {
     let cfg = EngineConfig {
         geometry: GeometryRequest {
             block_size: Some(4096),
@@ -64,13 +50,13 @@ fn fill_waits_for_uncached_write() {
         WriteMode::Writethrough,
         WriteMode::Passthrough,
     ] {
-        let (src, entered, release) = gated(1 << 20);
-        let e = engine(src, mode);
+        let src = gated(1 << 20);
+        let e = engine(src.clone(), mode);
         let writer = {
             let e = e.clone();
             std::thread::spawn(move || e.write(0, &[9u8; 512]).unwrap())
         };
-        entered.recv().unwrap();
+        wait_write(&src, 1);
         let reader = {
             let e = e.clone();
             std::thread::spawn(move || {
@@ -81,7 +67,7 @@ fn fill_waits_for_uncached_write() {
         };
         // Give the reader time to reach the block (it must wait, or fetch).
         std::thread::sleep(Duration::from_millis(50));
-        release.send(()).unwrap();
+        src.let_through(GateOp::Write, 1);
         writer.join().unwrap();
         assert_eq!(reader.join().unwrap(), [1u8; 512]);
         let mut b = [0u8; 512];
@@ -90,7 +76,7 @@ fn fill_waits_for_uncached_write() {
             b, [9u8; 512],
             "stale block cached during an uncached write ({mode})"
         );
-        drop(release);
+        src.open(GateOp::Write);
     }
 }
 
@@ -98,7 +84,7 @@ fn fill_waits_for_uncached_write() {
 /// equal: the second waits for the first to update both.
 #[test]
 fn writethrough_updates_are_exclusive() {
-    let (src, entered, release) = gated(1 << 20);
+    let src = gated(1 << 20);
     let e = engine(src.clone(), WriteMode::Writethrough);
     let mut b = [0u8; 4096];
     e.read(0, &mut b).unwrap(); // cache block 0
@@ -107,20 +93,20 @@ fn writethrough_updates_are_exclusive() {
         let e = e.clone();
         std::thread::spawn(move || e.write(0, &[2u8; 4096]).unwrap())
     };
-    entered.recv().unwrap();
+    wait_write(&src, 1);
     let w2 = {
         let e = e.clone();
         std::thread::spawn(move || e.write(0, &[3u8; 4096]).unwrap())
     };
     std::thread::sleep(Duration::from_millis(50));
-    release.send(()).unwrap();
-    entered.recv().unwrap();
-    release.send(()).unwrap();
+    src.let_through(GateOp::Write, 1);
+    wait_write(&src, 2);
+    src.let_through(GateOp::Write, 1);
     w1.join().unwrap();
     w2.join().unwrap();
     e.read(0, &mut b).unwrap();
     let mut s = [0u8; 4096];
-    src.inner.read_at(&mut s, 0).unwrap();
+    src.inner().read_at(&mut s, 0).unwrap();
     assert_eq!(
         b, s,
         "cache and source disagree after concurrent writethrough writes"

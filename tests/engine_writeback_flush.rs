@@ -4,131 +4,33 @@
 //! nothing that FLUSH covered. Also: a frame freed while its writeback awaits
 //! the source flush, a failed source flush, and two passes at once.
 
-use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
-use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
-use vblkcache::device::{BlockDevice, DeviceError, FaultDevice, MemDevice, VolatileCacheDevice};
+use vblkcache::device::{
+    BlockDevice, FaultDevice, GateDevice, GateOp, MemDevice, VolatileCacheDevice,
+};
 use vblkcache::engine::{Engine, EngineConfig, GeometryRequest, WriteMode, WritebackConfig};
 
 const BS: usize = 4096;
 const WAIT: Duration = Duration::from_secs(10);
 
-/// Operations of the source that can be held at a gate.
-#[derive(Clone, Copy)]
-enum Op {
-    /// A flush, before it reaches the device.
-    Flush = 0,
-    WriteZeroes = 1,
-    /// A flush that has flushed the device, before it returns.
-    FlushDone = 2,
-    Write = 3,
+/// A source with a volatile write cache whose operations can be held at
+/// gates until the test opens them, and whose power can be cut. Not zeros,
+/// so that a lost write-zeroes and a lost writeback differ from the old
+/// content.
+type GatedSource = GateDevice<VolatileCacheDevice<MemDevice>>;
+
+fn gated_source(size: usize) -> GatedSource {
+    GateDevice::new(VolatileCacheDevice::new(MemDevice::from_bytes(&vec![
+        0x11u8;
+        size
+    ])))
 }
 
-/// A source with a volatile write cache whose flushes and write-zeroes can
-/// be held at gates until the test opens them; after `off` every operation
-/// fails (the power is cut).
-struct GatedSource {
-    dev: VolatileCacheDevice<MemDevice>,
-    gates: Mutex<[Gate; 4]>,
-    cond: Condvar,
-    off: AtomicBool,
-}
-
-#[derive(Default, Clone, Copy)]
-struct Gate {
-    closed: bool,
-    /// Operations the closed gate still lets through before it holds one.
-    let_through: u32,
-    /// Operations that reached the closed gate.
-    entered: u32,
-}
-
-impl GatedSource {
-    fn new(size: usize) -> Self {
-        GatedSource {
-            // Not zeros, so that a lost write-zeroes and a lost writeback
-            // differ from the old content.
-            dev: VolatileCacheDevice::new(MemDevice::from_bytes(&vec![0x11u8; size])),
-            gates: Mutex::new([Gate::default(); 4]),
-            cond: Condvar::new(),
-            off: AtomicBool::new(false),
-        }
-    }
-    fn close(&self, op: Op) {
-        self.close_after(op, 0);
-    }
-    /// Closes the gate of `op` once `n` more operations have passed.
-    fn close_after(&self, op: Op, n: u32) {
-        let mut g = self.gates.lock().unwrap();
-        g[op as usize].closed = true;
-        g[op as usize].let_through = n;
-    }
-    fn open(&self, op: Op) {
-        self.gates.lock().unwrap()[op as usize].closed = false;
-        self.cond.notify_all();
-    }
-    fn open_all(&self) {
-        for g in self.gates.lock().unwrap().iter_mut() {
-            g.closed = false;
-        }
-        self.cond.notify_all();
-    }
-    /// Waits until an operation is held at the closed gate of `op`.
-    fn wait_entered(&self, op: Op) -> bool {
-        self.wait_entered_for(op, WAIT)
-    }
-    fn wait_entered_for(&self, op: Op, limit: Duration) -> bool {
-        let g = self.gates.lock().unwrap();
-        let (g, _) = self
-            .cond
-            .wait_timeout_while(g, limit, |g| g[op as usize].entered == 0)
-            .unwrap();
-        g[op as usize].entered > 0
-    }
-    fn pass(&self, op: Op) -> Result<(), DeviceError> {
-        let mut g = self.gates.lock().unwrap();
-        if g[op as usize].closed && g[op as usize].let_through > 0 {
-            g[op as usize].let_through -= 1;
-        } else if g[op as usize].closed {
-            g[op as usize].entered += 1;
-            self.cond.notify_all();
-            while g[op as usize].closed {
-                g = self.cond.wait(g).unwrap();
-            }
-        }
-        drop(g);
-        self.powered()
-    }
-    fn powered(&self) -> Result<(), DeviceError> {
-        if self.off.load(SeqCst) {
-            Err(DeviceError::PoweredOff)
-        } else {
-            Ok(())
-        }
-    }
-}
-
-impl BlockDevice for GatedSource {
-    fn size(&self) -> u64 {
-        self.dev.size()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DeviceError> {
-        self.powered()?;
-        self.dev.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DeviceError> {
-        self.pass(Op::Write)?;
-        self.dev.write_at(buf, offset)
-    }
-    fn flush(&self) -> Result<(), DeviceError> {
-        self.pass(Op::Flush)?;
-        self.dev.flush()?;
-        self.pass(Op::FlushDone)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
-        self.pass(Op::WriteZeroes)?;
-        self.dev.write_zeroes(offset, len)
-    }
+/// Waits until an operation has been held at the closed gate of `op`.
+fn held(src: &GatedSource, op: GateOp) -> bool {
+    src.wait_held(op, 1, WAIT)
 }
 
 /// A write-back engine on a gated source and a volatile cache device, with
@@ -138,11 +40,11 @@ fn rig() -> (
     Arc<VolatileCacheDevice<MemDevice>>,
     Engine,
 ) {
-    let src = Arc::new(GatedSource::new(64 * BS));
+    let src = Arc::new(gated_source(64 * BS));
     let cache = Arc::new(VolatileCacheDevice::new(MemDevice::new(4 << 20)));
     let e = Engine::open(src.clone(), cache.clone(), cfg(Some(WriteMode::Writeback))).unwrap();
     e.flush().unwrap();
-    src.dev.flush().unwrap();
+    src.inner().flush().unwrap();
     cache.flush().unwrap();
     (src, cache, e)
 }
@@ -150,7 +52,7 @@ fn rig() -> (
 /// Cuts the power: both devices fail from now on, then lose every write
 /// not flushed, and come back.
 fn power_cut(src: &GatedSource, cache: &VolatileCacheDevice<MemDevice>) {
-    src.off.store(true, SeqCst);
+    src.power_off();
     cache.cut_power_after(0);
     src.open_all();
 }
@@ -158,9 +60,9 @@ fn power_cut(src: &GatedSource, cache: &VolatileCacheDevice<MemDevice>) {
 /// After `power_cut`, once the engine is gone: drops the unflushed writes,
 /// powers on and reopens.
 fn recover(src: &Arc<GatedSource>, cache: &Arc<VolatileCacheDevice<MemDevice>>) -> Engine {
-    src.dev.power_cut(|_, _| false).unwrap();
+    src.inner().power_cut(|_, _| false).unwrap();
     cache.power_cut(|_, _| false).unwrap();
-    src.off.store(false, SeqCst);
+    src.power_on();
     Engine::open(src.clone(), cache.clone(), cfg(None)).unwrap()
 }
 
@@ -209,11 +111,11 @@ fn guest_flush_during_writeback_flush(committed: bool) {
     if committed {
         e.flush().unwrap();
     }
-    src.close(Op::Flush);
+    src.close(GateOp::Flush);
     std::thread::scope(|s| {
         let wb = s.spawn(|| e.flush_all(&mut |_| {}));
         assert!(
-            src.wait_entered(Op::Flush),
+            held(&src, GateOp::Flush),
             "flush_all never flushed the source"
         );
         // The block was written to the source (not durably) and is clean in
@@ -236,7 +138,7 @@ fn guest_flush_during_writeback_flush(committed: bool) {
     drop(e);
     let e = recover(&src, &cache);
     let mut on_source = vec![0u8; BS];
-    src.dev.read_at(&mut on_source, 3 * BS as u64).unwrap();
+    src.inner().read_at(&mut on_source, 3 * BS as u64).unwrap();
     assert_ne!(
         on_source, data,
         "the test needs the source write to be lost"
@@ -249,7 +151,7 @@ fn guest_flush_during_writeback_flush(committed: bool) {
     );
     // And the recovered dirty block reaches the source.
     e.flush_all(&mut |_| {}).unwrap();
-    src.dev.read_at(&mut on_source, 3 * BS as u64).unwrap();
+    src.inner().read_at(&mut on_source, 3 * BS as u64).unwrap();
     assert!(on_source == data);
 }
 
@@ -299,17 +201,17 @@ fn guest_flush_between_free_and_zeroing_of_written_back_block() {
     let data = vec![0x5Au8; BS];
     e.write(5 * BS as u64, &data).unwrap();
     e.flush().unwrap();
-    src.close(Op::Flush);
-    src.close(Op::WriteZeroes);
+    src.close(GateOp::Flush);
+    src.close(GateOp::WriteZeroes);
     std::thread::scope(|s| {
         let wb = s.spawn(|| e.flush_all(&mut |_| {}));
         assert!(
-            src.wait_entered(Op::Flush),
+            held(&src, GateOp::Flush),
             "flush_all never flushed the source"
         );
         let zero = s.spawn(|| e.write_zeroes(5 * BS as u64, BS as u64));
         assert!(
-            src.wait_entered(Op::WriteZeroes),
+            held(&src, GateOp::WriteZeroes),
             "write_zeroes never reached the source"
         );
         // The frame is free now and the zeroing held. A guest FLUSH may not
@@ -347,26 +249,23 @@ fn overlapping_passes_do_not_settle_each_others_writes() {
     let at = 7 * BS as u64;
     e.write(at, &vec![1u8; BS]).unwrap();
     e.flush().unwrap();
-    src.close(Op::FlushDone);
+    src.close(GateOp::FlushDone);
     std::thread::scope(|s| {
         let a = s.spawn(|| e.flush_all(&mut |_| {}));
         assert!(
-            src.wait_entered(Op::FlushDone),
+            held(&src, GateOp::FlushDone),
             "pass A never flushed the source"
         );
         // Later flushes are held before they reach the device.
-        src.close(Op::Flush);
+        src.close(GateOp::Flush);
         let v2 = vec![2u8; BS];
         e.write(at, &v2).unwrap();
         let b = s.spawn(|| e.flush_all(&mut |_| {}));
         // Give B time to write the block back (it may have to wait for A).
-        src.wait_entered_for(Op::Flush, Duration::from_millis(500));
-        src.open(Op::FlushDone);
+        src.wait_held(GateOp::Flush, 1, Duration::from_millis(500));
+        src.open(GateOp::FlushDone);
         assert!(a.join().unwrap().is_ok());
-        assert!(
-            src.wait_entered(Op::Flush),
-            "pass B never flushed the source"
-        );
+        assert!(held(&src, GateOp::Flush), "pass B never flushed the source");
         // B's write of v2 is not durable; a FLUSH now covers v2.
         let ok = flush_within(s, &e, WAIT);
         power_cut(&src, &cache);
@@ -389,7 +288,7 @@ fn overlapping_passes_do_not_settle_each_others_writes() {
 /// itself and takes a frame.
 #[test]
 fn miss_in_a_set_held_by_writeback_flushes_the_source_itself() {
-    let src = Arc::new(GatedSource::new(64 * BS));
+    let src = Arc::new(gated_source(64 * BS));
     let cache = Arc::new(VolatileCacheDevice::new(MemDevice::new(4 << 20)));
     let one_set = EngineConfig {
         geometry: GeometryRequest {
@@ -406,11 +305,11 @@ fn miss_in_a_set_held_by_writeback_flushes_the_source_itself() {
     }
     e.flush().unwrap();
     // The first run reaches the source, the second is held there.
-    src.close_after(Op::Write, 1);
+    src.close_after(GateOp::Write, 1);
     std::thread::scope(|s| {
         let wb = s.spawn(|| e.flush_all(&mut |_| {}));
         assert!(
-            src.wait_entered(Op::Write),
+            held(&src, GateOp::Write),
             "the second run never reached the source"
         );
         let (tx, rx) = mpsc::channel();
@@ -433,7 +332,7 @@ fn miss_in_a_set_held_by_writeback_flushes_the_source_itself() {
     });
     let mut back = vec![0u8; BS];
     for b in [0u64, 1, 2, 3, 10, 11, 12, 13] {
-        src.dev.read_at(&mut back, b * BS as u64).unwrap();
+        src.inner().read_at(&mut back, b * BS as u64).unwrap();
         assert!(back == vec![b as u8 + 1; BS], "block {b} on the source");
     }
 }

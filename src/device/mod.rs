@@ -2,15 +2,16 @@
 //!
 //! The source image and the cache device are both [`BlockDevice`]s. Real
 //! storage is a [`FileDevice`] (a regular file or a block device, optionally
-//! opened with `O_DIRECT`); tests use [`MemDevice`]. Latency, bandwidth, fault injection,
-//! volatile-write-cache modelling and I/O counting are wrappers around any
-//! device rather than flags inside one, so benchmarks and crash tests reuse
-//! them unchanged.
+//! opened with `O_DIRECT`); tests use [`MemDevice`]. Latency, bandwidth,
+//! fault injection, volatile-write-cache modelling, I/O counting and gates
+//! that hold operations for tests are wrappers around any device rather than
+//! flags inside one, so benchmarks and crash tests reuse them unchanged.
 
 mod aligned;
 mod counting;
 mod fault;
 mod file;
+mod gate;
 mod latency;
 mod mem;
 mod rate;
@@ -20,6 +21,7 @@ pub use aligned::{AlignedBuf, DIRECT_ALIGN};
 pub use counting::{CountingDevice, IoCounts};
 pub use fault::{FaultDevice, FaultPlan};
 pub use file::{FileDevice, OpenOptions};
+pub use gate::{GateDevice, GateOp};
 pub use latency::{LatencyDevice, LatencyProfile};
 pub use mem::MemDevice;
 pub use rate::{RateDevice, RateProfile};

@@ -187,13 +187,16 @@ impl Geometry {
     /// not pile into one set.
     #[inline]
     pub fn set_of(&self, block: u64) -> u64 {
-        let run = block / u64::from(self.run);
-        let span = u64::from(self.span);
-        let h = (run / span).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        // run, span and assoc are powers of two: shifts, not divisions (this
+        // runs for every block of every request, and 16 M times at start-up).
+        let run = block >> self.run.trailing_zeros();
+        let span_shift = self.span.trailing_zeros();
+        let h = (run >> span_shift).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         // Map the hash onto [0, sets / span) without division (Lemire's range
         // reduction); span divides sets.
-        let groups = self.sets() / span;
-        ((u128::from(h) * u128::from(groups)) >> 64) as u64 * span + run % span
+        let groups = self.cache_blocks >> (self.assoc.trailing_zeros() + span_shift);
+        (((u128::from(h) * u128::from(groups)) >> 64) as u64) << span_shift
+            | (run & (u64::from(self.span) - 1))
     }
 
     /// The position of frame `frame` (`set * assoc + way`) in the data area,

@@ -3,82 +3,9 @@
 //! served by the next one, never by the one already running.
 
 use super::*;
-use crate::device::DeviceError;
-use std::sync::Condvar;
+use crate::device::{GateDevice, GateOp};
 
 const WAIT: Duration = Duration::from_secs(10);
-
-/// A memory cache device whose flushes can be held at a gate; counts the
-/// flushes that reached it.
-struct GateDevice {
-    inner: MemDevice,
-    state: Mutex<Gate>,
-    cond: Condvar,
-}
-
-struct Gate {
-    /// `None`: flushes pass. `Some(n)`: `n` more may pass, the others wait.
-    permits: Option<u64>,
-    /// Flushes that reached the device (passed or waiting).
-    entered: u64,
-}
-
-impl GateDevice {
-    fn new(size: u64) -> GateDevice {
-        GateDevice {
-            inner: MemDevice::new(size),
-            state: Mutex::new(Gate {
-                permits: None,
-                entered: 0,
-            }),
-            cond: Condvar::new(),
-        }
-    }
-
-    fn set_permits(&self, permits: Option<u64>) {
-        self.state.lock().unwrap().permits = permits;
-        self.cond.notify_all();
-    }
-
-    fn entered(&self) -> u64 {
-        self.state.lock().unwrap().entered
-    }
-
-    /// Waits until `n` flushes have entered (false after [`WAIT`]).
-    fn wait_entered(&self, n: u64) -> bool {
-        let g = self.state.lock().unwrap();
-        let (g, _) = self
-            .cond
-            .wait_timeout_while(g, WAIT, |s| s.entered < n)
-            .unwrap();
-        g.entered >= n
-    }
-}
-
-impl BlockDevice for GateDevice {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DeviceError> {
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DeviceError> {
-        self.inner.write_at(buf, offset)
-    }
-    fn flush(&self) -> Result<(), DeviceError> {
-        let mut g = self.state.lock().unwrap();
-        g.entered += 1;
-        self.cond.notify_all();
-        while g.permits == Some(0) {
-            g = self.cond.wait(g).unwrap();
-        }
-        if let Some(n) = g.permits.as_mut() {
-            *n -= 1;
-        }
-        drop(g);
-        self.inner.flush()
-    }
-}
 
 /// Publishes a FLUSH in slot `k` of queue 0, descriptors `2k` and `2k+1`.
 fn publish_flush(g: &Guest, k: u16) -> Slot {
@@ -142,7 +69,7 @@ fn flushes_in_flight_share_one_engine_flush() {
 #[test]
 fn a_flush_received_during_an_engine_flush_waits_for_the_next() {
     let source: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(DISK));
-    let gate = Arc::new(GateDevice::new(1 << 20));
+    let gate = Arc::new(GateDevice::new(MemDevice::new(1 << 20)));
     let cache: Arc<dyn BlockDevice> = gate.clone();
     let mut g = Guest::with_devices(1, limits(), source, cache);
     // Block 0 cached dirty and committed: the overwrites below change no
@@ -156,12 +83,12 @@ fn a_flush_received_during_an_engine_flush_waits_for_the_next() {
     assert_eq!(g.take_used(0).len(), 3);
 
     // F1's engine flush is held at the device.
-    gate.set_permits(Some(0));
-    let entered = gate.entered();
+    gate.close(GateOp::Flush);
+    let entered = gate.arrived(GateOp::Flush);
     let f1 = publish_flush(&g, 3);
     g.backend.process_queue(0, &g.vrings[0]).unwrap();
     assert!(
-        gate.wait_entered(entered + 1),
+        gate.wait_arrived(GateOp::Flush, entered + 1, WAIT),
         "F1's flush never reached the device"
     );
 
@@ -175,12 +102,15 @@ fn a_flush_received_during_an_engine_flush_waits_for_the_next() {
     assert_eq!(g.status(w2.status), OK);
     let f2 = publish_flush(&g, 6);
     g.backend.process_queue(0, &g.vrings[0]).unwrap();
-    let at_f2 = gate.entered();
+    let at_f2 = gate.arrived(GateOp::Flush);
 
     // Let F1's flush through: F2 must now wait for a flush of its own,
     // which is held in turn.
-    gate.set_permits(Some(1));
-    assert!(gate.wait_entered(at_f2 + 1), "no flush after F2 arrived");
+    gate.let_through(GateOp::Flush, 1);
+    assert!(
+        gate.wait_arrived(GateOp::Flush, at_f2 + 1, WAIT),
+        "no flush after F2 arrived"
+    );
     let next = g.used_seen[0].wrapping_add(1);
     assert!(wait_used(&g, next, WAIT), "F1 never completed");
     assert_eq!(g.take_used(0).len(), 1);
@@ -191,7 +121,7 @@ fn a_flush_received_during_an_engine_flush_waits_for_the_next() {
         "F2 was completed by the flush that was running when it arrived"
     );
 
-    gate.set_permits(None);
+    gate.open(GateOp::Flush);
     assert!(g.backend.drain(WAIT), "drain");
     assert_eq!(g.take_used(0).len(), 1);
     assert_eq!(g.status(f2.status), OK);
