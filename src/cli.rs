@@ -96,8 +96,9 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub queues: u16,
     /// Threads serving the virtqueues, at most --queues; queue q goes to
-    /// thread q mod N (0 = one per queue). Fewer threads than queues is
-    /// what qemu-storage-daemon does; with --poll, N must equal --queues.
+    /// thread q mod N (0 = one per queue, but at most half of the CPUs; one
+    /// per queue with --poll). Fewer threads than queues is what
+    /// qemu-storage-daemon does; with --poll, N must equal --queues.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub queue_threads: u16,
     /// Virtqueue size, a power of two from 2 to 1024.

@@ -209,7 +209,7 @@ fn readonly_is_advertised_and_reads_work() {
 
 #[test]
 fn two_queues_concurrently() {
-    queues_concurrently(2, &["--queues", "2"], 2);
+    queues_concurrently(2, &["--queues", "2", "--queue-threads", "2"], 2);
 }
 
 /// Three queues on two threads: thread 0 serves queues 0 and 2 (kicks and

@@ -292,7 +292,12 @@ fn serve_engine(cfg: &ServeConfig, stop: &Arc<Stop>, engine: &Arc<Engine>) -> Re
     if cfg.sandbox.seccomp {
         crate::sandbox::install_seccomp()?;
     }
-    log::info!("listening on {}", cfg.socket.display());
+    log::info!(
+        "listening on {}: {} queue(s) served by {} thread(s)",
+        cfg.socket.display(),
+        cfg.queues,
+        backend_cfg.threads()
+    );
 
     let result = accept_loop(&bound, stop, engine, &backend_cfg, &pool);
     pool.shutdown();

@@ -187,11 +187,13 @@ fn format(
     };
     meta::write_superblock(cache, &sb, 0).map_err(meta_err)?;
     log::info!(
-        "formatted cache device {}: {} blocks of {} bytes, associativity {}",
+        "formatted cache device {} (format version {}): {} blocks of {} bytes, associativity {}, span {}",
         cache.name(),
+        g.format_version(),
         g.cache_blocks,
         g.block_size,
-        g.assoc
+        g.assoc,
+        g.span
     );
     Ok(Opened {
         sb,
