@@ -18,6 +18,25 @@ use vblkcache::engine::{Engine, EngineConfig, Geometry, GeometryRequest, WriteMo
 const SECTOR: u64 = 512;
 const BS: u32 = 4096;
 const CACHE_BLOCKS: u64 = 16;
+
+/// Cache blocks and associativity of a rig.
+#[derive(Clone, Copy)]
+struct Geo {
+    blocks: u64,
+    assoc: u32,
+}
+
+/// The usual rig: 4 sets of 4, so blocks compete for frames.
+const SMALL: Geo = Geo {
+    blocks: CACHE_BLOCKS,
+    assoc: 4,
+};
+/// 2 sets of 32 ways: runs of 16 blocks in 2 rows per set, so a frame's
+/// place on the device is not its number (format version 2's row order).
+const ROWS: Geo = Geo {
+    blocks: 64,
+    assoc: 32,
+};
 const SOURCE_BLOCKS: u64 = 48;
 
 /// Power shared by both devices: after `limit` operations everything fails.
@@ -142,11 +161,15 @@ struct Outcome {
 }
 
 fn cfg(mode: WriteMode) -> EngineConfig {
+    cfg_geo(mode, SMALL)
+}
+
+fn cfg_geo(mode: WriteMode, geo: Geo) -> EngineConfig {
     EngineConfig {
         geometry: GeometryRequest {
             block_size: Some(BS),
-            cache_blocks: Some(CACHE_BLOCKS),
-            assoc: Some(4),
+            cache_blocks: Some(geo.blocks),
+            assoc: Some(geo.assoc),
         },
         mode: Some(mode),
         ..EngineConfig::default()
@@ -156,6 +179,11 @@ fn cfg(mode: WriteMode) -> EngineConfig {
 /// Runs `ops` with the power cut after `limit` device operations; returns
 /// whether the cut happened, after recovering and checking the disk.
 fn run(ops: &[Op], mode: WriteMode, limit: u64, keep_seed: u64) -> Outcome {
+    run_geo(ops, mode, limit, keep_seed, SMALL)
+}
+
+fn run_geo(ops: &[Op], mode: WriteMode, limit: u64, keep_seed: u64, geo: Geo) -> Outcome {
+    let cfg = |mode| cfg_geo(mode, geo);
     let size = SOURCE_BLOCKS * u64::from(BS);
     let sectors = size / SECTOR;
     let mut initial = Vec::with_capacity(size as usize);
@@ -163,7 +191,7 @@ fn run(ops: &[Op], mode: WriteMode, limit: u64, keep_seed: u64) -> Outcome {
         initial.extend(content(0, s));
     }
     let src_mem = Arc::new(MemDevice::from_bytes(&initial));
-    let g = Geometry::resolve(&cfg(mode).geometry, CACHE_BLOCKS).unwrap();
+    let g = Geometry::resolve(&cfg(mode).geometry, geo.blocks).unwrap();
     let cache_mem = Arc::new(MemDevice::new(Layout::new(&g).device_len()));
     let src_vol = Arc::new(VolatileCacheDevice::new(src_mem.clone()));
     let cache_vol = Arc::new(VolatileCacheDevice::new(cache_mem.clone()));
@@ -353,12 +381,22 @@ fn sweep_with(
     ops_per_workload: usize,
     heavy: bool,
 ) -> u64 {
+    sweep_geo(mode, seeds, ops_per_workload, heavy, SMALL)
+}
+
+fn sweep_geo(
+    mode: WriteMode,
+    seeds: std::ops::Range<u64>,
+    ops_per_workload: usize,
+    heavy: bool,
+    geo: Geo,
+) -> u64 {
     let mut points = 0;
     for seed in seeds {
         let ops = workload_with(seed, ops_per_workload, heavy);
-        let total = run(&ops, mode, u64::MAX, 0).ops_used;
+        let total = run_geo(&ops, mode, u64::MAX, 0, geo).ops_used;
         for k in 0..total {
-            let out = run(&ops, mode, k, seed * 1000 + k);
+            let out = run_geo(&ops, mode, k, seed * 1000 + k, geo);
             assert!(out.crashed || out.ops_used <= k, "expected a cut at {k}");
             points += 1;
         }
@@ -371,6 +409,20 @@ fn crash_at_every_io_writeback() {
     let n = sweep(WriteMode::Writeback, 0..6, 40);
     eprintln!("writeback: {n} crash points checked");
     assert!(n > 500);
+}
+
+/// The same with frames laid out in rows: recovery must find each block's
+/// data where `Geometry::slot_of` put it.
+#[test]
+fn crash_at_every_io_writeback_row_layout() {
+    let g = Geometry::resolve(&cfg_geo(WriteMode::Writeback, ROWS).geometry, ROWS.blocks).unwrap();
+    assert!(
+        (0..ROWS.blocks).any(|f| g.slot_of(f) != f),
+        "rows not in use"
+    );
+    let n = sweep_geo(WriteMode::Writeback, 400..404, 40, false, ROWS);
+    eprintln!("writeback, row layout: {n} crash points checked");
+    assert!(n > 300);
 }
 
 /// Enough commits to fill the journal, so checkpoints (table copy switch)
