@@ -66,19 +66,10 @@ fn active_table(dev: &MemDevice) -> u64 {
 }
 
 fn layout(dev: &MemDevice) -> Layout {
-    let r = check_device(dev, false).unwrap();
-    let sb = r.superblock.unwrap();
-    // Images here are made by this build, so in the current format.
-    let g = crate::engine::Geometry::resolve(
-        &GeometryRequest {
-            block_size: Some(sb.block_size),
-            cache_blocks: Some(sb.cache_blocks),
-            assoc: Some(sb.assoc),
-        },
-        sb.cache_blocks,
-    )
-    .unwrap();
-    Layout::new(&g)
+    match crate::engine::meta::read_superblock(dev).unwrap() {
+        crate::engine::meta::Found::Superblock(sb, _) => sb.layout,
+        _ => panic!("no superblock"),
+    }
 }
 
 fn flip(dev: &MemDevice, offset: u64) {

@@ -250,21 +250,8 @@ fn corrupted_metadata_is_detected() {
     e.shutdown(false).unwrap();
     // Table page corrupted: refused with the page named.
     let mut img = good.clone();
-    let g = vblkcache::engine::Geometry::resolve(
-        &GeometryRequest {
-            block_size: Some(4096),
-            cache_blocks: Some(512),
-            assoc: Some(8),
-        },
-        512,
-    )
-    .unwrap();
-    let active =
-        match vblkcache::engine::meta::read_superblock(&MemDevice::from_bytes(&good)).unwrap() {
-            vblkcache::engine::meta::Found::Superblock(sb, _) => sb.table_copy,
-            _ => panic!("no superblock"),
-        };
-    let table = vblkcache::engine::meta::Layout::new(&g).table_copy_offset(active) as usize;
+    let (sb, _) = superblock(&MemDevice::from_bytes(&good));
+    let table = sb.layout.table_copy_offset(sb.table_copy) as usize;
     img[table + 40] ^= 0x10;
     cache.write_at(&img, 0).unwrap();
     let err = reopen_err(&src, &cache);
@@ -331,10 +318,8 @@ fn passthrough_refuses_dirty_cache() {
 /// to, with its data at that frame's version 1 place; the data area is
 /// otherwise zeros, so a read from a version 2 place would return zeros.
 fn rewrite_as_version1(cache: &MemDevice) {
-    use vblkcache::engine::meta::{self, Found, Layout, BLOCK_MASK, ENTRIES_PER_PAGE, VALID};
-    let Found::Superblock(mut sb, slot) = meta::read_superblock(cache).unwrap() else {
-        panic!("no superblock");
-    };
+    use vblkcache::engine::meta::{self, Layout, BLOCK_MASK, ENTRIES_PER_PAGE, VALID};
+    let (mut sb, slot) = superblock(cache);
     assert!(sb.clean);
     let l2 = sb.layout;
     let g1 = l2.geometry().version1();
@@ -380,11 +365,16 @@ fn rewrite_as_version1(cache: &MemDevice) {
         .unwrap();
 }
 
-fn format_version(cache: &MemDevice) -> u32 {
-    match vblkcache::engine::meta::read_superblock(cache).unwrap() {
-        vblkcache::engine::meta::Found::Superblock(sb, _) => sb.layout.geometry().format_version(),
+/// The valid superblock on `dev` and its slot.
+fn superblock(dev: &MemDevice) -> (vblkcache::engine::meta::Superblock, usize) {
+    match vblkcache::engine::meta::read_superblock(dev).unwrap() {
+        vblkcache::engine::meta::Found::Superblock(sb, slot) => (sb, slot),
         _ => panic!("no superblock"),
     }
+}
+
+fn format_version(cache: &MemDevice) -> u32 {
+    superblock(cache).0.layout.geometry().format_version()
 }
 
 #[test]
