@@ -173,9 +173,10 @@ impl Geometry {
         }
     }
 
-    /// Number of sets.
+    /// Number of sets (assoc is a power of two: a shift, not a division).
+    #[inline]
     pub fn sets(&self) -> u64 {
-        self.cache_blocks / u64::from(self.assoc)
+        self.cache_blocks >> self.assoc.trailing_zeros()
     }
 
     /// The set that source block `block` maps to.
@@ -187,28 +188,31 @@ impl Geometry {
     /// not pile into one set.
     #[inline]
     pub fn set_of(&self, block: u64) -> u64 {
-        // run, span and assoc are powers of two: shifts, not divisions (this
-        // runs for every block of every request, and 16 M times at start-up).
+        // run and span are powers of two: shifts, not divisions (this runs
+        // for every block of every request, and 16 M times at start-up).
         let run = block >> self.run.trailing_zeros();
         let span_shift = self.span.trailing_zeros();
         let h = (run >> span_shift).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         // Map the hash onto [0, sets / span) without division (Lemire's range
         // reduction); span divides sets.
-        let groups = self.cache_blocks >> (self.assoc.trailing_zeros() + span_shift);
+        let groups = self.sets() >> span_shift;
         (((u128::from(h) * u128::from(groups)) >> 64) as u64) << span_shift
             | (run & (u64::from(self.span) - 1))
     }
 
     /// The position of frame `frame` (`set * assoc + way`) in the data area,
-    /// in frames. A bijection of `[0, cache_blocks)`.
+    /// in frames. A bijection of `[0, cache_blocks)`. Runs for every cache
+    /// I/O, so assoc and run (powers of two) are shifts and masks.
     #[inline]
     pub fn slot_of(&self, frame: u64) -> u64 {
         match self.order {
             FrameOrder::BySet => frame,
             FrameOrder::ByRow => {
-                let (a, r) = (u64::from(self.assoc), u64::from(self.run));
-                let (set, way) = (frame / a, frame % a);
-                (way / r * self.sets() + set) * r + way % r
+                let (a_shift, r_shift) = (self.assoc.trailing_zeros(), self.run.trailing_zeros());
+                let way = frame & (u64::from(self.assoc) - 1);
+                let row = way >> r_shift;
+                ((row * self.sets() + (frame >> a_shift)) << r_shift)
+                    | (way & (u64::from(self.run) - 1))
             }
         }
     }
