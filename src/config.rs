@@ -6,6 +6,7 @@ use crate::cli::{Args, Command, ServeArgs};
 use crate::control::ClientCommand;
 use crate::engine::{EngineConfig, Geometry, GeometryError, GeometryRequest, WriteMode};
 use crate::sandbox::{SandboxConfig, SandboxError};
+use crate::virtio::backend::{default_queue_threads, host_cpus};
 use std::path::{Path, PathBuf};
 
 /// Largest number of virtqueues (one worker thread each).
@@ -350,26 +351,6 @@ impl TryFrom<ServeArgs> for ServeConfig {
             )?,
         })
     }
-}
-
-/// The CPUs this process may run on (1 if that cannot be read).
-fn host_cpus() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
-/// Queue threads when `--queue-threads` is not given: one per queue, but at
-/// most half of the CPUs the daemon may run on (at least one), so that the
-/// daemon does not take every CPU from the guests and their VMMs; with
-/// polling, one per queue (a poll session serves one queue and would starve
-/// the others of its thread). On a 2-CPU host one thread serving 2 queues
-/// measured 1.13x qsd against 1.07x for two threads, with 10 % less CPU
-/// per request (BENCHMARKS.md, session 14).
-pub fn default_queue_threads(queues: u16, polling: bool, cpus: usize) -> u16 {
-    if polling {
-        return queues;
-    }
-    let half = u16::try_from((cpus / 2).max(1)).unwrap_or(u16::MAX);
-    queues.min(half)
 }
 
 #[cfg(test)]
