@@ -204,11 +204,11 @@ pub fn check_device(dev: &dyn BlockDevice, repair: bool) -> Result<Report, Check
         seq: sb.seq,
         clean: sb.clean,
         mode: sb.mode,
-        format_version: l.geometry().format_version(),
-        block_size: l.block_size,
-        cache_blocks: l.cache_blocks,
-        assoc: l.assoc,
-        span: l.span,
+        format_version: l.geometry.format_version(),
+        block_size: l.geometry.block_size,
+        cache_blocks: l.geometry.cache_blocks,
+        assoc: l.geometry.assoc,
+        span: l.geometry.span,
         source_size: sb.source_size,
         commit_seq: sb.commit_seq,
         journal_pos: sb.journal_pos,
@@ -230,7 +230,7 @@ pub fn check_device(dev: &dyn BlockDevice, repair: bool) -> Result<Report, Check
         r.consistent = false;
         return Ok(r);
     }
-    let source_blocks = sb.source_size.div_ceil(u64::from(l.block_size));
+    let source_blocks = sb.source_size.div_ceil(u64::from(l.geometry.block_size));
     let (mut entries, bad_pages) = read_table(dev, &l, sb.table_copy, &mut r)?;
     let stored = counts(&entries);
     let mut listed = 0usize;
@@ -397,11 +397,11 @@ fn read_table(
     copy: u8,
     r: &mut Report,
 ) -> Result<(Vec<u64>, u64), CheckError> {
-    let mut entries = Vec::with_capacity(l.cache_blocks as usize);
+    let mut entries = Vec::with_capacity(l.geometry.cache_blocks as usize);
     let mut bad = 0;
     for p in 0..l.table_pages() {
         let offset = l.table_copy_offset(copy) + p * META_PAGE;
-        let want = (l.cache_blocks - p * ENTRIES_PER_PAGE).min(ENTRIES_PER_PAGE) as usize;
+        let want = (l.geometry.cache_blocks - p * ENTRIES_PER_PAGE).min(ENTRIES_PER_PAGE) as usize;
         let page = read_page(dev, offset)?;
         let before = entries.len();
         if let Err(what) = meta::decode_page(&page, p, want, &mut entries) {
@@ -416,7 +416,7 @@ fn read_table(
 
 /// Every problem of the entries: (frame, description).
 fn entry_problems(entries: &[u64], source_blocks: u64, l: &Layout) -> Vec<(u64, String)> {
-    let g = l.geometry();
+    let g = l.geometry;
     let mut out = Vec::new();
     let mut owner: HashMap<u64, u64> = HashMap::new();
     for (f, &e) in entries.iter().enumerate() {
@@ -485,12 +485,12 @@ fn walk_journal(
     let mut records = Vec::new();
     for c in scan.commits {
         for &(f, v) in &c.records {
-            if f >= l.cache_blocks {
+            if f >= l.geometry.cache_blocks {
                 r.problem(
                     Area::Journal,
                     format!(
                         "commit {} records frame {f}, past the last frame ({})",
-                        c.seq, l.cache_blocks
+                        c.seq, l.geometry.cache_blocks
                     ),
                 );
             } else if !journal::valid_value(v) {
@@ -504,7 +504,11 @@ fn walk_journal(
             }
         }
         rep.records += c.records.len() as u64;
-        records.extend(c.records.into_iter().filter(|&(f, _)| f < l.cache_blocks));
+        records.extend(
+            c.records
+                .into_iter()
+                .filter(|&(f, _)| f < l.geometry.cache_blocks),
+        );
     }
     Ok((rep, records))
 }

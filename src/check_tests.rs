@@ -222,7 +222,7 @@ fn edit_page0(dev: &MemDevice, l: &Layout, f: impl FnOnce(&mut Vec<u64>)) {
     let mut page = vec![0u8; META_PAGE as usize];
     let at = active_table(dev);
     dev.read_at(&mut page, at).unwrap();
-    let want = l.cache_blocks.min(ENTRIES_PER_PAGE) as usize;
+    let want = l.geometry.cache_blocks.min(ENTRIES_PER_PAGE) as usize;
     let mut entries = Vec::new();
     meta::decode_page(&page, 0, want, &mut entries).unwrap();
     f(&mut entries);
@@ -233,7 +233,7 @@ fn edit_page0(dev: &MemDevice, l: &Layout, f: impl FnOnce(&mut Vec<u64>)) {
 fn bad_entries_are_each_reported() {
     let dev = clean_image();
     let l = layout(&dev);
-    let g = l.geometry();
+    let g = l.geometry;
     let source_blocks = SOURCE / BS;
     // A block of set 0 and one of another set.
     let in_set0 = (0..source_blocks).find(|&b| g.set_of(b) == 0).unwrap();
@@ -272,13 +272,13 @@ fn crash_recovery_view_catches_duplicates_the_journal_creates() {
     // the table maps dirty in another frame: recovery would refuse to start.
     let (dev, _src) = crash_image(1);
     let l = layout(&dev);
-    let g = l.geometry();
+    let g = l.geometry;
     let r0 = check_device(&dev, false).unwrap();
     assert!(r0.consistent, "{:?}", r0.problems);
     // Block 0 was written in the first round; find the set it lives in and
     // put a dirty copy in a frame of that set in the stored table.
     let set = g.set_of(0);
-    let frame = set * u64::from(l.assoc) + u64::from(l.assoc) - 1;
+    let frame = set * u64::from(l.geometry.assoc) + u64::from(l.geometry.assoc) - 1;
     assert!(
         frame < ENTRIES_PER_PAGE,
         "test geometry keeps set {set} on page 0"

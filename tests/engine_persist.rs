@@ -322,7 +322,7 @@ fn rewrite_as_version1(cache: &MemDevice) {
     let (mut sb, slot) = superblock(cache);
     assert!(sb.clean);
     let l2 = sb.layout;
-    let g1 = l2.geometry().version1();
+    let g1 = l2.geometry.version1();
     let l1 = Layout::new(&g1);
     assert_eq!(l1.data_offset, l2.data_offset);
     let table = l2.table_copy_offset(sb.table_copy);
@@ -330,13 +330,13 @@ fn rewrite_as_version1(cache: &MemDevice) {
     for p in 0..l2.table_pages() {
         let mut page = vec![0u8; 4096];
         cache.read_at(&mut page, table + p * 4096).unwrap();
-        let want = ENTRIES_PER_PAGE.min(l2.cache_blocks - p * ENTRIES_PER_PAGE) as usize;
+        let want = ENTRIES_PER_PAGE.min(l2.geometry.cache_blocks - p * ENTRIES_PER_PAGE) as usize;
         meta::decode_page(&page, p, want, &mut entries).unwrap();
     }
-    let bs = u64::from(l2.block_size);
-    let assoc = u64::from(l2.assoc);
+    let bs = u64::from(l2.geometry.block_size);
+    let assoc = u64::from(l2.geometry.assoc);
     let mut new = vec![0u64; entries.len()];
-    let mut data = vec![0u8; (l2.cache_blocks * bs) as usize];
+    let mut data = vec![0u8; (l2.geometry.cache_blocks * bs) as usize];
     let mut moved = 0;
     for (f, &e) in entries.iter().enumerate() {
         if e & VALID == 0 {
@@ -374,7 +374,7 @@ fn superblock(dev: &MemDevice) -> (vblkcache::engine::meta::Superblock, usize) {
 }
 
 fn format_version(cache: &MemDevice) -> u32 {
-    superblock(cache).0.layout.geometry().format_version()
+    superblock(cache).0.layout.geometry.format_version()
 }
 
 #[test]

@@ -115,7 +115,7 @@ fn read_decode(dev: &dyn BlockDevice, l: &Layout, copy: u8) -> R<usize> {
     let per = meta::ENTRIES_PER_PAGE;
     let chunk = 256u64;
     let mut buf = AlignedBuf::new((chunk * META_PAGE) as usize);
-    let mut out = Vec::with_capacity(l.cache_blocks as usize);
+    let mut out = Vec::with_capacity(l.geometry.cache_blocks as usize);
     let mut p = 0;
     while p < pages {
         let n = chunk.min(pages - p);
@@ -124,7 +124,7 @@ fn read_decode(dev: &dyn BlockDevice, l: &Layout, copy: u8) -> R<usize> {
             l.table_copy_offset(copy) + p * META_PAGE,
         )?;
         for i in 0..n {
-            let want = (l.cache_blocks - (p + i) * per).min(per) as usize;
+            let want = (l.geometry.cache_blocks - (p + i) * per).min(per) as usize;
             let o = (i * META_PAGE) as usize;
             decode_page(&buf[o..o + META_PAGE as usize], p + i, want, &mut out)?;
         }

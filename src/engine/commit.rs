@@ -142,12 +142,12 @@ impl Core {
         let mut queued =
             std::mem::take(&mut *self.commit_queue.lock().unwrap_or_else(|p| p.into_inner()));
         if full {
-            queued = (0..self.layout.cache_blocks).collect();
+            queued = (0..self.layout.geometry.cache_blocks).collect();
         }
         let mut records = Vec::with_capacity(queued.len());
         let mut again = Vec::new();
         for f in queued {
-            let set = f / u64::from(self.layout.assoc);
+            let set = f / u64::from(self.layout.geometry.assoc);
             let _g = self.lock(set);
             let e = self.frames.get(f);
             if e.state() == super::frames::FrameState::Filling {
@@ -179,7 +179,7 @@ impl Core {
     /// Sets each recorded frame's committed flag and wakes waiters.
     fn apply_committed(&self, records: &[(u64, u64)]) {
         for &(f, v) in records {
-            let set = f / u64::from(self.layout.assoc);
+            let set = f / u64::from(self.layout.geometry.assoc);
             let g = self.lock(set);
             let e = self.frames.get(f).with_flag(CDIRTY, v & DIRTY != 0);
             self.frames.set(f, e);
@@ -195,11 +195,11 @@ impl Core {
     /// and journal in charge; after it, the new copy.
     fn checkpoint(&self, j: &mut JournalState, records: &[(u64, u64)]) -> Result<(), EngineError> {
         let overrides: std::collections::HashMap<u64, u64> = records.iter().copied().collect();
-        let entries: Vec<u64> = (0..self.layout.cache_blocks)
+        let entries: Vec<u64> = (0..self.layout.geometry.cache_blocks)
             .map(|f| match overrides.get(&f) {
                 Some(&v) => v,
                 None => {
-                    let _g = self.lock(f / u64::from(self.layout.assoc));
+                    let _g = self.lock(f / u64::from(self.layout.geometry.assoc));
                     self.frames.get(f).committed()
                 }
             })
@@ -276,7 +276,7 @@ pub(crate) fn replay(
                 .get_mut(f as usize)
                 .ok_or(meta::MetaError::JournalRecord {
                     frame: f,
-                    frames: l.cache_blocks,
+                    frames: l.geometry.cache_blocks,
                 })?;
             if !journal::valid_value(v) {
                 return Err(meta::MetaError::JournalCorrupt {

@@ -103,19 +103,19 @@ impl Core {
 
     #[inline]
     pub fn set_of(&self, block: u64) -> u64 {
-        self.layout.geometry().set_of(block)
+        self.layout.geometry.set_of(block)
     }
 
     #[inline]
     pub fn first_frame(&self, set: u64) -> u64 {
-        set * u64::from(self.layout.assoc)
+        set * u64::from(self.layout.geometry.assoc)
     }
 
     /// Looks `block` up in its set; the caller holds the set's stripe lock.
     #[inline]
     pub fn lookup(&self, set: u64, block: u64) -> Option<u64> {
         self.frames
-            .lookup(self.first_frame(set), self.layout.assoc, block)
+            .lookup(self.first_frame(set), self.layout.geometry.assoc, block)
     }
 
     pub fn lock(&self, set: u64) -> MutexGuard<'_, StripeState> {
@@ -133,7 +133,7 @@ impl Core {
     /// choice among clean quiet frames (dropped here), else among dirty ones.
     pub fn claim_victim(&self, set: u64, g: &mut StripeState) -> Victim {
         let first = self.first_frame(set);
-        let n = self.layout.assoc;
+        let n = self.layout.geometry.assoc;
         for f in first..first + u64::from(n) {
             if self.frames.get(f).reusable() {
                 return Victim::Free(f);
@@ -291,7 +291,7 @@ impl Core {
             }
             let first = self.first_frame(set);
             let g = self.lock(set);
-            for f in first..first + u64::from(self.layout.assoc) {
+            for f in first..first + u64::from(self.layout.geometry.assoc) {
                 let e = self.frames.get(f);
                 if e.srcpend() {
                     self.frames.set(f, e.with_flag(SRCPEND, false));
@@ -405,7 +405,7 @@ impl Core {
 
     /// Wakes the writeback thread when dirty blocks pass the high watermark.
     pub fn maybe_kick_writeback(&self) {
-        let high = self.layout.cache_blocks * u64::from(self.wb.high_watermark_pct) / 100;
+        let high = self.layout.geometry.cache_blocks * u64::from(self.wb.high_watermark_pct) / 100;
         if self.dirty.load(Relaxed) > high {
             let mut s = self.wb_signal.lock().unwrap_or_else(|p| p.into_inner());
             if !s.kicked {

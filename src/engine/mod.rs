@@ -251,7 +251,7 @@ impl Engine {
         // sparse ext4 file every such write allocated under the exclusive
         // inode lock: about 3,300 64 KiB writes/s however many threads,
         // against 6,000 with 2 threads and 18,000 with 16 when allocated).
-        let frames_len = layout.cache_blocks * u64::from(layout.block_size);
+        let frames_len = layout.geometry.cache_blocks * u64::from(layout.geometry.block_size);
         if let Err(e) = cache.allocate(layout.data_offset, frames_len) {
             let why = std::error::Error::source(&e).map_or(String::new(), |s| format!(": {s}"));
             log::info!(
@@ -259,14 +259,14 @@ impl Engine {
                 cache.name()
             );
         }
-        let g = layout.geometry();
+        let g = layout.geometry;
         let policy = policy::by_name("lru", g.cache_blocks).ok_or(EngineError::ShutDown)?;
         let store = store::StoreQueue::new(256);
         let core = Arc::new(Core {
             source,
             cache,
             layout,
-            bs: u64::from(layout.block_size),
+            bs: u64::from(layout.geometry.block_size),
             source_size: opened.sb.source_size,
             frames: frames::FrameTable::new(g.cache_blocks, g.sets()),
             policy,
@@ -286,7 +286,7 @@ impl Engine {
             wb_pool: writeback::WriterPool::default(),
             wb_settle: Mutex::new(()),
             store,
-            fetch_bufs: bufpool::BufPool::new(layout.block_size as usize, FETCH_BUFS),
+            fetch_bufs: bufpool::BufPool::new(layout.geometry.block_size as usize, FETCH_BUFS),
             commit_queue: Mutex::new(Vec::new()),
             rerecord: AtomicBool::new(false),
             group: Mutex::new(commit::GroupCommit::default()),
@@ -303,8 +303,12 @@ impl Engine {
         // Install the loaded mapping set by set: one stripe lock per set and
         // one counter update at the end (validated entries sit in their set).
         let (mut valid, mut dirty_n) = (0u64, 0u64);
-        let assoc = u64::from(layout.assoc);
-        for (set, chunk) in opened.entries.chunks(layout.assoc as usize).enumerate() {
+        let assoc = u64::from(layout.geometry.assoc);
+        for (set, chunk) in opened
+            .entries
+            .chunks(layout.geometry.assoc as usize)
+            .enumerate()
+        {
             let set = set as u64;
             let mut guard = core.lock(set);
             for (w, &e) in chunk.iter().enumerate() {
@@ -359,7 +363,7 @@ impl Engine {
 
     /// The geometry in use.
     pub fn geometry(&self) -> Geometry {
-        self.core.layout.geometry()
+        self.core.layout.geometry
     }
 
     fn begin(&self, offset: u64, len: u64) -> Result<InFlight<'_>, EngineError> {

@@ -221,23 +221,23 @@ fn load(
     let l = sb.layout;
     let req = &cfg.geometry;
     if let Some(bs) = req.block_size {
-        if bs != l.block_size {
+        if bs != l.geometry.block_size {
             return Err(conflict(
                 "block-size",
                 bs.into(),
-                l.block_size.into(),
+                l.geometry.block_size.into(),
                 cache,
             ));
         }
     }
     if let Some(n) = req.cache_blocks {
-        if n != l.cache_blocks {
-            return Err(conflict("cache-blocks", n, l.cache_blocks, cache));
+        if n != l.geometry.cache_blocks {
+            return Err(conflict("cache-blocks", n, l.geometry.cache_blocks, cache));
         }
     }
     if let Some(a) = req.assoc {
-        if a != l.assoc {
-            return Err(conflict("assoc", a.into(), l.assoc.into(), cache));
+        if a != l.geometry.assoc {
+            return Err(conflict("assoc", a.into(), l.geometry.assoc.into(), cache));
         }
     }
     if sb.source_size != source_size {
@@ -260,7 +260,7 @@ fn load(
             },
         });
     }
-    let source_blocks = source_size.div_ceil(u64::from(l.block_size));
+    let source_blocks = source_size.div_ceil(u64::from(l.geometry.block_size));
     let mut entries = meta::load_table(cache, &l, sb.table_copy, source_blocks).map_err(|e| {
         EngineError::Meta {
             device: cache.name(),

@@ -249,7 +249,7 @@ pub(crate) fn run_writeback(core: Arc<Core>) {
             }
             s.kicked = false;
         }
-        let frames = core.layout.cache_blocks;
+        let frames = core.layout.geometry.cache_blocks;
         let high = frames * u64::from(core.wb.high_watermark_pct) / 100;
         let low = frames * u64::from(core.wb.low_watermark_pct) / 100;
         if core.dirty.load(Relaxed) <= high {

@@ -18,12 +18,8 @@ const JOURNAL_OFFSET: u64 = 2 * META_PAGE;
 /// 4 KiB when the block size is smaller), so frames are aligned for O_DIRECT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Layout {
-    pub block_size: u32,
-    pub cache_blocks: u64,
-    pub assoc: u32,
-    pub run: u32,
-    pub span: u32,
-    pub order: FrameOrder,
+    /// The geometry the layout was made for.
+    pub geometry: Geometry,
     pub journal_offset: u64,
     pub journal_len: u64,
     pub table_offset: u64,
@@ -41,12 +37,7 @@ impl Layout {
         // damages the table recovery relies on.
         let data_offset = (table_offset + 2 * table_len).div_ceil(align) * align;
         Layout {
-            block_size: g.block_size,
-            cache_blocks: g.cache_blocks,
-            assoc: g.assoc,
-            run: g.run,
-            span: g.span,
-            order: g.order,
+            geometry: *g,
             journal_offset: JOURNAL_OFFSET,
             journal_len,
             table_offset,
@@ -54,23 +45,12 @@ impl Layout {
         }
     }
 
-    pub fn geometry(&self) -> Geometry {
-        Geometry {
-            block_size: self.block_size,
-            cache_blocks: self.cache_blocks,
-            assoc: self.assoc,
-            run: self.run,
-            span: self.span,
-            order: self.order,
-        }
-    }
-
     pub fn sets(&self) -> u64 {
-        self.cache_blocks / u64::from(self.assoc)
+        self.geometry.sets()
     }
 
     pub fn table_pages(&self) -> u64 {
-        self.cache_blocks.div_ceil(ENTRIES_PER_PAGE)
+        self.geometry.cache_blocks.div_ceil(ENTRIES_PER_PAGE)
     }
 
     /// Byte offset of table copy `copy` (0 or 1).
@@ -85,22 +65,25 @@ impl Layout {
 
     /// Total bytes the layout needs on the cache device.
     pub fn device_len(&self) -> u64 {
-        self.data_offset
-            .saturating_add(self.cache_blocks.saturating_mul(u64::from(self.block_size)))
+        self.data_offset.saturating_add(
+            self.geometry
+                .cache_blocks
+                .saturating_mul(u64::from(self.geometry.block_size)),
+        )
     }
 
     /// Byte offset of frame `frame` on the cache device (where
     /// [`Geometry::slot_of`] puts it).
     #[inline]
     pub fn frame_offset(&self, frame: u64) -> u64 {
-        self.data_offset + self.geometry().slot_of(frame) * u64::from(self.block_size)
+        self.data_offset + self.geometry.slot_of(frame) * u64::from(self.geometry.block_size)
     }
 
     /// The frame at byte offset `offset + n * block_size` of the data area
     /// for `n` in `0..cache_blocks`, in device order.
     pub fn frames_in_device_order(&self) -> impl Iterator<Item = u64> {
-        let g = self.geometry();
-        (0..self.cache_blocks).map(move |s| g.frame_at(s))
+        let g = self.geometry;
+        (0..self.geometry.cache_blocks).map(move |s| g.frame_at(s))
     }
 
     /// The largest number of blocks of `block_size` that fit on a device of

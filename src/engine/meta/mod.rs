@@ -51,7 +51,7 @@ pub enum MetaError {
 
 /// Checks decoded entries against a layout (see `table::validate_entries`).
 pub fn validate_entries(entries: &[u64], source_blocks: u64, l: &Layout) -> Result<(), MetaError> {
-    table::validate_entries(entries, source_blocks, &l.geometry())
+    table::validate_entries(entries, source_blocks, &l.geometry)
 }
 
 /// What the superblock area holds.
@@ -161,7 +161,7 @@ pub fn load_table(
     copy: u8,
     source_blocks: u64,
 ) -> Result<Vec<u64>, MetaError> {
-    let frames = layout.cache_blocks;
+    let frames = layout.geometry.cache_blocks;
     let pages = layout.table_pages();
     let mut out = Vec::with_capacity(frames as usize);
     // Read in chunks of 256 pages (1 MiB).

@@ -68,20 +68,20 @@ impl Superblock {
         let mut p = [0u8; META_PAGE as usize];
         let l = &self.layout;
         p[0..8].copy_from_slice(MAGIC);
-        put32(&mut p, 8, l.geometry().format_version());
+        put32(&mut p, 8, l.geometry.format_version());
         put32(&mut p, 12, self.flags);
         put64(&mut p, 16, self.seq);
-        put32(&mut p, 24, l.block_size);
-        put32(&mut p, 28, l.assoc);
-        put64(&mut p, 32, l.cache_blocks);
+        put32(&mut p, 24, l.geometry.block_size);
+        put32(&mut p, 28, l.geometry.assoc);
+        put64(&mut p, 32, l.geometry.cache_blocks);
         put64(&mut p, 40, self.source_size);
         p[48] = self.mode.to_u8();
         p[49] = u8::from(self.clean);
-        p[50..52].copy_from_slice(&(l.run as u16).to_le_bytes());
+        p[50..52].copy_from_slice(&(l.geometry.run as u16).to_le_bytes());
         p[52] = self.table_copy;
-        p[53] = match l.order {
+        p[53] = match l.geometry.order {
             FrameOrder::BySet => 0,
-            FrameOrder::ByRow => l.span as u8,
+            FrameOrder::ByRow => l.geometry.span as u8,
         };
         put64(&mut p, 56, l.journal_offset);
         put64(&mut p, 64, l.journal_len);
@@ -259,12 +259,12 @@ mod tests {
     #[test]
     fn version_1_roundtrips_in_its_own_format() {
         let mut sb = sample();
-        sb.layout = Layout::new(&sb.layout.geometry().version1());
+        sb.layout = Layout::new(&sb.layout.geometry.version1());
         let p = sb.encode();
         assert_eq!((get32(&p, 8), p[53]), (1, 0));
         let back = Superblock::decode(&p).unwrap();
         assert_eq!(back, sb);
-        assert_eq!(back.layout.order, FrameOrder::BySet);
+        assert_eq!(back.layout.geometry.order, FrameOrder::BySet);
         let v2 = sample().encode();
         assert_eq!((get32(&v2, 8), v2[53]), (2, 1));
     }
