@@ -393,9 +393,10 @@ impl Core {
         self.frames.set(f, e);
         if r.is_ok() {
             self.set_dirty(f, false);
-            self.stats.here().dirty_evictions.fetch_add(1, Relaxed);
-            self.stats.here().writebacks.fetch_add(1, Relaxed);
-            self.stats.here().writeback_runs.fetch_add(1, Relaxed);
+            let s = self.stats.here();
+            s.dirty_evictions.fetch_add(1, Relaxed);
+            s.writebacks.fetch_add(1, Relaxed);
+            s.writeback_runs.fetch_add(1, Relaxed);
         } else {
             self.stats.here().errors.fetch_add(1, Relaxed);
         }

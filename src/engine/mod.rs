@@ -385,12 +385,9 @@ impl Engine {
     /// Reads `buf.len()` bytes at `offset` of the virtual disk.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), EngineError> {
         let _g = self.begin(offset, buf.len() as u64)?;
-        self.core.stats.here().reads.fetch_add(1, Relaxed);
-        self.core
-            .stats
-            .here()
-            .bytes_read
-            .fetch_add(buf.len() as u64, Relaxed);
+        let s = self.core.stats.here();
+        s.reads.fetch_add(1, Relaxed);
+        s.bytes_read.fetch_add(buf.len() as u64, Relaxed);
         let r = self.core.read(offset, buf);
         if r.is_err() {
             self.core.stats.here().errors.fetch_add(1, Relaxed);
@@ -401,12 +398,9 @@ impl Engine {
     /// Writes `buf` at `offset` of the virtual disk. Durable after `flush`.
     pub fn write(&self, offset: u64, buf: &[u8]) -> Result<(), EngineError> {
         let _g = self.begin(offset, buf.len() as u64)?;
-        self.core.stats.here().writes.fetch_add(1, Relaxed);
-        self.core
-            .stats
-            .here()
-            .bytes_written
-            .fetch_add(buf.len() as u64, Relaxed);
+        let s = self.core.stats.here();
+        s.writes.fetch_add(1, Relaxed);
+        s.bytes_written.fetch_add(buf.len() as u64, Relaxed);
         self.core.write(offset, buf)
     }
 

@@ -91,8 +91,9 @@ impl Core {
                     Victim::Free(f) => {
                         self.install(f, Entry::new(c.block, false, FrameState::Filling), &mut g);
                         drop(g);
-                        self.stats.here().read_misses.fetch_add(1, Relaxed);
-                        self.stats.here().promotions.fetch_add(1, Relaxed);
+                        let s = self.stats.here();
+                        s.read_misses.fetch_add(1, Relaxed);
+                        s.promotions.fetch_add(1, Relaxed);
                         return self.extend_run(run, c, f, buf);
                     }
                     Victim::Dirty(f) => {

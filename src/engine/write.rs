@@ -78,8 +78,9 @@ impl Core {
                     Victim::Free(f) => {
                         self.install(f, Entry::new(c.block, true, FrameState::Filling), &mut g);
                         drop(g);
-                        self.stats.here().write_misses.fetch_add(1, Relaxed);
-                        self.stats.here().promotions.fetch_add(1, Relaxed);
+                        let s = self.stats.here();
+                        s.write_misses.fetch_add(1, Relaxed);
+                        s.promotions.fetch_add(1, Relaxed);
                         return self.fill_for_write(set, f, c, data);
                     }
                     Victim::Dirty(f) => {

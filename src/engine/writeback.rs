@@ -145,11 +145,9 @@ impl Core {
         }
         match result {
             Ok(()) => {
-                self.stats
-                    .here()
-                    .writebacks
-                    .fetch_add(run.len() as u64, Relaxed);
-                self.stats.here().writeback_runs.fetch_add(1, Relaxed);
+                let s = self.stats.here();
+                s.writebacks.fetch_add(run.len() as u64, Relaxed);
+                s.writeback_runs.fetch_add(1, Relaxed);
             }
             Err(e) => {
                 self.stats.here().errors.fetch_add(1, Relaxed);
