@@ -27,12 +27,11 @@ use super::uring::{Done, QueueRing};
 use super::DeviceLimits;
 use crate::engine::{Engine, WriteMode};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringState, VringT};
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
 use virtio_bindings::bindings::virtio_blk::*;
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
@@ -44,6 +43,14 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
+
+mod protocol;
+mod threads;
+mod vring;
+
+pub use threads::{default_queue_threads, host_cpus};
+use threads::{queue_of, ring_event_id, thread_masks};
+use vring::{avail_pending, is_live, live, pop, self_kick, Popped};
 
 /// Guest memory as mapped from the front-end's memory table.
 pub type GuestMem = GuestMemoryMmap<()>;
@@ -91,45 +98,6 @@ pub struct BlkBackendConfig {
     /// Register guest memory with each queue's io_uring as fixed buffers
     /// (see [`super::fixed`]).
     pub pin_guest_memory: bool,
-}
-
-impl BlkBackendConfig {
-    /// The number of queue worker threads actually used: `queue_threads`
-    /// clamped to 1..=`num_queues` (0: [`default_queue_threads`]), and one
-    /// per queue when polling (a poll session serves one queue and would
-    /// starve the others of its thread).
-    pub fn threads(&self) -> u16 {
-        let queues = self.num_queues.max(1);
-        let polling = !self.poll.is_zero();
-        if polling {
-            return queues;
-        }
-        match self.queue_threads {
-            0 => default_queue_threads(queues, polling, host_cpus()),
-            n => n.min(queues),
-        }
-    }
-}
-
-/// The CPUs this process may run on (1 if that cannot be read).
-pub fn host_cpus() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
-/// Queue threads when none are given (`--queue-threads`, or
-/// [`BlkBackendConfig::queue_threads`] 0): one per queue, but at most half
-/// of the CPUs the daemon may run on (at least one), so that the daemon
-/// does not take every CPU from the guests and their VMMs; with polling,
-/// one per queue (a poll session serves one queue and would starve the
-/// others of its thread). On a 2-CPU host one thread serving 2 queues
-/// measured 1.13x qsd against 1.07x for two threads, with 10 % less CPU
-/// per request (BENCHMARKS.md, session 14).
-pub fn default_queue_threads(queues: u16, polling: bool, cpus: usize) -> u16 {
-    if polling {
-        return queues;
-    }
-    let half = u16::try_from((cpus / 2).max(1)).unwrap_or(u16::MAX);
-    queues.min(half)
 }
 
 struct Inner {
@@ -746,126 +714,6 @@ fn flush_runner(inner: Arc<Inner>, q: usize) -> impl FnOnce(&mut Vec<u8>) + Send
     }
 }
 
-/// The queue masks of the worker threads (vhost-user-backend's
-/// `queues_per_thread`): thread `t` serves the queues `q` with
-/// `q % threads == t`.
-fn thread_masks(queues: u16, threads: u16) -> Vec<u64> {
-    let threads = threads.max(1);
-    (0..threads)
-        .map(|t| {
-            (0..queues.min(64))
-                .filter(|q| q % threads == t)
-                .fold(0u64, |mask, q| mask | 1u64 << q)
-        })
-        .collect()
-}
-
-/// The epoll event id of the io_uring completion eventfd of the `local`-th
-/// queue of a worker: above the ids 0..=`queues` that vhost-user-backend
-/// reserves for kicks and its exit event.
-fn ring_event_id(queues: u16, local: usize) -> u64 {
-    u64::from(queues) + 1 + local as u64
-}
-
-/// The queue index of the `local`-th queue of worker thread `thread`, when
-/// queue `q` is served by thread `q % threads` (so a thread's queues, in
-/// index order, are `thread`, `thread + threads`, ...).
-fn queue_of(thread: usize, local: usize, threads: u16) -> usize {
-    local
-        .saturating_mul(usize::from(threads.max(1)))
-        .saturating_add(thread)
-}
-
-/// Signals the queue's kick eventfd, as the driver would, so that the
-/// worker's epoll loop serves it again after the events already pending;
-/// false if the queue has no kick eventfd.
-fn self_kick(vring: &Vring) -> bool {
-    let state = vring.get_ref();
-    let Some(kick) = state.get_kick() else {
-        return false;
-    };
-    let one = 1u64.to_ne_bytes();
-    // SAFETY: writes 8 bytes from a local array to a descriptor the vring
-    // keeps open while its state is borrowed; an eventfd adds them to its
-    // counter, and any failure only means no extra wake-up.
-    let n = unsafe { libc::write(kick.as_raw_fd(), one.as_ptr().cast(), one.len()) };
-    if n != 8 {
-        log::warn!(
-            "cannot signal a queue's kick eventfd: {}",
-            io::Error::last_os_error()
-        );
-    }
-    true
-}
-
-/// What [`pop`] found.
-enum Popped {
-    /// A chain, counted in flight, with the memory map it was read through.
-    Chain(Chain, Arc<GuestMem>),
-    /// Nothing published (or the queue is not live).
-    Empty,
-    /// Chains are published but cannot be popped: the available index is
-    /// more than a ring ahead of the device's, or the ring entry cannot be
-    /// read. Only a faulty or hostile driver does this; nothing more can be
-    /// served until it mends the ring.
-    Refused,
-}
-
-/// Pops the next available chain, counting it as in flight.
-///
-/// The memory snapshot is taken after the available index was seen to
-/// move: the driver maps a buffer (ADD_MEM_REGION, acknowledged) before it
-/// publishes a request using it, so a snapshot taken earlier could miss
-/// that region and fail a valid request.
-fn pop(vring: &Vring, inflight: &InFlight, atomic: &GuestMemAtomic) -> Popped {
-    let mut state = vring.get_mut();
-    let pending = pending(&state, atomic);
-    if pending == 0 {
-        return Popped::Empty;
-    }
-    // Checked here so that a hostile index costs no error line per pass in
-    // virtio-queue (which refuses it too).
-    if pending > state.get_queue().size() {
-        return Popped::Refused;
-    }
-    let mem = atomic.memory().into_inner();
-    let Some(chain) = state.get_queue_mut().pop_descriptor_chain(Arc::clone(&mem)) else {
-        return Popped::Refused;
-    };
-    inflight.begin();
-    Popped::Chain(chain, mem)
-}
-
-/// True if the driver has published chains the device has not popped on
-/// a live queue.
-fn avail_pending(vring: &Vring, mem: &GuestMemAtomic) -> bool {
-    pending(&vring.get_ref(), mem) != 0
-}
-
-/// True while the front-end lets the device use the ring: the queue is
-/// ready (GET_VRING_BASE clears it) and enabled (SET_VRING_ENABLE).
-fn is_live(state: &VringState<GuestMemAtomic>) -> bool {
-    state.is_enabled() && state.get_queue().ready()
-}
-
-/// [`is_live`], taking the vring's lock.
-fn live(vring: &Vring) -> bool {
-    is_live(&vring.get_ref())
-}
-
-/// How far the driver's available index is ahead of what the device
-/// popped, read through the current memory map; 0 if the queue is not live
-/// or the index cannot be read. More than the queue size only from a faulty
-/// or hostile driver (see [`Popped::Refused`]).
-fn pending(state: &VringState<GuestMemAtomic>, mem: &GuestMemAtomic) -> u16 {
-    let queue = state.get_queue();
-    let m = mem.memory();
-    match queue.avail_idx(&*m, Ordering::Acquire) {
-        Ok(idx) if is_live(state) => idx.0.wrapping_sub(queue.next_avail()),
-        _ => 0,
-    }
-}
-
 /// Sets up queue `q`'s io_uring if enabled and the cache device allows it.
 /// `map`: the memory-backed cache file's mapping, if any.
 fn make_ring(
@@ -922,182 +770,6 @@ impl Inner {
         if let Some(f) = self.inflight.get(q) {
             f.end(done.len());
         }
-    }
-}
-
-impl VhostUserBackend for BlkBackend {
-    type Bitmap = ();
-    type Vring = Vring;
-
-    fn num_queues(&self) -> usize {
-        usize::from(self.inner.cfg.num_queues)
-    }
-
-    fn max_queue_size(&self) -> usize {
-        usize::from(self.inner.cfg.queue_size)
-    }
-
-    fn features(&self) -> u64 {
-        let mut f = (1u64 << VIRTIO_F_VERSION_1)
-            | (1 << VIRTIO_RING_F_EVENT_IDX)
-            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
-            | (1 << VIRTIO_BLK_F_FLUSH)
-            | (1 << VIRTIO_BLK_F_BLK_SIZE)
-            | (1 << VIRTIO_BLK_F_SEG_MAX)
-            | (1 << VIRTIO_BLK_F_SIZE_MAX)
-            | (1 << VIRTIO_BLK_F_TOPOLOGY)
-            | (1 << VIRTIO_BLK_F_MQ)
-            | (1 << VIRTIO_BLK_F_CONFIG_WCE)
-            | (1 << VIRTIO_BLK_F_DISCARD)
-            | (1 << VIRTIO_BLK_F_WRITE_ZEROES)
-            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        if self.inner.cfg.limits.read_only {
-            f |= 1 << VIRTIO_BLK_F_RO;
-        }
-        f
-    }
-
-    fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-    }
-
-    fn set_event_idx(&self, enabled: bool) {
-        self.inner.event_idx.store(enabled, Ordering::Release);
-    }
-
-    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let image = config_space::build(
-            &self.inner.cfg.limits,
-            self.inner.cfg.num_queues,
-            self.wce(),
-        );
-        config_space::read(&image, offset, size)
-    }
-
-    /// A guest write of `wce` switches writeback (1) / writethrough (0).
-    /// Writing 0 while in writearound or passthrough keeps that mode: both
-    /// already complete writes on the source.
-    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
-        let wce = config_space::parse_write(offset, buf)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        let current = self.inner.engine.mode();
-        let target = match (wce, current) {
-            (true, _) => WriteMode::Writeback,
-            (false, WriteMode::Writeback) => WriteMode::Writethrough,
-            (false, m) => m,
-        };
-        if target != current {
-            log::info!(
-                "guest set wce={}: switching {current} -> {target}",
-                u8::from(wce)
-            );
-            self.inner
-                .engine
-                .set_mode(target)
-                .map_err(io::Error::other)?;
-        }
-        Ok(())
-    }
-
-    fn update_memory(&self, mem: GuestMemAtomic) -> io::Result<()> {
-        let current = mem.memory().into_inner();
-        *self.inner.mem.lock().unwrap_or_else(|p| p.into_inner()) = mem;
-        if self.inner.cfg.pin_guest_memory {
-            // Register the new memory now (memory that left the guest must
-            // not stay pinned, and the queue workers must not stall on the
-            // registration at their next hit). `pop` hands out this same
-            // generation until the next update.
-            // The first ring that registers it shares its registration
-            // with the others (pinned and charged to memlock once).
-            let mut from = None;
-            for q in 0..self.inner.rings.len() {
-                if let Some(mut r) = self.lock_ring(q) {
-                    let mine = r.reregister_fixed(&current, from.as_ref());
-                    if from.is_none() {
-                        from = mine;
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Queue `q` goes to thread `q % threads` (see [`queue_of`]).
-    fn queues_per_thread(&self) -> Vec<u64> {
-        thread_masks(self.inner.cfg.num_queues, self.inner.cfg.threads())
-    }
-
-    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
-            Ok(pair) => Some(pair),
-            Err(e) => {
-                log::error!("cannot create a worker exit event: {e}");
-                None
-            }
-        }
-    }
-
-    /// GET_VRING_BASE: the queue is already marked not ready. Waits until
-    /// its worker has left it (a poll session ends at once; see
-    /// [`BlkBackend::process`]), then until its requests are done, so that
-    /// nothing writes into the ring after this returns.
-    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        let Some(f) = usize::try_from(queue_index)
-            .ok()
-            .and_then(|q| self.inner.inflight.get(q))
-        else {
-            return Ok(());
-        };
-        if !f.wait_unserved(DRAIN_TIMEOUT) {
-            log::error!("queue {queue_index}: its worker still serves it after {DRAIN_TIMEOUT:?}");
-        }
-        if !f.wait_idle(DRAIN_TIMEOUT) {
-            log::error!("queue {queue_index}: requests still in flight after {DRAIN_TIMEOUT:?}");
-        }
-        Ok(())
-    }
-
-    fn handle_event(
-        &self,
-        device_event: u16,
-        evset: EventSet,
-        vrings: &[Vring],
-        thread_id: usize,
-    ) -> io::Result<()> {
-        // Event `i` below `vrings.len()` is the kick of the thread's i-th
-        // queue; `ring_event(i)` is that queue's io_uring completion eventfd.
-        if !evset.contains(EventSet::IN) {
-            return Ok(());
-        }
-        let event = usize::from(device_event);
-        let base = self.ring_event(0);
-        let (local, kick) = if event < vrings.len() {
-            (event, true)
-        } else if let Some(i) = u64::from(device_event).checked_sub(base) {
-            (usize::try_from(i).unwrap_or(usize::MAX), false)
-        } else {
-            return Ok(());
-        };
-        let Some(vring) = vrings.get(local) else {
-            return Ok(());
-        };
-        let q = queue_of(thread_id, local, self.inner.cfg.threads());
-        let result = if kick {
-            self.process_queue(q, vring)
-        } else {
-            self.process_ring(q, vring)
-        };
-        // An error returned here would end the queue's worker thread for
-        // good (the library leaves its loop): log it and keep serving; the
-        // next kick or completion tries again. A guest can cause one per
-        // kick (a ring outside its memory), so log the 1st, 2nd, 4th, ...
-        if let Err(e) = result {
-            self.inner.queue_error(q, e);
-        }
-        Ok(())
     }
 }
 
@@ -1166,68 +838,5 @@ mod tests {
         assert_eq!(rw.queues_per_thread(), vec![1, 2, 4]);
         let cap = rw.get_config(0, 8);
         assert_eq!(u64::from_le_bytes(cap.try_into().unwrap()), 2048);
-    }
-
-    /// `threads()` owns the default: 0 means `default_queue_threads` for this
-    /// host, an explicit count is clamped to the queues, and polling always
-    /// gets one thread per queue.
-    #[test]
-    fn thread_count_default_clamp_and_polling() {
-        let cfg = |queues, threads, poll_us| BlkBackendConfig {
-            num_queues: queues,
-            queue_size: 256,
-            limits: DeviceLimits::new(1 << 20, 4096, false),
-            serial: String::new(),
-            io_uring: false,
-            poll: Duration::from_micros(poll_us),
-            queue_threads: threads,
-            pin_guest_memory: false,
-        };
-        for queues in [1u16, 2, 3, 8] {
-            let want = default_queue_threads(queues, false, host_cpus());
-            assert_eq!(cfg(queues, 0, 0).threads(), want, "{queues} queues");
-            assert!((1..=queues).contains(&want));
-            assert_eq!(cfg(queues, 0, 5).threads(), queues);
-            assert_eq!(cfg(queues, 1, 5).threads(), queues);
-            assert_eq!(cfg(queues, 1, 0).threads(), 1);
-            assert_eq!(cfg(queues, 100, 0).threads(), queues);
-        }
-    }
-
-    /// For every queue count and thread count, the event a worker gets for
-    /// each of its queues (numbered as vhost-user-backend numbers kicks: the
-    /// queue's place among the thread's queues) maps back to that queue, each
-    /// queue has exactly one worker, and the completion event ids of a
-    /// worker are distinct, above the reserved ids and fit in a u16.
-    #[test]
-    fn every_queue_layout_maps_events_back_to_their_queue() {
-        for queues in 1..=16u16 {
-            for threads in 1..=queues {
-                let masks = thread_masks(queues, threads);
-                assert_eq!(masks.len(), usize::from(threads));
-                let all = masks.iter().fold(0u64, |a, m| {
-                    assert_eq!(a & m, 0, "a queue on two threads");
-                    a | m
-                });
-                assert_eq!(
-                    all,
-                    (1u64 << queues) - 1,
-                    "{queues} queues, {threads} threads"
-                );
-                for (t, &mask) in masks.iter().enumerate() {
-                    let mut ids = Vec::new();
-                    for q in (0..queues).filter(|q| mask >> q & 1 == 1) {
-                        // vhost-user-backend's `evt_idx` for queue q.
-                        let local = (mask.count_ones() - (mask >> q).count_ones()) as usize;
-                        assert_eq!(queue_of(t, local, threads), usize::from(q));
-                        let id = ring_event_id(queues, local);
-                        assert!(id > u64::from(queues) && id <= u64::from(u16::MAX));
-                        ids.push(id);
-                    }
-                    ids.dedup();
-                    assert_eq!(ids.len(), mask.count_ones() as usize);
-                }
-            }
-        }
     }
 }
