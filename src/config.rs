@@ -500,14 +500,7 @@ mod tests {
     }
 
     #[test]
-    fn default_queue_threads_use_at_most_half_the_cpus() {
-        assert_eq!(default_queue_threads(2, false, 2), 1);
-        assert_eq!(default_queue_threads(2, false, 1), 1);
-        assert_eq!(default_queue_threads(4, false, 4), 2);
-        assert_eq!(default_queue_threads(4, false, 64), 4);
-        assert_eq!(default_queue_threads(1, false, 64), 1);
-        // Polling needs a thread per queue whatever the CPUs.
-        assert_eq!(default_queue_threads(4, true, 2), 4);
+    fn queue_threads_default_comes_from_the_backend_rule() {
         let c = parse(&["--queues", "2", "--poll", "1us"]).unwrap();
         assert_eq!(c.queue_threads, 2);
         let c = parse(&["--queues", "4"]).unwrap();

@@ -10,11 +10,9 @@ impl BlkBackendConfig {
     pub fn threads(&self) -> u16 {
         let queues = self.num_queues.max(1);
         let polling = !self.poll.is_zero();
-        if polling {
-            return queues;
-        }
         match self.queue_threads {
             0 => default_queue_threads(queues, polling, host_cpus()),
+            _ if polling => queues,
             n => n.min(queues),
         }
     }
@@ -80,6 +78,17 @@ mod tests {
     /// `threads()` owns the default: 0 means `default_queue_threads` for this
     /// host, an explicit count is clamped to the queues, and polling always
     /// gets one thread per queue.
+    #[test]
+    fn default_queue_threads_use_at_most_half_the_cpus() {
+        assert_eq!(default_queue_threads(2, false, 2), 1);
+        assert_eq!(default_queue_threads(2, false, 1), 1);
+        assert_eq!(default_queue_threads(4, false, 4), 2);
+        assert_eq!(default_queue_threads(4, false, 64), 4);
+        assert_eq!(default_queue_threads(1, false, 64), 1);
+        // Polling needs a thread per queue whatever the CPUs.
+        assert_eq!(default_queue_threads(4, true, 2), 4);
+    }
+
     #[test]
     fn thread_count_default_clamp_and_polling() {
         let cfg = |queues, threads, poll_us| BlkBackendConfig {
