@@ -147,7 +147,7 @@ impl Core {
         let mut records = Vec::with_capacity(queued.len());
         let mut again = Vec::new();
         for f in queued {
-            let set = f / u64::from(self.layout.geometry.assoc);
+            let set = self.layout.geometry.set_of_frame(f);
             let _g = self.lock(set);
             let e = self.frames.get(f);
             if e.state() == super::frames::FrameState::Filling {
@@ -179,7 +179,7 @@ impl Core {
     /// Sets each recorded frame's committed flag and wakes waiters.
     fn apply_committed(&self, records: &[(u64, u64)]) {
         for &(f, v) in records {
-            let set = f / u64::from(self.layout.geometry.assoc);
+            let set = self.layout.geometry.set_of_frame(f);
             let g = self.lock(set);
             let e = self.frames.get(f).with_flag(CDIRTY, v & DIRTY != 0);
             self.frames.set(f, e);
@@ -199,7 +199,7 @@ impl Core {
             .map(|f| match overrides.get(&f) {
                 Some(&v) => v,
                 None => {
-                    let _g = self.lock(f / u64::from(self.layout.geometry.assoc));
+                    let _g = self.lock(self.layout.geometry.set_of_frame(f));
                     self.frames.get(f).committed()
                 }
             })

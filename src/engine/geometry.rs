@@ -200,6 +200,12 @@ impl Geometry {
             | (run & (u64::from(self.span) - 1))
     }
 
+    /// The set that frame `frame` (`set * assoc + way`) belongs to.
+    #[inline]
+    pub fn set_of_frame(&self, frame: u64) -> u64 {
+        frame >> self.assoc.trailing_zeros()
+    }
+
     /// The position of frame `frame` (`set * assoc + way`) in the data area,
     /// in frames. A bijection of `[0, cache_blocks)`. Runs for every cache
     /// I/O, so assoc and run (powers of two) are shifts and masks.
@@ -208,10 +214,10 @@ impl Geometry {
         match self.order {
             FrameOrder::BySet => frame,
             FrameOrder::ByRow => {
-                let (a_shift, r_shift) = (self.assoc.trailing_zeros(), self.run.trailing_zeros());
+                let r_shift = self.run.trailing_zeros();
                 let way = frame & (u64::from(self.assoc) - 1);
                 let row = way >> r_shift;
-                ((row * self.sets() + (frame >> a_shift)) << r_shift)
+                ((row * self.sets() + self.set_of_frame(frame)) << r_shift)
                     | (way & (u64::from(self.run) - 1))
             }
         }

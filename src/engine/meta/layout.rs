@@ -45,10 +45,6 @@ impl Layout {
         }
     }
 
-    pub fn sets(&self) -> u64 {
-        self.geometry.sets()
-    }
-
     pub fn table_pages(&self) -> u64 {
         self.geometry.cache_blocks.div_ceil(ENTRIES_PER_PAGE)
     }

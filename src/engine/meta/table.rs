@@ -89,7 +89,7 @@ pub fn entry_problem(e: u64, frame: u64, source_blocks: u64, g: &Geometry) -> Op
             source_blocks,
         });
     }
-    let (want, have) = (g.set_of(block), frame / u64::from(g.assoc));
+    let (want, have) = (g.set_of(block), g.set_of_frame(frame));
     (want != have).then_some(EntryProblem::WrongSet { block, want, have })
 }
 
