@@ -10,7 +10,9 @@ use std::time::Duration;
 use vblkcache::device::{
     BlockDevice, FaultDevice, GateDevice, GateOp, MemDevice, VolatileCacheDevice,
 };
-use vblkcache::engine::{Engine, EngineConfig, GeometryRequest, WriteMode, WritebackConfig};
+use vblkcache::engine::{
+    Engine, EngineConfig, EngineError, GeometryRequest, WriteMode, WritebackConfig,
+};
 
 const BS: usize = 4096;
 const WAIT: Duration = Duration::from_secs(10);
@@ -165,8 +167,10 @@ fn guest_flush_during_writeback_of_committed_block() {
     guest_flush_during_writeback_flush(true);
 }
 
-/// A source flush that fails leaves the written-back blocks dirty, so the
-/// next writeback writes them again.
+/// A source flush that fails leaves the written-back blocks dirty. Every
+/// later flush of that source fails too (what the failed one lost may not
+/// come back), until a restart: then the blocks, committed dirty, are written
+/// back again.
 #[test]
 fn failed_source_flush_keeps_blocks_dirty() {
     let src = Arc::new(FaultDevice::new(MemDevice::new((64 * BS) as u64)));
@@ -183,6 +187,16 @@ fn failed_source_flush_keeps_blocks_dirty() {
         "blocks marked clean without a source flush"
     );
     src.heal();
+    let again = e.flush_all(&mut |_| {});
+    assert!(
+        matches!(again, Err(EngineError::EarlierFlushFailed { .. })),
+        "writeback after a failed source flush: {again:?}"
+    );
+    assert_eq!(e.dirty_blocks(), 2);
+    assert!(e.shutdown(false).is_err(), "persisted after a failed flush");
+    drop(e);
+    let e = Engine::open(src.clone(), cache.clone(), cfg(None)).unwrap();
+    assert_eq!(e.dirty_blocks(), 2, "the committed dirty blocks came back");
     e.flush_all(&mut |_| {}).unwrap();
     assert_eq!(e.dirty_blocks(), 0);
     let mut back = vec![0u8; 2 * BS];

@@ -98,16 +98,19 @@ impl Core {
         j: &mut JournalState,
         records: &[(u64, u64)],
     ) -> Result<(), EngineError> {
-        if self.cache_written.swap(false, SeqCst) {
-            if let Err(e) = self.cache.flush() {
+        // A device whose flush failed once fails every commit from then on
+        // (`durable`): a record written now could map a frame whose data
+        // that flush lost.
+        if self.cache_written.swap(false, SeqCst) || self.cache_flush.failed() {
+            if let Err(e) = self.flush_cache() {
                 self.cache_written.store(true, SeqCst);
-                return Err(EngineError::Cache(e));
+                return Err(e);
             }
         }
-        if self.source_written.swap(false, SeqCst) {
-            if let Err(e) = self.source.flush() {
+        if self.source_written.swap(false, SeqCst) || self.source_flush.failed() {
+            if let Err(e) = self.flush_source() {
                 self.source_written.store(true, SeqCst);
-                return Err(EngineError::Source(e));
+                return Err(e);
             }
         }
         if records.is_empty() {
@@ -121,8 +124,10 @@ impl Core {
             let mut buf = AlignedBuf::new(bytes.len());
             buf.copy_from_slice(&bytes);
             let at = self.layout.journal_offset + j.pos;
+            // A failed write leaves `pos` and `seq` where they were: the
+            // retry overwrites whatever part of it reached the device.
             self.cache.write_at(&buf, at).map_err(EngineError::Cache)?;
-            self.cache.flush().map_err(EngineError::Cache)?;
+            self.flush_cache()?;
             j.pos += need;
             j.seq += 1;
         }
@@ -209,15 +214,26 @@ impl Core {
             device: self.cache.name(),
             source: e,
         };
+        // The durable superblock points at the other copy: a failed or torn
+        // write here is retried into the same inactive copy.
         meta::save_table(&*self.cache, &self.layout, copy, &entries).map_err(meta_err)?;
-        self.cache.flush().map_err(EngineError::Cache)?;
-        j.seq += 1;
-        j.sb.commit_seq = j.seq;
-        j.sb.journal_pos = 0;
-        j.sb.table_copy = copy;
-        j.sb.seq += 1;
-        j.slot = 1 - j.slot;
-        meta::write_superblock(&*self.cache, &j.sb, j.slot).map_err(meta_err)?;
+        self.flush_cache()?;
+        let mut sb = j.sb.clone();
+        sb.commit_seq = j.seq + 1;
+        sb.journal_pos = 0;
+        sb.table_copy = copy;
+        sb.seq += 1;
+        let slot = 1 - j.slot;
+        if let Err(e) = meta::write_superblock(&*self.cache, &sb, slot) {
+            // Which superblock the device now holds is unknown, so no copy
+            // of the table and no journal position is safe to write next:
+            // stop writing metadata (`durable`).
+            self.cache_flush.fail(&*self.cache, &e);
+            return Err(meta_err(e));
+        }
+        j.seq = sb.commit_seq;
+        j.sb = sb;
+        j.slot = slot;
         j.pos = 0;
         j.checkpoints += 1;
         Ok(())

@@ -7,6 +7,7 @@
 //! Requests that hold claims while waiting (uncached writes) take them in
 //! ascending block order.
 
+use super::durable::StickyFlush;
 use super::frames::{
     Entry, FrameState, FrameTable, StripeState, BLOCK_MASK, CDIRTY, QUEUED, SRCPEND,
 };
@@ -63,6 +64,11 @@ pub(crate) struct Core {
     pub cache_written: AtomicBool,
     /// The source has writes not yet flushed.
     pub source_written: AtomicBool,
+    /// Every flush of the cache device goes through this: once one failed,
+    /// all later ones fail (see `durable`).
+    pub cache_flush: StickyFlush,
+    /// The same for the source.
+    pub source_flush: StickyFlush,
     /// Foreground requests in progress (read by writeback throttling).
     pub inflight: super::shard::ShardedCount,
     /// Writes in progress that started in writeback mode (a mode switch waits
@@ -97,6 +103,16 @@ pub(crate) struct Core {
 }
 
 impl Core {
+    /// Flushes the cache device (see `durable`).
+    pub fn flush_cache(&self) -> Result<(), EngineError> {
+        self.cache_flush.flush(&*self.cache, EngineError::Cache)
+    }
+
+    /// Flushes the source (see `durable`).
+    pub fn flush_source(&self) -> Result<(), EngineError> {
+        self.source_flush.flush(&*self.source, EngineError::Source)
+    }
+
     pub fn mode(&self) -> WriteMode {
         WriteMode::from_u8(self.mode.load(SeqCst)).unwrap_or(WriteMode::Writethrough)
     }
@@ -275,7 +291,7 @@ impl Core {
             .here()
             .writeback_source_flushes
             .fetch_add(1, Relaxed);
-        let r = self.source.flush().map_err(EngineError::Source);
+        let r = self.flush_source();
         settle(r.is_ok());
         r
     }
@@ -314,6 +330,18 @@ impl Core {
         let g = self.lock(set);
         self.frames.set(f, self.frames.get(f).unpinned());
         self.frames.notify(set, &g);
+    }
+
+    /// Frees frame `f` of `set` if it still holds `block` clean and nobody
+    /// uses it (after its data could not be read). A frame in use stays: a
+    /// later failed read drops it.
+    pub fn drop_clean(&self, set: u64, f: u64, block: u64) {
+        let g = self.lock(set);
+        let e = self.frames.get(f);
+        if e.valid() && e.block() == block && !e.dirty() && e.quiet() {
+            self.free_frame(f);
+            self.frames.notify(set, &g);
+        }
     }
 
     /// Frees frame `f` of `set` after a failed fill and wakes waiters.

@@ -6,6 +6,7 @@ mod bufpool;
 mod commit;
 mod core;
 mod direct;
+mod durable;
 mod frames;
 pub mod geometry;
 pub mod meta;
@@ -143,6 +144,8 @@ pub enum EngineError {
     ShutDown,
     #[error("the metadata commit this flush joined failed (see the log)")]
     CommitFailed,
+    #[error("{device}: a flush failed earlier, so writes since the last good flush may not be durable; every later flush fails (restart once the device is healthy)")]
+    EarlierFlushFailed { device: String },
 }
 
 impl EngineError {
@@ -276,6 +279,8 @@ impl Engine {
             dirty: AtomicU64::new(0),
             cache_written: AtomicBool::new(false),
             source_written: AtomicBool::new(false),
+            cache_flush: durable::StickyFlush::default(),
+            source_flush: durable::StickyFlush::default(),
             inflight: ShardedCount::default(),
             wb_writers: AtomicU64::new(0),
             closed: AtomicBool::new(false),
@@ -523,7 +528,8 @@ impl Engine {
 
     /// Stops serving, waits for requests and background stores in flight,
     /// optionally writes back every dirty block, and persists the mapping with
-    /// a clean-shutdown mark. Later requests fail with `ShutDown`. Calling it
+    /// a clean-shutdown mark (also when the writeback failed: the blocks it
+    /// left dirty are saved dirty; not after a failed flush, see `durable`). Later requests fail with `ShutDown`. Calling it
     /// again does nothing.
     pub fn shutdown(&self, writeback: bool) -> Result<(), EngineError> {
         if self.shut.swap(true, SeqCst) {
@@ -543,8 +549,18 @@ impl Engine {
         };
         // No pass runs any more: end the kept writer threads.
         c.wb_pool.stop();
-        r?;
-        self.persist()
+        // Blocks a failed writeback left dirty are persisted dirty: the
+        // mapping is saved whether or not the writeback succeeded.
+        let saved = self.persist();
+        match r {
+            Err(e) => {
+                if let Err(p) = saved {
+                    log::error!("cache metadata not saved: {p}");
+                }
+                Err(e)
+            }
+            Ok(()) => saved,
+        }
     }
 
     /// Stops the background threads and waits for them, persisting nothing:
@@ -584,14 +600,18 @@ impl Engine {
             device: c.cache.name(),
             source: e,
         };
-        // Data first: the table written next points at it.
-        c.cache.flush().map_err(EngineError::Cache)?;
+        // Data first: the table written next points at it. After a failed
+        // flush nothing is persisted (`durable`): the next start recovers
+        // from the last good commit.
+        c.flush_cache()?;
         c.cache_written.store(false, SeqCst);
         // Frames written back whose pass has not flushed the source yet are
         // persisted clean below: the source must hold their data first.
         let written_back = (0..c.frames.frames()).any(|f| c.frames.get(f).srcpend());
-        if c.source_written.swap(false, SeqCst) | written_back {
-            c.source.flush().map_err(EngineError::Source)?;
+        // A source whose flush failed may have lost writes that clean
+        // entries stand for: then nothing is persisted either.
+        if c.source_written.swap(false, SeqCst) | written_back | c.source_flush.failed() {
+            c.flush_source()?;
         }
         let mut j = c.journal.lock().unwrap_or_else(|p| p.into_inner());
         let j = &mut *j;
@@ -599,21 +619,30 @@ impl Engine {
         let entries: Vec<u64> = (0..c.frames.frames())
             .map(|f| c.frames.get(f).persistent())
             .collect();
-        j.sb.table_copy ^= 1;
-        meta::save_table(&*c.cache, &c.layout, j.sb.table_copy, &entries).map_err(meta_err)?;
-        c.cache.flush().map_err(EngineError::Cache)?;
-        j.seq += 1;
-        j.sb.clean = true;
-        j.sb.mode = c.mode();
-        j.sb.commit_seq = j.seq;
-        j.sb.journal_pos = 0;
+        // `j` changes only once everything is written, so that it always
+        // describes what the durable superblock may point at.
+        let mut sb = j.sb.clone();
+        sb.table_copy ^= 1;
+        meta::save_table(&*c.cache, &c.layout, sb.table_copy, &entries).map_err(meta_err)?;
+        c.flush_cache()?;
+        sb.clean = true;
+        sb.mode = c.mode();
+        sb.commit_seq = j.seq + 1;
+        sb.journal_pos = 0;
         // Both slots get the clean superblock (one after the other, each
         // flushed), so either copy alone still says "clean".
+        let mut slot = j.slot;
         for _ in 0..2 {
-            j.sb.seq += 1;
-            j.slot = 1 - j.slot;
-            meta::write_superblock(&*c.cache, &j.sb, j.slot).map_err(meta_err)?;
+            sb.seq += 1;
+            slot = 1 - slot;
+            if let Err(e) = meta::write_superblock(&*c.cache, &sb, slot) {
+                c.cache_flush.fail(&*c.cache, &e);
+                return Err(meta_err(e));
+            }
         }
+        j.seq = sb.commit_seq;
+        j.sb = sb;
+        j.slot = slot;
         log::info!(
             "cache metadata saved: {} blocks in use, {} dirty",
             c.valid.load(SeqCst),

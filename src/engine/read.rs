@@ -77,10 +77,28 @@ impl Core {
                         self.policy.on_hit(f, &mut g.clock);
                         drop(g);
                         self.stats.here().read_hits.fetch_add(1, Relaxed);
-                        let r = self
+                        let mut r = self
                             .cache
                             .read_at(&mut buf[out.clone()], self.layout.frame_offset(f) + c.off)
                             .map_err(EngineError::Cache);
+                        if let (Err(err), false) = (&r, e.dirty()) {
+                            // A clean block is also on the source; the pin
+                            // keeps uncached writes (which claim the frame)
+                            // from changing it meanwhile.
+                            self.stats.here().errors.fetch_add(1, Relaxed);
+                            log::warn!(
+                                "reading cached block {} failed, read it from the source and \
+                                 dropped it from the cache: {err}",
+                                c.block
+                            );
+                            r = self
+                                .source
+                                .read_at(&mut buf[out.clone()], c.block * self.bs + c.off)
+                                .map_err(EngineError::Source);
+                            self.unpin(set, f);
+                            self.drop_clean(set, f, c.block);
+                            return r;
+                        }
                         self.unpin(set, f);
                         return r;
                     }

@@ -5,7 +5,8 @@
 //! write the source with one request after claiming every cached block the
 //! write touches: in writethrough (or for a block that is still dirty) the
 //! frame is updated after the source, exclusively, so cache and source never
-//! disagree; otherwise the frame is invalidated. Blocks not cached are
+//! disagree (a clean frame whose update or source write failed is dropped);
+//! otherwise the frame is invalidated. Blocks not cached are
 //! registered as "uncached write in flight" so no fill can cache old data.
 
 use super::core::{chunks, Chunk, Core, Victim};
@@ -157,10 +158,17 @@ impl Core {
             .write_at(buf, offset)
             .map_err(EngineError::Source);
         self.source_written.store(true, SeqCst);
-        // If the source write failed, neither copy changed: just release.
         let source_ok = result.is_ok();
         for &(block, f) in &claims.update {
             let set = self.set_of(block);
+            // A failed source write may still have changed part of the range
+            // (a short write), so a clean frame's old data could disagree
+            // with the source: drop it. A dirty frame keeps its data, which
+            // writeback will put over whatever the source holds.
+            if !source_ok && !self.frames.get(f).dirty() {
+                self.abandon(set, f);
+                continue;
+            }
             if source_ok {
                 let start = (block * self.bs).max(offset);
                 let end = ((block + 1) * self.bs).min(offset + buf.len() as u64);

@@ -6,7 +6,10 @@
 //! of consecutive blocks, each written with one source request. Frames are
 //! `WritingBack` while copied: readable, but no write can change them, so the
 //! data marked clean is exactly the data the source received. A failed run
-//! (cache read or source write) puts its frames back to dirty and idle.
+//! (cache read or source write) puts its frames back to dirty and idle, and
+//! the pass goes on with the next runs, so one bad sector does not keep every
+//! other dirty block from the source; the pass still returns the error. A
+//! failed source flush ends the pass: no later write could be made durable.
 //!
 //! A pass is a two-stage pipeline so that the cache copy does not add to the
 //! source time: the pass's thread claims run N+1 and reads it from the cache
@@ -169,6 +172,12 @@ impl Core {
         throttle: bool,
         progress: &mut dyn FnMut(u64),
     ) -> Result<u64, EngineError> {
+        if self.source_flush.failed() {
+            // Nothing written now could be made durable (`durable`).
+            return Err(EngineError::EarlierFlushFailed {
+                device: self.source.name(),
+            });
+        }
         let cands = self.dirty_candidates();
         if cands.is_empty() {
             return Ok(0);
@@ -250,7 +259,12 @@ pub(crate) fn run_writeback(core: Arc<Core>) {
         let frames = core.layout.geometry.cache_blocks;
         let high = frames * u64::from(core.wb.high_watermark_pct) / 100;
         let low = frames * u64::from(core.wb.low_watermark_pct) / 100;
-        if core.dirty.load(Relaxed) <= high {
+        // After a failed flush nothing can be cleaned for good; the failure
+        // was logged once (`durable`).
+        if core.dirty.load(Relaxed) <= high
+            || core.source_flush.failed()
+            || core.cache_flush.failed()
+        {
             continue;
         }
         while core.dirty.load(Relaxed) > low {
@@ -306,7 +320,7 @@ impl Pass<'_, '_> {
             // Blocks being written still count as dirty; stop claiming once
             // the target is reached when they are done.
             let pending: usize = self.flying.iter().map(Vec::len).sum();
-            let more = self.failed.is_none()
+            let more = !core.source_flush.failed()
                 && i < cands.len()
                 && core.dirty.load(Relaxed).saturating_sub(pending as u64) > target;
             if more && throttle && !self.flying.is_empty() && core.inflight.total() > 0 {
