@@ -410,9 +410,16 @@ impl BlkBackend {
         // (see `uring::POST_BATCH`). Requests that went to the pool post
         // their own.
         let post_batch = ring_guard.as_deref().map_or(usize::MAX, |r| r.post_batch());
+        // A ring whose notification fields cannot be written (a used ring
+        // the driver placed at the very end of guest memory) ends the pass
+        // with this error, but only after what is done has been posted.
+        let mut notify_failed = None;
         loop {
             if event_idx && !polling {
-                vring.disable_notification().map_err(io::Error::other)?;
+                if let Err(e) = vring.disable_notification() {
+                    notify_failed = Some(io::Error::other(e));
+                    break;
+                }
             }
             loop {
                 // Back-pressure per queue: at most one ring's worth of
@@ -556,11 +563,23 @@ impl BlkBackend {
             // loop going.
             let again = {
                 let mut state = vring.get_mut();
-                is_live(&state) && state.enable_notification().map_err(io::Error::other)?
+                is_live(&state)
+                    && state.enable_notification().unwrap_or_else(|e| {
+                        notify_failed = Some(io::Error::other(e));
+                        false
+                    })
             };
             if !again {
                 break;
             }
+        }
+        if let Some(e) = notify_failed {
+            if let Some(r) = ring_guard.as_deref_mut() {
+                let done = r.reap();
+                drop(ring_guard);
+                self.finish_ring(q, vring, done);
+            }
+            return Err(e);
         }
         if polling || kickless {
             // The poll loop reaps; after a kickless end, the completions do.

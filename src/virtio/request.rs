@@ -91,10 +91,12 @@ pub enum BlkError {
 }
 
 impl BlkError {
-    /// The `VIRTIO_BLK_S_*` status reported to the driver.
+    /// The `VIRTIO_BLK_S_*` status reported to the driver. The virtio spec
+    /// (5.2.6.2) wants UNSUPP for a discard with the unmap flag and for any
+    /// unknown flag of a discard or write-zeroes segment.
     pub fn status(&self) -> u8 {
         match self {
-            BlkError::Unsupported(_) => VIRTIO_BLK_S_UNSUPP as u8,
+            BlkError::Unsupported(_) | BlkError::SegmentFlags(_) => VIRTIO_BLK_S_UNSUPP as u8,
             _ => VIRTIO_BLK_S_IOERR as u8,
         }
     }

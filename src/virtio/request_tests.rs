@@ -251,6 +251,7 @@ fn discard_and_write_zeroes_segments() {
     segment(&m, DATA, 8, 16, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP);
     let (e, _) = err(parse(&m, &[d(HDR, 16, 0), d(DATA, 16, 0), d(STATUS, 1, W)]));
     assert!(matches!(e, BlkError::SegmentFlags(1)), "{e}");
+    assert_eq!(e.status(), VIRTIO_BLK_S_UNSUPP as u8, "discard with unmap");
     header(&m, VIRTIO_BLK_T_WRITE_ZEROES, 0);
     let r = parse(&m, &[d(HDR, 16, 0), d(DATA, 16, 0), d(STATUS, 1, W)]).unwrap();
     assert!(matches!(
@@ -261,6 +262,7 @@ fn discard_and_write_zeroes_segments() {
     segment(&m, DATA, 8, 16, 4);
     let (e, _) = err(parse(&m, &[d(HDR, 16, 0), d(DATA, 16, 0), d(STATUS, 1, W)]));
     assert!(matches!(e, BlkError::SegmentFlags(4)), "{e}");
+    assert_eq!(e.status(), VIRTIO_BLK_S_UNSUPP as u8, "unknown flag");
     // Too many segments (max_discard_seg is 1), and a partial one.
     header(&m, VIRTIO_BLK_T_DISCARD, 0);
     segment(&m, DATA, 0, 8, 0);
