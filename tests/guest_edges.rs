@@ -3,7 +3,8 @@
 //! guest memory laid out by hand: buffers straddling or running out of
 //! memory regions, discard flags, zero-length ranges, GET_ID into short
 //! buffers, head indexes outside the queue, indirect tables, a memory table
-//! replaced under requests in flight, and a used ring at the end of memory.
+//! replaced under requests in flight, descriptors shared by header, data and
+//! status, and a used ring at the end of memory.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -624,6 +625,56 @@ fn memory_table_replaced_while_requests_are_in_flight() {
     assert!(g.bytes(data1, 4096) == want);
     assert!(g.bytes(data2, 4096) == hit);
     drop(low);
+}
+
+/// VIRTIO_F_VERSION_1 implies any descriptor layout (virtio 1.x §2.7.4,
+/// "Message Framing": the device MUST NOT make assumptions about the
+/// arrangement of descriptors). A header sharing a descriptor with the
+/// data, or the status byte sharing one with the data, is a valid request.
+#[test]
+fn requests_with_merged_descriptors_are_served() {
+    let mut g = Guest::mem_only(&two_regions());
+    let want = pattern(6, 4096);
+    g.engine.write(8 * 512, &want).unwrap();
+    let mut results = Vec::new();
+    // Read: data and status in one writable descriptor of 4097 bytes.
+    let (hdr, buf) = (0x4000u64, 0x5000u64);
+    g.mem.write_slice(&[0u8; 4097], GuestAddress(buf)).unwrap();
+    g.set(buf + 4096, UNTOUCHED);
+    g.header(hdr, VIRTIO_BLK_T_IN, 8);
+    let head = g.chain(0, &[(hdr, 16, 0), (buf, 4097, W)]);
+    g.publish(head);
+    assert!(g.run());
+    results.push((
+        "read: data+status in one descriptor",
+        g.take_used(),
+        g.byte(buf + 4096),
+        g.bytes(buf, 4096) == want,
+    ));
+    // Write: header and data in one readable descriptor of 16 + 4096 bytes.
+    let out = pattern(11, 4096);
+    let (st,) = (0x4100u64,);
+    g.header(0x6000, VIRTIO_BLK_T_OUT, 24);
+    g.mem.write_slice(&out, GuestAddress(0x6010)).unwrap();
+    g.set(st, UNTOUCHED);
+    let head = g.chain(0, &[(0x6000, 16 + 4096, 0), (st, 1, W)]);
+    g.publish(head);
+    assert!(g.run());
+    let mut disk = vec![0u8; 4096];
+    g.engine.read(24 * 512, &mut disk).unwrap();
+    results.push((
+        "write: header+data in one descriptor",
+        g.take_used(),
+        g.byte(st),
+        disk == out,
+    ));
+    for r in &results {
+        eprintln!("{}: used {:?} status {:#x} data ok {}", r.0, r.1, r.2, r.3);
+    }
+    for (name, _, status, data_ok) in results {
+        assert_eq!(status, OK, "{name}");
+        assert!(data_ok, "{name}");
+    }
 }
 
 /// EVENT_IDX with a used ring whose trailing `avail_event` field lies just

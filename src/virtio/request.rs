@@ -264,27 +264,27 @@ impl Request {
             error,
             status_addr: Some(status_addr),
         };
-        // status_of guarantees at least two descriptors.
-        let header = descs[0];
-        if header.writable {
-            return Err(fail(BlkError::HeaderWritable));
-        }
-        if header.len != HEADER_LEN {
-            return Err(fail(BlkError::HeaderLength(header.len)));
-        }
-        let mut raw = [0u8; HEADER_LEN as usize];
-        mem.read_slice(&mut raw, header.addr).map_err(|_| {
-            fail(BlkError::OutsideGuestMemory {
-                addr: header.addr.0,
-                len: header.len,
-            })
-        })?;
+        // VIRTIO_F_VERSION_1 allows any framing: the header is the chain's
+        // first 16 bytes, the status its last byte, the data what lies in
+        // between. Descriptors shared between two of them are cut in place.
+        let (raw, start) = read_header(descs, mem).map_err(fail)?;
+        // status_of checked the last descriptor: writable, at least 1 byte.
+        let last = descs.len() - 1;
+        // Data bytes in the status descriptor (a FLUSH may have them: they
+        // are ignored, as a longer status buffer always was).
+        let before_status = descs[last].len - 1;
+        let end = if before_status > 0 {
+            descs[last].len = before_status;
+            descs.len()
+        } else {
+            last
+        };
         let req_type = u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]);
         let sector = u64::from_le_bytes([
             raw[8], raw[9], raw[10], raw[11], raw[12], raw[13], raw[14], raw[15],
         ]);
 
-        let body = &descs[1..descs.len() - 1];
+        let body = descs.get(start..end).unwrap_or(&[]);
         let (data, data_len) = check_data(body, mem, limits).map_err(fail)?;
         let dir_ok = |writable: bool| body.iter().all(|d| d.len == 0 || d.writable == writable);
 
@@ -311,7 +311,7 @@ impl Request {
                 }
             }
             VIRTIO_BLK_T_FLUSH => {
-                if data_len != 0 {
+                if data_len != u64::from(before_status) {
                     return Err(fail(BlkError::UnexpectedData(req_type)));
                 }
                 RequestKind::Flush
@@ -388,6 +388,53 @@ where
             })
         })?;
     Ok(addr)
+}
+
+/// Reads the 16-byte header from the front of the chain, across as many
+/// device-readable descriptors as it takes. Returns it and the index of the
+/// first data descriptor; a descriptor the header ends inside is cut to the
+/// part after it, which is data. Zero-length descriptors are skipped.
+fn read_header<T>(descs: &mut [Desc], mem: &T) -> Result<([u8; 16], usize), BlkError>
+where
+    T: GuestMemoryBackend + ?Sized,
+{
+    let mut raw = [0u8; HEADER_LEN as usize];
+    let mut got = 0usize;
+    for (i, d) in descs.iter_mut().enumerate() {
+        if got == raw.len() {
+            return Ok((raw, i));
+        }
+        if d.len == 0 {
+            continue;
+        }
+        if d.writable {
+            return Err(if got == 0 {
+                BlkError::HeaderWritable
+            } else {
+                BlkError::HeaderLength(got as u32)
+            });
+        }
+        let outside = |d: &Desc| BlkError::OutsideGuestMemory {
+            addr: d.addr.0,
+            len: d.len,
+        };
+        // At most 16, so the casts below cannot truncate.
+        let n = (raw.len() - got).min(d.len as usize);
+        mem.read_slice(&mut raw[got..got + n], d.addr)
+            .map_err(|_| outside(d))?;
+        got += n;
+        if n < d.len as usize {
+            d.addr = d
+                .addr
+                .0
+                .checked_add(n as u64)
+                .map(GuestAddress)
+                .ok_or_else(|| outside(d))?;
+            d.len -= n as u32;
+            return Ok((raw, i));
+        }
+    }
+    Err(BlkError::HeaderLength(got as u32))
 }
 
 /// Checks the data descriptors: inside guest memory, total within limits.
