@@ -603,6 +603,11 @@ fn after_a_failed_cache_flush_no_flush_succeeds_and_the_old_data_comes_back() {
     }
     e.write(4 * BS as u64, &[0xB6; BS]).unwrap();
     assert!(e.flush().is_err(), "a later write does not mend it");
+    let st = e.status();
+    assert!(
+        st.cache_flush_failed && !st.source_flush_failed,
+        "status says which"
+    );
     // Nor may a clean shutdown persist a table that maps the lost data.
     assert!(
         e.shutdown(false).is_err(),

@@ -215,6 +215,11 @@ pub struct Status {
     pub metadata_commits: u64,
     /// Journal checkpoints (full table writes) since start.
     pub metadata_checkpoints: u64,
+    /// A flush of the cache device failed: every later flush fails until a
+    /// restart (see `durable`).
+    pub cache_flush_failed: bool,
+    /// The same for the source.
+    pub source_flush_failed: bool,
     pub start: StartInfo,
     pub stats: StatsSnapshot,
 }
@@ -521,6 +526,8 @@ impl Engine {
             uptime_secs: self.started.elapsed().as_secs_f64(),
             metadata_commits: self.core.journal.lock().map(|j| j.commits).unwrap_or(0),
             metadata_checkpoints: self.core.journal.lock().map(|j| j.checkpoints).unwrap_or(0),
+            cache_flush_failed: self.core.cache_flush.failed(),
+            source_flush_failed: self.core.source_flush.failed(),
             start: self.start.clone(),
             stats,
         }
@@ -529,7 +536,8 @@ impl Engine {
     /// Stops serving, waits for requests and background stores in flight,
     /// optionally writes back every dirty block, and persists the mapping with
     /// a clean-shutdown mark (also when the writeback failed: the blocks it
-    /// left dirty are saved dirty; not after a failed flush, see `durable`). Later requests fail with `ShutDown`. Calling it
+    /// left dirty are saved dirty; not after a failed flush, see `durable`).
+    /// Later requests fail with `ShutDown`. Calling it
     /// again does nothing.
     pub fn shutdown(&self, writeback: bool) -> Result<(), EngineError> {
         if self.shut.swap(true, SeqCst) {
