@@ -41,6 +41,11 @@ pub struct FileDevice {
     mem_align: usize,
     /// Serialises read-modify-write cycles.
     rmw: std::sync::Mutex<()>,
+    /// A second handle without O_DIRECT, for a regular file whose size is
+    /// not a multiple of `dio_align`: a write into its last partial sector
+    /// goes through it, since an aligned O_DIRECT write there would extend
+    /// the file (and a restart would then find a source of another size).
+    tail: Option<File>,
 }
 
 // BLKGETSIZE64 = _IOR(0x12, 114, size_t)
@@ -101,6 +106,16 @@ impl FileDevice {
         };
         let memory = in_memory(&file);
         let (dio_align, mem_align) = direct_alignment(&file, block_device);
+        let tail = if opts.direct && !block_device && !opts.read_only && size % dio_align != 0 {
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .map_err(|e| io_err(IoOp::Open, 0, 0, path, e))?;
+            Some(f)
+        } else {
+            None
+        };
         Ok(FileDevice {
             file,
             path: path.to_path_buf(),
@@ -111,6 +126,7 @@ impl FileDevice {
             dio_align,
             mem_align,
             rmw: std::sync::Mutex::new(()),
+            tail,
         })
     }
 
@@ -341,6 +357,14 @@ impl BlockDevice for FileDevice {
             return self.pwrite(buf, offset);
         }
         let (start, end) = self.window(offset, len);
+        if let Some(tail) = self.tail.as_ref().filter(|_| end > self.size) {
+            // The page cache writes exactly these bytes; a later flush
+            // (fsync of the inode) makes them durable, and O_DIRECT I/O on
+            // the range writes the page cache back first.
+            return tail
+                .write_all_at(buf, offset)
+                .map_err(|e| io_err(IoOp::Write, offset, len, &self.path, e));
+        }
         let mut bounce = AlignedBuf::new((end - start) as usize);
         let skip = (offset - start) as usize;
         // Only the partial head and tail sectors need their old content.
@@ -615,6 +639,36 @@ mod tests {
     #[test]
     fn direct_roundtrip() {
         roundtrip(true);
+    }
+
+    /// A file whose size is not a multiple of the direct-I/O alignment keeps
+    /// its size when its last partial sector is written (an aligned O_DIRECT
+    /// write there used to extend it, and the daemon then refused to start on
+    /// a source of another size).
+    #[test]
+    fn writing_the_tail_of_an_odd_sized_file_keeps_its_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("odd.img");
+        let size = 100_001u64;
+        std::fs::write(&path, vec![b'Z'; size as usize]).unwrap();
+        let opts = OpenOptions {
+            direct: true,
+            read_only: false,
+        };
+        let Ok(dev) = FileDevice::open(&path, opts) else {
+            return; // tmpfs refuses O_DIRECT
+        };
+        let data = vec![0x5a ^ 0xff; 3000];
+        dev.write_at(&data, size - 3000).unwrap();
+        dev.write_at(&data[..512], 99_840 - 512).unwrap();
+        dev.flush().unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), size);
+        let mut back = vec![0u8; 3000];
+        dev.read_at(&mut back, size - 3000).unwrap();
+        assert_eq!(back, data);
+        let on_disk = std::fs::read(&path).unwrap();
+        assert_eq!(&on_disk[(size - 3000) as usize..], &data[..]);
+        assert_eq!(on_disk[(size - 3001) as usize], b'Z');
     }
 
     /// Threads writing their own small ranges of the same 4 KiB window at
