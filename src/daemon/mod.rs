@@ -402,6 +402,7 @@ fn accept_loop(
         if !backend.drain(DRAIN_TIMEOUT) {
             log::error!("requests still in flight {DRAIN_TIMEOUT:?} after the front-end left");
         }
+        backend.end_guest_settings();
         match ended {
             Ok(()) => log::info!("front-end disconnected"),
             Err(e) => log::info!("front-end connection ended: {}", vhost_err(e)),

@@ -118,6 +118,10 @@ struct Inner {
     flushes: Vec<FlushQueue>,
     /// Engine flushes run for guest FLUSHes (each serves one or more).
     flush_batches: AtomicU64,
+    /// The guest turned its write cache off (wce=0) and so switched the
+    /// engine from writeback to writethrough. Only for this connection:
+    /// [`BlkBackend::end_guest_settings`] puts writeback back.
+    guest_wt: Mutex<bool>,
 }
 
 /// The backend. Cheap to clone (the vhost-user library clones it per worker).
@@ -128,6 +132,27 @@ pub struct BlkBackend {
 
 impl BlkBackend {
     /// A backend for one front-end connection.
+    /// Undoes what the guest of this connection changed in the engine: a
+    /// write cache it turned off (writeback → writethrough) is turned back on,
+    /// unless the operator has set another mode since. Called when the
+    /// connection has ended, so the operator's mode is what the next guest
+    /// gets and what a shutdown saves.
+    pub fn end_guest_settings(&self) {
+        let mut wt = self
+            .inner
+            .guest_wt
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if std::mem::take(&mut *wt) && self.inner.engine.mode() == WriteMode::Writethrough {
+            match self.inner.engine.set_mode(WriteMode::Writeback) {
+                Ok(()) => log::info!(
+                    "the guest's write-cache setting ended with its connection: back to writeback"
+                ),
+                Err(e) => log::warn!("cannot put writeback back after the guest's wce=0: {e}"),
+            }
+        }
+    }
+
     pub fn new(engine: Arc<Engine>, cfg: BlkBackendConfig, pool: IoPoolHandle) -> BlkBackend {
         let mut serial = [0u8; VIRTIO_BLK_ID_BYTES as usize];
         let n = cfg.serial.len().min(serial.len());
@@ -169,6 +194,7 @@ impl BlkBackend {
                 queue_errors: AtomicU64::new(0),
                 flushes: (0..cfg.num_queues).map(|_| FlushQueue::default()).collect(),
                 flush_batches: AtomicU64::new(0),
+                guest_wt: Mutex::new(false),
                 cfg,
             }),
         }
@@ -823,9 +849,34 @@ mod tests {
         assert_eq!(wce(&b), 0);
         b.set_config(config_space::WCE_OFFSET, &[1]).unwrap();
         assert_eq!(engine.mode(), WriteMode::Writeback);
-        // wce=0 leaves writearound alone: it already completes on the source.
+        // Turned off by the guest, writeback comes back with the end of
+        // its connection.
+        b.set_config(config_space::WCE_OFFSET, &[0]).unwrap();
+        assert_eq!(engine.mode(), WriteMode::Writethrough);
+        b.end_guest_settings();
+        assert_eq!(engine.mode(), WriteMode::Writeback);
+        // wce=0 leaves writearound alone: it already completes on the source;
+        // wce=1 does not override it, nor writethrough or passthrough set by
+        // the operator.
         engine.set_mode(WriteMode::Writearound).unwrap();
         b.set_config(config_space::WCE_OFFSET, &[0]).unwrap();
+        assert_eq!(engine.mode(), WriteMode::Writearound);
+        for m in [
+            WriteMode::Writearound,
+            WriteMode::Writethrough,
+            WriteMode::Passthrough,
+        ] {
+            engine.set_mode(m).unwrap();
+            b.set_config(config_space::WCE_OFFSET, &[1]).unwrap();
+            assert_eq!(engine.mode(), m, "wce=1 overrode the operator's {m}");
+            assert_eq!(wce(&b), 0);
+        }
+        // The operator's change while the guest had turned writeback off wins.
+        engine.set_mode(WriteMode::Writeback).unwrap();
+        b.set_config(config_space::WCE_OFFSET, &[0]).unwrap();
+        engine.set_mode(WriteMode::Writearound).unwrap();
+        b.set_config(config_space::WCE_OFFSET, &[1]).unwrap();
+        b.end_guest_settings();
         assert_eq!(engine.mode(), WriteMode::Writearound);
         // Nothing else is writable.
         assert!(b.set_config(0, &[0; 8]).is_err());

@@ -55,18 +55,33 @@ impl VhostUserBackend for BlkBackend {
         config_space::read(&image, offset, size)
     }
 
-    /// A guest write of `wce` switches writeback (1) / writethrough (0).
-    /// Writing 0 while in writearound or passthrough keeps that mode: both
-    /// already complete writes on the source.
+    /// A guest write of `wce`: 0 turns a writeback cache into writethrough
+    /// for as long as this connection lasts; 1 turns it back. The operator's
+    /// mode is never overridden otherwise: wce=1 with writethrough,
+    /// writearound or passthrough set by the operator keeps that mode (and
+    /// wce reads 0), wce=0 with them changes nothing (they already complete
+    /// writes on the source).
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
         let wce = config_space::parse_write(offset, buf)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let mut guest_wt = self
+            .inner
+            .guest_wt
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let current = self.inner.engine.mode();
+        if *guest_wt && current != WriteMode::Writethrough {
+            // The operator has set a mode since: it stays.
+            *guest_wt = false;
+        }
         let target = match (wce, current) {
-            (true, _) => WriteMode::Writeback,
+            (true, WriteMode::Writethrough) if *guest_wt => WriteMode::Writeback,
             (false, WriteMode::Writeback) => WriteMode::Writethrough,
-            (false, m) => m,
+            (_, m) => m,
         };
+        if wce && target != WriteMode::Writeback {
+            log::info!("guest set wce=1: the write mode stays {current} (set by the operator)");
+        }
         if target != current {
             log::info!(
                 "guest set wce={}: switching {current} -> {target}",
@@ -76,6 +91,7 @@ impl VhostUserBackend for BlkBackend {
                 .engine
                 .set_mode(target)
                 .map_err(io::Error::other)?;
+            *guest_wt = target == WriteMode::Writethrough;
         }
         Ok(())
     }
