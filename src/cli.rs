@@ -148,6 +148,12 @@ pub struct ServeArgs {
     /// cache [default: refuse].
     #[arg(long)]
     pub format: bool,
+    /// Accept a source file other than the one the cache was last used with,
+    /// when it is the same image moved or copied: the cache's clean entries
+    /// are dropped and its dirty blocks kept [default: refuse while the
+    /// cache holds dirty blocks].
+    #[arg(long)]
+    pub source_moved: bool,
     /// File mode of the sockets, in octal.
     #[arg(long, value_name = "MODE", default_value = "0600")]
     pub socket_mode: String,

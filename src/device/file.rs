@@ -466,6 +466,20 @@ impl BlockDevice for FileDevice {
     fn name(&self) -> String {
         self.path.display().to_string()
     }
+
+    fn identity(&self) -> Option<super::FileIdentity> {
+        use std::os::unix::fs::MetadataExt;
+        if self.block_device {
+            return None;
+        }
+        let m = self.file.metadata().ok()?;
+        let secs = u64::try_from(m.mtime()).ok()?;
+        let nanos = u64::try_from(m.mtime_nsec()).ok()?;
+        Some(super::FileIdentity {
+            ino: m.ino(),
+            mtime_ns: secs.checked_mul(1_000_000_000)?.checked_add(nanos)?,
+        })
+    }
 }
 
 impl FileDevice {

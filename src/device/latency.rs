@@ -105,4 +105,7 @@ impl<D: BlockDevice> BlockDevice for LatencyDevice<D> {
     fn name(&self) -> String {
         format!("latency({})", self.inner.name())
     }
+    fn identity(&self) -> Option<super::FileIdentity> {
+        self.inner.identity()
+    }
 }

@@ -147,6 +147,12 @@ pub trait BlockDevice: Send + Sync {
     fn name(&self) -> String {
         String::from("device")
     }
+    /// The identity of the regular file behind the device, read now (see
+    /// [`FileIdentity`]). `None` (the default) for block devices, memory and
+    /// wrappers that do not pass their inner device's data through unchanged.
+    fn identity(&self) -> Option<FileIdentity> {
+        None
+    }
     /// A file descriptor whose byte offsets are this device's, for callers
     /// that do asynchronous I/O (io_uring) outside this trait. `None` (the
     /// default) for devices that are not one plain file, and for every
@@ -155,6 +161,15 @@ pub trait BlockDevice: Send + Sync {
     fn raw_access(&self) -> Option<RawAccess> {
         None
     }
+}
+
+/// Which file a device is, and whether its contents changed: the inode
+/// number (stable across reboots on one filesystem; a copy or another file
+/// has another) and the modification time in nanoseconds since the epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileIdentity {
+    pub ino: u64,
+    pub mtime_ns: u64,
 }
 
 /// See [`BlockDevice::raw_access`]. The descriptor stays valid as long as the
@@ -200,5 +215,8 @@ impl<T: BlockDevice + ?Sized> BlockDevice for Arc<T> {
     }
     fn raw_access(&self) -> Option<RawAccess> {
         (**self).raw_access()
+    }
+    fn identity(&self) -> Option<FileIdentity> {
+        (**self).identity()
     }
 }

@@ -97,6 +97,9 @@ impl<D: BlockDevice> BlockDevice for RateDevice<D> {
     fn name(&self) -> String {
         format!("rate({})", self.inner.name())
     }
+    fn identity(&self) -> Option<super::FileIdentity> {
+        self.inner.identity()
+    }
 }
 
 #[cfg(test)]

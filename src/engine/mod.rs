@@ -71,6 +71,10 @@ pub struct EngineConfig {
     /// Format the cache device even when it holds something that is not a
     /// vblkcache superblock and is not all zeros.
     pub format: bool,
+    /// Accept a source file other than the one the cache was last used with
+    /// (the same image moved or copied): its clean entries are dropped, its
+    /// dirty blocks kept.
+    pub source_moved: bool,
 }
 
 impl Default for EngineConfig {
@@ -81,6 +85,7 @@ impl Default for EngineConfig {
             writeback: WritebackConfig::default(),
             store_workers: 2,
             format: false,
+            source_moved: false,
         }
     }
 }
@@ -124,6 +129,12 @@ pub enum EngineError {
         recorded: u64,
         actual: u64,
     },
+    #[error("cache device {device} holds {dirty} dirty blocks of another source file than {path} (its inode differs); start with the source it was used with, or pass --source-moved if {path} is that image moved or copied, or --format to discard the cache and its dirty blocks")]
+    SourceChanged {
+        device: String,
+        path: String,
+        dirty: u64,
+    },
     #[error("source {device} is empty")]
     EmptySource { device: String },
     #[error("cache device {device}: {source}")]
@@ -159,6 +170,7 @@ impl EngineError {
                 | EngineError::ForeignCache { .. }
                 | EngineError::SourceMismatch { .. }
                 | EngineError::EmptySource { .. }
+                | EngineError::SourceChanged { .. }
                 | EngineError::PassthroughDirty { .. }
         )
     }
@@ -635,6 +647,9 @@ impl Engine {
         c.flush_cache()?;
         sb.clean = true;
         sb.mode = c.mode();
+        // Read after the last source write and flush: the next start
+        // compares it to tell whether something else wrote the source since.
+        sb.source_id = c.source.identity();
         sb.commit_seq = j.seq + 1;
         sb.journal_pos = 0;
         // Both slots get the clean superblock (one after the other, each

@@ -8,7 +8,7 @@ use super::geometry::{
 use super::meta::{self, Found, Layout, Superblock, META_PAGE};
 use super::mode::WriteMode;
 use super::{EngineConfig, EngineError, StartInfo};
-use crate::device::{AlignedBuf, BlockDevice};
+use crate::device::{AlignedBuf, BlockDevice, FileIdentity};
 use std::time::Instant;
 
 /// The state found on (or written to) the cache device at open.
@@ -108,6 +108,34 @@ pub(crate) fn new_geometry(
     Ok(g)
 }
 
+/// Why the clean entries of a cache cannot be trusted for its source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SourceChange {
+    /// Another file (another inode) than the cache was last used with.
+    OtherFile,
+    /// The same file, modified after the clean shutdown that recorded it.
+    Modified,
+}
+
+/// Compares the source's identity with the one recorded on the cache. The
+/// modification time only counts after a clean shutdown (which records it
+/// last, after its writes): after a crash the clean entries are dropped
+/// anyway. Sources without an identity (block devices) are not checked.
+fn source_changed(
+    recorded: Option<FileIdentity>,
+    now: Option<FileIdentity>,
+    clean_shutdown: bool,
+) -> Option<SourceChange> {
+    let (rec, now) = (recorded?, now?);
+    if rec.ino != now.ino {
+        Some(SourceChange::OtherFile)
+    } else if clean_shutdown && rec.mtime_ns != now.mtime_ns {
+        Some(SourceChange::Modified)
+    } else {
+        None
+    }
+}
+
 pub(crate) fn open_cache(
     source: &dyn BlockDevice,
     cache: &dyn BlockDevice,
@@ -126,20 +154,21 @@ pub(crate) fn open_cache(
         source: e,
     })?;
     match found {
-        Found::Superblock(sb, slot) if !cfg.format => load(source_size, cache, cfg, sb, slot, t0),
+        Found::Superblock(sb, slot) if !cfg.format => load(source, cache, cfg, sb, slot, t0),
         Found::Foreign if !cfg.format => Err(EngineError::ForeignCache {
             device: cache.name(),
         }),
-        _ => format(source_size, cache, cfg, t0),
+        _ => format(source, cache, cfg, t0),
     }
 }
 
 fn format(
-    source_size: u64,
+    source: &dyn BlockDevice,
     cache: &dyn BlockDevice,
     cfg: &EngineConfig,
     t0: Instant,
 ) -> Result<Opened, EngineError> {
+    let source_size = source.size();
     let g = new_geometry(&cfg.geometry, cache.size())?;
     if source_size.div_ceil(u64::from(g.block_size)) > MAX_SOURCE_BLOCKS {
         return Err(GeometryError::SourceTooLarge {
@@ -184,6 +213,7 @@ fn format(
         commit_seq: 1,
         journal_pos: 0,
         table_copy: 0,
+        source_id: source.identity(),
     };
     meta::write_superblock(cache, &sb, 0).map_err(meta_err)?;
     log::info!(
@@ -211,13 +241,14 @@ fn format(
 }
 
 fn load(
-    source_size: u64,
+    source: &dyn BlockDevice,
     cache: &dyn BlockDevice,
     cfg: &EngineConfig,
     mut sb: Superblock,
     slot: usize,
     t0: Instant,
 ) -> Result<Opened, EngineError> {
+    let source_size = source.size();
     let l = sb.layout;
     let req = &cfg.geometry;
     if let Some(bs) = req.block_size {
@@ -302,6 +333,35 @@ fn load(
         .iter()
         .filter(|&&e| e & super::frames::DIRTY != 0)
         .count() as u64;
+    let source_id = source.identity();
+    if let Some(why) = source_changed(sb.source_id, source_id, clean_shutdown) {
+        if why == SourceChange::OtherFile && dirty > 0 && !cfg.source_moved {
+            return Err(EngineError::SourceChanged {
+                device: cache.name(),
+                path: source.name(),
+                dirty,
+            });
+        }
+        // The source's data may differ from what clean entries hold.
+        let mut dropped = 0u64;
+        for e in entries.iter_mut() {
+            if *e != 0 && *e & super::frames::DIRTY == 0 {
+                *e = 0;
+                dropped += 1;
+            }
+        }
+        clean_dropped += dropped;
+        log::warn!(
+            "source {} {}: dropped {dropped} clean cache entries; {dirty} dirty blocks kept (they \
+             will be written over it)",
+            source.name(),
+            match why {
+                SourceChange::OtherFile =>
+                    "is not the file the cache was last used with (--source-moved)",
+                SourceChange::Modified => "was modified since the cache last saw it",
+            }
+        );
+    }
     let mode = cfg.mode.unwrap_or(sb.mode);
     if mode == WriteMode::Passthrough && dirty > 0 {
         return Err(EngineError::PassthroughDirty { dirty });
@@ -314,6 +374,7 @@ fn load(
     sb.mode = mode;
     sb.commit_seq = sb.commit_seq.max(replayed.next_seq) + 1;
     sb.journal_pos = 0;
+    sb.source_id = source_id;
     let next = 1 - slot;
     meta::write_superblock(cache, &sb, next).map_err(|e| EngineError::Meta {
         device: cache.name(),

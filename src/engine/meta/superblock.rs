@@ -11,9 +11,13 @@
 //! 72 table_offset u64    80 data_offset u64
 //! 88 uuid [u8;16]        104 commit_seq u64 (sequence of the first commit in the journal)
 //! 112 journal_pos u64 (offset in the journal where replay starts)
+//! 120 source identity recorded u8 (0: none, as in caches made before it)
+//! 128 source inode u64   136 source mtime in ns u64 (at format, start and
+//!                            clean shutdown; see `open`)
 //! ```
 
 use super::layout::{Layout, META_PAGE};
+use crate::device::FileIdentity;
 use crate::engine::geometry::FrameOrder;
 use crate::engine::mode::WriteMode;
 
@@ -44,6 +48,9 @@ pub struct Superblock {
     pub journal_pos: u64,
     /// Which of the two table copies is current (0 or 1).
     pub table_copy: u8,
+    /// The source file this cache belongs to, as last seen (`None` for a
+    /// block device or memory source, and in caches made before it).
+    pub source_id: Option<FileIdentity>,
 }
 
 fn put64(p: &mut [u8], o: usize, v: u64) {
@@ -90,6 +97,11 @@ impl Superblock {
         p[88..104].copy_from_slice(&self.uuid);
         put64(&mut p, 104, self.commit_seq);
         put64(&mut p, 112, self.journal_pos);
+        if let Some(id) = self.source_id {
+            p[120] = 1;
+            put64(&mut p, 128, id.ino);
+            put64(&mut p, 136, id.mtime_ns);
+        }
         let crc = crc32c::crc32c(&p[..CRC_AT]);
         put32(&mut p, CRC_AT, crc);
         p
@@ -174,6 +186,14 @@ impl Superblock {
         }
         let mut uuid = [0u8; 16];
         uuid.copy_from_slice(&p[88..104]);
+        let source_id = match p[120] {
+            0 => None,
+            1 => Some(FileIdentity {
+                ino: get64(p, 128),
+                mtime_ns: get64(p, 136),
+            }),
+            other => return Err(format!("unknown source identity marker {other}")),
+        };
         Ok(Superblock {
             seq: get64(p, 16),
             flags: get32(p, 12),
@@ -191,6 +211,7 @@ impl Superblock {
                 }
                 pos
             },
+            source_id,
         })
     }
 }
@@ -220,6 +241,10 @@ mod tests {
             commit_seq: 3,
             journal_pos: 8192,
             table_copy: 1,
+            source_id: Some(FileIdentity {
+                ino: 1234,
+                mtime_ns: 1_700_000_000_123_456_789,
+            }),
         }
     }
 
@@ -227,6 +252,14 @@ mod tests {
     fn roundtrip() {
         let sb = sample();
         assert_eq!(Superblock::decode(&sb.encode()).unwrap(), sb);
+        // Caches made before the source identity have zeros there.
+        let old = Superblock {
+            source_id: None,
+            ..sample()
+        };
+        let page = old.encode();
+        assert!(page[120..144].iter().all(|&b| b == 0));
+        assert_eq!(Superblock::decode(&page).unwrap(), old);
     }
 
     #[test]

@@ -1,0 +1,169 @@
+//! The cache remembers which source file it belongs to (inode) and when the
+//! file was last written (modification time at the clean shutdown). A cache
+//! started on another file, or on its file after something else wrote it,
+//! never serves its clean entries as that file's data, and refuses another
+//! file outright while it holds dirty blocks of the first.
+
+use std::io::{Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use vblkcache::device::{BlockDevice, FileDevice, OpenOptions};
+use vblkcache::engine::{Engine, EngineConfig, EngineError, GeometryRequest, WriteMode};
+
+const BS: usize = 4096;
+const BLOCKS: usize = 64;
+
+fn cfg() -> EngineConfig {
+    EngineConfig {
+        geometry: GeometryRequest {
+            block_size: Some(BS as u32),
+            cache_blocks: Some(32),
+            assoc: Some(8),
+        },
+        mode: Some(WriteMode::Writeback),
+        ..EngineConfig::default()
+    }
+}
+
+fn file(path: &Path) -> Arc<dyn BlockDevice> {
+    Arc::new(
+        FileDevice::open(
+            path,
+            OpenOptions {
+                direct: false,
+                read_only: false,
+            },
+        )
+        .unwrap(),
+    )
+}
+
+fn image(path: &Path, fill: u8) {
+    std::fs::write(path, vec![fill; BLOCKS * BS]).unwrap();
+}
+
+fn read(e: &Engine, block: usize) -> Vec<u8> {
+    let mut b = vec![0u8; BS];
+    e.read((block * BS) as u64, &mut b).unwrap();
+    b
+}
+
+struct Rig {
+    _dir: tempfile::TempDir,
+    a: PathBuf,
+    b: PathBuf,
+    cache: PathBuf,
+}
+
+/// Source A (0xAA) with block 1 cached clean and block 2 dirty (0xD2),
+/// shut down cleanly; B is another file of the same size (0xBB).
+fn rig() -> Rig {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, cache) = (
+        dir.path().join("a.img"),
+        dir.path().join("b.img"),
+        dir.path().join("cache"),
+    );
+    image(&a, 0xAA);
+    image(&b, 0xBB);
+    std::fs::write(&cache, vec![0u8; 2 << 20]).unwrap();
+    let e = Engine::open(file(&a), file(&cache), cfg()).unwrap();
+    assert_eq!(read(&e, 1), vec![0xAA; BS]);
+    e.write((2 * BS) as u64, &[0xD2; BS]).unwrap();
+    // Let the background store of block 1 finish: a second read is a hit.
+    let hits = e.stats().read_hits;
+    assert_eq!(read(&e, 1), vec![0xAA; BS]);
+    assert_eq!(e.stats().read_hits, hits + 1);
+    e.shutdown(false).unwrap();
+    Rig {
+        _dir: dir,
+        a,
+        b,
+        cache,
+    }
+}
+
+#[test]
+fn the_same_untouched_file_keeps_its_clean_entries() {
+    let r = rig();
+    let e = Engine::open(file(&r.a), file(&r.cache), cfg()).unwrap();
+    assert_eq!(e.status().start.clean_dropped, 0);
+    let hits = e.stats().read_hits;
+    assert_eq!(read(&e, 1), vec![0xAA; BS]);
+    assert_eq!(e.stats().read_hits, hits + 1, "block 1 is still cached");
+    assert_eq!(read(&e, 2), vec![0xD2; BS]);
+    e.shutdown(false).unwrap();
+}
+
+#[test]
+fn another_file_is_refused_while_the_cache_holds_dirty_blocks() {
+    let r = rig();
+    let err = Engine::open(file(&r.b), file(&r.cache), cfg()).err();
+    assert!(
+        matches!(err, Some(EngineError::SourceChanged { dirty: 1, .. })),
+        "{err:?}"
+    );
+    let msg = err.map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        msg.contains("--source-moved") && msg.contains("--format"),
+        "{msg}"
+    );
+    // Nothing was changed: the original source still opens with its cache.
+    let e = Engine::open(file(&r.a), file(&r.cache), cfg()).unwrap();
+    assert_eq!(read(&e, 2), vec![0xD2; BS]);
+    e.shutdown(false).unwrap();
+    assert_eq!(std::fs::read(&r.b).unwrap(), vec![0xBB; BLOCKS * BS]);
+}
+
+#[test]
+fn a_moved_source_keeps_dirty_blocks_and_drops_clean_entries() {
+    let r = rig();
+    let mut c = cfg();
+    c.source_moved = true;
+    let e = Engine::open(file(&r.b), file(&r.cache), c).unwrap();
+    assert_eq!(e.status().start.clean_dropped, 1);
+    // Block 1 comes from B, not from A's cached copy; the dirty block stays.
+    assert_eq!(read(&e, 1), vec![0xBB; BS]);
+    assert_eq!(read(&e, 2), vec![0xD2; BS]);
+    e.shutdown(false).unwrap();
+    // B is now the cache's source: no flag needed any more.
+    let e = Engine::open(file(&r.b), file(&r.cache), cfg()).unwrap();
+    assert_eq!(read(&e, 2), vec![0xD2; BS]);
+    e.shutdown(false).unwrap();
+}
+
+#[test]
+fn a_source_written_while_the_daemon_was_stopped_is_not_served_stale() {
+    let r = rig();
+    // Another tool writes block 1 of A (the cache holds it clean).
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let mut f = std::fs::OpenOptions::new().write(true).open(&r.a).unwrap();
+    f.seek(SeekFrom::Start(BS as u64)).unwrap();
+    f.write_all(&[0x11; BS]).unwrap();
+    drop(f);
+    let e = Engine::open(file(&r.a), file(&r.cache), cfg()).unwrap();
+    assert_eq!(e.status().start.clean_dropped, 1);
+    assert_eq!(read(&e, 1), vec![0x11; BS], "stale cached data served");
+    assert_eq!(read(&e, 2), vec![0xD2; BS], "the dirty block is kept");
+    e.shutdown(false).unwrap();
+}
+
+#[test]
+fn the_caches_own_writes_to_the_source_do_not_count_as_a_change() {
+    let r = rig();
+    let e = Engine::open(file(&r.a), file(&r.cache), cfg()).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    // Writeback writes block 2 to A, which changes A's modification time.
+    e.flush_all(&mut |_| {}).unwrap();
+    e.shutdown(false).unwrap();
+    let e = Engine::open(file(&r.a), file(&r.cache), cfg()).unwrap();
+    assert_eq!(
+        e.status().start.clean_dropped,
+        0,
+        "own writeback seen as a change"
+    );
+    let hits = e.stats().read_hits;
+    assert_eq!(read(&e, 2), vec![0xD2; BS]);
+    assert_eq!(e.stats().read_hits, hits + 1, "block 2 is still cached");
+    e.shutdown(false).unwrap();
+}
