@@ -148,6 +148,10 @@ pub struct ServeArgs {
     /// cache [default: refuse].
     #[arg(long)]
     pub format: bool,
+    /// With --format: format even a cache that holds dirty blocks, which are
+    /// lost [default: --format refuses such a cache].
+    #[arg(long)]
+    pub discard_dirty: bool,
     /// Accept a source file other than the one the cache was last used with,
     /// when it is the same image moved or copied: the cache's clean entries
     /// are dropped and its dirty blocks kept [default: refuse while the

@@ -322,6 +322,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 geometry,
                 mode,
                 format: a.format,
+                discard_dirty: a.discard_dirty,
                 source_moved: a.source_moved,
                 ..EngineConfig::default()
             },

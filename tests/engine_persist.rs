@@ -211,6 +211,54 @@ fn foreign_cache_device_needs_format() {
     assert!(e.status().start.formatted);
 }
 
+/// `--format` refuses a cache that holds dirty blocks (after a clean
+/// shutdown, and after a crash, where only the journal records them), names
+/// the way out, and changes nothing; with `discard_dirty` it formats.
+#[test]
+fn format_refuses_a_cache_with_dirty_blocks() {
+    let fmt = |discard_dirty: bool| EngineConfig {
+        format: true,
+        discard_dirty,
+        ..EngineConfig::default()
+    };
+    for crash in [false, true] {
+        let (src, cache) = devices();
+        let e = open(
+            &src,
+            &cache,
+            cfg(4096, Some(512), Some(8), Some(WriteMode::Writeback)),
+        );
+        e.write(0, &[0x3c; 8192]).unwrap();
+        e.flush().unwrap();
+        if crash {
+            e.halt();
+        } else {
+            e.shutdown(false).unwrap();
+        }
+        drop(e);
+        let before = cache.to_vec();
+        let err = Engine::open(src.clone(), cache.clone(), fmt(false))
+            .err()
+            .unwrap();
+        assert!(
+            matches!(err, EngineError::FormatDirty { dirty: 2, .. }),
+            "crash {crash}: {err}"
+        );
+        assert!(err.to_string().contains("--discard-dirty"), "{err}");
+        assert!(
+            cache.to_vec() == before,
+            "crash {crash}: the cache was changed"
+        );
+        let e = Engine::open(src.clone(), cache.clone(), fmt(true)).unwrap();
+        assert!(e.status().start.formatted && e.dirty_blocks() == 0);
+        e.shutdown(false).unwrap();
+    }
+    // A cache without dirty blocks needs no second flag.
+    let (src, cache) = closed_cache(Some(WriteMode::Writethrough), &[1u8; 4096]);
+    let e = Engine::open(src, cache, fmt(false)).unwrap();
+    assert!(e.status().start.formatted);
+}
+
 #[test]
 fn corrupted_metadata_is_detected() {
     let (src, cache) = closed_cache(None, &[1u8; 8192]);

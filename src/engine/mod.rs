@@ -71,6 +71,9 @@ pub struct EngineConfig {
     /// Format the cache device even when it holds something that is not a
     /// vblkcache superblock and is not all zeros.
     pub format: bool,
+    /// With `format`: format even a cache that holds dirty blocks (they are
+    /// lost). Without it `format` refuses such a cache.
+    pub discard_dirty: bool,
     /// Accept a source file other than the one the cache was last used with
     /// (the same image moved or copied): its clean entries are dropped, its
     /// dirty blocks kept.
@@ -85,6 +88,7 @@ impl Default for EngineConfig {
             writeback: WritebackConfig::default(),
             store_workers: 2,
             format: false,
+            discard_dirty: false,
             source_moved: false,
         }
     }
@@ -114,7 +118,7 @@ pub enum EngineError {
     Cache(#[source] DeviceError),
     #[error(transparent)]
     Geometry(#[from] GeometryError),
-    #[error("--{param} {requested} conflicts with {persisted} recorded on cache device {device} (omit --{param}, or pass --format to discard the cache)")]
+    #[error("--{param} {requested} conflicts with {persisted} recorded on cache device {device} (omit --{param}, or pass --format to discard the cache; it refuses while the cache holds dirty blocks)")]
     GeometryConflict {
         param: &'static str,
         requested: u64,
@@ -135,6 +139,8 @@ pub enum EngineError {
         path: String,
         dirty: u64,
     },
+    #[error("cache device {device} holds {dirty} dirty blocks that are not on the source yet; --format would lose them: start without --format and write them back (`vblkcache flush`, or --writeback-on-exit), or pass --format --discard-dirty to lose them")]
+    FormatDirty { device: String, dirty: u64 },
     #[error("source {device} is empty")]
     EmptySource { device: String },
     #[error("cache device {device}: {source}")]
@@ -171,6 +177,7 @@ impl EngineError {
                 | EngineError::SourceMismatch { .. }
                 | EngineError::EmptySource { .. }
                 | EngineError::SourceChanged { .. }
+                | EngineError::FormatDirty { .. }
                 | EngineError::PassthroughDirty { .. }
         )
     }

@@ -153,6 +153,23 @@ pub(crate) fn open_cache(
         device: cache.name(),
         source: e,
     })?;
+    if let (Found::Superblock(sb, _), true, false) = (&found, cfg.format, cfg.discard_dirty) {
+        // --format on a cache whose dirty blocks the source does not have.
+        match dirty_blocks(cache, sb) {
+            Ok(0) => {}
+            Ok(dirty) => {
+                return Err(EngineError::FormatDirty {
+                    device: cache.name(),
+                    dirty,
+                })
+            }
+            Err(e) => log::warn!(
+                "formatting cache device {} whose metadata cannot be read ({e}): any dirty \
+                 blocks it held are lost",
+                cache.name()
+            ),
+        }
+    }
     match found {
         Found::Superblock(sb, slot) if !cfg.format => load(source, cache, cfg, sb, slot, t0),
         Found::Foreign if !cfg.format => Err(EngineError::ForeignCache {
@@ -160,6 +177,21 @@ pub(crate) fn open_cache(
         }),
         _ => format(source, cache, cfg, t0),
     }
+}
+
+/// The dirty blocks of the cache `sb` describes: its table, with the
+/// journal replayed after an unclean shutdown.
+fn dirty_blocks(cache: &dyn BlockDevice, sb: &Superblock) -> Result<u64, meta::MetaError> {
+    let l = sb.layout;
+    let source_blocks = sb.source_size.div_ceil(u64::from(l.geometry.block_size));
+    let mut entries = meta::load_table(cache, &l, sb.table_copy, source_blocks)?;
+    if !sb.clean {
+        super::commit::replay(cache, &l, sb, &mut entries)?;
+    }
+    Ok(entries
+        .iter()
+        .filter(|&&e| e & super::frames::DIRTY != 0)
+        .count() as u64)
 }
 
 fn format(
