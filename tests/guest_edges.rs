@@ -754,3 +754,50 @@ fn rearm_case(edge: bool) {
         "edge {edge}: the served hit was not posted to the used ring"
     );
 }
+
+/// A stop (`quiesce`, what SIGTERM does before it closes the connection)
+/// completes and posts every request the backend took, while the front-end
+/// is still there, and takes no more: the used index then covers every
+/// request taken, which is where a reconnecting front-end restarts.
+#[test]
+fn quiesce_completes_what_was_taken_and_takes_no_more() {
+    let slow = LatencyProfile {
+        read: Duration::from_millis(200),
+        ..LatencyProfile::default()
+    };
+    let source: Arc<dyn BlockDevice> = Arc::new(LatencyDevice::new(MemDevice::new(DISK), slow));
+    let want = pattern(3, 4096);
+    source.write_at(&want, 16 * 512).unwrap();
+    let mut g = Guest::build(
+        &two_regions(),
+        limits(),
+        source,
+        Arc::new(MemDevice::new(1 << 20)),
+        None,
+    );
+    let (head, data, status) = g.good_read(16);
+    g.backend
+        .handle_event(0, EventSet::IN, std::slice::from_ref(&g.vring), 0)
+        .unwrap();
+    assert!(g.take_used().is_empty(), "the slow miss is still in flight");
+    let t = Instant::now();
+    assert!(g.backend.quiesce(Duration::from_secs(5)));
+    assert!(
+        t.elapsed() >= Duration::from_millis(100),
+        "returned before the miss"
+    );
+    assert_eq!(g.take_used(), vec![(u32::from(head), 4097)]);
+    assert_eq!(g.byte(status), OK);
+    assert!(g.bytes(data, 4096) == want);
+    // A request published after the stop is left for the next daemon.
+    let (_, _, status2) = g.good_read(24);
+    g.backend
+        .handle_event(0, EventSet::IN, std::slice::from_ref(&g.vring), 0)
+        .unwrap();
+    assert!(g.backend.quiesce(Duration::from_secs(5)));
+    assert!(
+        g.take_used().is_empty(),
+        "a request was taken after the stop"
+    );
+    assert_eq!(g.byte(status2), UNTOUCHED);
+}

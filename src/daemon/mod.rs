@@ -36,6 +36,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// How long to wait for in-flight requests when a connection ends.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a stop waits for in-flight requests before it closes the
+/// connection (see `Stop::request`).
+const QUIESCE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Runs what the configuration asks for: the daemon or one client command.
 pub fn run(config: Config) -> Result<(), Error> {
@@ -96,14 +99,28 @@ fn check(path: &Path, json: bool, repair: bool) -> Result<(), Error> {
 struct Stop {
     requested: AtomicBool,
     wake: EventFd,
-    connection: Mutex<Option<ShutdownHandle>>,
+    /// The front-end connection being served and its backend.
+    connection: Mutex<Option<(ShutdownHandle, BlkBackend)>>,
 }
 
 impl Stop {
+    /// Stops the daemon. A connected front-end first has every request the
+    /// backend took completed while the connection is still up: a front-end
+    /// that reconnects (QEMU's `reconnect-ms`) restarts the queues from the
+    /// used index it saw, which must then cover every request taken, or the
+    /// next daemon would serve some twice or never.
     fn request(&self) {
         self.requested.store(true, Ordering::SeqCst);
         let _ = self.wake.write(1);
-        if let Some(h) = self.lock_connection().as_ref() {
+        let backend = self.lock_connection().as_ref().map(|(_, b)| b.clone());
+        if let Some(b) = backend {
+            if !b.quiesce(QUIESCE_TIMEOUT) {
+                log::error!(
+                    "requests still in flight {QUIESCE_TIMEOUT:?} after the stop; closing the connection anyway"
+                );
+            }
+        }
+        if let Some((h, _)) = self.lock_connection().as_ref() {
             h.shutdown();
         }
     }
@@ -112,7 +129,7 @@ impl Stop {
         self.requested.load(Ordering::SeqCst)
     }
 
-    fn lock_connection(&self) -> std::sync::MutexGuard<'_, Option<ShutdownHandle>> {
+    fn lock_connection(&self) -> std::sync::MutexGuard<'_, Option<(ShutdownHandle, BlkBackend)>> {
         self.connection.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -384,7 +401,7 @@ fn accept_loop(
             continue;
         }
         log::info!("front-end connected");
-        *stop.lock_connection() = daemon.shutdown_handle();
+        *stop.lock_connection() = daemon.shutdown_handle().map(|h| (h, backend.clone()));
         // A signal between start and publishing the handle saw no connection.
         if stop.is_requested() {
             daemon.request_shutdown();

@@ -249,6 +249,19 @@ impl BlkBackend {
         self.inner.closing.store(true, Ordering::Release);
     }
 
+    /// Stops taking requests and waits until every one taken is completed
+    /// and posted, while the front-end is still connected (the queue workers
+    /// keep reaping completions; the pool completes its own); false on
+    /// timeout.
+    pub fn quiesce(&self, timeout: Duration) -> bool {
+        self.close();
+        let deadline = Instant::now() + timeout;
+        self.inner
+            .inflight
+            .iter()
+            .all(|f| f.wait_idle(deadline.saturating_duration_since(Instant::now())))
+    }
+
     /// Waits for every in-flight request of every queue; false on timeout.
     /// Call after the queue workers have stopped: io_uring completions are
     /// reaped here then.
