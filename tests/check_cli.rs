@@ -58,6 +58,30 @@ fn check_of_a_daemon_cache_lock_json_repair_and_exit_codes() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("in use by another vblkcache"));
     assert!(!other.exists());
+    // Nor may a second daemon serve the same source through another cache.
+    let other_cache = files.dir.path().join("other.cache");
+    std::fs::write(&other_cache, vec![0u8; 8 << 20]).unwrap();
+    let out = Command::new(BIN)
+        .arg("serve")
+        .arg("--source")
+        .arg(&files.source)
+        .arg("--cache")
+        .arg(&other_cache)
+        .arg("--socket")
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--source") && err.contains("in use by another vblkcache"),
+        "{err}"
+    );
+    assert!(!other.exists());
+    assert!(
+        std::fs::read(&other_cache).unwrap().iter().all(|&b| b == 0),
+        "other cache formatted"
+    );
 
     drop(q);
     drop(client);

@@ -23,6 +23,14 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("--source: {0} is in use by another vblkcache (two daemons writing one image would corrupt it)")]
+    SourceInUse(PathBuf),
+    #[error("--source: {path}: cannot lock it: {source}")]
+    SourceLock {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("--direct: {path}: the filesystem refuses O_DIRECT (tmpfs does); run without --direct or put the file elsewhere")]
     DirectUnsupported { path: PathBuf },
     #[error("{what}: {source}")]
@@ -69,6 +77,7 @@ impl Error {
             | Error::SocketInUse { .. }
             | Error::SocketUnknown { .. }
             | Error::DirectUnsupported { .. }
+            | Error::SourceInUse(_)
             | Error::Check(crate::check::CheckError::InUse(_)) => true,
             Error::Engine(e) => e.is_config_error(),
             _ => false,

@@ -25,6 +25,7 @@ use crate::virtio::{BlkBackend, BlkBackendConfig, DeviceLimits};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use socket::BoundSocket;
+use std::fs::File;
 use std::io::Write;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
@@ -233,6 +234,29 @@ pub fn serve(cfg: ServeConfig) -> Result<(), Error> {
     result
 }
 
+/// Takes an exclusive `flock` on the source for as long as the returned file
+/// lives, so that a second daemon cannot serve (and write back into) the
+/// same image through another cache. (QEMU's own image locks are `fcntl`
+/// locks, which do not see this one.)
+fn lock_source(path: &Path) -> Result<File, Error> {
+    let lock_err = |source| Error::SourceLock {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = File::open(path).map_err(lock_err)?;
+    // SAFETY: flock only reads its scalar arguments; the fd belongs to
+    // `file`, which is alive for the call.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(Error::SourceInUse(path.to_path_buf()));
+        }
+        return Err(lock_err(e));
+    }
+    Ok(file)
+}
+
 fn serve_inner(cfg: &ServeConfig, stop: &Arc<Stop>) -> Result<(), Error> {
     // Refuse an occupied socket path before touching the devices.
     socket::clear_stale("--socket", &cfg.socket)?;
@@ -253,6 +277,7 @@ fn serve_inner(cfg: &ServeConfig, stop: &Arc<Stop>) -> Result<(), Error> {
     // Held until the daemon exits, so `vblkcache check` and a second daemon
     // cannot use the cache device meanwhile.
     let _cache_lock = crate::check::lock_cache(&cfg.cache)?;
+    let _source_lock = lock_source(&cfg.source)?;
     let cache = open_file("--cache", &cfg.cache, cfg, false)?;
     let engine = Arc::new(Engine::open(source, cache, cfg.engine.clone())?);
     let status = engine.status();
