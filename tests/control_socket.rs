@@ -411,6 +411,23 @@ fn client_prints_a_status_table() {
     assert_eq!(v, f.target.status());
 }
 
+/// A long flush prints a line per tenth of the way, not one per update
+/// (a script capturing the output gets a dozen lines, not thousands).
+#[test]
+fn client_flush_progress_is_one_line_per_tenth() {
+    let f = start();
+    f.target.dirty.store(1000, Ordering::SeqCst);
+    let mut out = Vec::new();
+    run_client(&f.path, ClientCommand::Flush, &mut out).unwrap();
+    let text = String::from_utf8(out).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 12, "{text}");
+    assert_eq!(lines[0], "flushing: 0/1000 blocks (0%)");
+    assert_eq!(lines[1], "flushing: 100/1000 blocks (10%)");
+    assert_eq!(lines[10], "flushing: 1000/1000 blocks (100%)");
+    assert_eq!(lines[11], "flush complete: 1000 blocks written back");
+}
+
 #[test]
 fn client_flush_set_mode_and_errors() {
     let f = start();

@@ -44,6 +44,7 @@ pub fn run(path: &Path, cmd: ClientCommand, out: &mut dyn Write) -> Result<(), C
         .map_err(|e| io_err(path, e))?;
     let mut reader = BufReader::new(&stream);
     let mut last_done = 0u64;
+    let mut shown = None;
     loop {
         let read =
             protocol::read_line(&mut reader, protocol::MAX_REPLY_LINE).map_err(|e| {
@@ -84,7 +85,12 @@ pub fn run(path: &Path, cmd: ClientCommand, out: &mut dyn Write) -> Result<(), C
             (Reply::Error(msg), _) => return Err(ControlError::Remote(msg)),
             (Reply::Progress { done, total }, ClientCommand::Flush) => {
                 last_done = done;
-                writeln!(out, "{}", progress_line(done, total)).map_err(o)?;
+                // One line per tenth of the way, not per update.
+                let step = percent(done, total) / 10;
+                if shown != Some(step) {
+                    shown = Some(step);
+                    writeln!(out, "{}", progress_line(done, total)).map_err(o)?;
+                }
             }
             (Reply::Done, ClientCommand::Flush) => {
                 writeln!(out, "flush complete: {last_done} blocks written back").map_err(o)?;
@@ -118,13 +124,19 @@ pub fn run(path: &Path, cmd: ClientCommand, out: &mut dyn Write) -> Result<(), C
     }
 }
 
-fn progress_line(done: u64, total: u64) -> String {
-    // Rounded down, so 100% is shown only when the flush is really done.
-    let pct = match total {
+/// Rounded down, so 100% is shown only when the flush is really done.
+fn percent(done: u64, total: u64) -> u128 {
+    match total {
         0 => 100,
         t => u128::from(done.min(t)) * 100 / u128::from(t),
-    };
-    format!("flushing: {done}/{total} blocks ({pct}%)")
+    }
+}
+
+fn progress_line(done: u64, total: u64) -> String {
+    format!(
+        "flushing: {done}/{total} blocks ({}%)",
+        percent(done, total)
+    )
 }
 
 /// Top-level fields shown first, in this order; other scalar fields follow,
