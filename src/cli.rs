@@ -158,6 +158,11 @@ pub struct ServeArgs {
     /// cache holds dirty blocks].
     #[arg(long)]
     pub source_moved: bool,
+    /// Serve the source as a raw disk even if it starts like a qcow2, QED,
+    /// VMDK, VHDX or VDI image [default: refuse such a source: the guest would
+    /// see, and could overwrite, the image's metadata].
+    #[arg(long)]
+    pub force_raw: bool,
     /// File mode of the sockets, in octal.
     #[arg(long, value_name = "MODE", default_value = "0600")]
     pub socket_mode: String,

@@ -105,6 +105,9 @@ pub struct ServeConfig {
     pub socket_mode: u32,
     /// Write dirty blocks back to the source on shutdown (default off).
     pub writeback_on_exit: bool,
+    /// Serve a source whose first bytes look like an image format header
+    /// (qcow2, VMDK, ...) as raw anyway (default: refuse).
+    pub force_raw: bool,
     /// Latency added to every source request (default none; for testing).
     pub source_latency: std::time::Duration,
     /// Seccomp, user/group switch and socket group.
@@ -339,6 +342,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             pin_guest_memory: a.pin_guest_memory,
             socket_mode,
             writeback_on_exit: a.writeback_on_exit,
+            force_raw: a.force_raw,
             source_latency: match &a.source_latency {
                 None => std::time::Duration::ZERO,
                 Some(s) => {

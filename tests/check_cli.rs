@@ -152,3 +152,55 @@ fn check_argument_errors_exit_2() {
         .unwrap()
         .contains("no vblkcache superblock"));
 }
+
+/// A qcow2 image passed as the source (made by the real qemu-img) is refused
+/// before anything is touched: served raw, the guest would see and could
+/// overwrite the image's metadata. `--force-raw` serves it anyway.
+#[test]
+fn an_image_format_source_is_refused_unless_forced() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.qcow2");
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&img)
+        .arg("16M")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let cache = dir.path().join("cache");
+    std::fs::write(&cache, vec![0u8; 8 << 20]).unwrap();
+    let sock = dir.path().join("vhost.sock");
+    let serve = |extra: &[&str]| {
+        Command::new(BIN)
+            .arg("serve")
+            .arg("--source")
+            .arg(&img)
+            .arg("--cache")
+            .arg(&cache)
+            .arg("--socket")
+            .arg(&sock)
+            .args(extra)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let out = serve(&[]).wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is a qcow2 image") && err.contains("--force-raw"),
+        "{err}"
+    );
+    assert!(std::fs::read(&cache).unwrap().iter().all(|&b| b == 0));
+    assert!(!sock.exists());
+    // Forced, it starts (and formats the cache); stopped at once.
+    let mut child = serve(&["--force-raw"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !sock.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(sock.exists(), "the forced daemon did not start");
+    // SAFETY: kill only sends a signal to the child we spawned.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+}

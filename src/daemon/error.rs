@@ -23,6 +23,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("--source: {path} is a {format} image, not a raw disk: vblkcache serves raw images (convert it with `qemu-img convert -O raw`), or pass --force-raw if the guest's own data starts this way")]
+    SourceFormat { path: PathBuf, format: &'static str },
     #[error("--source: {0} is in use by another vblkcache (two daemons writing one image would corrupt it)")]
     SourceInUse(PathBuf),
     #[error("--source: {path}: cannot lock it: {source}")]
@@ -78,6 +80,7 @@ impl Error {
             | Error::SocketUnknown { .. }
             | Error::DirectUnsupported { .. }
             | Error::SourceInUse(_)
+            | Error::SourceFormat { .. }
             | Error::Check(crate::check::CheckError::InUse(_)) => true,
             Error::Engine(e) => e.is_config_error(),
             _ => false,

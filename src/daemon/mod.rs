@@ -191,7 +191,42 @@ fn open_file(
 
 /// Opens the source, read-only if the disk is exported read-only and the
 /// file is not writable.
+/// The image format whose header `head` (the first 512 bytes of a source)
+/// starts with, if it is one QEMU users pass by mistake for a raw disk.
+pub fn image_format(head: &[u8]) -> Option<&'static str> {
+    let at = |o: usize, m: &[u8]| head.get(o..o + m.len()) == Some(m);
+    if at(0, b"QFI\xfb") {
+        Some("qcow2")
+    } else if at(0, b"QED\0") {
+        Some("QED")
+    } else if at(0, b"KDMV") {
+        Some("VMDK")
+    } else if at(0, b"vhdxfile") {
+        Some("VHDX")
+    } else if at(0x40, &0xbeda_107f_u32.to_le_bytes()) {
+        Some("VDI")
+    } else {
+        None
+    }
+}
+
 fn open_source(cfg: &ServeConfig) -> Result<Arc<dyn BlockDevice>, Error> {
+    let source = open_source_file(cfg)?;
+    if !cfg.force_raw {
+        let mut head = crate::device::AlignedBuf::new(512);
+        if source.size() >= 512 && source.read_at(&mut head, 0).is_ok() {
+            if let Some(format) = image_format(&head) {
+                return Err(Error::SourceFormat {
+                    path: cfg.source.clone(),
+                    format,
+                });
+            }
+        }
+    }
+    Ok(source)
+}
+
+fn open_source_file(cfg: &ServeConfig) -> Result<Arc<dyn BlockDevice>, Error> {
     match open_file("--source", &cfg.source, cfg, false) {
         Err(Error::Open {
             source: DeviceError::Io { ref source, .. },
@@ -451,4 +486,34 @@ fn accept_loop(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::image_format;
+
+    #[test]
+    fn image_headers_are_recognised_and_raw_data_is_not() {
+        let mut head = vec![0u8; 512];
+        assert_eq!(image_format(&head), None);
+        for (magic, name) in [
+            (&b"QFI\xfb"[..], "qcow2"),
+            (b"QED\0", "QED"),
+            (b"KDMV", "VMDK"),
+            (b"vhdxfile", "VHDX"),
+        ] {
+            head.fill(0);
+            head[..magic.len()].copy_from_slice(magic);
+            assert_eq!(image_format(&head), Some(name));
+        }
+        head.fill(0);
+        head[0x40..0x44].copy_from_slice(&0xbeda_107f_u32.to_le_bytes());
+        assert_eq!(image_format(&head), Some("VDI"));
+        // An MBR, an ext4 superblock area, text: raw.
+        head.fill(0);
+        head[510] = 0x55;
+        head[511] = 0xaa;
+        assert_eq!(image_format(&head), None);
+        assert_eq!(image_format(b"QFI"), None);
+    }
 }
