@@ -519,24 +519,32 @@ fn walk_journal(
 /// Both the daemon and `check` take it, so a check never reads metadata that
 /// a running daemon is changing. It is advisory: only vblkcache honours it.
 pub fn lock_cache(path: &Path) -> Result<File, CheckError> {
-    let file = File::open(path).map_err(|source| CheckError::Lock {
+    let lock_err = |source| CheckError::Lock {
         path: path.to_path_buf(),
         source,
-    })?;
-    // SAFETY: flock only reads the flags; the fd belongs to `file`, which is
-    // alive for the call.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            return Err(CheckError::InUse(path.to_path_buf()));
-        }
-        return Err(CheckError::Lock {
-            path: path.to_path_buf(),
-            source: e,
-        });
+    };
+    let file = File::open(path).map_err(lock_err)?;
+    if !try_lock_exclusive(&file).map_err(lock_err)? {
+        return Err(CheckError::InUse(path.to_path_buf()));
     }
     Ok(file)
+}
+
+/// Takes an exclusive `flock` on `file` without waiting: false when another
+/// open file holds one. The lock lasts as long as the file stays open.
+pub(crate) fn try_lock_exclusive(file: &File) -> std::io::Result<bool> {
+    // SAFETY: flock only reads its scalar arguments; the fd belongs to
+    // `file`, which is alive for the call.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(e)
+    }
 }
 
 /// Writes the report for humans.

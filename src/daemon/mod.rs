@@ -279,15 +279,8 @@ fn lock_source(path: &Path) -> Result<File, Error> {
         source,
     };
     let file = File::open(path).map_err(lock_err)?;
-    // SAFETY: flock only reads its scalar arguments; the fd belongs to
-    // `file`, which is alive for the call.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            return Err(Error::SourceInUse(path.to_path_buf()));
-        }
-        return Err(lock_err(e));
+    if !crate::check::try_lock_exclusive(&file).map_err(lock_err)? {
+        return Err(Error::SourceInUse(path.to_path_buf()));
     }
     Ok(file)
 }
