@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vblkcache::device::{
-    BlockDevice, FileDevice, LatencyDevice, LatencyProfile, MemDevice, OpenOptions,
+    BlockDevice, DeviceError, FileDevice, LatencyDevice, LatencyProfile, MemDevice, OpenOptions,
 };
 use vblkcache::engine::{Engine, EngineConfig, WriteMode};
 use vblkcache::virtio::backend::{GuestMem, Vring};
@@ -78,6 +78,22 @@ fn cfg(limits: DeviceLimits) -> BlkBackendConfig {
     }
 }
 
+/// A 4 MiB cache file in `dir`, opened with or without O_DIRECT.
+fn cache_file(dir: &std::path::Path, direct: bool) -> Result<FileDevice, DeviceError> {
+    let path = dir.join("cache.img");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    FileDevice::open(
+        &path,
+        OpenOptions {
+            direct,
+            read_only: false,
+        },
+    )
+}
+
 impl Guest {
     fn build(
         regions: &[(u64, usize)],
@@ -125,18 +141,7 @@ impl Guest {
     /// A cache file on a disk filesystem: hits go through io_uring.
     fn file_cache(regions: &[(u64, usize)], direct: bool) -> Option<Guest> {
         let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-        let path = dir.path().join("cache.img");
-        std::fs::File::create(&path)
-            .unwrap()
-            .set_len(4 << 20)
-            .unwrap();
-        let cache = match FileDevice::open(
-            &path,
-            OpenOptions {
-                direct,
-                read_only: false,
-            },
-        ) {
+        let cache = match cache_file(dir.path(), direct) {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("skipping: {e}");
@@ -580,19 +585,7 @@ fn memory_table_replaced_while_requests_are_in_flight() {
     let want = pattern(8, 4096);
     source.write_at(&want, 32 * 512).unwrap();
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let path = dir.path().join("cache.img");
-    std::fs::File::create(&path)
-        .unwrap()
-        .set_len(4 << 20)
-        .unwrap();
-    let cache = FileDevice::open(
-        &path,
-        OpenOptions {
-            direct: false,
-            read_only: false,
-        },
-    )
-    .unwrap();
+    let cache = cache_file(dir.path(), false).unwrap();
     let mut g = Guest::build(&two_regions(), limits(), source, Arc::new(cache), Some(dir));
     // Block 8 cached (a hit for io_uring), block 32 not (a slow miss).
     let hit = pattern(9, 4096);
@@ -698,19 +691,7 @@ fn rearm_case(edge: bool) {
             return;
         }
     };
-    let path = dir.path().join("cache.img");
-    std::fs::File::create(&path)
-        .unwrap()
-        .set_len(4 << 20)
-        .unwrap();
-    let cache = FileDevice::open(
-        &path,
-        OpenOptions {
-            direct: false,
-            read_only: false,
-        },
-    )
-    .unwrap();
+    let cache = cache_file(dir.path(), false).unwrap();
     let g = Guest::build(
         &two_regions(),
         limits(),
