@@ -189,8 +189,6 @@ fn open_file(
     }
 }
 
-/// Opens the source, read-only if the disk is exported read-only and the
-/// file is not writable.
 /// The image format whose header `head` (the first 512 bytes of a source)
 /// starts with, if it is one QEMU users pass by mistake for a raw disk.
 pub fn image_format(head: &[u8]) -> Option<&'static str> {
@@ -210,6 +208,8 @@ pub fn image_format(head: &[u8]) -> Option<&'static str> {
     }
 }
 
+/// Opens the source, refusing one that starts like an image format other
+/// than raw unless `--force-raw`.
 fn open_source(cfg: &ServeConfig) -> Result<Arc<dyn BlockDevice>, Error> {
     let source = open_source_file(cfg)?;
     if !cfg.force_raw {
@@ -226,6 +226,8 @@ fn open_source(cfg: &ServeConfig) -> Result<Arc<dyn BlockDevice>, Error> {
     Ok(source)
 }
 
+/// Opens the source file, read-only if the disk is exported read-only and
+/// the file is not writable.
 fn open_source_file(cfg: &ServeConfig) -> Result<Arc<dyn BlockDevice>, Error> {
     match open_file("--source", &cfg.source, cfg, false) {
         Err(Error::Open {

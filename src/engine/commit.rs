@@ -181,6 +181,20 @@ impl Core {
         records
     }
 
+    /// Writes `sb` into superblock slot `slot` (and flushes). If that
+    /// fails, which superblock the device now holds is unknown, so no copy
+    /// of the table and no journal position is safe to write next: metadata
+    /// writes stop (`durable`).
+    pub(crate) fn write_superblock(&self, sb: &Superblock, slot: usize) -> Result<(), EngineError> {
+        meta::write_superblock(&*self.cache, sb, slot).map_err(|e| {
+            self.cache_flush.fail(&*self.cache, &e);
+            EngineError::Meta {
+                device: self.cache.name(),
+                source: e,
+            }
+        })
+    }
+
     /// Sets each recorded frame's committed flag and wakes waiters.
     fn apply_committed(&self, records: &[(u64, u64)]) {
         for &(f, v) in records {
@@ -224,13 +238,7 @@ impl Core {
         sb.table_copy = copy;
         sb.seq += 1;
         let slot = 1 - j.slot;
-        if let Err(e) = meta::write_superblock(&*self.cache, &sb, slot) {
-            // Which superblock the device now holds is unknown, so no copy
-            // of the table and no journal position is safe to write next:
-            // stop writing metadata (`durable`).
-            self.cache_flush.fail(&*self.cache, &e);
-            return Err(meta_err(e));
-        }
+        self.write_superblock(&sb, slot)?;
         j.seq = sb.commit_seq;
         j.sb = sb;
         j.slot = slot;

@@ -665,10 +665,7 @@ impl Engine {
         for _ in 0..2 {
             sb.seq += 1;
             slot = 1 - slot;
-            if let Err(e) = meta::write_superblock(&*c.cache, &sb, slot) {
-                c.cache_flush.fail(&*c.cache, &e);
-                return Err(meta_err(e));
-            }
+            c.write_superblock(&sb, slot)?;
         }
         j.seq = sb.commit_seq;
         j.sb = sb;

@@ -188,10 +188,28 @@ fn dirty_blocks(cache: &dyn BlockDevice, sb: &Superblock) -> Result<u64, meta::M
     if !sb.clean {
         super::commit::replay(cache, &l, sb, &mut entries)?;
     }
-    Ok(entries
+    Ok(dirty_entries(&entries))
+}
+
+/// How many of the persisted `entries` are dirty.
+fn dirty_entries(entries: &[u64]) -> u64 {
+    entries
         .iter()
         .filter(|&&e| e & super::frames::DIRTY != 0)
-        .count() as u64)
+        .count() as u64
+}
+
+/// Empties every clean entry (its data may not be the source's) and
+/// returns how many there were.
+fn drop_clean_entries(entries: &mut [u64]) -> u64 {
+    let mut dropped = 0;
+    for e in entries.iter_mut() {
+        if *e != 0 && *e & super::frames::DIRTY == 0 {
+            *e = 0;
+            dropped += 1;
+        }
+    }
+    dropped
 }
 
 fn format(
@@ -341,12 +359,7 @@ fn load(
             source: e,
         };
         replayed = super::commit::replay(cache, &l, &sb, &mut entries).map_err(meta_err)?;
-        for e in entries.iter_mut() {
-            if *e != 0 && *e & super::frames::DIRTY == 0 {
-                *e = 0;
-                clean_dropped += 1;
-            }
-        }
+        clean_dropped = drop_clean_entries(&mut entries);
         meta::validate_entries(&entries, source_blocks, &l).map_err(meta_err)?;
         // Make the recovered state the new baseline before serving: into the
         // other table copy, which the superblock written below switches to.
@@ -361,10 +374,7 @@ fn load(
             clean_dropped
         );
     }
-    let dirty = entries
-        .iter()
-        .filter(|&&e| e & super::frames::DIRTY != 0)
-        .count() as u64;
+    let dirty = dirty_entries(&entries);
     let source_id = source.identity();
     if let Some(why) = source_changed(sb.source_id, source_id, clean_shutdown) {
         if why == SourceChange::OtherFile && dirty > 0 && !cfg.source_moved {
@@ -375,13 +385,7 @@ fn load(
             });
         }
         // The source's data may differ from what clean entries hold.
-        let mut dropped = 0u64;
-        for e in entries.iter_mut() {
-            if *e != 0 && *e & super::frames::DIRTY == 0 {
-                *e = 0;
-                dropped += 1;
-            }
-        }
+        let dropped = drop_clean_entries(&mut entries);
         clean_dropped += dropped;
         log::warn!(
             "source {} {}: dropped {dropped} clean cache entries; {dirty} dirty blocks kept (they \

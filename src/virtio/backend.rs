@@ -255,11 +255,7 @@ impl BlkBackend {
     /// timeout.
     pub fn quiesce(&self, timeout: Duration) -> bool {
         self.close();
-        let deadline = Instant::now() + timeout;
-        self.inner
-            .inflight
-            .iter()
-            .all(|f| f.wait_idle(deadline.saturating_duration_since(Instant::now())))
+        self.wait_idle(timeout)
     }
 
     /// Waits for every in-flight request of every queue; false on timeout.
@@ -277,6 +273,11 @@ impl BlkBackend {
                 self.finish_ring(q, &vring, done);
             }
         }
+        self.wait_idle(timeout)
+    }
+
+    /// Waits until no queue has a request in flight; false on timeout.
+    fn wait_idle(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         self.inner
             .inflight
@@ -612,25 +613,21 @@ impl BlkBackend {
                 break;
             }
         }
-        if let Some(e) = notify_failed {
-            if let Some(r) = ring_guard.as_deref_mut() {
-                let done = r.reap();
-                drop(ring_guard);
-                self.finish_ring(q, vring, done);
-            }
-            return Err(e);
-        }
         if polling || kickless {
             // The poll loop reaps; after a kickless end, the completions do.
+            // (Neither sets `notify_failed`: a poll never touches the
+            // notification fields, and a failed disable ends the loop
+            // before a kickless end can be chosen.)
             return Ok(popped);
         }
-        // Hits on a fast device may already be done: post them now.
+        // Hits on a fast device may already be done: post them now, also
+        // after a failed re-arm (nothing else would post them).
         if let Some(r) = ring_guard.as_deref_mut() {
             let done = r.reap();
             drop(ring_guard);
             self.finish_ring(q, vring, done);
         }
-        Ok(popped)
+        notify_failed.map_or(Ok(popped), Err)
     }
 
     /// Posts the io_uring completions of the other queues served by the

@@ -394,7 +394,10 @@ where
 /// device-readable descriptors as it takes. Returns it and the index of the
 /// first data descriptor; a descriptor the header ends inside is cut to the
 /// part after it, which is data. Zero-length descriptors are skipped.
-fn read_header<T>(descs: &mut [Desc], mem: &T) -> Result<([u8; 16], usize), BlkError>
+fn read_header<T>(
+    descs: &mut [Desc],
+    mem: &T,
+) -> Result<([u8; HEADER_LEN as usize], usize), BlkError>
 where
     T: GuestMemoryBackend + ?Sized,
 {
