@@ -42,6 +42,17 @@ fn cfg(mode: Option<WriteMode>, blocks: u64, assoc: u32) -> EngineConfig {
     }
 }
 
+/// Opens an engine over `src` and `cache` with `cfg(mode, blocks, assoc)`.
+fn open(
+    src: Arc<dyn BlockDevice>,
+    cache: Arc<dyn BlockDevice>,
+    mode: Option<WriteMode>,
+    blocks: u64,
+    assoc: u32,
+) -> Engine {
+    Engine::open(src, cache, cfg(mode, blocks, assoc)).unwrap()
+}
+
 fn pattern(block: u64) -> Vec<u8> {
     (0..BS)
         .map(|i| (i as u64 * 7 + block * 13 + 1) as u8)
@@ -258,7 +269,7 @@ fn a_hit_whose_cache_read_fails_is_served_from_the_source_only_when_clean() {
     ] {
         let src = Arc::new(MemDevice::from_bytes(&source_bytes(64)));
         let cache = Arc::new(FaultDevice::new(MemDevice::new(4 << 20)));
-        let e = Engine::open(src.clone(), cache.clone(), cfg(Some(mode), 64, 8)).unwrap();
+        let e = open(src.clone(), cache.clone(), Some(mode), 64, 8);
         assert_eq!(read_block(&e, 2).unwrap(), pattern(2));
         // Make sure it is a hit now (the store finished).
         let hits = e.stats().read_hits;
@@ -295,12 +306,13 @@ fn a_hit_whose_cache_read_fails_is_served_from_the_source_only_when_clean() {
 fn a_clean_hit_whose_frame_cannot_be_read_is_served_from_the_source() {
     let src = Arc::new(MemDevice::from_bytes(&source_bytes(64)));
     let cache = Arc::new(Targeted::new(MemDevice::new(4 << 20)));
-    let e = Engine::open(
+    let e = open(
         src.clone(),
         cache.clone(),
-        cfg(Some(WriteMode::Writethrough), 64, 8),
-    )
-    .unwrap();
+        Some(WriteMode::Writethrough),
+        64,
+        8,
+    );
     assert_eq!(read_block(&e, 2).unwrap(), pattern(2));
     assert_eq!(read_block(&e, 2).unwrap(), pattern(2));
     // Fail every cache read of the data area from now on (a bad SSD region).
@@ -406,12 +418,13 @@ fn a_failed_writeback_write_keeps_the_old_data() {
 fn writethrough_with_one_side_failing_serves_no_stale_data() {
     let src = Arc::new(FaultDevice::new(MemDevice::from_bytes(&source_bytes(64))));
     let cache = Arc::new(FaultDevice::new(MemDevice::new(4 << 20)));
-    let e = Engine::open(
+    let e = open(
         src.clone(),
         cache.clone(),
-        cfg(Some(WriteMode::Writethrough), 64, 8),
-    )
-    .unwrap();
+        Some(WriteMode::Writethrough),
+        64,
+        8,
+    );
     assert_eq!(read_block(&e, 2).unwrap(), pattern(2));
     assert_eq!(read_block(&e, 3).unwrap(), pattern(3));
     // Source OK, cache update fails: the stale frame must go.
@@ -443,12 +456,13 @@ fn writethrough_with_one_side_failing_serves_no_stale_data() {
 fn a_torn_writethrough_source_write_drops_the_clean_frame() {
     let src = Arc::new(Targeted::new(MemDevice::from_bytes(&source_bytes(64))));
     let cache = Arc::new(MemDevice::new(4 << 20));
-    let e = Engine::open(
+    let e = open(
         src.clone(),
         cache.clone(),
-        cfg(Some(WriteMode::Writethrough), 64, 8),
-    )
-    .unwrap();
+        Some(WriteMode::Writethrough),
+        64,
+        8,
+    );
     assert_eq!(read_block(&e, 2).unwrap(), pattern(2));
     src.range(2 * BS as u64, 3 * BS as u64);
     src.tear.store(2048, SeqCst);
@@ -510,19 +524,20 @@ fn shutdown_with_a_failing_writeback_still_saves_the_mapping() {
     for wb_on_exit in [false, true] {
         let src = Arc::new(FaultDevice::new(MemDevice::from_bytes(&source_bytes(64))));
         let cache = Arc::new(MemDevice::new(4 << 20));
-        let e = Engine::open(
+        let e = open(
             src.clone(),
             cache.clone(),
-            cfg(Some(WriteMode::Writeback), 64, 8),
-        )
-        .unwrap();
+            Some(WriteMode::Writeback),
+            64,
+            8,
+        );
         e.write(3 * BS as u64, &[0x3C; BS]).unwrap();
         src.plan().fail_writes.store(true, SeqCst);
         let r = e.shutdown(wb_on_exit);
         assert_eq!(r.is_err(), wb_on_exit);
         drop(e);
         src.heal();
-        let e = Engine::open(src.clone(), cache.clone(), cfg(None, 64, 8)).unwrap();
+        let e = open(src.clone(), cache.clone(), None, 64, 8);
         let back = read_block(&e, 3).unwrap();
         if back != vec![0x3C; BS] {
             lost.push(wb_on_exit);
@@ -546,12 +561,13 @@ fn a_failed_journal_write_fails_the_flush_and_the_retry_is_durable() {
     let vol = Arc::new(VolatileCacheDevice::new(MemDevice::new(4 << 20)));
     let cache = Arc::new(Targeted::new(vol.clone()));
     let src = Arc::new(MemDevice::from_bytes(&source_bytes(64)));
-    let e = Engine::open(
+    let e = open(
         src.clone(),
         cache.clone(),
-        cfg(Some(WriteMode::Writeback), 64, 8),
-    )
-    .unwrap();
+        Some(WriteMode::Writeback),
+        64,
+        8,
+    );
     e.flush().unwrap();
     vol.flush().unwrap();
     let l = Layout::new(&e.geometry());
@@ -565,7 +581,7 @@ fn a_failed_journal_write_fails_the_flush_and_the_retry_is_durable() {
     e.halt();
     drop(e);
     vol.power_cut(|_, _| false).unwrap();
-    let e = Engine::open(src.clone(), vol.clone(), cfg(None, 64, 8)).unwrap();
+    let e = open(src.clone(), vol.clone(), None, 64, 8);
     assert_eq!(read_block(&e, 3).unwrap(), vec![0x3C; BS]);
     assert_eq!(read_block(&e, 4).unwrap(), vec![0x4C; BS]);
     e.shutdown(false).unwrap();
@@ -581,12 +597,13 @@ fn after_a_failed_cache_flush_no_flush_succeeds_and_the_old_data_comes_back() {
     let durable = Arc::new(MemDevice::new(4 << 20));
     let cache = Arc::new(Lossy::new(durable.clone()));
     let src = Arc::new(MemDevice::from_bytes(&source_bytes(64)));
-    let e = Engine::open(
+    let e = open(
         src.clone(),
         cache.clone(),
-        cfg(Some(WriteMode::Writeback), 64, 8),
-    )
-    .unwrap();
+        Some(WriteMode::Writeback),
+        64,
+        8,
+    );
     e.flush().unwrap();
     cache.flush().unwrap();
     e.write(3 * BS as u64, &[0xA5; BS]).unwrap();
@@ -614,7 +631,7 @@ fn after_a_failed_cache_flush_no_flush_succeeds_and_the_old_data_comes_back() {
         "shutdown persisted after a failed flush"
     );
     drop(e);
-    let e = Engine::open(src.clone(), durable.clone(), cfg(None, 64, 8)).unwrap();
+    let e = open(src.clone(), durable.clone(), None, 64, 8);
     let back = read_block(&e, 3);
     let back4 = read_block(&e, 4);
     e.shutdown(false).unwrap();
@@ -638,12 +655,13 @@ fn after_a_failed_source_flush_no_flush_succeeds() {
     let durable = Arc::new(MemDevice::from_bytes(&source_bytes(64)));
     let src = Arc::new(Lossy::new(durable.clone()));
     let cache = Arc::new(MemDevice::new(4 << 20));
-    let e = Engine::open(
+    let e = open(
         src.clone(),
         cache.clone(),
-        cfg(Some(WriteMode::Writethrough), 64, 8),
-    )
-    .unwrap();
+        Some(WriteMode::Writethrough),
+        64,
+        8,
+    );
     e.write(2 * BS as u64, &[0x22; BS]).unwrap();
     src.fail_next_flush.store(true, SeqCst);
     assert!(e.flush().is_err());
@@ -659,7 +677,7 @@ fn after_a_failed_source_flush_no_flush_succeeds() {
     drop(e);
     let on_source = dev_block(&*durable, 2);
     assert_eq!(on_source, pattern(2), "the model lost the write");
-    let e = Engine::open(durable.clone(), cache.clone(), cfg(None, 64, 8)).unwrap();
+    let e = open(durable.clone(), cache.clone(), None, 64, 8);
     let back = read_block(&e, 2).unwrap();
     e.shutdown(false).unwrap();
     assert!(
@@ -682,12 +700,7 @@ fn a_failed_settle_flush_keeps_the_pass_from_marking_blocks_clean() {
     let src = Arc::new(GateDevice::new(lossy.clone()));
     let durable_cache = Arc::new(MemDevice::new(4 << 20));
     let cache = Arc::new(VolatileCacheDevice::new(durable_cache.clone()));
-    let e = Engine::open(
-        src.clone(),
-        cache.clone(),
-        cfg(Some(WriteMode::Writeback), 8, 8),
-    )
-    .unwrap();
+    let e = open(src.clone(), cache.clone(), Some(WriteMode::Writeback), 8, 8);
     let blocks = [0u64, 1, 2, 3, 10, 11, 12, 13];
     for b in blocks {
         e.write(b * BS as u64, &vec![b as u8 + 1; BS]).unwrap();
@@ -721,7 +734,7 @@ fn a_failed_settle_flush_keeps_the_pass_from_marking_blocks_clean() {
     e.halt();
     drop(e);
     cache.power_cut(|_, _| false).unwrap();
-    let e = Engine::open(durable_src.clone(), cache.clone(), cfg(None, 8, 8)).unwrap();
+    let e = open(durable_src.clone(), cache.clone(), None, 8, 8);
     let mut lost = Vec::new();
     for b in blocks {
         if read_block(&e, b).unwrap() != vec![b as u8 + 1; BS] {
@@ -746,12 +759,13 @@ fn a_failed_checkpoint_superblock_write_never_touches_the_active_table() {
     let vol = Arc::new(VolatileCacheDevice::new(MemDevice::new(4 << 20)));
     let cache = Arc::new(Targeted::new(vol.clone()));
     let src = Arc::new(MemDevice::from_bytes(&source_bytes(512)));
-    let e = Engine::open(
+    let e = open(
         src.clone(),
         cache.clone(),
-        cfg(Some(WriteMode::Writeback), 256, 8),
-    )
-    .unwrap();
+        Some(WriteMode::Writeback),
+        256,
+        8,
+    );
     // A committed dirty block, so the table differs from the formatted one.
     // (spread over the table page, so that a torn page write is visible).
     for b in 100..200u64 {
