@@ -78,6 +78,15 @@ fn cfg(limits: DeviceLimits) -> BlkBackendConfig {
     }
 }
 
+/// A source whose reads take 200 ms: a miss stays in flight that long.
+fn slow_source() -> Arc<dyn BlockDevice> {
+    let slow = LatencyProfile {
+        read: Duration::from_millis(200),
+        ..LatencyProfile::default()
+    };
+    Arc::new(LatencyDevice::new(MemDevice::new(DISK), slow))
+}
+
 /// A 4 MiB cache file in `dir`, opened with or without O_DIRECT.
 fn cache_file(dir: &std::path::Path, direct: bool) -> Result<FileDevice, DeviceError> {
     let path = dir.join("cache.img");
@@ -577,11 +586,7 @@ fn indirect_variants_never_wedge_the_queue() {
 #[test]
 fn memory_table_replaced_while_requests_are_in_flight() {
     // Pool: a 200 ms source read.
-    let slow = LatencyProfile {
-        read: Duration::from_millis(200),
-        ..LatencyProfile::default()
-    };
-    let source: Arc<dyn BlockDevice> = Arc::new(LatencyDevice::new(MemDevice::new(DISK), slow));
+    let source = slow_source();
     let want = pattern(8, 4096);
     source.write_at(&want, 32 * 512).unwrap();
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
@@ -742,11 +747,7 @@ fn rearm_case(edge: bool) {
 /// request taken, which is where a reconnecting front-end restarts.
 #[test]
 fn quiesce_completes_what_was_taken_and_takes_no_more() {
-    let slow = LatencyProfile {
-        read: Duration::from_millis(200),
-        ..LatencyProfile::default()
-    };
-    let source: Arc<dyn BlockDevice> = Arc::new(LatencyDevice::new(MemDevice::new(DISK), slow));
+    let source = slow_source();
     let want = pattern(3, 4096);
     source.write_at(&want, 16 * 512).unwrap();
     let mut g = Guest::build(
