@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# reconnect-check.sh [--runs N] [--bin PATH] [--signal TERM|KILL] [--delay S]
+# reconnect-check.sh [--runs N] [--bin PATH] [--signal TERM|KILL] [--delay S] [--mode MODE]
 #
 # Restarts the daemon under a running guest: QEMU connects with
 # `reconnect-ms=500` on its chardev, the guest runs guest-tests/fio-loop.sh
@@ -7,6 +7,7 @@
 # the signal and is started again on the same files. A run passes when the
 # guest finishes all its rounds (each verified) within 90 s; one that hangs
 # ends with status 124. Prints one line per run and the count of passes.
+# With VBC_KEEP_FAILED=DIR the logs of failed runs are copied to DIR/runN.
 # Needs the guest of build-guest.sh (target/guest, or $VBLK_GUEST_DIR).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -15,12 +16,14 @@ BIN=$ROOT/target/release/vblkcache
 RUNS=5
 SIG=TERM
 DELAY=0.4
+MODE=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --runs) RUNS=$2; shift ;;
         --bin) BIN=$2; shift ;;
         --signal) SIG=$2; shift ;;
         --delay) DELAY=$2; shift ;;
+        --mode) MODE=(--mode "$2"); shift ;;
         *) sed -n '2,10p' "$0"; exit 2 ;;
     esac
     shift
@@ -40,7 +43,7 @@ trap cleanup EXIT
     --env N=6 --initrd-only "$WORK/initrd" >/dev/null
 start() {
     "$BIN" serve --source "$D/source.img" --cache "$D/cache.img" --socket "$D/vhost.sock" \
-        --queues 2 >> "$D/daemon.log" 2>&1 &
+        --queues 2 ${MODE[@]+"${MODE[@]}"} >> "$D/daemon.log" 2>&1 &
     DP=$!
     for _ in $(seq 100); do [ -S "$D/vhost.sock" ] && return; sleep 0.05; done
 }
@@ -74,6 +77,10 @@ for run in $(seq "$RUNS"); do
         passed=$((passed + 1))
     fi
     echo "run $run: qemu status $rc, $rounds of 6 rounds verified, passed: $ok"
+    if [ "$ok" = no ] && [ -n "${VBC_KEEP_FAILED:-}" ]; then
+        mkdir -p "$VBC_KEEP_FAILED/run$run"
+        cp "$D/daemon.log" "$D/guest.log" "$VBC_KEEP_FAILED/run$run/" || true
+    fi
     kill -TERM "$DP" 2>/dev/null && wait "$DP" 2>/dev/null || true
     DP=""
 done

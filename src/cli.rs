@@ -163,6 +163,14 @@ pub struct ServeArgs {
     /// see, and could overwrite, the image's metadata].
     #[arg(long)]
     pub force_raw: bool,
+    /// Directory, on a tmpfs, for the crash state: the live cache mapping
+    /// kept in a shared file, so that a restart after a crash of the daemon
+    /// keeps every write it had completed (on the same boot; after a reboot
+    /// the journal alone decides). `off` keeps the mapping in private memory:
+    /// a crash then loses the write-back writes completed since the guest's
+    /// last flush [default: /dev/shm, off if it is missing].
+    #[arg(long, value_name = "DIR|off")]
+    pub crash_state_dir: Option<String>,
     /// File mode of the sockets, in octal.
     #[arg(long, value_name = "MODE", default_value = "0600")]
     pub socket_mode: String,

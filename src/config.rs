@@ -33,6 +33,8 @@ pub enum ConfigError {
     Sandbox(#[from] SandboxError),
     #[error("--mode: {0}")]
     Mode(String),
+    #[error("--crash-state-dir {0}: not a directory (give a directory on a tmpfs, or off)")]
+    CrashStateDir(PathBuf),
     #[error("--block-size: {0} is not a power of two between 4K and 1M")]
     BlockSize(u64),
     #[error("{option}: {source}")]
@@ -316,6 +318,17 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 return Err(ConfigError::ControlIsSocket(c.clone()));
             }
         }
+        let crash_state_dir = match a.crash_state_dir.as_deref() {
+            Some("off") => None,
+            Some(d) => {
+                let d = PathBuf::from(d);
+                if !d.is_dir() {
+                    return Err(ConfigError::CrashStateDir(d));
+                }
+                Some(d)
+            }
+            None => Some(PathBuf::from("/dev/shm")).filter(|d| d.is_dir()),
+        };
         Ok(ServeConfig {
             source: a.source,
             cache: a.cache,
@@ -327,6 +340,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 format: a.format,
                 discard_dirty: a.discard_dirty,
                 source_moved: a.source_moved,
+                crash_state_dir,
                 ..EngineConfig::default()
             },
             queues: a.queues,

@@ -2,7 +2,7 @@
 //! stripes that serialise changes to the sets.
 //!
 //! Entry layout (bit 63 down):
-//! `VALID | DIRTY | CDIRTY | QUEUED | SRCPEND | state(3) | pins(8) | source block(48)`.
+//! `VALID | DIRTY | CDIRTY | QUEUED | SRCPEND | FRESH | state(2) | pins(8) | source block(48)`.
 //!
 //! `CDIRTY` says the last *committed* metadata (journal or table on the cache
 //! device) maps this frame as dirty for its block; `QUEUED` says the frame is
@@ -27,12 +27,18 @@
 //! - `SRCPEND` is set only on a valid clean frame; making the frame dirty
 //!   clears it, and freeing it clears it and marks the source as needing a
 //!   flush before the next commit (the free state will be recorded);
-//! - pins count requests reading or writing the frame's data right now.
+//! - pins count requests reading or writing the frame's data right now;
+//! - `FRESH` is set exactly while a frame given a new block is being filled
+//!   (`Filling` from `Entry::new`): its data is not yet the block's. A frame
+//!   claimed `Filling` to update a block it already holds is not fresh. The
+//!   crash state (`crashstate`) relies on this to tell a dirty frame whose
+//!   data is the block's from one that is garbage.
 //!
 //! The atomics only provide safe interior mutability: every change happens
 //! with the stripe lock held, so `Relaxed` ordering suffices (the mutex orders
 //! them).
 
+use super::crashstate::CrashFile;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
@@ -41,8 +47,10 @@ pub const DIRTY: u64 = 1 << 62;
 pub const CDIRTY: u64 = 1 << 61;
 pub const QUEUED: u64 = 1 << 60;
 pub const SRCPEND: u64 = 1 << 59;
+/// A new block is being filled into the frame (see the module comment).
+pub const FRESH: u64 = 1 << 58;
 const STATE_SHIFT: u32 = 56;
-const STATE_MASK: u64 = 0x7 << STATE_SHIFT;
+const STATE_MASK: u64 = 0x3 << STATE_SHIFT;
 const PIN_SHIFT: u32 = 48;
 const PIN_ONE: u64 = 1 << PIN_SHIFT;
 const PIN_MASK: u64 = 0xff << PIN_SHIFT;
@@ -64,12 +72,21 @@ pub enum FrameState {
 pub struct Entry(pub u64);
 
 impl Entry {
+    /// A frame given `block`; one made `Filling` is `FRESH` until it
+    /// leaves that state.
     pub fn new(block: u64, dirty: bool, state: FrameState) -> Entry {
         let mut v = VALID | (block & BLOCK_MASK) | ((state as u64) << STATE_SHIFT);
         if dirty {
             v |= DIRTY;
         }
+        if state == FrameState::Filling {
+            v |= FRESH;
+        }
         Entry(v)
+    }
+    /// A new block's data is still being filled in.
+    pub fn fresh(self) -> bool {
+        self.0 & FRESH != 0
     }
     pub fn valid(self) -> bool {
         self.0 & VALID != 0
@@ -128,8 +145,14 @@ impl Entry {
             _ => FrameState::Idle,
         }
     }
+    /// The entry in state `s`; leaving `Filling` ends `FRESH`.
     pub fn with_state(self, s: FrameState) -> Entry {
-        Entry((self.0 & !STATE_MASK) | ((s as u64) << STATE_SHIFT))
+        let keep = if s == FrameState::Filling {
+            !STATE_MASK
+        } else {
+            !(STATE_MASK | FRESH)
+        };
+        Entry((self.0 & keep) | ((s as u64) << STATE_SHIFT))
     }
     pub fn with_dirty(self, d: bool) -> Entry {
         if d {
@@ -184,9 +207,15 @@ pub struct Stripe {
     pub cond: Condvar,
 }
 
+/// Where the entries live: private memory, or the shared crash-state file.
+enum Backing {
+    Heap(Box<[AtomicU64]>),
+    Shared(CrashFile),
+}
+
 /// Entries plus lock stripes. A set belongs to stripe `set % stripes`.
 pub struct FrameTable {
-    entries: Box<[AtomicU64]>,
+    backing: Backing,
     stripes: Box<[Stripe]>,
 }
 
@@ -194,10 +223,24 @@ pub struct FrameTable {
 const MAX_STRIPES: u64 = 4096;
 
 impl FrameTable {
+    /// A table of `frames` free entries in private memory.
     pub fn new(frames: u64, sets: u64) -> Self {
+        Self::with_backing(
+            Backing::Heap((0..frames).map(|_| AtomicU64::new(0)).collect()),
+            sets,
+        )
+    }
+
+    /// A table whose entries are those of `file` (all free: a new file is
+    /// zeros), so that they outlive the process.
+    pub fn in_crash_file(file: CrashFile, sets: u64) -> Self {
+        Self::with_backing(Backing::Shared(file), sets)
+    }
+
+    fn with_backing(backing: Backing, sets: u64) -> Self {
         let n = sets.clamp(1, MAX_STRIPES);
         FrameTable {
-            entries: (0..frames).map(|_| AtomicU64::new(0)).collect(),
+            backing,
             stripes: (0..n)
                 .map(|_| Stripe {
                     state: Mutex::new(StripeState::default()),
@@ -207,8 +250,24 @@ impl FrameTable {
         }
     }
 
+    #[inline]
+    fn entries(&self) -> &[AtomicU64] {
+        match &self.backing {
+            Backing::Heap(b) => b,
+            Backing::Shared(f) => f.entries(),
+        }
+    }
+
+    /// The crash-state file holding the entries, if any.
+    pub fn crash_file(&self) -> Option<&CrashFile> {
+        match &self.backing {
+            Backing::Heap(_) => None,
+            Backing::Shared(f) => Some(f),
+        }
+    }
+
     pub fn frames(&self) -> u64 {
-        self.entries.len() as u64
+        self.entries().len() as u64
     }
 
     pub fn stripe(&self, set: u64) -> &Stripe {
@@ -226,20 +285,20 @@ impl FrameTable {
     /// Reads an entry. Callers hold the stripe lock when they act on it.
     #[inline]
     pub fn get(&self, frame: u64) -> Entry {
-        Entry(self.entries[frame as usize].load(Relaxed))
+        Entry(self.entries()[frame as usize].load(Relaxed))
     }
 
     /// Writes an entry. Callers must hold the frame's stripe lock.
     #[inline]
     pub fn set(&self, frame: u64, e: Entry) {
-        self.entries[frame as usize].store(e.0, Relaxed)
+        self.entries()[frame as usize].store(e.0, Relaxed)
     }
 
     /// Finds the valid frame holding `block` among `first..first+assoc`.
     #[inline]
     pub fn lookup(&self, first: u64, assoc: u32, block: u64) -> Option<u64> {
         let want = VALID | (block & BLOCK_MASK);
-        let set = &self.entries[first as usize..(first + u64::from(assoc)) as usize];
+        let set = &self.entries()[first as usize..(first + u64::from(assoc)) as usize];
         set.iter()
             .position(|e| e.load(Relaxed) & (VALID | BLOCK_MASK) == want)
             .map(|w| first + w as u64)
@@ -270,9 +329,10 @@ impl FrameTable {
 
     /// Bytes of RAM used by entries and stripes, per frame.
     pub fn bytes_per_frame(&self) -> f64 {
-        let total = self.entries.len() * std::mem::size_of::<AtomicU64>()
+        let n = self.entries().len();
+        let total = n * std::mem::size_of::<AtomicU64>()
             + self.stripes.len() * std::mem::size_of::<Stripe>();
-        total as f64 / self.entries.len().max(1) as f64
+        total as f64 / n.max(1) as f64
     }
 }
 
@@ -295,6 +355,22 @@ mod tests {
             Entry::new(BLOCK_MASK, false, FrameState::Idle)
         );
         assert_eq!(p.persistent(), VALID | DIRTY | BLOCK_MASK);
+    }
+
+    #[test]
+    fn fresh_lasts_while_a_new_block_fills() {
+        let e = Entry::new(7, true, FrameState::Filling);
+        assert!(e.fresh());
+        assert_eq!(e.state(), FrameState::Filling);
+        assert_eq!(e.pinned().unpinned(), e);
+        let idle = e.with_state(FrameState::Idle);
+        assert!(!idle.fresh());
+        assert_eq!(idle, Entry::new(7, true, FrameState::Idle));
+        // Claiming a held block for an update in place is not fresh.
+        assert!(!idle.with_state(FrameState::Filling).fresh());
+        assert!(!Entry::new(7, true, FrameState::Idle).fresh());
+        assert!(!e.with_state(FrameState::WritingBack).fresh());
+        assert_eq!(e.persistent(), VALID | DIRTY | 7);
     }
 
     #[test]

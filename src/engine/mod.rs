@@ -5,6 +5,7 @@
 mod bufpool;
 mod commit;
 mod core;
+pub mod crashstate;
 mod direct;
 mod durable;
 mod frames;
@@ -78,6 +79,10 @@ pub struct EngineConfig {
     /// (the same image moved or copied): its clean entries are dropped, its
     /// dirty blocks kept.
     pub source_moved: bool,
+    /// Directory (a tmpfs such as `/dev/shm`) for the crash-state file,
+    /// which keeps the live mapping past a crash of the process (see
+    /// [`crashstate`]); `None` keeps it in private memory only.
+    pub crash_state_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for EngineConfig {
@@ -90,6 +95,7 @@ impl Default for EngineConfig {
             format: false,
             discard_dirty: false,
             source_moved: false,
+            crash_state_dir: None,
         }
     }
 }
@@ -209,6 +215,10 @@ pub struct StartInfo {
     pub dirty_recovered: u64,
     /// Clean entries dropped after an unclean shutdown (their data is on the source).
     pub clean_dropped: u64,
+    /// After an unclean shutdown: `Some(dirty blocks)` when the mapping was
+    /// recovered from the crashed run's crash-state file (see [`crashstate`]),
+    /// `None` when from the journal alone.
+    pub crash_state_recovered: Option<u64>,
     /// Time taken to open, recover and load the metadata, in milliseconds.
     pub load_ms: u64,
 }
@@ -295,7 +305,7 @@ impl Engine {
             layout,
             bs: u64::from(layout.geometry.block_size),
             source_size: opened.sb.source_size,
-            frames: frames::FrameTable::new(g.cache_blocks, g.sets()),
+            frames: frame_table(&cfg, &opened.sb),
             policy,
             mode: AtomicU8::new(opened.sb.mode.to_u8()),
             stats: Stats::default(),
@@ -670,6 +680,10 @@ impl Engine {
         j.seq = sb.commit_seq;
         j.sb = sb;
         j.slot = slot;
+        // The cache is clean on its device now: no crash state is needed.
+        if let Some(f) = c.frames.crash_file() {
+            f.remove();
+        }
         log::info!(
             "cache metadata saved: {} blocks in use, {} dirty",
             c.valid.load(SeqCst),
@@ -691,6 +705,28 @@ impl Drop for Engine {
         }
         c.store.close();
     }
+}
+
+/// The frame table: in a new crash-state file when the configuration asks
+/// for one and it can be made, in private memory otherwise (said once).
+fn frame_table(cfg: &EngineConfig, sb: &meta::Superblock) -> frames::FrameTable {
+    let g = sb.layout.geometry;
+    if let Some(dir) = &cfg.crash_state_dir {
+        let made = crashstate::boot_id().and_then(|boot| {
+            crashstate::CrashFile::create(dir, &crashstate::Header::for_run(sb, boot))
+        });
+        match made {
+            Ok(file) => {
+                log::info!("crash state kept in {}", file.path().display());
+                return frames::FrameTable::in_crash_file(file, g.sets());
+            }
+            Err(e) => log::warn!(
+                "no crash state ({e}): a crash of the daemon will lose the write-back writes \
+                 completed since the guest's last flush"
+            ),
+        }
+    }
+    frames::FrameTable::new(g.cache_blocks, g.sets())
 }
 
 fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, EngineError> {

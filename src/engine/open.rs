@@ -264,6 +264,7 @@ fn format(
         journal_pos: 0,
         table_copy: 0,
         source_id: source.identity(),
+        run_id: super::crashstate::new_run_id(),
     };
     meta::write_superblock(cache, &sb, 0).map_err(meta_err)?;
     log::info!(
@@ -351,6 +352,7 @@ fn load(
     let clean_shutdown = sb.clean;
     let mut replayed = super::commit::Replay::default();
     let mut clean_dropped = 0;
+    let mut crash_recovered = None;
     if !clean_shutdown {
         // Crash recovery: replay the journal over the table, then keep only
         // dirty mappings (clean ones may be stale: the source has their data).
@@ -360,6 +362,13 @@ fn load(
         };
         replayed = super::commit::replay(cache, &l, &sb, &mut entries).map_err(meta_err)?;
         clean_dropped = drop_clean_entries(&mut entries);
+        if let Some(found) = crash_state(cfg, &sb, &entries) {
+            // Frames written back since the last commit are recorded clean
+            // below: the source must hold their data first.
+            source.flush().map_err(EngineError::Source)?;
+            crash_recovered = Some(found.iter().filter(|&&e| e != 0).count() as u64);
+            entries = found;
+        }
         meta::validate_entries(&entries, source_blocks, &l).map_err(meta_err)?;
         // Make the recovered state the new baseline before serving: into the
         // other table copy, which the superblock written below switches to.
@@ -411,6 +420,7 @@ fn load(
     sb.commit_seq = sb.commit_seq.max(replayed.next_seq) + 1;
     sb.journal_pos = 0;
     sb.source_id = source_id;
+    sb.run_id = super::crashstate::new_run_id();
     let next = 1 - slot;
     meta::write_superblock(cache, &sb, next).map_err(|e| EngineError::Meta {
         device: cache.name(),
@@ -428,7 +438,35 @@ fn load(
             commits_replayed: replayed.commits,
             dirty_recovered: if clean_shutdown { 0 } else { dirty },
             clean_dropped,
+            crash_state_recovered: crash_recovered,
             load_ms: t0.elapsed().as_millis() as u64,
         },
     })
+}
+
+/// The dirty mapping left by the crashed run in its crash-state file, if
+/// the daemon keeps one (`cfg.crash_state_dir`) and it can be used; `journal`
+/// is the mapping replayed from the cache device. Says why a file is not
+/// used: recovery then goes by the journal, as after a power cut.
+fn crash_state(cfg: &EngineConfig, sb: &Superblock, journal: &[u64]) -> Option<Vec<u64>> {
+    use super::crashstate;
+    let dir = cfg.crash_state_dir.as_deref()?;
+    let found = crashstate::boot_id().and_then(|boot| crashstate::recover(dir, sb, &boot, journal));
+    match found {
+        Ok(Some(entries)) => {
+            let had = journal.iter().filter(|&&e| e != 0).count();
+            let now = entries.iter().filter(|&&e| e != 0).count();
+            log::warn!(
+                "recovering from the crash state in {}: {now} dirty blocks (the journal had {had}); \
+                 writes completed before the crash are kept",
+                dir.display()
+            );
+            Some(entries)
+        }
+        Ok(None) => None,
+        Err(e) => {
+            log::warn!("crash state not used, recovering from the journal only: {e}");
+            None
+        }
+    }
 }

@@ -14,6 +14,8 @@
 //! 120 source identity recorded u8 (0: none, as in caches made before it)
 //! 128 source inode u64   136 source mtime in ns u64 (at format, start and
 //!                            clean shutdown; see `open`)
+//! 144 run id u64 (random, new at every start; 0 in caches made before it):
+//!     names the daemon run whose crash state (`crashstate`) may be applied
 //! ```
 
 use super::layout::{Layout, META_PAGE};
@@ -51,6 +53,8 @@ pub struct Superblock {
     /// The source file this cache belongs to, as last seen (`None` for a
     /// block device or memory source, and in caches made before it).
     pub source_id: Option<FileIdentity>,
+    /// The run that last opened the cache (see `crashstate`); 0 for none.
+    pub run_id: u64,
 }
 
 fn put64(p: &mut [u8], o: usize, v: u64) {
@@ -102,6 +106,7 @@ impl Superblock {
             put64(&mut p, 128, id.ino);
             put64(&mut p, 136, id.mtime_ns);
         }
+        put64(&mut p, 144, self.run_id);
         let crc = crc32c::crc32c(&p[..CRC_AT]);
         put32(&mut p, CRC_AT, crc);
         p
@@ -212,6 +217,7 @@ impl Superblock {
                 pos
             },
             source_id,
+            run_id: get64(p, 144),
         })
     }
 }
@@ -245,6 +251,7 @@ mod tests {
                 ino: 1234,
                 mtime_ns: 1_700_000_000_123_456_789,
             }),
+            run_id: 0x0123_4567_89ab_cdef,
         }
     }
 
