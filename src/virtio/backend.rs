@@ -21,6 +21,7 @@ use super::execute::{execute, status_of, write_status};
 use super::filemap::{fill_holes, FileMap};
 use super::flushq::{FlushQueue, Waiting};
 use super::inflight::InFlight;
+use super::order::UsedOrder;
 use super::pool::{IoPoolHandle, Job};
 use super::request::{BlkError, Request, RequestKind};
 use super::uring::{Done, QueueRing};
@@ -108,6 +109,9 @@ struct Inner {
     event_idx: AtomicBool,
     pool: IoPoolHandle,
     inflight: Vec<InFlight>,
+    /// Each queue's completion order (see `order`): the used ring is
+    /// filled in the order requests were taken.
+    order: Vec<Mutex<UsedOrder>>,
     /// One io_uring per queue (see `uring`); `None` where hits go to the pool.
     rings: Vec<Option<Mutex<QueueRing>>>,
     /// Set by `close`: the front-end is gone, workers stop taking requests.
@@ -158,6 +162,9 @@ impl BlkBackend {
         let n = cfg.serial.len().min(serial.len());
         serial[..n].copy_from_slice(&cfg.serial.as_bytes()[..n]);
         let inflight = (0..cfg.num_queues).map(|_| InFlight::default()).collect();
+        let order = (0..cfg.num_queues)
+            .map(|_| Mutex::new(UsedOrder::new(cfg.queue_size)))
+            .collect();
         // One mapping of a memory-backed cache file for all queues (one
         // set of page tables), once no valid frame lies over a hole.
         let map = engine
@@ -189,6 +196,7 @@ impl BlkBackend {
                 event_idx: AtomicBool::new(false),
                 pool,
                 inflight,
+                order,
                 rings,
                 closing: AtomicBool::new(false),
                 queue_errors: AtomicU64::new(0),
@@ -520,8 +528,11 @@ impl BlkBackend {
                 if full {
                     break;
                 }
-                let (chain, mem) = match pop(vring, inflight, &atomic) {
-                    Popped::Chain(chain, mem) => (chain, mem),
+                let order = &self.inner.order[q];
+                // From here on a request is known by its token, which its
+                // completion hands back (see `order`).
+                let (chain, mem, head) = match pop(vring, inflight, order, &atomic) {
+                    Popped::Chain(chain, mem, token) => (chain, mem, token),
                     Popped::Empty => break,
                     Popped::Refused => {
                         refused = true;
@@ -529,7 +540,6 @@ impl BlkBackend {
                     }
                 };
                 popped += 1;
-                let head = chain.head_index();
                 match Request::parse(chain, &self.inner.cfg.limits) {
                     Ok(req) => {
                         let declined = match ring_guard.as_deref_mut() {
@@ -802,28 +812,40 @@ impl Inner {
         }
     }
 
-    /// Puts each `(head, used_len)` on the used ring, signals the driver
-    /// once if EVENT_IDX says so, and uncounts the requests.
+    /// Marks each `(head, used_len)` completed, puts on the used ring every
+    /// completed request whose turn it is (see `order`: in the order they
+    /// were taken), signals the driver once if EVENT_IDX says so, and
+    /// uncounts the requests posted.
     fn complete(&self, q: usize, vring: &Vring, done: &[(u16, u32)]) {
-        if done.is_empty() {
+        let Some(order) = self.order.get(q) else {
             return;
-        }
-        {
+        };
+        let posted = {
             let mut state = vring.get_mut();
+            let mut o = order.lock().unwrap_or_else(|p| p.into_inner());
             for &(head, used_len) in done {
+                o.done(head, used_len);
+            }
+            let ready = o.postable();
+            for &(head, used_len) in &ready {
                 if let Err(e) = state.add_used(head, used_len) {
                     log::error!("queue {q}: cannot add {head} to the used ring: {e}");
                 }
             }
-            let notify = state.needs_notification().unwrap_or(true);
-            if notify {
+            let n = ready.len();
+            o.give_back(ready);
+            drop(o);
+            if n > 0 && state.needs_notification().unwrap_or(true) {
                 if let Err(e) = state.signal_used_queue() {
                     log::error!("queue {q}: cannot signal the used ring: {e}");
                 }
             }
-        }
-        if let Some(f) = self.inflight.get(q) {
-            f.end(done.len());
+            n
+        };
+        if posted > 0 {
+            if let Some(f) = self.inflight.get(q) {
+                f.end(posted);
+            }
         }
     }
 }

@@ -11,6 +11,7 @@ mod filemap;
 mod fixed;
 mod flushq;
 mod inflight;
+mod order;
 pub mod pool;
 pub mod request;
 #[cfg(test)]

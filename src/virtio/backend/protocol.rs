@@ -151,6 +151,13 @@ impl VhostUserBackend for BlkBackend {
         if !f.wait_idle(DRAIN_TIMEOUT) {
             log::error!("queue {queue_index}: requests still in flight after {DRAIN_TIMEOUT:?}");
         }
+        // The front-end sets where the queue starts again (SET_VRING_BASE).
+        if let Some(o) = usize::try_from(queue_index)
+            .ok()
+            .and_then(|q| self.inner.order.get(q))
+        {
+            o.lock().unwrap_or_else(|p| p.into_inner()).reset();
+        }
         Ok(())
     }
 

@@ -3,10 +3,11 @@
 
 use super::{Chain, GuestMem, GuestMemAtomic, Vring};
 use crate::virtio::inflight::InFlight;
+use crate::virtio::order::UsedOrder;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use vhost_user_backend::{VringState, VringT};
 use virtio_queue::QueueT;
 use vm_memory::GuestAddressSpace;
@@ -35,8 +36,9 @@ pub(super) fn self_kick(vring: &Vring) -> bool {
 
 /// What [`pop`] found.
 pub(super) enum Popped {
-    /// A chain, counted in flight, with the memory map it was read through.
-    Chain(Chain, Arc<GuestMem>),
+    /// A chain, counted in flight, with the memory map it was read through
+    /// and the token its completion gives back (see `virtio::order`).
+    Chain(Chain, Arc<GuestMem>, u16),
     /// Nothing published (or the queue is not live).
     Empty,
     /// Chains are published but cannot be popped: the available index is
@@ -52,7 +54,15 @@ pub(super) enum Popped {
 /// move: the driver maps a buffer (ADD_MEM_REGION, acknowledged) before it
 /// publishes a request using it, so a snapshot taken earlier could miss
 /// that region and fail a valid request.
-pub(super) fn pop(vring: &Vring, inflight: &InFlight, atomic: &GuestMemAtomic) -> Popped {
+///
+/// The chain's available position is recorded in `order` (see
+/// `virtio::order`), under the vring's lock like the pop itself.
+pub(super) fn pop(
+    vring: &Vring,
+    inflight: &InFlight,
+    order: &Mutex<UsedOrder>,
+    atomic: &GuestMemAtomic,
+) -> Popped {
     let mut state = vring.get_mut();
     let pending = pending(&state, atomic);
     if pending == 0 {
@@ -64,11 +74,21 @@ pub(super) fn pop(vring: &Vring, inflight: &InFlight, atomic: &GuestMemAtomic) -
         return Popped::Refused;
     }
     let mem = atomic.memory().into_inner();
+    let pos = state.get_queue().next_avail();
     let Some(chain) = state.get_queue_mut().pop_descriptor_chain(Arc::clone(&mem)) else {
         return Popped::Refused;
     };
-    inflight.begin();
-    Popped::Chain(chain, mem)
+    let token = order
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take(pos, chain.head_index());
+    match token {
+        Some(token) => {
+            inflight.begin();
+            Popped::Chain(chain, mem, token)
+        }
+        None => Popped::Refused,
+    }
 }
 
 /// True if the driver has published chains the device has not popped on

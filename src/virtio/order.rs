@@ -1,0 +1,194 @@
+//! In-order completion: requests are put on the used ring in the order they
+//! were taken from the available ring.
+//!
+//! Why: when the daemon dies (a crash, SIGKILL) and QEMU reconnects
+//! (`reconnect-ms`), QEMU cannot ask the dead daemon where it was, so it
+//! restarts the queue at the used ring's index: the new daemon takes the
+//! available entries from there. That is right only if the completed
+//! requests are exactly the first `used.idx` ones taken. With completions in
+//! any order, a request taken earlier but still in flight at the crash was
+//! never answered (the guest waits for it forever), and one taken later and
+//! already answered was run again with descriptors the guest may have reused.
+//! Posting in order makes the used index an exact boundary: everything
+//! before it answered, everything from it on taken again. (vhost-user's
+//! INFLIGHT_SHMFD would track this in QEMU's memory, but the vhost-user
+//! backend library does not pass those messages on.)
+//!
+//! The cost is waiting: a request that completes before an earlier one is
+//! held until that one completes. Hits on the io_uring path complete in
+//! about the order they were submitted.
+//!
+//! Invariants (under the mutex, taken inside the vring's lock so that taking
+//! and posting are each atomic with the ring update):
+//! - `base` is the position of the oldest request taken and not posted;
+//!   positions `base..base + outstanding` each hold `Taken` or `Done`, and
+//!   at most one ring's worth is outstanding (the per-queue bound);
+//! - a request is known by its position (its token) until it is posted,
+//!   not by its head: a faulty driver may publish a head twice.
+
+/// A slot of the reorder window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Free,
+    /// Taken with this head, not completed.
+    Taken(u16),
+    /// Completed: head and used length.
+    Done(u16, u32),
+}
+
+/// The reorder window of one queue.
+#[derive(Debug)]
+pub(crate) struct UsedOrder {
+    /// Next position to post; `None` until the first request after a
+    /// (re)start of the queue.
+    base: Option<u16>,
+    slots: Vec<Slot>,
+    /// Posted entries handed to the caller (reused allocation).
+    ready: Vec<(u16, u32)>,
+}
+
+impl UsedOrder {
+    /// A window for queues of at most `max_size` entries.
+    pub(crate) fn new(max_size: u16) -> UsedOrder {
+        let n = usize::from(max_size.max(1)).next_power_of_two();
+        UsedOrder {
+            base: None,
+            slots: vec![Slot::Free; n],
+            ready: Vec::new(),
+        }
+    }
+
+    fn slot(&self, pos: u16) -> usize {
+        usize::from(pos) & (self.slots.len() - 1)
+    }
+
+    /// Records the request with `head` taken at available position `pos`.
+    /// Returns the token that stands for it until [`UsedOrder::done`] (its
+    /// position: unlike heads, which a faulty driver may publish twice, the
+    /// positions in flight are distinct), or `None` if the window is full,
+    /// which the per-queue bound on requests in flight (one ring's worth)
+    /// rules out; such a request is not answered.
+    pub(crate) fn take(&mut self, pos: u16, head: u16) -> Option<u16> {
+        self.base.get_or_insert(pos);
+        let s = self.slot(pos);
+        if self.slots[s] != Slot::Free {
+            log::error!("request {head} at {pos}: the completion window is full");
+            return None;
+        }
+        self.slots[s] = Slot::Taken(head);
+        Some(pos)
+    }
+
+    /// Marks the request of `token` completed with `used_len` bytes.
+    pub(crate) fn done(&mut self, token: u16, used_len: u32) {
+        let s = self.slot(token);
+        match self.slots[s] {
+            Slot::Taken(head) => self.slots[s] = Slot::Done(head, used_len),
+            other => log::error!("completion of {token}, which is not in flight ({other:?})"),
+        }
+    }
+
+    /// The completed requests that may now be posted, as (head, used
+    /// length), in order; they leave the window. The vector is lent: give
+    /// it back with [`UsedOrder::give_back`].
+    pub(crate) fn postable(&mut self) -> Vec<(u16, u32)> {
+        let mut out = std::mem::take(&mut self.ready);
+        out.clear();
+        if let Some(mut b) = self.base {
+            loop {
+                let s = self.slot(b);
+                match self.slots[s] {
+                    Slot::Done(head, len) => {
+                        out.push((head, len));
+                        self.slots[s] = Slot::Free;
+                        b = b.wrapping_add(1);
+                    }
+                    _ => break,
+                }
+            }
+            self.base = Some(b);
+        }
+        out
+    }
+
+    pub(crate) fn give_back(&mut self, v: Vec<(u16, u32)>) {
+        self.ready = v;
+    }
+
+    /// Forgets the position after the queue stopped with nothing in flight,
+    /// so the next request (from whatever index the front-end sets) starts
+    /// the window.
+    pub(crate) fn reset(&mut self) {
+        if self.slots.iter().any(|s| *s != Slot::Free) {
+            log::error!("a stopped queue still had requests in its completion window");
+            self.slots.fill(Slot::Free);
+        }
+        self.base = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn post(o: &mut UsedOrder) -> Vec<(u16, u32)> {
+        let v = o.postable();
+        let r = v.clone();
+        o.give_back(v);
+        r
+    }
+
+    #[test]
+    fn completions_are_posted_in_the_order_taken() {
+        let mut o = UsedOrder::new(8);
+        let t: Vec<u16> = [(65533u16, 4u16), (65534, 0), (65535, 7), (0, 2)]
+            .iter()
+            .map(|&(pos, head)| o.take(pos, head).unwrap())
+            .collect();
+        o.done(t[2], 30);
+        o.done(t[3], 40);
+        assert_eq!(post(&mut o), vec![]);
+        o.done(t[0], 10);
+        assert_eq!(post(&mut o), vec![(4, 10)]);
+        o.done(t[1], 20);
+        assert_eq!(post(&mut o), vec![(0, 20), (7, 30), (2, 40)]);
+        // The window goes on from position 1.
+        let t = o.take(1, 7).unwrap();
+        o.done(t, 1);
+        assert_eq!(post(&mut o), vec![(7, 1)]);
+    }
+
+    #[test]
+    fn a_head_published_twice_is_served_twice_in_turn() {
+        let mut o = UsedOrder::new(4);
+        let a = o.take(10, 1).unwrap();
+        let b = o.take(11, 1).unwrap();
+        assert_ne!(a, b);
+        o.done(b, 6);
+        assert_eq!(post(&mut o), vec![]);
+        o.done(a, 5);
+        assert_eq!(post(&mut o), vec![(1, 5), (1, 6)]);
+        // A completion of nothing in flight changes nothing.
+        o.done(a, 1);
+        assert_eq!(post(&mut o), vec![]);
+        // A full window takes nothing more and keeps what it has.
+        let t: Vec<u16> = (12..16).map(|pos| o.take(pos, pos - 12).unwrap()).collect();
+        assert_eq!(o.take(16, 3), None);
+        for &x in t.iter().rev() {
+            o.done(x, 1);
+        }
+        assert_eq!(post(&mut o), vec![(0, 1), (1, 1), (2, 1), (3, 1)]);
+    }
+
+    #[test]
+    fn reset_starts_a_new_window() {
+        let mut o = UsedOrder::new(4);
+        let t = o.take(100, 0).unwrap();
+        o.done(t, 1);
+        assert_eq!(post(&mut o), vec![(0, 1)]);
+        o.reset();
+        let t = o.take(7, 3).unwrap();
+        o.done(t, 2);
+        assert_eq!(post(&mut o), vec![(3, 2)]);
+    }
+}
