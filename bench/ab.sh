@@ -4,6 +4,7 @@
 #   bench/ab.sh [--a "ARGS"] [--b "ARGS"] [--rounds N] [--queues N]
 #               [--iodepth N] [--bs SIZE] [--pattern P] [--runtime SECONDS]
 #               [--swap] [--dir DIR] [--no-build] [--a-bin PATH]
+#               [--load "ARGS"]
 #
 # Two daemons, A and B, each with its own copy of a 256 MiB source and its
 # own 400 MiB cache file under DIR (default target/), both warmed by one
@@ -15,6 +16,8 @@
 # The second run of a round can be systematically slower or faster than the
 # first on a shared machine; --swap runs B first in every round. Run both
 # orders (or A against A) before believing a difference of a few per cent.
+#
+# --load "ARGS" adds arguments to every vbc-load run (e.g. "--flush-every 32").
 #
 # --a-bin PATH runs A from another vblkcache binary (B is always this
 # tree's release build), to compare two versions of the code, e.g. one
@@ -33,6 +36,7 @@ while [ $# -gt 0 ]; do
         --iodepth) QD=$2; shift ;;
         --bs) BS=$2; shift ;;
         --pattern) PAT=$2; shift ;;
+        --load) LOAD_ARGS=$2; shift ;;
         --runtime) RT=$2; shift ;;
         --swap) SWAP=1 ;;
         --dir) DIR=$2; shift ;;
@@ -94,8 +98,9 @@ order="A B"
 for ((i = 1; i <= ROUNDS; i++)); do
     for t in $order; do
         t0=$(ticks "${PID[$t]}")
+        read -r -a more <<<"${LOAD_ARGS:-}"
         json=$("$LOAD" --socket "$WORK/$t.sock" --pattern "$PAT" --bs "$BS" --iodepth "$QD" \
-            --queues "$QUEUES" --runtime "${RT}s" --ramp 1s --json)
+            --queues "$QUEUES" --runtime "${RT}s" --ramp 1s ${more[@]+"${more[@]}"} --json)
         t1=$(ticks "${PID[$t]}")
         python3 -c '
 import json, sys

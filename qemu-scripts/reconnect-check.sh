@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # reconnect-check.sh [--runs N] [--bin PATH] [--signal TERM|KILL] [--delay S] [--mode MODE]
+#                    [--serve-args "ARGS"]
 #
 # Restarts the daemon under a running guest: QEMU connects with
 # `reconnect-ms=500` on its chardev, the guest runs guest-tests/fio-loop.sh
@@ -17,6 +18,7 @@ RUNS=5
 SIG=TERM
 DELAY=0.4
 MODE=()
+SERVE_ARGS=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --runs) RUNS=$2; shift ;;
@@ -24,6 +26,7 @@ while [ $# -gt 0 ]; do
         --signal) SIG=$2; shift ;;
         --delay) DELAY=$2; shift ;;
         --mode) MODE=(--mode "$2"); shift ;;
+        --serve-args) read -r -a SERVE_ARGS <<<"$2"; shift ;;
         *) sed -n '2,10p' "$0"; exit 2 ;;
     esac
     shift
@@ -43,7 +46,7 @@ trap cleanup EXIT
     --env N=6 --initrd-only "$WORK/initrd" >/dev/null
 start() {
     "$BIN" serve --source "$D/source.img" --cache "$D/cache.img" --socket "$D/vhost.sock" \
-        --queues 2 ${MODE[@]+"${MODE[@]}"} >> "$D/daemon.log" 2>&1 &
+        --queues 2 ${MODE[@]+"${MODE[@]}"} ${SERVE_ARGS[@]+"${SERVE_ARGS[@]}"} >> "$D/daemon.log" 2>&1 &
     DP=$!
     for _ in $(seq 100); do [ -S "$D/vhost.sock" ] && return; sleep 0.05; done
 }

@@ -144,6 +144,14 @@ pub struct ServeArgs {
     /// RAM [default: off].
     #[arg(long)]
     pub pin_guest_memory: bool,
+    /// Put requests on the used ring as they complete, instead of in the
+    /// order the guest issued them. Requests behind a slow one (a FLUSH, a
+    /// miss) are answered at once, but if the daemon is killed and restarted
+    /// under a running guest (QEMU `reconnect-ms`), the guest may hang on a
+    /// request that is never answered, or see one run twice [default: in
+    /// order, so that such a restart resumes exactly].
+    #[arg(long)]
+    pub unordered_completion: bool,
     /// Format the cache device even if it holds data that is not a vblkcache
     /// cache [default: refuse].
     #[arg(long)]

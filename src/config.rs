@@ -103,6 +103,8 @@ pub struct ServeConfig {
     pub poll: std::time::Duration,
     /// Register guest memory as io_uring fixed buffers (default off).
     pub pin_guest_memory: bool,
+    /// Post completions as they finish (default: in the order taken).
+    pub unordered: bool,
     /// Permission bits of the sockets (default 0o600).
     pub socket_mode: u32,
     /// Write dirty blocks back to the source on shutdown (default off).
@@ -354,6 +356,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             io_uring: a.io_uring == "on",
             poll,
             pin_guest_memory: a.pin_guest_memory,
+            unordered: a.unordered_completion,
             socket_mode,
             writeback_on_exit: a.writeback_on_exit,
             force_raw: a.force_raw,
@@ -418,6 +421,7 @@ mod tests {
         assert_eq!(c.serial, "vblkcache");
         assert!(!c.readonly && !c.direct && !c.engine.format);
         assert!(!c.pin_guest_memory, "pinning guest memory is opt-in");
+        assert!(!c.unordered, "completions are in order unless asked");
     }
 
     #[test]

@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use vblkcache::device::{BlockDevice, GateDevice, GateOp, MemDevice};
+use vblkcache::device::{GateDevice, GateOp, MemDevice};
 use vblkcache::engine::{Engine, EngineConfig, GeometryRequest, WriteMode, WritebackConfig};
 
 const BS: usize = 4096;

@@ -75,6 +75,7 @@ fn cfg(limits: DeviceLimits) -> BlkBackendConfig {
         poll: Duration::ZERO,
         queue_threads: 1,
         pin_guest_memory: false,
+        unordered: false,
     }
 }
 

@@ -330,7 +330,7 @@ impl FrameTable {
     /// Bytes of RAM used by entries and stripes, per frame.
     pub fn bytes_per_frame(&self) -> f64 {
         let n = self.entries().len();
-        let total = n * std::mem::size_of::<AtomicU64>()
+        let total = std::mem::size_of_val(self.entries())
             + self.stripes.len() * std::mem::size_of::<Stripe>();
         total as f64 / n.max(1) as f64
     }

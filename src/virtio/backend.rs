@@ -99,6 +99,10 @@ pub struct BlkBackendConfig {
     /// Register guest memory with each queue's io_uring as fixed buffers
     /// (see [`super::fixed`]).
     pub pin_guest_memory: bool,
+    /// Post completions as they finish instead of in the order the requests
+    /// were taken (see `order`): no waiting behind a slow request, but a
+    /// restart of the daemon under a running guest is no longer exact.
+    pub unordered: bool,
 }
 
 struct Inner {
@@ -163,7 +167,7 @@ impl BlkBackend {
         serial[..n].copy_from_slice(&cfg.serial.as_bytes()[..n]);
         let inflight = (0..cfg.num_queues).map(|_| InFlight::default()).collect();
         let order = (0..cfg.num_queues)
-            .map(|_| Mutex::new(UsedOrder::new(cfg.queue_size)))
+            .map(|_| Mutex::new(UsedOrder::new(cfg.queue_size, !cfg.unordered)))
             .collect();
         // One mapping of a memory-backed cache file for all queues (one
         // set of page tables), once no valid frame lies over a hole.

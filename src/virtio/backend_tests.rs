@@ -294,6 +294,7 @@ fn test_config(
         poll,
         queue_threads: queues,
         pin_guest_memory: false,
+        unordered: false,
     }
 }
 

@@ -43,18 +43,32 @@ pub(crate) struct UsedOrder {
     /// (re)start of the queue.
     base: Option<u16>,
     slots: Vec<Slot>,
-    /// Posted entries handed to the caller (reused allocation).
+    /// Entries to post next (reused allocation).
     ready: Vec<(u16, u32)>,
+    /// False with `--unordered-completion`: each completion is posted as
+    /// it comes. The slots then only map tokens to heads, and a token is any
+    /// free slot (positions would collide: a request may stay in flight
+    /// while a ring's worth of later ones come and go).
+    ordered: bool,
+    /// Free slots, when not `ordered`.
+    free: Vec<u16>,
 }
 
 impl UsedOrder {
-    /// A window for queues of at most `max_size` entries.
-    pub(crate) fn new(max_size: u16) -> UsedOrder {
+    /// A window for queues of at most `max_size` entries; `ordered` false
+    /// posts completions as they come.
+    pub(crate) fn new(max_size: u16, ordered: bool) -> UsedOrder {
         let n = usize::from(max_size.max(1)).next_power_of_two();
         UsedOrder {
             base: None,
             slots: vec![Slot::Free; n],
             ready: Vec::new(),
+            ordered,
+            free: if ordered {
+                Vec::new()
+            } else {
+                (0..n).rev().map(|i| i as u16).collect()
+            },
         }
     }
 
@@ -69,6 +83,14 @@ impl UsedOrder {
     /// which the per-queue bound on requests in flight (one ring's worth)
     /// rules out; such a request is not answered.
     pub(crate) fn take(&mut self, pos: u16, head: u16) -> Option<u16> {
+        if !self.ordered {
+            let Some(i) = self.free.pop() else {
+                log::error!("request {head} at {pos}: no free completion slot");
+                return None;
+            };
+            self.slots[usize::from(i)] = Slot::Taken(head);
+            return Some(i);
+        }
         self.base.get_or_insert(pos);
         let s = self.slot(pos);
         if self.slots[s] != Slot::Free {
@@ -83,7 +105,12 @@ impl UsedOrder {
     pub(crate) fn done(&mut self, token: u16, used_len: u32) {
         let s = self.slot(token);
         match self.slots[s] {
-            Slot::Taken(head) => self.slots[s] = Slot::Done(head, used_len),
+            Slot::Taken(head) if self.ordered => self.slots[s] = Slot::Done(head, used_len),
+            Slot::Taken(head) => {
+                self.slots[s] = Slot::Free;
+                self.free.push(s as u16);
+                self.ready.push((head, used_len));
+            }
             other => log::error!("completion of {token}, which is not in flight ({other:?})"),
         }
     }
@@ -93,6 +120,9 @@ impl UsedOrder {
     /// it back with [`UsedOrder::give_back`].
     pub(crate) fn postable(&mut self) -> Vec<(u16, u32)> {
         let mut out = std::mem::take(&mut self.ready);
+        if !self.ordered {
+            return out;
+        }
         out.clear();
         if let Some(mut b) = self.base {
             loop {
@@ -111,7 +141,8 @@ impl UsedOrder {
         out
     }
 
-    pub(crate) fn give_back(&mut self, v: Vec<(u16, u32)>) {
+    pub(crate) fn give_back(&mut self, mut v: Vec<(u16, u32)>) {
+        v.clear();
         self.ready = v;
     }
 
@@ -122,6 +153,9 @@ impl UsedOrder {
         if self.slots.iter().any(|s| *s != Slot::Free) {
             log::error!("a stopped queue still had requests in its completion window");
             self.slots.fill(Slot::Free);
+            if !self.ordered {
+                self.free = (0..self.slots.len()).rev().map(|i| i as u16).collect();
+            }
         }
         self.base = None;
     }
@@ -140,7 +174,7 @@ mod tests {
 
     #[test]
     fn completions_are_posted_in_the_order_taken() {
-        let mut o = UsedOrder::new(8);
+        let mut o = UsedOrder::new(8, true);
         let t: Vec<u16> = [(65533u16, 4u16), (65534, 0), (65535, 7), (0, 2)]
             .iter()
             .map(|&(pos, head)| o.take(pos, head).unwrap())
@@ -160,7 +194,7 @@ mod tests {
 
     #[test]
     fn a_head_published_twice_is_served_twice_in_turn() {
-        let mut o = UsedOrder::new(4);
+        let mut o = UsedOrder::new(4, true);
         let a = o.take(10, 1).unwrap();
         let b = o.take(11, 1).unwrap();
         assert_ne!(a, b);
@@ -181,8 +215,30 @@ mod tests {
     }
 
     #[test]
+    fn unordered_posts_each_completion_as_it_comes() {
+        let mut o = UsedOrder::new(4, false);
+        let a = o.take(0, 2).unwrap();
+        let b = o.take(1, 3).unwrap();
+        o.done(b, 7);
+        assert_eq!(post(&mut o), vec![(3, 7)]);
+        o.done(a, 8);
+        assert_eq!(post(&mut o), vec![(2, 8)]);
+        assert_eq!(post(&mut o), vec![]);
+        // A request may stay in flight while many later ones come and go
+        // (their positions pass its own modulo the ring): no collision.
+        let old = o.take(2, 0).unwrap();
+        for pos in 3..40u16 {
+            let t = o.take(pos, 1).unwrap();
+            o.done(t, 1);
+            assert_eq!(post(&mut o), vec![(1, 1)]);
+        }
+        o.done(old, 9);
+        assert_eq!(post(&mut o), vec![(0, 9)]);
+    }
+
+    #[test]
     fn reset_starts_a_new_window() {
-        let mut o = UsedOrder::new(4);
+        let mut o = UsedOrder::new(4, true);
         let t = o.take(100, 0).unwrap();
         o.done(t, 1);
         assert_eq!(post(&mut o), vec![(0, 1)]);

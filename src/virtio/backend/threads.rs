@@ -100,6 +100,7 @@ mod tests {
             poll: Duration::from_micros(poll_us),
             queue_threads: threads,
             pin_guest_memory: false,
+            unordered: false,
         };
         for queues in [1u16, 2, 3, 8] {
             let want = default_queue_threads(queues, false, host_cpus());
