@@ -204,3 +204,43 @@ fn a_new_block_still_being_written_at_the_crash_is_not_recovered() {
         "block 9 is not what it was"
     );
 }
+
+/// A crash while the source is being zeroed for a write-zeroes of a dirty
+/// block, after a FLUSH from another request committed meanwhile: the block
+/// must read as its dirty data (the write-zeroes never completed), not as
+/// the older data the source had. Before the fix the dirty frame was freed
+/// before the source was zeroed, the FLUSH committed it free, and recovery
+/// served the stale source data. No crash state here: the journal alone.
+#[test]
+fn a_crash_during_write_zeroes_keeps_the_dirty_block() {
+    let old: Vec<u8> = (0..100 * BS).map(|i| (i / 5) as u8).collect();
+    let src_mem = Arc::new(MemDevice::from_bytes(&old));
+    let src = Arc::new(GateDevice::new(src_mem.clone()));
+    let cache = Arc::new(MemDevice::new(4 << 20));
+    let e = Arc::new(Engine::open(src.clone(), cache.clone(), cfg(None)).unwrap());
+    let dirty = pattern(3, 9);
+    e.write(3 * BS as u64, &dirty).unwrap();
+    e.flush().unwrap();
+    src.close(GateOp::WriteZeroes);
+    let z = {
+        let e = e.clone();
+        std::thread::spawn(move || e.write_zeroes(3 * BS as u64, BS as u64))
+    };
+    assert!(src.wait_held(GateOp::WriteZeroes, 1, WAIT));
+    // Another request's FLUSH commits while the zeroing is held.
+    e.write(7 * BS as u64, &pattern(7, 1)).unwrap();
+    e.flush().unwrap();
+    // The power goes: the zeroing never reaches the source.
+    src.power_off();
+    src.open_all();
+    assert!(z.join().unwrap().is_err());
+    drop(e);
+    let e = Engine::open(src_mem.clone(), cache.clone(), cfg(None)).unwrap();
+    let got = read_block(&e, 3);
+    assert!(
+        got != old[3 * BS..4 * BS],
+        "block 3 went back to the source's stale data"
+    );
+    assert!(got == dirty, "block 3 is neither its data nor zeros");
+    assert!(read_block(&e, 7) == pattern(7, 1));
+}

@@ -236,6 +236,11 @@ impl Core {
     /// Discard (`unmap`) or write-zeroes of a range: whole blocks are dropped
     /// from the cache (dirty or not) and zeroed on the source; partial blocks
     /// at the edges are written with zeros through the normal write path.
+    ///
+    /// A dirty frame is dropped only once the source holds the zeros: until
+    /// then it stays, claimed, so that a crash (or a failed source
+    /// operation) leaves the block's last data, never the older data the
+    /// source had before it was written back.
     pub(crate) fn zero_range(&self, offset: u64, len: u64, unmap: bool) -> Result<(), EngineError> {
         let end = offset + len;
         let first_full = offset.div_ceil(self.bs);
@@ -256,8 +261,9 @@ impl Core {
             self.write_zero_bytes(full_end, end - full_end)?;
         }
         let mut registered = Vec::new();
+        let mut held = Vec::new();
         for block in first_full..end_full {
-            self.drop_for_zero(block, &mut registered);
+            self.drop_for_zero(block, &mut registered, &mut held);
         }
         let r = if unmap {
             self.source.discard(full_start, full_end - full_start)
@@ -265,7 +271,16 @@ impl Core {
             self.source.write_zeroes(full_start, full_end - full_start)
         }
         .map_err(EngineError::Source);
+        // Before the held frames are freed: a commit that records them
+        // free must flush the source's zeros first.
         self.source_written.store(true, SeqCst);
+        for (block, f) in held {
+            if r.is_ok() {
+                self.abandon(self.set_of(block), f);
+            } else {
+                self.finish(self.set_of(block), f, FrameState::Idle);
+            }
+        }
         for b in registered {
             self.unregister_uncached(b);
         }
@@ -277,13 +292,23 @@ impl Core {
         self.write(offset, &zeros)
     }
 
-    fn drop_for_zero(&self, block: u64, registered: &mut Vec<u64>) {
+    /// Drops `block` from the cache for a zeroing of the source: a clean
+    /// frame is freed now, a dirty one is claimed (`Filling`) and listed in
+    /// `held` for the caller to free once the source is zeroed. Registers
+    /// the block as uncached either way.
+    fn drop_for_zero(&self, block: u64, registered: &mut Vec<u64>, held: &mut Vec<(u64, u64)>) {
         let set = self.set_of(block);
         let mut g = self.lock(set);
         loop {
             match self.lookup(set, block) {
                 Some(f) if self.frames.get(f).quiet() => {
-                    self.free_frame(f);
+                    let e = self.frames.get(f);
+                    if e.dirty() {
+                        self.frames.set(f, e.with_state(FrameState::Filling));
+                        held.push((block, f));
+                    } else {
+                        self.free_frame(f);
+                    }
                     self.stats.here().invalidations.fetch_add(1, Relaxed);
                     break;
                 }
