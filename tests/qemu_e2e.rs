@@ -410,19 +410,17 @@ fn guest_fs_survives_reconnect_and_daemon_restart() {
     daemon.stop();
 }
 
-/// The daemon restarted with SIGTERM under a running guest whose QEMU
-/// reconnects (`reconnect-ms`): the guest's fio write+verify rounds all
-/// complete, three times (`qemu-scripts/reconnect-check.sh`). Before the
-/// daemon completed its in-flight requests ahead of closing the connection,
-/// the guest hung in 9 of 14 such runs (session 16).
-#[test]
-fn guest_keeps_running_across_a_daemon_restart_with_reconnect() {
+/// Runs `qemu-scripts/reconnect-check.sh` for `runs` runs with `args`
+/// and checks that every run passed.
+fn reconnect_check(runs: u32, args: &[&str]) {
     require_host_tools();
     let _one = GUEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let guest = build_guest();
+    let runs_s = runs.to_string();
     let out = Command::new("bash")
         .arg(scripts().join("reconnect-check.sh"))
-        .args(["--runs", "3", "--bin", env!("CARGO_BIN_EXE_vblkcache")])
+        .args(["--runs", &runs_s, "--bin", env!("CARGO_BIN_EXE_vblkcache")])
+        .args(args)
         .env("VBLK_GUEST_DIR", &guest)
         .output()
         .unwrap();
@@ -432,7 +430,17 @@ fn guest_keeps_running_across_a_daemon_restart_with_reconnect() {
         text(&out)
     );
     let s = String::from_utf8_lossy(&out.stdout);
-    assert!(s.contains("3 of 3 runs passed"), "{s}");
+    assert!(s.contains(&format!("{runs} of {runs} runs passed")), "{s}");
+}
+
+/// The daemon restarted with SIGTERM under a running guest whose QEMU
+/// reconnects (`reconnect-ms`): the guest's fio write+verify rounds all
+/// complete, three times (`qemu-scripts/reconnect-check.sh`). Before the
+/// daemon completed its in-flight requests ahead of closing the connection,
+/// the guest hung in 9 of 14 such runs (session 16).
+#[test]
+fn guest_keeps_running_across_a_daemon_restart_with_reconnect() {
+    reconnect_check(3, &[]);
 }
 
 /// The daemon killed (SIGKILL) under a running guest whose QEMU reconnects,
@@ -445,28 +453,8 @@ fn guest_keeps_running_across_a_daemon_restart_with_reconnect() {
 /// it, 0 of 4 runs passed with this 5 ms source (the guest hung).
 #[test]
 fn guest_keeps_running_across_a_daemon_kill_with_reconnect() {
-    require_host_tools();
-    let _one = GUEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let guest = build_guest();
-    let out = Command::new("bash")
-        .arg(scripts().join("reconnect-check.sh"))
-        .args([
-            "--runs",
-            "2",
-            "--signal",
-            "KILL",
-            "--bin",
-            env!("CARGO_BIN_EXE_vblkcache"),
-        ])
-        .args(["--serve-args", "--source-latency 5ms"])
-        .env("VBLK_GUEST_DIR", &guest)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "reconnect-check.sh failed\n{}",
-        text(&out)
+    reconnect_check(
+        2,
+        &["--signal", "KILL", "--serve-args", "--source-latency 5ms"],
     );
-    let s = String::from_utf8_lossy(&out.stdout);
-    assert!(s.contains("2 of 2 runs passed"), "{s}");
 }
