@@ -42,7 +42,9 @@ impl Files {
         }
     }
 
-    /// `serve` arguments for these files, plus `extra`.
+    /// `serve` arguments for these files, plus `extra`. The crash state
+    /// goes to the test's directory (not /dev/shm, where the files of killed
+    /// daemons would stay) unless `extra` says where.
     pub fn serve_args(&self, extra: &[&str]) -> Vec<String> {
         let mut v: Vec<String> = vec![
             "serve".into(),
@@ -53,6 +55,10 @@ impl Files {
             "--socket".into(),
             self.socket.display().to_string(),
         ];
+        if !extra.contains(&"--crash-state-dir") {
+            v.push("--crash-state-dir".into());
+            v.push(self.dir.path().display().to_string());
+        }
         v.extend(extra.iter().map(|s| s.to_string()));
         v
     }
