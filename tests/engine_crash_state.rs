@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use vblkcache::device::{GateDevice, GateOp, MemDevice};
+use vblkcache::device::{FaultDevice, GateDevice, GateOp, MemDevice};
 use vblkcache::engine::{Engine, EngineConfig, GeometryRequest, WriteMode, WritebackConfig};
 
 const BS: usize = 4096;
@@ -243,4 +243,65 @@ fn a_crash_during_write_zeroes_keeps_the_dirty_block() {
     );
     assert!(got == dirty, "block 3 is neither its data nor zeros");
     assert!(read_block(&e, 7) == pattern(7, 1));
+}
+
+/// The file in place holds the run's whole mapping. That it does at every
+/// moment comes from the order in `Engine::open`: the file is published
+/// only after the loaded entries are in it (crashstate's unit test checks
+/// that nothing is in place before `publish`). Before, it was put in place
+/// empty and filled afterwards: a kill in between left a file that named
+/// the run and mapped nothing, and the next start dropped every dirty block,
+/// FLUSHed ones included (found by a review, with a test that emptied the
+/// file's entries by hand).
+#[test]
+fn the_file_in_place_holds_the_loaded_mapping() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = Arc::new(MemDevice::new(100 * BS as u64));
+    let cache = Arc::new(MemDevice::new(4 << 20));
+    let e = Engine::open(src.clone(), cache.clone(), cfg(Some(dir.path()))).unwrap();
+    for b in 0..10 {
+        e.write(b * BS as u64, &pattern(b, 4)).unwrap();
+    }
+    e.shutdown(false).unwrap();
+    drop(e);
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    let e = Engine::open(src.clone(), cache.clone(), cfg(Some(dir.path()))).unwrap();
+    assert_eq!(e.status().start.dirty_loaded, 10);
+    let raw = std::fs::read(crash_file(dir.path())).unwrap();
+    let dirty = raw[4096..]
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+        .filter(|v| v >> 62 == 0b11) // VALID and DIRTY
+        .count();
+    assert_eq!(dirty, 10, "entries of the published file");
+    drop(e);
+}
+
+/// A failed flush of the cache device removes the crash state: the device
+/// may have lost data that the file maps, so a restart must go by the
+/// journal (which stops at the last good commit).
+#[test]
+fn a_failed_cache_flush_drops_the_crash_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = Arc::new(MemDevice::new(100 * BS as u64));
+    let mem = Arc::new(MemDevice::new(4 << 20));
+    let cache = Arc::new(FaultDevice::new(mem.clone()));
+    let e = Engine::open(src.clone(), cache.clone(), cfg(Some(dir.path()))).unwrap();
+    e.write(0, &pattern(0, 1)).unwrap();
+    e.flush().unwrap();
+    let path = crash_file(dir.path());
+    e.write(BS as u64, &pattern(1, 1)).unwrap();
+    cache
+        .plan()
+        .fail_flushes
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(e.flush().is_err());
+    assert!(
+        !path.exists(),
+        "the crash state outlived a failed cache flush"
+    );
+    drop(e);
+    let e = Engine::open(src.clone(), mem.clone(), cfg(Some(dir.path()))).unwrap();
+    assert_eq!(e.status().start.crash_state_recovered, None);
+    assert!(read_block(&e, 0) == pattern(0, 1), "the FLUSHed block");
 }

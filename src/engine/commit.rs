@@ -188,6 +188,7 @@ impl Core {
     pub(crate) fn write_superblock(&self, sb: &Superblock, slot: usize) -> Result<(), EngineError> {
         meta::write_superblock(&*self.cache, sb, slot).map_err(|e| {
             self.cache_flush.fail(&*self.cache, &e);
+            self.drop_crash_state();
             EngineError::Meta {
                 device: self.cache.name(),
                 source: e,

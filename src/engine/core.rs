@@ -105,7 +105,25 @@ pub(crate) struct Core {
 impl Core {
     /// Flushes the cache device (see `durable`).
     pub fn flush_cache(&self) -> Result<(), EngineError> {
-        self.cache_flush.flush(&*self.cache, EngineError::Cache)
+        let r = self.cache_flush.flush(&*self.cache, EngineError::Cache);
+        if r.is_err() {
+            self.drop_crash_state();
+        }
+        r
+    }
+
+    /// After a failed flush of the cache device: the crash state could map
+    /// frames to data the device lost, so it must not be recovered from.
+    pub fn drop_crash_state(&self) {
+        if let Some(f) = self.frames.crash_file() {
+            if f.path().exists() {
+                log::warn!(
+                    "dropping the crash state {}: a flush of the cache device failed",
+                    f.path().display()
+                );
+            }
+            f.remove();
+        }
     }
 
     /// Flushes the source (see `durable`).

@@ -25,8 +25,10 @@
 //!
 //! Invariants:
 //! - the file of a run is put in place only after the superblock naming its
-//!   run id is on the cache device, and the superblock of a clean shutdown
-//!   makes any file irrelevant (it is removed then);
+//!   run id is on the cache device and the run's whole mapping is in the
+//!   file; the superblock of a clean shutdown makes any file irrelevant (it
+//!   is removed then), and so does a failed flush of the cache device (the
+//!   file could map a frame to data the device lost; it is removed then);
 //! - [`recover`] uses a file only for an unclean cache whose superblock names
 //!   the file's run id, with the same uuid and geometry, on the boot that
 //!   wrote it. A frame is then dirty exactly when its entry is valid, dirty
@@ -177,7 +179,10 @@ pub struct CrashFile {
     ptr: *mut u8,
     len: usize,
     frames: usize,
+    /// Where it is recovered from, once published.
     path: PathBuf,
+    /// Where it is made.
+    tmp: PathBuf,
 }
 
 // SAFETY: the mapping is plain shared memory valid until drop, whichever
@@ -187,10 +192,12 @@ unsafe impl Send for CrashFile {}
 unsafe impl Sync for CrashFile {}
 
 impl CrashFile {
-    /// Creates the file for `h` in `dir`, all entries free, and maps it.
-    /// It is written under a temporary name and renamed over any older file
-    /// of the same cache (whose run the caller has already recovered or
-    /// superseded).
+    /// Creates the file for `h` in `dir` under a temporary name, all entries
+    /// free, and maps it. It is not in place (and so cannot be recovered)
+    /// until [`CrashFile::publish`]: the caller first writes the run's
+    /// mapping into it, so that no file in place ever names this run with
+    /// less than the run's mapping (a kill before the publish leaves the
+    /// previous run's file, which the new run id in the superblock rejects).
     pub fn create(dir: &Path, h: &Header) -> Result<CrashFile, CrashStateError> {
         let path = path_for(dir, &h.uuid);
         let tmp = path.with_extension("frames.new");
@@ -224,11 +231,8 @@ impl CrashFile {
                 .map_err(|e| io("cannot size the crash-state file", e))?;
             f.write_all(&h.encode())
                 .map_err(|e| io("cannot write the crash-state header", e))?;
-            let map = Self::map(&f, len, frames, path.clone())
-                .map_err(|e| io("cannot map the crash-state file", e))?;
-            std::fs::rename(&tmp, &path)
-                .map_err(|e| io("cannot put the crash-state file in place", e))?;
-            Ok(map)
+            Self::map(&f, len, frames, path.clone(), tmp.clone())
+                .map_err(|e| io("cannot map the crash-state file", e))
         })();
         if made.is_err() {
             let _ = std::fs::remove_file(&tmp);
@@ -236,7 +240,23 @@ impl CrashFile {
         made
     }
 
-    fn map(f: &File, len: usize, frames: usize, path: PathBuf) -> std::io::Result<CrashFile> {
+    /// Puts the file in place (over any older file of the same cache), once
+    /// it holds the run's mapping.
+    pub fn publish(&self) -> Result<(), CrashStateError> {
+        std::fs::rename(&self.tmp, &self.path).map_err(|source| CrashStateError::Io {
+            path: self.path.display().to_string(),
+            what: "cannot put the crash-state file in place",
+            source,
+        })
+    }
+
+    fn map(
+        f: &File,
+        len: usize,
+        frames: usize,
+        path: PathBuf,
+        tmp: PathBuf,
+    ) -> std::io::Result<CrashFile> {
         // SAFETY: a new shared mapping of `len` bytes of `f` (which has
         // them) at an address the kernel picks; nothing else is affected.
         let ptr = unsafe {
@@ -257,6 +277,7 @@ impl CrashFile {
             len,
             frames,
             path,
+            tmp,
         })
     }
 
@@ -274,9 +295,10 @@ impl CrashFile {
         &self.path
     }
 
-    /// Removes the file (after a clean shutdown made it irrelevant). The
-    /// mapping stays valid until drop.
+    /// Removes the file (after a clean shutdown made it irrelevant, or a
+    /// failed flush made it unsafe). The mapping stays valid until drop.
     pub fn remove(&self) {
+        let _ = std::fs::remove_file(&self.tmp);
         if let Err(e) = std::fs::remove_file(&self.path) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 log::warn!(
@@ -431,6 +453,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let h = header();
         let a = CrashFile::create(dir.path(), &h).unwrap();
+        // Not in place before the publish.
+        assert!(!a.path().exists());
+        a.publish().unwrap();
         assert_eq!(a.entries().len(), 16);
         a.entries()[3].store(0xdead_beef, std::sync::atomic::Ordering::Relaxed);
         let raw = std::fs::read(a.path()).unwrap();
@@ -441,6 +466,13 @@ mod tests {
         );
         // A new run's file replaces it (all free); the old mapping stays valid.
         let b = CrashFile::create(dir.path(), &Header { run_id: 78, ..h }).unwrap();
+        assert_eq!(
+            Header::decode(&std::fs::read(a.path()).unwrap())
+                .unwrap()
+                .run_id,
+            77
+        );
+        b.publish().unwrap();
         assert_eq!(a.path(), b.path());
         let raw = std::fs::read(b.path()).unwrap();
         assert!(raw[HEADER..].iter().all(|&x| x == 0));

@@ -369,6 +369,16 @@ impl Engine {
         }
         core.valid.store(valid, SeqCst);
         core.dirty.store(dirty_n, SeqCst);
+        // Only now, with the run's whole mapping in it (see `crashstate`).
+        if let Some(f) = core.frames.crash_file() {
+            match f.publish() {
+                Ok(()) => log::info!("crash state kept in {}", f.path().display()),
+                Err(e) => log::warn!(
+                    "no crash state ({e}): a crash of the daemon will lose the write-back writes \
+                     completed since the guest's last flush"
+                ),
+            }
+        }
         let mut threads = Vec::new();
         for i in 0..cfg.store_workers.max(1) {
             let c = core.clone();
@@ -716,10 +726,7 @@ fn frame_table(cfg: &EngineConfig, sb: &meta::Superblock) -> frames::FrameTable 
             crashstate::CrashFile::create(dir, &crashstate::Header::for_run(sb, boot))
         });
         match made {
-            Ok(file) => {
-                log::info!("crash state kept in {}", file.path().display());
-                return frames::FrameTable::in_crash_file(file, g.sets());
-            }
+            Ok(file) => return frames::FrameTable::in_crash_file(file, g.sets()),
             Err(e) => log::warn!(
                 "no crash state ({e}): a crash of the daemon will lose the write-back writes \
                  completed since the guest's last flush"
