@@ -821,6 +821,10 @@ impl Inner {
     /// were taken), signals the driver once if EVENT_IDX says so, and
     /// uncounts the requests posted.
     fn complete(&self, q: usize, vring: &Vring, done: &[(u16, u32)]) {
+        // Nothing completed: nothing new can be posted.
+        if done.is_empty() {
+            return;
+        }
         let Some(order) = self.order.get(q) else {
             return;
         };
@@ -830,14 +834,11 @@ impl Inner {
             for &(head, used_len) in done {
                 o.done(head, used_len);
             }
-            let ready = o.postable();
-            for &(head, used_len) in &ready {
+            let n = o.post(|head, used_len| {
                 if let Err(e) = state.add_used(head, used_len) {
                     log::error!("queue {q}: cannot add {head} to the used ring: {e}");
                 }
-            }
-            let n = ready.len();
-            o.give_back(ready);
+            });
             drop(o);
             if n > 0 && state.needs_notification().unwrap_or(true) {
                 if let Err(e) = state.signal_used_queue() {

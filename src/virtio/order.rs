@@ -43,7 +43,7 @@ pub(crate) struct UsedOrder {
     /// (re)start of the queue.
     base: Option<u16>,
     slots: Vec<Slot>,
-    /// Entries to post next (reused allocation).
+    /// Completed requests to post next, when not `ordered`.
     ready: Vec<(u16, u32)>,
     /// False with `--unordered-completion`: each completion is posted as
     /// it comes. The slots then only map tokens to heads, and a token is any
@@ -115,35 +115,32 @@ impl UsedOrder {
         }
     }
 
-    /// The completed requests that may now be posted, as (head, used
-    /// length), in order; they leave the window. The vector is lent: give
-    /// it back with [`UsedOrder::give_back`].
-    pub(crate) fn postable(&mut self) -> Vec<(u16, u32)> {
-        let mut out = std::mem::take(&mut self.ready);
+    /// Hands `post` each completed request whose turn it is, as (head, used
+    /// length), in order; they leave the window. Returns how many.
+    pub(crate) fn post(&mut self, mut post: impl FnMut(u16, u32)) -> usize {
         if !self.ordered {
-            return out;
-        }
-        out.clear();
-        if let Some(mut b) = self.base {
-            loop {
-                let s = self.slot(b);
-                match self.slots[s] {
-                    Slot::Done(head, len) => {
-                        out.push((head, len));
-                        self.slots[s] = Slot::Free;
-                        b = b.wrapping_add(1);
-                    }
-                    _ => break,
-                }
+            let n = self.ready.len();
+            for (head, len) in self.ready.drain(..) {
+                post(head, len);
             }
-            self.base = Some(b);
+            return n;
         }
-        out
-    }
-
-    pub(crate) fn give_back(&mut self, mut v: Vec<(u16, u32)>) {
-        v.clear();
-        self.ready = v;
+        let Some(mut b) = self.base else {
+            return 0;
+        };
+        let mut n = 0;
+        loop {
+            let s = self.slot(b);
+            let Slot::Done(head, len) = self.slots[s] else {
+                break;
+            };
+            post(head, len);
+            self.slots[s] = Slot::Free;
+            b = b.wrapping_add(1);
+            n += 1;
+        }
+        self.base = Some(b);
+        n
     }
 
     /// Forgets the position after the queue stopped with nothing in flight,
@@ -166,10 +163,10 @@ mod tests {
     use super::*;
 
     fn post(o: &mut UsedOrder) -> Vec<(u16, u32)> {
-        let v = o.postable();
-        let r = v.clone();
-        o.give_back(v);
-        r
+        let mut v = Vec::new();
+        let n = o.post(|head, len| v.push((head, len)));
+        assert_eq!(n, v.len());
+        v
     }
 
     #[test]
