@@ -373,10 +373,7 @@ impl Engine {
         if let Some(f) = core.frames.crash_file() {
             match f.publish() {
                 Ok(()) => log::info!("crash state kept in {}", f.path().display()),
-                Err(e) => log::warn!(
-                    "no crash state ({e}): a crash of the daemon will lose the write-back writes \
-                     completed since the guest's last flush"
-                ),
+                Err(e) => warn_no_crash_state(&e),
             }
         }
         let mut threads = Vec::new();
@@ -727,13 +724,17 @@ fn frame_table(cfg: &EngineConfig, sb: &meta::Superblock) -> frames::FrameTable 
         });
         match made {
             Ok(file) => return frames::FrameTable::in_crash_file(file, g.sets()),
-            Err(e) => log::warn!(
-                "no crash state ({e}): a crash of the daemon will lose the write-back writes \
-                 completed since the guest's last flush"
-            ),
+            Err(e) => warn_no_crash_state(&e),
         }
     }
     frames::FrameTable::new(g.cache_blocks, g.sets())
+}
+
+fn warn_no_crash_state(e: &crashstate::CrashStateError) {
+    log::warn!(
+        "no crash state ({e}): a crash of the daemon will lose the write-back writes completed \
+         since the guest's last flush"
+    );
 }
 
 fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, EngineError> {

@@ -352,7 +352,7 @@ fn load(
     let clean_shutdown = sb.clean;
     let mut replayed = super::commit::Replay::default();
     let mut clean_dropped = 0;
-    let mut crash_recovered = None;
+    let mut from_crash_state = false;
     if !clean_shutdown {
         // Crash recovery: replay the journal over the table, then keep only
         // dirty mappings (clean ones may be stale: the source has their data).
@@ -366,7 +366,7 @@ fn load(
             // Frames written back since the last commit are recorded clean
             // below: the source must hold their data first.
             source.flush().map_err(EngineError::Source)?;
-            crash_recovered = Some(found.iter().filter(|&&e| e != 0).count() as u64);
+            from_crash_state = true;
             entries = found;
         }
         meta::validate_entries(&entries, source_blocks, &l).map_err(meta_err)?;
@@ -438,7 +438,7 @@ fn load(
             commits_replayed: replayed.commits,
             dirty_recovered: if clean_shutdown { 0 } else { dirty },
             clean_dropped,
-            crash_state_recovered: crash_recovered,
+            crash_state_recovered: from_crash_state.then_some(dirty),
             load_ms: t0.elapsed().as_millis() as u64,
         },
     })
@@ -454,8 +454,7 @@ fn crash_state(cfg: &EngineConfig, sb: &Superblock, journal: &[u64]) -> Option<V
     let found = crashstate::boot_id().and_then(|boot| crashstate::recover(dir, sb, &boot, journal));
     match found {
         Ok(Some(entries)) => {
-            let had = journal.iter().filter(|&&e| e != 0).count();
-            let now = entries.iter().filter(|&&e| e != 0).count();
+            let (had, now) = (dirty_entries(journal), dirty_entries(&entries));
             log::warn!(
                 "recovering from the crash state in {}: {now} dirty blocks (the journal had {had}); \
                  writes completed before the crash are kept",
