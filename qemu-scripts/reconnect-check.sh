@@ -17,7 +17,6 @@ BIN=$ROOT/target/release/vblkcache
 RUNS=5
 SIG=TERM
 DELAY=0.4
-MODE=()
 SERVE_ARGS=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -25,8 +24,8 @@ while [ $# -gt 0 ]; do
         --bin) BIN=$2; shift ;;
         --signal) SIG=$2; shift ;;
         --delay) DELAY=$2; shift ;;
-        --mode) MODE=(--mode "$2"); shift ;;
-        --serve-args) read -r -a SERVE_ARGS <<<"$2"; shift ;;
+        --mode) SERVE_ARGS+=(--mode "$2"); shift ;;
+        --serve-args) read -r -a more <<<"$2"; SERVE_ARGS+=("${more[@]}"); shift ;;
         *) sed -n '2,10p' "$0"; exit 2 ;;
     esac
     shift
@@ -46,7 +45,7 @@ trap cleanup EXIT
     --env N=6 --initrd-only "$WORK/initrd" >/dev/null
 start() {
     "$BIN" serve --source "$D/source.img" --cache "$D/cache.img" --socket "$D/vhost.sock" \
-        --queues 2 ${MODE[@]+"${MODE[@]}"} ${SERVE_ARGS[@]+"${SERVE_ARGS[@]}"} >> "$D/daemon.log" 2>&1 &
+        --queues 2 ${SERVE_ARGS[@]+"${SERVE_ARGS[@]}"} >> "$D/daemon.log" 2>&1 &
     DP=$!
     for _ in $(seq 100); do [ -S "$D/vhost.sock" ] && return; sleep 0.05; done
 }

@@ -207,13 +207,9 @@ impl CrashFile {
             what,
             source,
         };
-        let frames = usize::try_from(h.frames).map_err(|_| CrashStateError::Unusable {
-            path: shown.clone(),
-            what: format!("{} frames do not fit in memory", h.frames),
-        })?;
-        let len = frames
-            .checked_mul(8)
-            .and_then(|n| n.checked_add(HEADER))
+        let (frames, len) = usize::try_from(h.frames)
+            .ok()
+            .and_then(|n| Some((n, n.checked_mul(8)?.checked_add(HEADER)?)))
             .ok_or_else(|| CrashStateError::Unusable {
                 path: shown.clone(),
                 what: format!("{} frames do not fit in memory", h.frames),
