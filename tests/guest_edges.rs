@@ -76,6 +76,7 @@ fn cfg(limits: DeviceLimits) -> BlkBackendConfig {
         queue_threads: 1,
         pin_guest_memory: false,
         unordered: false,
+        drain_timeout: Duration::from_secs(60),
     }
 }
 

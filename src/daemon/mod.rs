@@ -358,6 +358,7 @@ fn serve_engine(cfg: &ServeConfig, stop: &Arc<Stop>, engine: &Arc<Engine>) -> Re
         poll: cfg.poll,
         pin_guest_memory: cfg.pin_guest_memory,
         unordered: cfg.unordered,
+        drain_timeout: crate::virtio::DRAIN_TIMEOUT,
         queue_threads: cfg.queue_threads,
     };
     // Everything that may need privileges is open: devices, sockets, threads.

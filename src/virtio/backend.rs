@@ -21,7 +21,7 @@ use super::execute::{execute, status_of, write_status};
 use super::filemap::{fill_holes, FileMap};
 use super::flushq::{FlushQueue, Waiting};
 use super::inflight::InFlight;
-use super::order::UsedOrder;
+use super::order::{Completed, Token, UsedOrder};
 use super::pool::{IoPoolHandle, Job};
 use super::request::{BlkError, Request, RequestKind};
 use super::uring::{Done, QueueRing};
@@ -63,7 +63,7 @@ pub type Vring = VringRwLock<GuestMemAtomic>;
 type Chain = virtio_queue::DescriptorChain<Arc<GuestMem>>;
 
 /// How long `stop_vring` waits for in-flight requests before giving up.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often a queue worker held back by the in-flight bound checks whether
 /// the connection is closing.
 const INFLIGHT_POLL: Duration = Duration::from_secs(1);
@@ -103,6 +103,11 @@ pub struct BlkBackendConfig {
     /// were taken (see `order`): no waiting behind a slow request, but a
     /// restart of the daemon under a running guest is no longer exact.
     pub unordered: bool,
+    /// How long stopping a queue (GET_VRING_BASE) waits for its requests
+    /// before it answers anyway ([`DRAIN_TIMEOUT`] in the daemon). Requests
+    /// still in flight then complete later without being posted (see
+    /// `order`).
+    pub drain_timeout: Duration,
 }
 
 struct Inner {
@@ -535,7 +540,7 @@ impl BlkBackend {
                 let order = &self.inner.order[q];
                 // From here on a request is known by its token, which its
                 // completion hands back (see `order`).
-                let (chain, mem, head) = match pop(vring, inflight, order, &atomic) {
+                let (chain, mem, token) = match pop(vring, inflight, order, &atomic) {
                     Popped::Chain(chain, mem, token) => (chain, mem, token),
                     Popped::Empty => break,
                     Popped::Refused => {
@@ -547,20 +552,20 @@ impl BlkBackend {
                 match Request::parse(chain, &self.inner.cfg.limits) {
                     Ok(req) => {
                         let declined = match ring_guard.as_deref_mut() {
-                            Some(r) => r.try_start(&self.inner.engine, head, req, mem),
+                            Some(r) => r.try_start(&self.inner.engine, token, req, mem),
                             None => Err((req, mem)),
                         };
                         if let Err((req, mem)) = declined {
-                            self.submit(q, vring, mem, head, req);
+                            self.submit(q, vring, mem, token, req);
                         }
                     }
                     Err(e) => {
-                        log::debug!("queue {q}: rejected request {head}: {e}");
+                        log::debug!("queue {q}: rejected request {token}: {e}");
                         let used = match e.status_addr {
                             Some(a) if write_status(&*mem, a, e.status()).is_ok() => 1,
                             _ => 0,
                         };
-                        self.inner.complete(q, vring, &[(head, used)]);
+                        self.inner.complete(q, vring, &[(token, used)]);
                     }
                 }
                 if popped % post_batch == 0 {
@@ -683,8 +688,8 @@ impl BlkBackend {
         let mut served = Vec::with_capacity(done.len());
         for d in done {
             match d {
-                Done::Served { head, used_len } => served.push((head, used_len)),
-                Done::Retry { head, req, mem } => self.submit(q, vring, mem, head, req),
+                Done::Served { token, used_len } => served.push((token, used_len)),
+                Done::Retry { token, req, mem } => self.submit(q, vring, mem, token, req),
             }
         }
         self.inner.complete(q, vring, &served);
@@ -705,11 +710,11 @@ impl BlkBackend {
         self.process(q, vring, posted)
     }
 
-    fn submit(&self, q: usize, vring: &Vring, mem: Arc<GuestMem>, head: u16, req: Request) {
+    fn submit(&self, q: usize, vring: &Vring, mem: Arc<GuestMem>, token: Token, req: Request) {
         if matches!(req.kind, RequestKind::Flush) {
             if let Some(fq) = self.inner.flushes.get(q) {
                 let w = Waiting {
-                    head,
+                    token,
                     status_addr: req.status_addr,
                     mem,
                     vring: vring.clone(),
@@ -725,7 +730,7 @@ impl BlkBackend {
         let job: Job = Box::new(move |buf| {
             let result = execute(&req, &*mem, &inner.engine, &inner.serial, buf);
             if let Err(e) = &result {
-                log::warn!("queue {q}: request {head} failed: {e}");
+                log::warn!("queue {q}: request {token} failed: {e}");
             }
             let status = status_of(&result);
             let written = result.unwrap_or(0);
@@ -733,7 +738,7 @@ impl BlkBackend {
                 Ok(()) => written.saturating_add(1),
                 Err(_) => written,
             };
-            inner.complete(q, &vring, &[(head, used)]);
+            inner.complete(q, &vring, &[(token, used)]);
         });
         self.run_job(job);
     }
@@ -777,7 +782,7 @@ fn flush_runner(inner: Arc<Inner>, q: usize) -> impl FnOnce(&mut Vec<u8>) + Send
             let status = status_of(&result);
             for w in batch {
                 let used = u32::from(write_status(&*w.mem, w.status_addr, status).is_ok());
-                inner.complete(q, &w.vring, &[(w.head, used)]);
+                inner.complete(q, &w.vring, &[(w.token, used)]);
             }
         }
     }
@@ -816,11 +821,11 @@ impl Inner {
         }
     }
 
-    /// Marks each `(head, used_len)` completed, puts on the used ring every
+    /// Marks each `(token, used_len)` completed, puts on the used ring every
     /// completed request whose turn it is (see `order`: in the order they
     /// were taken), signals the driver once if EVENT_IDX says so, and
     /// uncounts the requests posted.
-    fn complete(&self, q: usize, vring: &Vring, done: &[(u16, u32)]) {
+    fn complete(&self, q: usize, vring: &Vring, done: &[(Token, u32)]) {
         // Nothing completed: nothing new can be posted.
         if done.is_empty() {
             return;
@@ -828,11 +833,15 @@ impl Inner {
         let Some(order) = self.order.get(q) else {
             return;
         };
+        // Requests taken before the queue was reset leave the count here.
+        let mut stale = 0;
         let posted = {
             let mut state = vring.get_mut();
             let mut o = order.lock().unwrap_or_else(|p| p.into_inner());
-            for &(head, used_len) in done {
-                o.done(head, used_len);
+            for &(token, used_len) in done {
+                if o.done(token, used_len) == Completed::Stale {
+                    stale += 1;
+                }
             }
             let n = o.post(|head, used_len| {
                 if let Err(e) = state.add_used(head, used_len) {
@@ -847,9 +856,9 @@ impl Inner {
             }
             n
         };
-        if posted > 0 {
+        if posted + stale > 0 {
             if let Some(f) = self.inflight.get(q) {
-                f.end(posted);
+                f.end(posted + stale);
             }
         }
     }

@@ -295,6 +295,7 @@ fn test_config(
         queue_threads: queues,
         pin_guest_memory: false,
         unordered: false,
+        drain_timeout: DRAIN_TIMEOUT,
     }
 }
 
@@ -876,4 +877,76 @@ fn a_shared_worker_yields_after_a_ring_of_chains() {
     publisher.join().unwrap();
     assert!(yielded, "the shared worker never yielded its queue");
     assert_eq!(g.backend.inner.inflight[0].count(), 0);
+}
+
+/// A request still in flight when its queue is stopped (a source that hangs
+/// past the drain timeout of GET_VRING_BASE) completes after the queue has
+/// started again. Its late completion must not be posted, nor taken for the
+/// new request that reuses its ring position, and it must leave the
+/// in-flight count. Before the window's epoch, it put its own head on the
+/// restarted used ring while the new request was still running.
+#[test]
+fn a_request_outliving_the_drain_timeout_is_not_posted_after_a_restart() {
+    use crate::device::{GateDevice, GateOp};
+    let source = Arc::new(GateDevice::new(MemDevice::new(DISK)));
+    let cache = Arc::new(GateDevice::new(MemDevice::new(1 << 20)));
+    let mut cfg = test_config(1, QSIZE, limits(), Duration::ZERO);
+    cfg.drain_timeout = Duration::from_millis(200);
+    let mut g = Guest::configured(cfg, source.clone(), cache.clone());
+    let want = pattern(7);
+    g.engine.write(8 * 512, &want).unwrap();
+
+    // A miss, held at the source.
+    source.close(GateOp::Read);
+    let (stale, _) = g.publish_good_read(0, 64);
+    g.backend.process_queue(0, &g.vrings[0]).unwrap();
+    assert!(source.wait_held(GateOp::Read, 1, Duration::from_secs(5)));
+
+    // GET_VRING_BASE gives up on it after the drain timeout.
+    g.vrings[0].set_queue_ready(false);
+    g.backend.stop_vring(0).unwrap();
+    assert_eq!(g.backend.inner.inflight[0].count(), 1);
+
+    // The driver resets the queue and starts it again from index 0.
+    for at in [avail_ring(0) + 2, used_ring(0) + 2] {
+        g.mem.write_obj(0u16, GuestAddress(at)).unwrap();
+    }
+    g.used_seen[0] = 0;
+    g.vrings[0].set_queue_next_avail(0);
+    g.vrings[0].set_queue_next_used(0);
+    g.vrings[0].set_queue_ready(true);
+
+    // A hit at the same position 0, held at the cache.
+    cache.close(GateOp::Read);
+    let s = Guest::slot(0, 2);
+    g.reset_status(&s);
+    g.header(s.hdr, VIRTIO_BLK_T_IN, 8);
+    let new = g.chain(
+        0,
+        12,
+        &[(s.hdr, 16, 0), (s.data, 4096, W), (s.status, 1, W)],
+    );
+    g.publish(0, new);
+    g.backend.process_queue(0, &g.vrings[0]).unwrap();
+    assert!(cache.wait_held(GateOp::Read, 1, Duration::from_secs(5)));
+
+    // The old request completes: nothing is posted, and it leaves the count.
+    source.open(GateOp::Read);
+    assert!(
+        wait_until(Duration::from_secs(5), || g.backend.inner.inflight[0]
+            .count()
+            == 1),
+        "the late completion did not leave the in-flight count"
+    );
+    assert_eq!(
+        g.take_used(0),
+        vec![],
+        "the completion of request {stale}, from before the restart, posted request {new} before it was done"
+    );
+
+    cache.open(GateOp::Read);
+    assert!(g.backend.drain(Duration::from_secs(5)), "drain");
+    assert_eq!(g.take_used(0), vec![(u32::from(new), 4097)]);
+    assert_eq!(g.status(s.status), OK);
+    assert!(g.read_data(&s, 4096) == want);
 }

@@ -20,12 +20,13 @@
 //!   is left in the list without a runner.
 
 use super::backend::{GuestMem, Vring};
+use super::order::Token;
 use std::sync::{Arc, Mutex};
 use vm_memory::GuestAddress;
 
 /// A FLUSH waiting for the next engine flush.
 pub(crate) struct Waiting {
-    pub head: u16,
+    pub token: Token,
     pub status_addr: GuestAddress,
     pub mem: Arc<GuestMem>,
     pub vring: Vring,

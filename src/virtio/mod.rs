@@ -18,7 +18,7 @@ pub mod request;
 mod request_tests;
 pub mod uring;
 
-pub use backend::{BlkBackend, BlkBackendConfig};
+pub use backend::{BlkBackend, BlkBackendConfig, DRAIN_TIMEOUT};
 pub use request::{BlkError, ParseError, Request, RequestKind};
 
 /// Largest number of segments a request may have (advertised as `seg_max`).

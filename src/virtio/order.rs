@@ -24,7 +24,40 @@
 //!   positions `base..base + outstanding` each hold `Taken` or `Done`, and
 //!   at most one ring's worth is outstanding (the per-queue bound);
 //! - a request is known by its position (its token) until it is posted,
-//!   not by its head: a faulty driver may publish a head twice.
+//!   not by its head: a faulty driver may publish a head twice;
+//! - a token also names the window's epoch, which a reset that leaves
+//!   requests in flight ends: their late completions (a source that hung
+//!   past the drain timeout of a stopping queue) are dropped, not taken for
+//!   the new window's requests that reuse their positions.
+
+use std::fmt;
+
+/// Stands for a request taken from a queue until it is posted: the epoch
+/// of the window it was taken in and its key there (its available position
+/// when ordered, a free slot otherwise).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Token {
+    epoch: u16,
+    key: u16,
+}
+
+impl fmt::Display for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.key)
+    }
+}
+
+/// What [`UsedOrder::done`] made of a completion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Completed {
+    /// Recorded; posted in its turn.
+    Recorded,
+    /// Of a request taken before the queue was reset: dropped, never
+    /// posted. It still counted in flight until now.
+    Stale,
+    /// Of nothing in flight: ignored.
+    Unknown,
+}
 
 /// A slot of the reorder window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +85,9 @@ pub(crate) struct UsedOrder {
     ordered: bool,
     /// Free slots, when not `ordered`.
     free: Vec<u16>,
+    /// The current epoch: a reset that leaves requests in flight starts
+    /// the next one.
+    epoch: u16,
 }
 
 impl UsedOrder {
@@ -64,6 +100,7 @@ impl UsedOrder {
             slots: vec![Slot::Free; n],
             ready: Vec::new(),
             ordered,
+            epoch: 0,
             free: if ordered {
                 Vec::new()
             } else {
@@ -82,14 +119,15 @@ impl UsedOrder {
     /// positions in flight are distinct), or `None` if the window is full,
     /// which the per-queue bound on requests in flight (one ring's worth)
     /// rules out; such a request is not answered.
-    pub(crate) fn take(&mut self, pos: u16, head: u16) -> Option<u16> {
+    pub(crate) fn take(&mut self, pos: u16, head: u16) -> Option<Token> {
+        let epoch = self.epoch;
         if !self.ordered {
             let Some(i) = self.free.pop() else {
                 log::error!("request {head} at {pos}: no free completion slot");
                 return None;
             };
             self.slots[usize::from(i)] = Slot::Taken(head);
-            return Some(i);
+            return Some(Token { epoch, key: i });
         }
         self.base.get_or_insert(pos);
         let s = self.slot(pos);
@@ -98,12 +136,16 @@ impl UsedOrder {
             return None;
         }
         self.slots[s] = Slot::Taken(head);
-        Some(pos)
+        Some(Token { epoch, key: pos })
     }
 
     /// Marks the request of `token` completed with `used_len` bytes.
-    pub(crate) fn done(&mut self, token: u16, used_len: u32) {
-        let s = self.slot(token);
+    pub(crate) fn done(&mut self, token: Token, used_len: u32) -> Completed {
+        if token.epoch != self.epoch {
+            log::warn!("request {token} completed after its queue was reset: dropped");
+            return Completed::Stale;
+        }
+        let s = self.slot(token.key);
         match self.slots[s] {
             Slot::Taken(head) if self.ordered => self.slots[s] = Slot::Done(head, used_len),
             Slot::Taken(head) => {
@@ -111,8 +153,12 @@ impl UsedOrder {
                 self.free.push(s as u16);
                 self.ready.push((head, used_len));
             }
-            other => log::error!("completion of {token}, which is not in flight ({other:?})"),
+            other => {
+                log::error!("completion of {token}, which is not in flight ({other:?})");
+                return Completed::Unknown;
+            }
         }
+        Completed::Recorded
     }
 
     /// Hands `post` each completed request whose turn it is, as (head, used
@@ -143,18 +189,42 @@ impl UsedOrder {
         n
     }
 
-    /// Forgets the position after the queue stopped with nothing in flight,
-    /// so the next request (from whatever index the front-end sets) starts
-    /// the window.
-    pub(crate) fn reset(&mut self) {
-        if self.slots.iter().any(|s| *s != Slot::Free) {
-            log::error!("a stopped queue still had requests in its completion window");
+    /// Forgets the position after the queue stopped, so the next request
+    /// (from whatever index the front-end sets) starts the window.
+    ///
+    /// Requests still in flight (the drain timed out) are left to complete
+    /// in the old epoch: their completions are dropped (see
+    /// [`Completed::Stale`]) and uncounted then. Completed requests that
+    /// waited for them are dropped now, unposted (taken again from the used
+    /// index, like everything after it); returns how many, for the caller
+    /// to uncount.
+    pub(crate) fn reset(&mut self) -> usize {
+        let taken = self
+            .slots
+            .iter()
+            .filter(|s| matches!(s, Slot::Taken(_)))
+            .count();
+        let dropped = self
+            .slots
+            .iter()
+            .filter(|s| matches!(s, Slot::Done(..)))
+            .count()
+            + self.ready.len();
+        if taken + dropped > 0 {
+            log::error!(
+                "a stopped queue still had {taken} request(s) in flight and {dropped} \
+                 completed behind them: the latter are dropped unposted, the former \
+                 when they complete"
+            );
+            self.epoch = self.epoch.wrapping_add(1);
             self.slots.fill(Slot::Free);
+            self.ready.clear();
             if !self.ordered {
                 self.free = (0..self.slots.len()).rev().map(|i| i as u16).collect();
             }
         }
         self.base = None;
+        dropped
     }
 }
 
@@ -172,7 +242,7 @@ mod tests {
     #[test]
     fn completions_are_posted_in_the_order_taken() {
         let mut o = UsedOrder::new(8, true);
-        let t: Vec<u16> = [(65533u16, 4u16), (65534, 0), (65535, 7), (0, 2)]
+        let t: Vec<Token> = [(65533u16, 4u16), (65534, 0), (65535, 7), (0, 2)]
             .iter()
             .map(|&(pos, head)| o.take(pos, head).unwrap())
             .collect();
@@ -203,7 +273,7 @@ mod tests {
         o.done(a, 1);
         assert_eq!(post(&mut o), vec![]);
         // A full window takes nothing more and keeps what it has.
-        let t: Vec<u16> = (12..16).map(|pos| o.take(pos, pos - 12).unwrap()).collect();
+        let t: Vec<Token> = (12..16).map(|pos| o.take(pos, pos - 12).unwrap()).collect();
         assert_eq!(o.take(16, 3), None);
         for &x in t.iter().rev() {
             o.done(x, 1);
@@ -243,5 +313,31 @@ mod tests {
         let t = o.take(7, 3).unwrap();
         o.done(t, 2);
         assert_eq!(post(&mut o), vec![(3, 2)]);
+    }
+
+    /// A request still in flight when its queue is reset (the drain timed
+    /// out) must not complete the new window's request that reuses its
+    /// position, in either mode; requests completed behind it are dropped
+    /// and counted for the caller.
+    #[test]
+    fn a_completion_from_before_a_reset_is_dropped() {
+        for ordered in [true, false] {
+            let mut o = UsedOrder::new(4, ordered);
+            let stale = o.take(0, 5).unwrap();
+            let behind = o.take(1, 6).unwrap();
+            o.done(behind, 1);
+            let early = post(&mut o);
+            assert_eq!(o.reset(), usize::from(ordered), "ordered={ordered}");
+            // The queue starts again at 0, as after a device reset.
+            let new = o.take(0, 2).unwrap();
+            assert_eq!(o.done(stale, 9), Completed::Stale, "ordered={ordered}");
+            assert_eq!(post(&mut o), vec![], "ordered={ordered}");
+            assert_eq!(o.done(new, 3), Completed::Recorded, "ordered={ordered}");
+            assert_eq!(post(&mut o), vec![(2, 3)], "ordered={ordered}");
+            if !ordered {
+                // Unordered: the one behind was posted at once.
+                assert_eq!(early, vec![(6, 1)]);
+            }
+        }
     }
 }

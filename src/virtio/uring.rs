@@ -35,6 +35,7 @@ use super::backend::{GuestMem, Vring};
 use super::execute::{walk, write_status};
 use super::filemap::FileMap;
 use super::fixed::{FixedBufs, SharedBufs};
+use super::order::Token;
 use super::request::{Request, RequestKind};
 use crate::device::RawAccess;
 use crate::engine::{DirectBufs, DirectIo, Engine};
@@ -96,7 +97,7 @@ impl Iovecs {
 
 /// A request whose operations are queued or in flight.
 struct Pending {
-    head: u16,
+    token: Token,
     req: Request,
     mem: Arc<GuestMem>,
     io: DirectIo,
@@ -108,11 +109,11 @@ struct Pending {
 
 /// A request that left the ring.
 pub enum Done {
-    /// Served; put `head` on the used ring with `used_len`.
-    Served { head: u16, used_len: u32 },
+    /// Served; post the request of `token` with `used_len`.
+    Served { token: Token, used_len: u32 },
     /// The direct I/O failed; run the request through the pool.
     Retry {
-        head: u16,
+        token: Token,
         req: Request,
         mem: Arc<GuestMem>,
     },
@@ -443,7 +444,7 @@ impl QueueRing {
     pub fn try_start(
         &mut self,
         engine: &Engine,
-        head: u16,
+        token: Token,
         req: Request,
         mem: Arc<GuestMem>,
     ) -> Result<(), (Request, Arc<GuestMem>)> {
@@ -487,7 +488,7 @@ impl QueueRing {
             return Err((req, mem));
         }
         let mut pending = Pending {
-            head,
+            token,
             req,
             mem,
             io,
@@ -814,7 +815,7 @@ impl QueueRing {
     /// request and turns it into a completion.
     fn finish(&mut self, p: Pending) -> Done {
         let Pending {
-            head,
+            token,
             req,
             mem,
             io,
@@ -828,9 +829,9 @@ impl QueueRing {
             iov: iovecs,
         });
         if failed {
-            return Done::Retry { head, req, mem };
+            return Done::Retry { token, req, mem };
         }
-        let done = served(head, &req, &mem);
+        let done = served(token, &req, &mem);
         req.recycle();
         done
     }
@@ -852,7 +853,7 @@ fn supported_ops(ring: &IoUring) -> (bool, bool) {
 }
 
 /// The completion of a request served without error.
-fn served(head: u16, req: &Request, mem: &GuestMem) -> Done {
+fn served(token: Token, req: &Request, mem: &GuestMem) -> Done {
     let data = match req.kind {
         RequestKind::Read { .. } => u32::try_from(req.data_len).unwrap_or(u32::MAX),
         _ => 0,
@@ -861,7 +862,7 @@ fn served(head: u16, req: &Request, mem: &GuestMem) -> Done {
         Ok(()) => data.saturating_add(1),
         Err(_) => data,
     };
-    Done::Served { head, used_len }
+    Done::Served { token, used_len }
 }
 
 impl Drop for QueueRing {

@@ -145,18 +145,24 @@ impl VhostUserBackend for BlkBackend {
         else {
             return Ok(());
         };
-        if !f.wait_unserved(DRAIN_TIMEOUT) {
-            log::error!("queue {queue_index}: its worker still serves it after {DRAIN_TIMEOUT:?}");
+        let timeout = self.inner.cfg.drain_timeout;
+        if !f.wait_unserved(timeout) {
+            log::error!("queue {queue_index}: its worker still serves it after {timeout:?}");
         }
-        if !f.wait_idle(DRAIN_TIMEOUT) {
-            log::error!("queue {queue_index}: requests still in flight after {DRAIN_TIMEOUT:?}");
+        if !f.wait_idle(timeout) {
+            log::error!(
+                "queue {queue_index}: {} request(s) still in flight after {timeout:?}; \
+                 their completions will be dropped",
+                f.count()
+            );
         }
         // The front-end sets where the queue starts again (SET_VRING_BASE).
         if let Some(o) = usize::try_from(queue_index)
             .ok()
             .and_then(|q| self.inner.order.get(q))
         {
-            o.lock().unwrap_or_else(|p| p.into_inner()).reset();
+            let dropped = o.lock().unwrap_or_else(|p| p.into_inner()).reset();
+            f.end(dropped);
         }
         Ok(())
     }

@@ -101,6 +101,7 @@ mod tests {
             queue_threads: threads,
             pin_guest_memory: false,
             unordered: false,
+            drain_timeout: Duration::from_secs(60),
         };
         for queues in [1u16, 2, 3, 8] {
             let want = default_queue_threads(queues, false, host_cpus());

@@ -3,7 +3,7 @@
 
 use super::{Chain, GuestMem, GuestMemAtomic, Vring};
 use crate::virtio::inflight::InFlight;
-use crate::virtio::order::UsedOrder;
+use crate::virtio::order::{Token, UsedOrder};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
@@ -38,7 +38,7 @@ pub(super) fn self_kick(vring: &Vring) -> bool {
 pub(super) enum Popped {
     /// A chain, counted in flight, with the memory map it was read through
     /// and the token its completion gives back (see `virtio::order`).
-    Chain(Chain, Arc<GuestMem>, u16),
+    Chain(Chain, Arc<GuestMem>, Token),
     /// Nothing published (or the queue is not live).
     Empty,
     /// Chains are published but cannot be popped: the available index is
