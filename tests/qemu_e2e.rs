@@ -391,6 +391,30 @@ fn guest_data_survives_device_resets() {
     daemon.stop();
 }
 
+/// Discards from a filesystem (ext4 `-o discard`, fstrim) and a raw
+/// blkdiscard: the freed blocks are reused by new files, and no file nor
+/// the data next to a discarded range changes.
+#[test]
+fn guest_discards_keep_the_data_around_them() {
+    let (_one, guest, work) = fio_setup();
+    let mut daemon = Daemon::start(work.path(), &[]);
+    run_guest(
+        &mut daemon,
+        &guest,
+        work.path(),
+        &["fs-trim.sh"],
+        &["fs-trim: OK"],
+    );
+    let discards = daemon.stat("discards");
+    assert!(
+        discards > 10,
+        "only {discards} discards reached the daemon\n{}",
+        daemon.log_text()
+    );
+    assert_eq!(daemon.stat("errors"), 0, "{}", daemon.log_text());
+    daemon.stop();
+}
+
 #[test]
 fn guest_fs_survives_reconnect_and_daemon_restart() {
     require_host_tools();
