@@ -8,7 +8,9 @@
 //! filesystem survives a reconnect of the frontend and a restart of the daemon on
 //! the same source and cache files, in write-back mode, and a third that the
 //! guest keeps running when the daemon is restarted under it (QEMU's
-//! `reconnect-ms`).
+//! `reconnect-ms`). Others reset the device from the guest's driver, send
+//! discards from ext4, and crash guest and daemon together while the guest
+//! fsyncs files (every acknowledged fsync must survive).
 //!
 //! These tests need QEMU and the guest build tools; without them they fail and
 //! say to run `qemu-scripts/install-deps.sh` (as root). They never pass by
@@ -244,6 +246,18 @@ impl Drop for Daemon {
 /// Boots the guest against `daemon`, runs `tests` in order in one boot and
 /// asserts they passed; `expect` are lines the console must contain.
 fn run_guest(daemon: &mut Daemon, guest: &Path, work: &Path, tests: &[&str], expect: &[&str]) {
+    run_guest_env(daemon, guest, work, tests, expect, &[]);
+}
+
+/// As [`run_guest`], with `env` (K=V) exported to the guest scripts.
+fn run_guest_env(
+    daemon: &mut Daemon,
+    guest: &Path,
+    work: &Path,
+    tests: &[&str],
+    expect: &[&str],
+    env: &[String],
+) {
     let n = std::fs::read_dir(work).unwrap().count();
     let log = work.join(format!("console-{n}-{}.log", tests.join("+")));
     let mut cmd = Command::new("bash");
@@ -261,6 +275,9 @@ fn run_guest(daemon: &mut Daemon, guest: &Path, work: &Path, tests: &[&str], exp
         .arg("--quiet");
     for t in tests {
         cmd.arg("--script").arg(guest_test(t));
+    }
+    for kv in env {
+        cmd.arg("--env").arg(kv);
     }
     let started = Instant::now();
     let out = cmd.output().unwrap();
@@ -413,6 +430,109 @@ fn guest_discards_keep_the_data_around_them() {
     );
     assert_eq!(daemon.stat("errors"), 0, "{}", daemon.log_text());
     daemon.stop();
+}
+
+/// A crash of the whole machine, guest and daemon together (SIGKILL to
+/// both), while the guest writes and fsyncs files on ext4
+/// (`fsync-write.sh`). The guest prints "FSYNCED n" only after its fsyncs
+/// of file n and of the list of files returned, so every n the console
+/// shows was acknowledged before the crash. A new daemon on the same files
+/// and a new guest (`fsync-check.sh`) must find the filesystem clean after
+/// its journal replay and every acknowledged file intact. The crash lands
+/// at a random moment after the 20th file.
+fn fsync_crash_cycle(extra: &[&str]) {
+    use rand::Rng;
+    let (_one, guest, work) = fio_setup();
+    let mut daemon = Daemon::start(work.path(), extra);
+    let log = work.path().join("console-fsync-write.log");
+    let mut runner = Command::new("bash")
+        .arg(scripts().join("run-guest.sh"))
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .args(["--queues", &QUEUES.to_string()])
+        .args(["--timeout", &GUEST_TIMEOUT_S.to_string()])
+        .arg("--guest-dir")
+        .arg(&guest)
+        .arg("--log")
+        .arg(&log)
+        .arg("--quiet")
+        .arg("--script")
+        .arg(guest_test("fsync-write.sh"))
+        .args(["--env", "MIN_FILES=20"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let console = || std::fs::read_to_string(&log).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(u64::from(GUEST_TIMEOUT_S));
+    while !console().contains("FSYNC-READY") {
+        if let Some(status) = runner.try_wait().unwrap() {
+            panic!(
+                "the guest ended ({status}) before 20 files were fsynced\n{}\n{}",
+                console(),
+                daemon.log_text()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no FSYNC-READY in time\n{}",
+            console()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    thread::sleep(Duration::from_millis(rand::thread_rng().gen_range(0..3000)));
+    // The crash: the daemon first, then QEMU (run-guest.sh's child).
+    daemon.kill();
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", runner.id()))
+        .unwrap_or_default();
+    for pid in children.split_whitespace() {
+        let pid: libc::pid_t = pid.parse().unwrap();
+        // SAFETY: kill(2) on a child of our own child, which is still
+        // running (we have not reaped run-guest.sh, which waits for it).
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let _ = runner.wait();
+    let text = console();
+    let fsynced = text
+        .lines()
+        .filter_map(|l| l.trim_end().strip_prefix("FSYNCED "))
+        .filter_map(|n| n.parse::<u64>().ok())
+        .max()
+        .unwrap_or(0);
+    assert!(fsynced >= 20, "only {fsynced} files fsynced\n{text}");
+    assert!(
+        !text.contains("VBLK_GUEST_EXIT"),
+        "the guest ended by itself, not by the crash\n{text}"
+    );
+    eprintln!("crash after {fsynced} acknowledged fsync steps");
+
+    let mut daemon = Daemon::start(work.path(), extra);
+    run_guest_env(
+        &mut daemon,
+        &guest,
+        work.path(),
+        &["fsync-check.sh"],
+        &["fsync-check: OK"],
+        &[format!("FSYNCED={fsynced}")],
+    );
+    daemon.stop();
+}
+
+/// [`fsync_crash_cycle`] in write-back without the crash state: the restart
+/// goes back to the cache's last commit, the state of the guest's last
+/// FLUSH, as after a power cut of the host.
+#[test]
+fn guest_fsyncs_survive_a_crash_back_to_the_last_flush() {
+    fsync_crash_cycle(&["--mode", "writeback", "--crash-state-dir", "off"]);
+}
+
+/// The same with the crash state (the default), kept in the work directory.
+#[test]
+fn guest_fsyncs_survive_a_crash_with_the_crash_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path().to_str().unwrap().to_string();
+    fsync_crash_cycle(&["--mode", "writeback", "--crash-state-dir", &dir]);
 }
 
 #[test]
