@@ -440,11 +440,29 @@ fn guest_discards_keep_the_data_around_them() {
 /// and a new guest (`fsync-check.sh`) must find the filesystem clean after
 /// its journal replay and every acknowledged file intact. The crash lands
 /// at a random moment after the 20th file.
+///
+/// `VBC_GUEST_CRASH_CYCLES=N` runs N cycles on the same files (default 1):
+/// each first boot makes a new filesystem over what the cache holds from
+/// the cycles before.
 fn fsync_crash_cycle(extra: &[&str]) {
-    use rand::Rng;
     let (_one, guest, work) = fio_setup();
-    let mut daemon = Daemon::start(work.path(), extra);
-    let log = work.path().join("console-fsync-write.log");
+    let cycles: u32 = std::env::var("VBC_GUEST_CRASH_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    for cycle in 1..=cycles {
+        eprintln!("crash cycle {cycle} of {cycles}");
+        crash_once(&guest, work.path(), extra);
+    }
+}
+
+fn crash_once(guest: &Path, work: &Path, extra: &[&str]) {
+    use rand::Rng;
+    let mut daemon = Daemon::start(work, extra);
+    let log = work.join(format!(
+        "console-{}-fsync-write.log",
+        std::fs::read_dir(work).unwrap().count()
+    ));
     let mut runner = Command::new("bash")
         .arg(scripts().join("run-guest.sh"))
         .arg("--socket")
@@ -452,7 +470,7 @@ fn fsync_crash_cycle(extra: &[&str]) {
         .args(["--queues", &QUEUES.to_string()])
         .args(["--timeout", &GUEST_TIMEOUT_S.to_string()])
         .arg("--guest-dir")
-        .arg(&guest)
+        .arg(guest)
         .arg("--log")
         .arg(&log)
         .arg("--quiet")
@@ -507,11 +525,11 @@ fn fsync_crash_cycle(extra: &[&str]) {
     );
     eprintln!("crash after {fsynced} acknowledged fsync steps");
 
-    let mut daemon = Daemon::start(work.path(), extra);
+    let mut daemon = Daemon::start(work, extra);
     run_guest_env(
         &mut daemon,
-        &guest,
-        work.path(),
+        guest,
+        work,
         &["fsync-check.sh"],
         &["fsync-check: OK"],
         &[format!("FSYNCED={fsynced}")],
