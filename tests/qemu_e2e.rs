@@ -443,16 +443,23 @@ fn guest_discards_keep_the_data_around_them() {
 ///
 /// `VBC_GUEST_CRASH_CYCLES=N` runs N cycles on the same files (default 1):
 /// each first boot makes a new filesystem over what the cache holds from
-/// the cycles before.
+/// the cycles before. `VBC_GUEST_CRASH_ARGS="..."` adds daemon arguments
+/// (e.g. a small cache: `--cache-blocks 2048 --block-size 4K`).
 fn fsync_crash_cycle(extra: &[&str]) {
     let (_one, guest, work) = fio_setup();
     let cycles: u32 = std::env::var("VBC_GUEST_CRASH_CYCLES")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
+    let more = std::env::var("VBC_GUEST_CRASH_ARGS").unwrap_or_default();
+    let args: Vec<&str> = extra
+        .iter()
+        .copied()
+        .chain(more.split_whitespace())
+        .collect();
     for cycle in 1..=cycles {
         eprintln!("crash cycle {cycle} of {cycles}");
-        crash_once(&guest, work.path(), extra);
+        crash_once(&guest, work.path(), &args);
     }
 }
 
