@@ -63,6 +63,10 @@ pub struct Args {
     /// Bytes of the device to use, from offset 0 [default: whole device]
     #[arg(long, value_parser = vblkcache::size::clap_size)]
     size: Option<u64>,
+    /// randrw: draw read offsets uniformly from the first SIZE bytes only (a
+    /// hot set), writes still from the whole region [default: the region]
+    #[arg(long, value_parser = vblkcache::size::clap_size)]
+    read_size: Option<u64>,
     /// Offset distribution of random patterns: uniform or zipf:THETA (0<THETA<1)
     #[arg(long, default_value = "uniform")]
     dist: String,
@@ -231,6 +235,18 @@ fn run(a: &Args) -> Result<report::Summary, String> {
         let theta: f64 = t.parse().map_err(|_| format!("bad zipf theta '{t}'"))?;
         p.dist = Dist::Zipf(Arc::new(Zipf::new(blocks, theta)?));
     }
+    let read_blocks = match a.read_size {
+        None => 0,
+        Some(_) if p.sequential || p.read_pct == 0 || p.read_pct == 100 || a.verify => {
+            return Err("--read-size needs --pattern randrw (and no --verify)".into())
+        }
+        Some(r) if r / bs == 0 || r > size => {
+            return Err(format!(
+                "--read-size {r} must hold a block and fit in the region"
+            ))
+        }
+        Some(r) => r / bs,
+    };
     let bs_usize = usize::try_from(bs).map_err(|_| "bs too large")?;
     let max_seg = usize::try_from(max_seg.max(0)).unwrap_or(0);
     let nseg = if max_seg == 0 {
@@ -310,6 +326,7 @@ fn run(a: &Args) -> Result<report::Summary, String> {
                     bs: bs_usize,
                     iodepth: a.iodepth,
                     read_pct: p.read_pct,
+                    read_blocks,
                     flush_every: a.flush_every,
                     verify: a.verify,
                     once: a.once,

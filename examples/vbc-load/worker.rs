@@ -24,6 +24,8 @@ pub struct WorkerCfg {
     pub iodepth: usize,
     /// Percentage of data requests that are reads (100 = read only).
     pub read_pct: u64,
+    /// Reads draw from the first this many blocks only (0 = the region).
+    pub read_blocks: u64,
     /// Issue a FLUSH after this many writes (0 = never).
     pub flush_every: u64,
     pub verify: bool,
@@ -133,7 +135,11 @@ impl Gen {
         } else {
             Op::Read
         };
-        let mut offset = self.offsets.next(&mut self.rng);
+        let mut offset = if op == Op::Read && cfg.read_blocks > 0 {
+            self.rng.below(cfg.read_blocks) * cfg.bs as u64
+        } else {
+            self.offsets.next(&mut self.rng)
+        };
         if cfg.verify {
             // Two requests on one block at once have no defined result;
             // redraw (a bounded number of times) to avoid false alarms.
