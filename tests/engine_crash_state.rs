@@ -29,6 +29,7 @@ fn cfg(dir: Option<&Path>) -> EngineConfig {
             high_watermark_pct: 100,
             low_watermark_pct: 25,
             max_run_bytes: 4 << 20,
+            max_inflight_runs: 16,
         },
         crash_state_dir: dir.map(Path::to_path_buf),
         ..EngineConfig::default()

@@ -27,6 +27,7 @@ const NO_BACKGROUND: WritebackConfig = WritebackConfig {
     high_watermark_pct: 100,
     low_watermark_pct: 25,
     max_run_bytes: 4 << 20,
+    max_inflight_runs: 16,
 };
 
 fn cfg(mode: Option<WriteMode>, blocks: u64, assoc: u32) -> EngineConfig {

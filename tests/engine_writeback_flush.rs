@@ -73,6 +73,7 @@ const NO_BACKGROUND: WritebackConfig = WritebackConfig {
     high_watermark_pct: 100,
     low_watermark_pct: 25,
     max_run_bytes: 4 << 20,
+    max_inflight_runs: 16,
 };
 
 /// Runs a guest FLUSH on a thread of `s` and waits at most `limit` for it:

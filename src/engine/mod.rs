@@ -47,6 +47,11 @@ pub struct WritebackConfig {
     pub low_watermark_pct: u8,
     /// Largest coalesced source write. Default 4 MiB.
     pub max_run_bytes: u64,
+    /// Most runs a writeback pass has in flight to the source at once (each
+    /// on a writer thread), while it is not throttled; at least 1. Default
+    /// 16: a source with latency L takes at most 16/L runs per second, and
+    /// random dirty blocks make runs of one block.
+    pub max_inflight_runs: usize,
 }
 
 impl Default for WritebackConfig {
@@ -55,6 +60,7 @@ impl Default for WritebackConfig {
             high_watermark_pct: 50,
             low_watermark_pct: 25,
             max_run_bytes: 4 << 20,
+            max_inflight_runs: 16,
         }
     }
 }

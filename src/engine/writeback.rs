@@ -11,14 +11,15 @@
 //! other dirty block from the source; the pass still returns the error. A
 //! failed source flush ends the pass: no later write could be made durable.
 //!
-//! A pass is a two-stage pipeline so that the cache copy does not add to the
-//! source time: the pass's thread claims run N+1 and reads it from the cache
-//! while a writer thread ([`writer::Writer`], kept from pass to pass) writes
-//! run N to the source.
-//! Run N+1 is queued to the writer before the pass waits for run N, so the
-//! source never waits for the pass's thread to wake up. At most two runs are
-//! claimed at a time (one being written, one queued or being read), so a
-//! pass uses two run buffers, kept from pass to pass
+//! A pass is a pipeline so that neither the cache copy nor the source's
+//! latency sets its pace: the pass's thread claims a run and reads it from
+//! the cache while writer threads ([`writer::Writer`], kept from pass to
+//! pass) write the runs before it to the source, up to
+//! `WritebackConfig::max_inflight_runs` at a time (and about
+//! [`writer::MAX_INFLIGHT_BYTES`]). With one run in flight, a source with
+//! 5 ms of latency took 200 runs a second, which for random dirty blocks
+//! (runs of one block) is 12.5 MiB/s of 64K blocks, whatever the source
+//! could take in parallel. Run buffers are kept from pass to pass
 //! ([`writer::RunBuffers`]) rather than allocated per run. Runs finish in
 //! the order they were claimed. Under throttling (background writeback while
 //! foreground requests are in flight) the pipeline drains and pauses between
@@ -33,7 +34,6 @@ pub(crate) use writer::{RunBuffers, WriterPool};
 use super::core::Core;
 use super::frames::{FrameState, SRCPEND};
 use super::{EngineError, FlushProgress};
-use crate::device::AlignedBuf;
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::Arc;
@@ -184,9 +184,9 @@ impl Core {
         }
         let mut pass = Pass {
             core: self,
-            writer: Writer::start(self),
-            bufs: Vec::with_capacity(2),
-            flying: VecDeque::with_capacity(writer::DEPTH),
+            writer: Writer::start(),
+            flying: VecDeque::new(),
+            flying_bytes: 0,
             written: 0,
             unflushed: Vec::new(),
             failed: None,
@@ -295,10 +295,11 @@ pub(crate) fn run_writeback(core: Arc<Core>) {
 struct Pass<'a, 'p> {
     core: &'a Core,
     writer: Writer,
-    /// Run buffers not in use right now (two circulate).
-    bufs: Vec<AlignedBuf>,
-    /// The runs with the writer, oldest first (at most [`writer::DEPTH`]).
+    /// The runs with the writer, oldest first (at most
+    /// `max_inflight_runs`).
     flying: VecDeque<Run>,
+    /// Bytes of the runs in `flying`.
+    flying_bytes: usize,
     written: u64,
     /// (block, frame) of the runs written since the last source flush.
     unflushed: Vec<(u64, u64)>,
@@ -311,10 +312,12 @@ impl Pass<'_, '_> {
         let core = self.core;
         let bs = core.bs as usize;
         let max_blocks = (core.wb.max_run_bytes / core.bs).max(1) as usize;
+        let depth = core.wb.max_inflight_runs.max(1);
         let mut i = 0;
         loop {
-            if self.writer.outstanding() >= writer::DEPTH {
-                // Both buffers are taken: wait for the oldest run.
+            if self.writer.outstanding() >= depth {
+                // As many runs as allowed are with the writers: wait for the
+                // oldest.
                 self.collect_one();
             }
             // Blocks being written still count as dirty; stop claiming once
@@ -334,21 +337,23 @@ impl Pass<'_, '_> {
                 let mut run = Vec::new();
                 core.claim_run(cands, &mut i, max_blocks, &mut run);
                 if !run.is_empty() {
-                    let mut buf = match self.bufs.pop() {
-                        Some(b) => b,
-                        None => core.wb_bufs.take(max_blocks * bs),
-                    };
                     let len = run.len() * bs;
+                    // Bound the bytes in flight (a single run always goes).
+                    while self.flying_bytes + len > writer::MAX_INFLIGHT_BYTES && self.collect_one()
+                    {
+                    }
+                    let mut buf = core.wb_bufs.take(len);
                     match core.read_run(&run, &mut buf[..len]) {
                         Ok(()) => {
                             self.writer.submit(core, run[0].0, len, buf);
+                            self.flying_bytes += len;
                             self.flying.push_back(run);
                             continue;
                         }
                         Err(e) => {
                             let r = Err(e);
                             core.finish_run(&run, &r);
-                            self.bufs.push(buf);
+                            core.wb_bufs.give(buf);
                             self.failed = r.err();
                         }
                     }
@@ -368,8 +373,11 @@ impl Pass<'_, '_> {
             return false;
         };
         self.core.finish_run(&run, &done.result);
+        self.flying_bytes = self
+            .flying_bytes
+            .saturating_sub(run.len() * self.core.bs as usize);
         if let Some(buf) = done.buf {
-            self.bufs.push(buf);
+            self.core.wb_bufs.give(buf);
         }
         match done.result {
             Ok(()) => {
@@ -417,9 +425,6 @@ impl Pass<'_, '_> {
         // Nothing is with the writer any more (`run` returns only then).
         while self.collect_one() {}
         self.flush_source();
-        for buf in self.bufs.drain(..) {
-            self.core.wb_bufs.give(buf);
-        }
         self.writer.finish(self.core);
         match self.failed {
             Some(e) => Err(e),

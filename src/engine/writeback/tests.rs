@@ -1,10 +1,12 @@
 //! Failure handling of the pipelined writeback: whatever run fails, the
 //! frames marked clean are exactly those whose data reached the source.
 
-use crate::device::{BlockDevice, CountingDevice, FaultDevice, MemDevice};
+use crate::device::{BlockDevice, CountingDevice, DeviceError, FaultDevice, MemDevice};
 use crate::engine::{Engine, EngineConfig, GeometryRequest, WriteMode};
+use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 const BS: u64 = 4096;
 /// Contiguous dirty blocks: 16 runs of 4 blocks.
@@ -32,6 +34,8 @@ fn rig() -> (Arc<Dev>, Arc<Dev>, Engine) {
     cfg.writeback.high_watermark_pct = 100;
     cfg.writeback.low_watermark_pct = 100;
     cfg.writeback.max_run_bytes = 4 * BS;
+    // Two runs in flight: which runs a failure can still catch is bounded.
+    cfg.writeback.max_inflight_runs = 2;
     let e = Engine::open(src.clone(), cache.clone(), cfg).unwrap();
     for b in 0..DIRTY {
         e.write(b * BS, &vec![b as u8 + 1; BS as usize]).unwrap();
@@ -116,20 +120,21 @@ fn failing_cache_read_writes_nothing_more_and_keeps_blocks_dirty() {
 }
 
 #[test]
-fn repeated_flushes_reuse_the_run_buffers_and_writer_thread() {
+fn repeated_flushes_reuse_the_run_buffers_and_writer_threads() {
     let (src, _cache, e) = rig();
     e.flush_all(&mut |_| {}).unwrap();
     assert_eq!(on_source(&src), DIRTY);
-    // The pass's two buffers and its writer thread are kept for the next one.
+    // The pass's buffers and writer threads (one per run in flight, two
+    // here) are kept for the next one.
     assert_eq!(e.core.wb_bufs.kept(), 2);
-    assert_eq!(e.core.wb_pool.kept(), 1);
+    assert_eq!(e.core.wb_pool.kept(), 2);
     let c = src.counts();
     for b in 0..DIRTY {
         e.write(b * BS, &vec![b as u8 + 1; BS as usize]).unwrap();
     }
     e.flush_all(&mut |_| {}).unwrap();
     assert_eq!(e.core.wb_bufs.kept(), 2);
-    assert_eq!(e.core.wb_pool.kept(), 1, "the same thread served both");
+    assert_eq!(e.core.wb_pool.kept(), 2, "the same threads served both");
     assert_eq!(
         src.counts().writes - c.writes,
         DIRTY / 4,
@@ -158,4 +163,90 @@ fn a_run_in_neighbouring_frames_is_one_cache_read() {
     // The pass flushed the source once, at its end (less than 64 MiB).
     assert_eq!(s1.writeback_source_flushes - s0.writeback_source_flushes, 1);
     e.shutdown(false).unwrap();
+}
+
+/// A source whose writes take `DELAY` and which records how many were in
+/// progress at once.
+struct SlowSource {
+    inner: MemDevice,
+    now: AtomicUsize,
+    most: AtomicUsize,
+}
+
+const DELAY: Duration = Duration::from_millis(20);
+
+impl BlockDevice for SlowSource {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DeviceError> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DeviceError> {
+        let n = self.now.fetch_add(1, SeqCst) + 1;
+        self.most.fetch_max(n, SeqCst);
+        std::thread::sleep(DELAY);
+        let r = self.inner.write_at(buf, offset);
+        self.now.fetch_sub(1, SeqCst);
+        r
+    }
+    fn flush(&self) -> Result<(), DeviceError> {
+        self.inner.flush()
+    }
+}
+
+/// Random dirty blocks make runs of one block: with a source of latency L
+/// that serves requests in parallel, writeback must not be one run per L.
+#[test]
+fn writeback_keeps_several_runs_in_flight_to_the_source() {
+    const BLOCKS: u64 = 64;
+    let src = Arc::new(SlowSource {
+        inner: MemDevice::new(1 << 20),
+        now: AtomicUsize::new(0),
+        most: AtomicUsize::new(0),
+    });
+    let mut cfg = EngineConfig {
+        geometry: GeometryRequest {
+            block_size: Some(BS as u32),
+            cache_blocks: Some(256),
+            assoc: Some(256),
+        },
+        mode: Some(WriteMode::Writeback),
+        ..EngineConfig::default()
+    };
+    cfg.writeback.high_watermark_pct = 100;
+    cfg.writeback.low_watermark_pct = 100;
+    cfg.writeback.max_inflight_runs = 8;
+    let e = Engine::open(src.clone(), dev(4 << 20), cfg).unwrap();
+    // Every other block: no two dirty blocks are neighbours.
+    for i in 0..BLOCKS {
+        let b = 2 * i;
+        e.write(b * BS, &vec![b as u8 + 1; BS as usize]).unwrap();
+    }
+    assert_eq!(e.dirty_blocks(), BLOCKS);
+    let t = Instant::now();
+    let mut seen = Vec::new();
+    e.flush_all(&mut |p| seen.push(p.done)).unwrap();
+    let took = t.elapsed();
+    assert_eq!(e.dirty_blocks(), 0);
+    let most = src.most.load(SeqCst);
+    assert_eq!(most, 8, "runs in flight at once (the limit)");
+    // One run at a time would take BLOCKS * DELAY (1.28 s).
+    assert!(
+        took < DELAY * (BLOCKS as u32) / 3,
+        "flush_all took {took:?}"
+    );
+    // Progress still counts runs in the order they were claimed.
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]));
+    assert_eq!(seen.last().copied(), Some(BLOCKS));
+    let mut buf = vec![0u8; BS as usize];
+    for i in 0..BLOCKS {
+        let b = 2 * i;
+        src.read_at(&mut buf, b * BS).unwrap();
+        assert!(buf.iter().all(|&x| x == b as u8 + 1), "block {b}");
+    }
+    // The buffers of one-block runs are one block each, not `max_run_bytes`.
+    assert!(e.core.wb_bufs.kept() <= 16);
+    e.shutdown(false).unwrap();
+    assert_eq!(e.core.wb_pool.kept(), 0);
 }

@@ -3,10 +3,12 @@
 //!
 //! A pass's own thread claims a run and copies it from the cache into a run
 //! buffer; the [`Writer`] writes it to the source on a writer thread and
-//! hands the buffer back. Writer threads outlive passes ([`WriterPool`]). At most two runs are with the writer at a time (one
-//! being written, the next queued behind it, so the source never waits for
-//! the pass's thread to wake up), and the pass reads a third only after the
-//! oldest is done: a pass uses two buffers.
+//! hands the buffer back. Writer threads outlive passes ([`WriterPool`]).
+//! Up to `WritebackConfig::max_inflight_runs` runs (and about
+//! [`MAX_INFLIGHT_BYTES`]) are with the writer threads at a time, each
+//! written by its own thread, so a source that serves requests in parallel
+//! (a remote store, an array) is not written one run per round trip; the
+//! pass reads the next run while they are written.
 
 use crate::device::{AlignedBuf, DeviceError, IoOp};
 use crate::engine::core::Core;
@@ -16,37 +18,53 @@ use std::sync::mpsc::{self, Receiver, SendError, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-/// Buffers kept between passes: the two a pass circulates.
-const KEEP: usize = 2;
+/// Buffers kept between passes (a pass circulates one per run in flight).
+const KEEP: usize = 16;
 
 /// Run buffers reused from pass to pass.
 ///
 /// Why keep them: a fresh multi-MiB buffer costs a page fault per 4 KiB page
 /// when it is first touched (its zeroing), which on this kind of machine is as
-/// slow as the source write itself. At most [`KEEP`] buffers of the largest
-/// run size stay allocated (8 MiB with the default 4 MiB runs); passes running
-/// at the same time (background writeback and `flush_all`) allocate extra ones
-/// that are dropped when returned to a full pool.
+/// slow as the source write itself. At most [`KEEP`] buffers stay allocated;
+/// a new buffer is sized to the next power of two of its run, so short runs
+/// (random dirty blocks) do not pin 4 MiB each, and a pass's bytes in flight
+/// are bounded ([`MAX_INFLIGHT_BYTES`]). Passes running at the same time
+/// (background writeback and `flush_all`) allocate extra ones that are
+/// dropped when returned to a full pool.
 #[derive(Default)]
 pub(crate) struct RunBuffers {
     free: Mutex<Vec<AlignedBuf>>,
 }
 
 impl RunBuffers {
-    /// A buffer of at least `len` bytes (contents unspecified).
+    /// A buffer of at least `len` bytes (contents unspecified): the
+    /// smallest kept one that is large enough, else a new one.
     pub fn take(&self, len: usize) -> AlignedBuf {
-        let reused = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        match reused {
-            Some(b) if b.len() >= len => b,
-            _ => AlignedBuf::new(len),
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        let best = free
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.len() >= len)
+            .min_by_key(|(_, b)| b.len())
+            .map(|(i, _)| i);
+        match best {
+            Some(i) => free.swap_remove(i),
+            None => {
+                drop(free);
+                AlignedBuf::new(len.checked_next_power_of_two().unwrap_or(len))
+            }
         }
     }
 
-    /// Returns a buffer for later passes (dropped if enough are kept).
+    /// Returns a buffer for later passes. When enough are kept the
+    /// smallest of them and `buf` is dropped.
     pub fn give(&self, buf: AlignedBuf) {
         let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
-        if free.len() < KEEP {
-            free.push(buf);
+        free.push(buf);
+        if free.len() > KEEP {
+            if let Some((i, _)) = free.iter().enumerate().min_by_key(|(_, b)| b.len()) {
+                free.swap_remove(i);
+            }
         }
     }
 
@@ -73,26 +91,32 @@ pub(crate) struct Done {
     pub result: Result<(), EngineError>,
 }
 
-/// Most runs submitted and not yet waited for.
-pub(crate) const DEPTH: usize = 2;
+/// Most bytes of runs with the writer threads at a time (a single run may
+/// be larger): it bounds the run buffers a pass holds when runs are long,
+/// while short runs (random dirty blocks) can still fill the run limit.
+pub(crate) const MAX_INFLIGHT_BYTES: usize = 32 << 20;
 
 /// Idle writer threads kept for later passes.
-const KEEP_THREADS: usize = 2;
+const KEEP_THREADS: usize = 16;
 
 /// A writer thread and the two ends of its channels.
 ///
 /// The thread holds only the source device, not the engine, so a kept thread
 /// never keeps the engine's state alive; it ends when its job sender is
-/// dropped, after finishing the job it holds.
+/// dropped, after finishing the jobs it holds.
 struct WriterThread {
     jobs: SyncSender<Job>,
     done: Receiver<Done>,
     handle: JoinHandle<()>,
 }
 
+/// Jobs a writer thread's channel holds without blocking the pass (a pass
+/// never gives one thread more than its run limit).
+const THREAD_QUEUE: usize = 64;
+
 impl WriterThread {
     fn spawn(core: &Core) -> std::io::Result<WriterThread> {
-        let (jobs, job_rx) = mpsc::sync_channel::<Job>(DEPTH);
+        let (jobs, job_rx) = mpsc::sync_channel::<Job>(THREAD_QUEUE);
         let (done_tx, done) = mpsc::channel::<Done>();
         let source = Arc::clone(&core.source);
         let handle = std::thread::Builder::new()
@@ -128,10 +152,10 @@ impl WriterThread {
 /// Why keep them: starting a thread, and its first wake-up, cost a
 /// noticeable part of a millisecond on this kind of machine (a PVM guest),
 /// paid once per pass when the thread was scoped to the pass. A pass takes
-/// an idle thread (or starts one) and gives it back when it has collected
-/// every run it submitted, so a kept thread never holds a job. Passes
-/// running at the same time (background writeback and `flush_all`) each get
-/// their own thread, so each sees its runs finish in submission order.
+/// idle threads (or starts them) as it needs them and gives them back when
+/// it has collected every run it submitted, so a kept thread never holds a
+/// job. Passes running at the same time (background writeback and
+/// `flush_all`) each get their own threads.
 #[derive(Default)]
 pub(crate) struct WriterPool {
     idle: Mutex<Vec<WriterThread>>,
@@ -153,7 +177,7 @@ impl WriterPool {
     }
 
     /// Ends the idle threads and waits for them (engine shutdown). A pass
-    /// started later starts a new one.
+    /// started later starts new ones.
     pub fn stop(&self) {
         let idle = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|p| p.into_inner()));
         for t in idle {
@@ -174,50 +198,60 @@ impl Drop for WriterPool {
     }
 }
 
-/// Writes runs to the source in submission order, on a writer thread taken
-/// from the engine's [`WriterPool`] for one pass. If no thread can be
-/// started (or it has died) the writes happen inline on submit: the pass is
-/// then serial, as before the pipeline.
+/// A writer thread used by one pass, and how many of its runs are not yet
+/// waited for.
+struct Slot {
+    thread: WriterThread,
+    load: usize,
+    /// Its job channel is closed (the thread died): given no more jobs.
+    dead: bool,
+}
+
+/// Where a submitted run is being written.
+#[derive(Clone, Copy)]
+enum At {
+    Thread(usize),
+    Inline,
+}
+
+/// Writes runs to the source, several at a time, on writer threads taken
+/// from the engine's [`WriterPool`] for one pass; their results are handed
+/// back in submission order. A run goes to an idle thread of the pass, or to
+/// a new one while the pass has fewer threads than runs in flight. If no
+/// thread can be had the write happens inline on submit (the pass is then
+/// serial, as before the pipeline).
 pub(crate) struct Writer {
-    /// The writer thread, while it works.
-    thread: Option<WriterThread>,
+    slots: Vec<Slot>,
     /// Results of inline writes, oldest first.
     ready: VecDeque<Done>,
     /// Each run submitted and not yet waited for, oldest first: source
-    /// offset, length, and whether it was written inline.
-    pending: VecDeque<(u64, usize, bool)>,
+    /// offset, length, and where it is written.
+    pending: VecDeque<(u64, usize, At)>,
+    /// A thread could not be started: do not try again in this pass.
+    no_more_threads: bool,
 }
 
 impl Writer {
-    /// Takes a kept writer thread of `core`, or starts one.
-    pub fn start(core: &Core) -> Writer {
-        let thread = match core.wb_pool.take() {
-            Some(t) => Some(t),
-            None => match WriterThread::spawn(core) {
-                Ok(t) => Some(t),
-                Err(e) => {
-                    log::warn!("writeback: cannot start the writer thread ({e}); writing inline");
-                    None
-                }
-            },
-        };
+    /// A writer with no thread yet (threads are taken on submit).
+    pub fn start() -> Writer {
         Writer {
-            thread,
-            ready: VecDeque::with_capacity(DEPTH),
-            pending: VecDeque::with_capacity(DEPTH),
+            slots: Vec::new(),
+            ready: VecDeque::new(),
+            pending: VecDeque::new(),
+            no_more_threads: false,
         }
     }
 
-    /// Gives the thread back to `core`'s pool for the next pass. Call only
+    /// Gives the threads back to `core`'s pool for the next pass. Call only
     /// once every submitted run was waited for.
     pub fn finish(mut self, core: &Core) {
-        if let Some(t) = self.thread.take() {
-            if self.pending.is_empty() {
-                core.wb_pool.give(t);
+        for s in self.slots.drain(..) {
+            if s.load == 0 && !s.dead {
+                core.wb_pool.give(s.thread);
             } else {
-                // Cannot happen (a pass drains first); a thread still
-                // holding jobs is not reused.
-                t.stop();
+                // Cannot happen for a live thread (a pass drains first); a
+                // thread still holding jobs is not reused.
+                s.thread.stop();
             }
         }
     }
@@ -227,44 +261,85 @@ impl Writer {
         self.pending.len()
     }
 
-    /// Hands the run of blocks `first..` held in `buf[..len]` to the writer;
-    /// at most [`DEPTH`] may be outstanding. The length is clipped at the end
-    /// of the source.
+    /// A live thread of the pass with nothing to do, else a new one (kept or
+    /// started), else the live one with the fewest runs; `None` if the pass
+    /// has no live thread and none can be had.
+    fn pick(&mut self, core: &Core) -> Option<usize> {
+        let live = || self.slots.iter().enumerate().filter(|(_, s)| !s.dead);
+        if let Some((i, _)) = live().find(|(_, s)| s.load == 0) {
+            return Some(i);
+        }
+        if !self.no_more_threads {
+            let t = match core.wb_pool.take() {
+                Some(t) => Some(t),
+                None => match WriterThread::spawn(core) {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        log::warn!("writeback: cannot start a writer thread ({e})");
+                        self.no_more_threads = true;
+                        None
+                    }
+                },
+            };
+            if let Some(thread) = t {
+                self.slots.push(Slot {
+                    thread,
+                    load: 0,
+                    dead: false,
+                });
+                return Some(self.slots.len() - 1);
+            }
+        }
+        live().min_by_key(|(_, s)| s.load).map(|(i, _)| i)
+    }
+
+    /// Hands the run of blocks `first..` held in `buf[..len]` to a writer
+    /// thread. The length is clipped at the end of the source.
     pub fn submit(&mut self, core: &Core, first: u64, len: usize, buf: AlignedBuf) {
-        debug_assert!(self.pending.len() < DEPTH, "too many runs submitted");
         let (offset, len) = core.source_span(first, len);
-        let job = Job { offset, len, buf };
-        let job = match &self.thread {
-            Some(t) => match t.jobs.send(job) {
+        let mut job = Job { offset, len, buf };
+        while let Some(i) = self.pick(core) {
+            let slot = &mut self.slots[i];
+            match slot.thread.jobs.send(job) {
                 Ok(()) => {
-                    self.pending.push_back((offset, len, false));
+                    slot.load += 1;
+                    self.pending.push_back((offset, len, At::Thread(i)));
                     return;
                 }
-                Err(SendError(job)) => job,
-            },
-            None => job,
-        };
-        // No writer thread (any more): write here.
-        if let Some(t) = self.thread.take() {
-            t.stop();
+                Err(SendError(j)) => {
+                    // The thread is gone: try another one.
+                    slot.dead = true;
+                    job = j;
+                }
+            }
         }
+        // No writer thread (any more): write here.
         let result = core.write_source_blocks(first, &job.buf[..len]);
         self.ready.push_back(Done {
             buf: Some(job.buf),
             result,
         });
-        self.pending.push_back((offset, len, true));
+        self.pending.push_back((offset, len, At::Inline));
     }
 
     /// Waits for the oldest submitted run; `None` if there is none.
     pub fn wait(&mut self, core: &Core) -> Option<Done> {
-        let (offset, len, inline) = self.pending.pop_front()?;
-        let done = if inline {
-            self.ready.pop_front()
-        } else {
-            // The source is not marked written: the pass flushes it itself
-            // before commits may record the run clean (`SRCPEND`).
-            self.thread.as_ref().and_then(|t| t.done.recv().ok())
+        let (offset, len, at) = self.pending.pop_front()?;
+        let done = match at {
+            At::Inline => self.ready.pop_front(),
+            At::Thread(i) => self.slots.get_mut(i).and_then(|s| {
+                s.load = s.load.saturating_sub(1);
+                // A thread writes its runs in the order it got them, and
+                // runs are waited for in submission order, so its next
+                // result is this run's. The source is not marked written:
+                // the pass flushes it itself before commits may record the
+                // run clean (`SRCPEND`).
+                let r = s.thread.done.recv().ok();
+                if r.is_none() {
+                    s.dead = true;
+                }
+                r
+            }),
         };
         Some(done.unwrap_or_else(|| {
             // The writer thread died before answering (it can only panic):
@@ -296,12 +371,15 @@ mod tests {
         let b = pool.take(4096);
         assert_eq!(b.as_ptr(), a_ptr, "a kept buffer is reused");
         assert!(b.len() >= 4096);
-        let c = pool.take(8192);
-        let d = pool.take(8192);
         pool.give(b);
-        pool.give(c);
-        pool.give(d);
+        for _ in 0..KEEP + 2 {
+            pool.give(AlignedBuf::new(4096));
+        }
         assert_eq!(pool.kept(), KEEP);
+        // The large one stays (the smallest go first) and serves 8K again.
+        assert_eq!(pool.take(8192).as_ptr(), a_ptr);
+        // New buffers are rounded up to a power of two.
+        assert_eq!(pool.take(3 * 4096).len(), 4 * 4096);
         // Too small a kept buffer is not handed out.
         let small = RunBuffers::default();
         small.give(AlignedBuf::new(4096));
