@@ -509,12 +509,10 @@ fn crash_once(guest: &Path, work: &Path, extra: &[&str]) {
     thread::sleep(Duration::from_millis(rand::thread_rng().gen_range(0..3000)));
     // The crash: the daemon first, then QEMU (run-guest.sh's child).
     daemon.kill();
-    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", runner.id()))
-        .unwrap_or_default();
-    for pid in children.split_whitespace() {
-        let pid: libc::pid_t = pid.parse().unwrap();
-        // SAFETY: kill(2) on a child of our own child, which is still
-        // running (we have not reaped run-guest.sh, which waits for it).
+    // QEMU runs under `timeout` under run-guest.sh: kill every descendant.
+    for pid in descendants(runner.id()) {
+        // SAFETY: kill(2) on a descendant of our own child, which we have
+        // not reaped: at worst the pid has just exited (ESRCH).
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }
     let _ = runner.wait();
@@ -542,6 +540,30 @@ fn crash_once(guest: &Path, work: &Path, extra: &[&str]) {
         &[format!("FSYNCED={fsynced}")],
     );
     daemon.stop();
+}
+
+/// Every descendant of process `pid` (children first found, then theirs).
+fn descendants(pid: u32) -> Vec<libc::pid_t> {
+    let mut out = Vec::new();
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        let tasks = std::fs::read_dir(format!("/proc/{p}/task"))
+            .into_iter()
+            .flatten();
+        for t in tasks.flatten() {
+            let children = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            for c in children
+                .split_whitespace()
+                .filter_map(|c| c.parse::<u32>().ok())
+            {
+                if let Ok(c_pid) = libc::pid_t::try_from(c) {
+                    out.push(c_pid);
+                }
+                todo.push(c);
+            }
+        }
+    }
+    out
 }
 
 /// [`fsync_crash_cycle`] in write-back without the crash state: the restart
