@@ -24,18 +24,30 @@ const CACHE_BLOCKS: u64 = 16;
 struct Geo {
     blocks: u64,
     assoc: u32,
+    /// Background writeback's high watermark, in per cent of the frames.
+    /// Above it, a miss on a set of dirty frames goes around the cache; at
+    /// 100 there is no background writeback and such a miss always writes
+    /// a dirty block back itself (and commits), which fills the journal.
+    wb_high: u8,
 }
 
 /// The usual rig: 4 sets of 4, so blocks compete for frames.
 const SMALL: Geo = Geo {
     blocks: CACHE_BLOCKS,
     assoc: 4,
+    wb_high: 50,
+};
+/// The same with every full-set miss evicting a dirty block itself.
+const EVICTING: Geo = Geo {
+    wb_high: 100,
+    ..SMALL
 };
 /// 2 sets of 32 ways: runs of 16 blocks in 2 rows per set, so a frame's
 /// place on the device is not its number (format version 2's row order).
 const ROWS: Geo = Geo {
     blocks: 64,
     assoc: 32,
+    wb_high: 50,
 };
 const SOURCE_BLOCKS: u64 = 48;
 
@@ -160,12 +172,8 @@ struct Outcome {
     crashed: bool,
 }
 
-fn cfg(mode: WriteMode) -> EngineConfig {
-    cfg_geo(mode, SMALL)
-}
-
 fn cfg_geo(mode: WriteMode, geo: Geo) -> EngineConfig {
-    EngineConfig {
+    let mut cfg = EngineConfig {
         geometry: GeometryRequest {
             block_size: Some(BS),
             cache_blocks: Some(geo.blocks),
@@ -173,7 +181,10 @@ fn cfg_geo(mode: WriteMode, geo: Geo) -> EngineConfig {
         },
         mode: Some(mode),
         ..EngineConfig::default()
-    }
+    };
+    cfg.writeback.high_watermark_pct = geo.wb_high;
+    cfg.writeback.low_watermark_pct = cfg.writeback.low_watermark_pct.min(geo.wb_high);
+    cfg
 }
 
 /// Runs `ops` with the power cut after `limit` device operations; returns
@@ -409,6 +420,12 @@ fn crash_at_every_io_writeback() {
     let n = sweep(WriteMode::Writeback, 0..6, 40);
     eprintln!("writeback: {n} crash points checked");
     assert!(n > 500);
+    // Both ways a miss on a set of dirty frames goes are crashed into.
+    let (bypassed, evicted) = (0..6)
+        .map(|seed| uncut(workload(seed, 40), SMALL).1)
+        .fold((0, 0), |(b, d), s| (b + s.bypassed, d + s.dirty_evictions));
+    eprintln!("writeback: {bypassed} misses around the cache, {evicted} dirty evictions");
+    assert!(bypassed > 0, "no miss went around the cache");
 }
 
 /// The same with frames laid out in rows: recovery must find each block's
@@ -427,35 +444,53 @@ fn crash_at_every_io_writeback_row_layout() {
 
 /// Enough commits to fill the journal, so checkpoints (table copy switch)
 /// are crashed into too.
+/// Misses that evict dirty blocks themselves (no background writeback):
+/// a cache read, a source write and a commit inside a request.
+#[test]
+fn crash_at_every_io_writeback_evicting() {
+    let n = sweep_geo(WriteMode::Writeback, 0..6, 40, false, EVICTING);
+    eprintln!("writeback, evicting misses: {n} crash points checked");
+    assert!(n > 500);
+    let evicted: u64 = (0..6)
+        .map(|seed| uncut(workload(seed, 40), EVICTING).1.dirty_evictions)
+        .sum();
+    assert!(evicted > 0, "no miss evicted a dirty block");
+}
+
 #[test]
 fn crash_at_every_io_through_checkpoints() {
-    let n = sweep_with(WriteMode::Writeback, 300..302, 80, true);
+    let n = sweep_geo(WriteMode::Writeback, 300..302, 80, true, EVICTING);
     eprintln!("writeback with checkpoints: {n} crash points checked");
     assert!(
-        checkpoints_in(workload_with(300, 80, true)) > 0,
+        uncut(workload_with(300, 80, true), EVICTING).0 > 0,
         "the workload never checkpoints"
     );
     assert!(n > 300);
 }
 
-/// Runs a workload without a cut and returns the checkpoints it caused.
-fn checkpoints_in(ops: Vec<Op>) -> u64 {
+/// Runs a workload without a cut (restarts skipped) in write-back on
+/// `geo`; returns the checkpoints it caused and the engine's counters.
+fn uncut(ops: Vec<Op>, geo: Geo) -> (u64, vblkcache::engine::StatsSnapshot) {
     let size = SOURCE_BLOCKS * u64::from(BS);
     let src = Arc::new(MemDevice::new(size));
-    let g = Geometry::resolve(&cfg(WriteMode::Writeback).geometry, CACHE_BLOCKS).unwrap();
+    let cfg = cfg_geo(WriteMode::Writeback, geo);
+    let g = Geometry::resolve(&cfg.geometry, geo.blocks).unwrap();
     let cache = Arc::new(MemDevice::new(Layout::new(&g).device_len()));
-    let e = Engine::open(src, cache, cfg(WriteMode::Writeback)).unwrap();
+    let e = Engine::open(src, cache, cfg).unwrap();
     for op in ops {
         match op {
             Op::Write { sector, count } => e
                 .write(sector * SECTOR, &vec![7u8; (count * SECTOR) as usize])
+                .unwrap(),
+            Op::Read { sector, count } => e
+                .read(sector * SECTOR, &mut vec![0u8; (count * SECTOR) as usize])
                 .unwrap(),
             Op::Flush => e.flush().unwrap(),
             Op::FlushAll => e.flush_all(&mut |_| {}).unwrap(),
             _ => {}
         }
     }
-    e.status().metadata_checkpoints
+    (e.status().metadata_checkpoints, e.stats())
 }
 
 #[test]

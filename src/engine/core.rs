@@ -450,10 +450,19 @@ impl Core {
         r
     }
 
+    /// True while dirty blocks are above the high watermark: background
+    /// writeback is at work, and a miss whose set offers only dirty frames
+    /// goes to the source around the cache instead of writing one back
+    /// itself (a synchronous eviction costs a cache read, a source write and
+    /// a commit with a source flush before the miss can even start).
+    pub fn under_write_pressure(&self) -> bool {
+        let high = self.layout.geometry.cache_blocks * u64::from(self.wb.high_watermark_pct) / 100;
+        self.dirty.load(Relaxed) > high
+    }
+
     /// Wakes the writeback thread when dirty blocks pass the high watermark.
     pub fn maybe_kick_writeback(&self) {
-        let high = self.layout.geometry.cache_blocks * u64::from(self.wb.high_watermark_pct) / 100;
-        if self.dirty.load(Relaxed) > high {
+        if self.under_write_pressure() {
             let mut s = self.wb_signal.lock().unwrap_or_else(|p| p.into_inner());
             if !s.kicked {
                 s.kicked = true;

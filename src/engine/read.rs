@@ -114,6 +114,26 @@ impl Core {
                         s.promotions.fetch_add(1, Relaxed);
                         return self.extend_run(run, c, f, buf);
                     }
+                    Victim::Dirty(_) if self.under_write_pressure() => {
+                        // Around the cache (see `under_write_pressure`): the
+                        // block is neither cached nor being written around
+                        // (checked above, under the set's lock), so the
+                        // source holds its data.
+                        drop(g);
+                        self.settle(run, buf)?;
+                        let s = self.stats.here();
+                        s.read_misses.fetch_add(1, Relaxed);
+                        s.bypassed.fetch_add(1, Relaxed);
+                        self.maybe_kick_writeback();
+                        let r = self
+                            .source
+                            .read_at(&mut buf[out], c.block * self.bs + c.off)
+                            .map_err(EngineError::Source);
+                        if r.is_err() {
+                            s.errors.fetch_add(1, Relaxed);
+                        }
+                        return r;
+                    }
                     Victim::Dirty(f) => {
                         drop(g);
                         self.settle(run, buf)?;

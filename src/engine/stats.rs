@@ -87,7 +87,9 @@ counters! {
     /// written back and at its end) or by a miss that needed a frame whose
     /// writeback awaited one. Guest FLUSHes do not wait for these.
     writeback_source_flushes,
-    /// Block-sized pieces served straight from/to the source, bypassing the cache.
+    /// Block-sized pieces served straight from/to the source, bypassing the
+    /// cache: reads in passthrough, and misses on a set of dirty frames
+    /// while dirty blocks are above the high watermark.
     bypassed,
     /// Partial-block write misses that read the rest of the block from the source.
     partial_fills,

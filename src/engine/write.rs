@@ -84,6 +84,17 @@ impl Core {
                         s.promotions.fetch_add(1, Relaxed);
                         return self.fill_for_write(set, f, c, data);
                     }
+                    Victim::Dirty(_) if self.under_write_pressure() => {
+                        // Around the cache (see `under_write_pressure`):
+                        // one source write, as in writearound. A frame of
+                        // the set freed by writeback takes a later miss.
+                        drop(g);
+                        let s = self.stats.here();
+                        s.write_misses.fetch_add(1, Relaxed);
+                        s.bypassed.fetch_add(1, Relaxed);
+                        self.maybe_kick_writeback();
+                        return self.write_uncached(c.block * self.bs + c.off, data, true);
+                    }
                     Victim::Dirty(f) => {
                         drop(g);
                         self.evict_dirty(set, f)?;
