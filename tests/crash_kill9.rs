@@ -21,7 +21,7 @@
 mod common;
 
 use blkio::{Blkioq, Completion, ReqFlags};
-use common::{status_json, Client, Daemon, Files, BIN, REGION};
+use common::{decode_sector, fill_sector, status_json, Client, Daemon, Files, BIN, REGION};
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
 use std::mem::MaybeUninit;
@@ -40,35 +40,6 @@ const DEPTH: usize = 8;
 /// Largest write, in sectors (256 KiB): DEPTH slots fit in REGION.
 const MAX_SECTORS: usize = 512;
 const FLUSH_TAG: usize = usize::MAX;
-
-/// Fills one sector with the pattern of (`id`, `sector`).
-fn fill_sector(out: &mut [u8], id: u64, sector: u64) {
-    for (i, w) in out.chunks_exact_mut(8).enumerate() {
-        let v = match i {
-            0 => id,
-            1 => sector,
-            _ => (id << 32 ^ sector).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i as u64,
-        };
-        w.copy_from_slice(&v.to_le_bytes());
-    }
-}
-
-/// Decodes a sector: Ok((id, sector)) when it is a well-formed pattern.
-fn decode_sector(s: &[u8]) -> Result<(u64, u64), String> {
-    let word = |i: usize| u64::from_le_bytes(s[i * 8..i * 8 + 8].try_into().unwrap());
-    let (id, sector) = (word(0), word(1));
-    let mut want = [0u8; SECTOR];
-    fill_sector(&mut want, id, sector);
-    if want[..] != *s {
-        let zeros = s.iter().all(|&b| b == 0);
-        return Err(if zeros {
-            String::from("all zeros")
-        } else {
-            format!("garbage (first words {id:#x} {sector:#x})")
-        });
-    }
-    Ok((id, sector))
-}
 
 /// One issued write.
 #[derive(Clone, Copy, Debug)]

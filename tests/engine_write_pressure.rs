@@ -108,3 +108,33 @@ fn below_the_watermark_a_miss_still_evicts_a_dirty_block() {
         assert!(buf == block(b), "block {b}");
     }
 }
+
+#[test]
+fn under_pressure_a_partial_write_miss_goes_around_and_keeps_clean_blocks() {
+    let (src, e) = rig(FRAMES as u32);
+    // 5 of 8 frames dirty (above 50 %), one clean, two free.
+    for b in 0..5 {
+        e.write(b * BS, &block(b)).unwrap();
+    }
+    let mut buf = vec![0u8; BS as usize];
+    e.read(5 * BS, &mut buf).unwrap();
+    // A whole-block miss still takes a free frame: no source read needed.
+    let before = e.stats();
+    e.write(6 * BS, &block(6)).unwrap();
+    let mid = e.stats();
+    assert_eq!(mid.bypassed - before.bypassed, 0);
+    assert_eq!(mid.write_misses - before.write_misses, 1);
+    // A partial miss goes to the source: no fill, no frame taken.
+    e.write(7 * BS + 1024, &[9u8; 512]).unwrap();
+    let after = e.stats();
+    assert_eq!(after.bypassed - mid.bypassed, 1);
+    assert_eq!(after.partial_fills - mid.partial_fills, 0);
+    assert_eq!(after.write_misses - mid.write_misses, 1);
+    src.read_at(&mut buf, 7 * BS).unwrap();
+    assert!(buf[1024..1536].iter().all(|&x| x == 9) && buf[..1024].iter().all(|&x| x == 0));
+    // The clean block is still cached.
+    e.read(5 * BS, &mut buf).unwrap();
+    assert_eq!(e.stats().read_hits - after.read_hits, 1);
+    e.read(7 * BS, &mut buf).unwrap();
+    assert!(buf[1024..1536].iter().all(|&x| x == 9) && buf[1536..].iter().all(|&x| x == 0));
+}

@@ -75,6 +75,14 @@ impl Core {
                     }
                 }
                 None if g.uncached.contains(&c.block) => {}
+                // Under write pressure a partial-block miss goes around the
+                // cache too: caching it would cost a source read of the
+                // rest of the block now and a whole-block source write
+                // later, against one source write of the request's bytes.
+                None if self.under_write_pressure() && !self.covers_block(c) => {
+                    drop(g);
+                    return self.write_around(c, data);
+                }
                 None => match self.claim_victim(set, &mut g) {
                     Victim::Free(f) => {
                         self.install(f, Entry::new(c.block, true, FrameState::Filling), &mut g);
@@ -85,15 +93,11 @@ impl Core {
                         return self.fill_for_write(set, f, c, data);
                     }
                     Victim::Dirty(_) if self.under_write_pressure() => {
-                        // Around the cache (see `under_write_pressure`):
-                        // one source write, as in writearound. A frame of
-                        // the set freed by writeback takes a later miss.
+                        // Around the cache (see `under_write_pressure`). A
+                        // frame of the set freed by writeback takes a later
+                        // miss.
                         drop(g);
-                        let s = self.stats.here();
-                        s.write_misses.fetch_add(1, Relaxed);
-                        s.bypassed.fetch_add(1, Relaxed);
-                        self.maybe_kick_writeback();
-                        return self.write_uncached(c.block * self.bs + c.off, data, true);
+                        return self.write_around(c, data);
                     }
                     Victim::Dirty(f) => {
                         drop(g);
@@ -123,12 +127,28 @@ impl Core {
         }
     }
 
+    /// True if chunk `c` covers all of its block's source bytes.
+    fn covers_block(&self, c: Chunk) -> bool {
+        c.off == 0 && c.len >= self.block_len(c.block)
+    }
+
+    /// A writeback-mode miss sent to the source around the cache under
+    /// write pressure: one source write, as in writearound (the block is
+    /// registered as uncached meanwhile, and a frame that took it since is
+    /// updated after the source).
+    fn write_around(&self, c: Chunk, data: &[u8]) -> Result<(), EngineError> {
+        // `write_uncached` counts the miss (or the hit, if a fill took the
+        // block meanwhile).
+        self.stats.here().bypassed.fetch_add(1, Relaxed);
+        self.maybe_kick_writeback();
+        self.write_uncached(c.block * self.bs + c.off, data, true)
+    }
+
     /// Writes a new dirty block into the claimed frame `f`. A write that does
     /// not cover the block's source bytes first reads the block from the
     /// source, so the rest of the frame is never garbage.
     fn fill_for_write(&self, set: u64, f: u64, c: Chunk, data: &[u8]) -> Result<(), EngineError> {
-        let whole = c.off == 0 && c.len >= self.block_len(c.block);
-        let r = if whole {
+        let r = if self.covers_block(c) {
             self.write_frame(f, 0, data)
         } else {
             self.stats.here().partial_fills.fetch_add(1, Relaxed);
