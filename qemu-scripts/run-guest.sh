@@ -20,6 +20,7 @@
 #   --mem SIZE           guest memory (default 1G; shared memfd, as vhost-user needs)
 #   --quiet              do not copy the console to stdout
 #   --initrd-only FILE   only write the initramfs with the scripts to FILE and exit
+#   --qmp PATH           also serve QMP on the Unix socket PATH (e.g. to pause and resume the VM)
 #                        (for booting by hand, e.g. with cloud-hypervisor: README.md)
 #
 # Exit status: the guest script's status, read from the "VBLK_GUEST_EXIT=<n>"
@@ -39,7 +40,7 @@ die() {
     exit 125
 }
 
-SOCK="" INITRD_ONLY="" QUEUES=1 TIMEOUT=300 SOCK_TIMEOUT=30 LOG="" ACCEL=auto MEM=1G QUIET=0
+SOCK="" INITRD_ONLY="" QMP="" QUEUES=1 TIMEOUT=300 SOCK_TIMEOUT=30 LOG="" ACCEL=auto MEM=1G QUIET=0
 GUEST_DIR=${VBLK_GUEST_DIR:-$(repo_root)/target/guest}
 SCRIPTS=() FILES=() ENVS=()
 while (($#)); do
@@ -57,6 +58,7 @@ while (($#)); do
     --mem) MEM=$2; shift 2 ;;
     --quiet) QUIET=1; shift ;;
     --initrd-only) INITRD_ONLY=$2; shift 2 ;;
+    --qmp) QMP=$2; shift 2 ;;
     -h | --help) usage ;;
     *) echo "run-guest.sh: unknown argument $1" >&2; usage ;;
     esac
@@ -141,6 +143,9 @@ ARGS=(
     -append "console=ttyS0 quiet panic=-1 rdinit=/init"
     -nographic -nodefaults -serial stdio -monitor none -no-reboot
 )
+if [[ -n $QMP ]]; then
+    ARGS+=(-qmp "unix:$QMP,server=on,wait=off")
+fi
 if [[ -n $SOCK ]]; then
     case $SOCK in /*) ;; *) SOCK=$PWD/$SOCK ;; esac
     # Wait for the backend to listen, without connecting to it (see lib.sh).

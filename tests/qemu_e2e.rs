@@ -10,7 +10,8 @@
 //! guest keeps running when the daemon is restarted under it (QEMU's
 //! `reconnect-ms`). Others reset the device from the guest's driver, send
 //! discards from ext4, and crash guest and daemon together while the guest
-//! fsyncs files (every acknowledged fsync must survive).
+//! fsyncs files (every acknowledged fsync must survive), and pause and resume
+//! the VM through QMP while fio verifies.
 //!
 //! These tests need QEMU and the guest build tools; without them they fail and
 //! say to run `qemu-scripts/install-deps.sh` (as root). They never pass by
@@ -538,6 +539,153 @@ fn crash_once(guest: &Path, work: &Path, extra: &[&str]) {
         &["fsync-check.sh"],
         &["fsync-check: OK"],
         &[format!("FSYNCED={fsynced}")],
+    );
+    daemon.stop();
+}
+
+/// A QMP connection to a running QEMU.
+struct Qmp {
+    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
+    writer: std::os::unix::net::UnixStream,
+}
+
+impl Qmp {
+    /// Connects (waiting up to 60 s for the socket) and leaves
+    /// capabilities negotiation.
+    fn connect(path: &Path) -> Qmp {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let stream = loop {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "QMP socket {path:?}: {e}");
+                    thread::sleep(Duration::from_millis(50));
+                }
+            }
+        };
+        let writer = stream.try_clone().unwrap();
+        let mut q = Qmp {
+            reader: std::io::BufReader::new(stream),
+            writer,
+        };
+        assert!(q.line().is_some(), "no QMP greeting");
+        assert!(q.execute("qmp_capabilities"), "QMP closed");
+        q
+    }
+
+    /// The next line; `None` once QEMU has closed the connection.
+    fn line(&mut self) -> Option<String> {
+        use std::io::BufRead;
+        let mut l = String::new();
+        match self.reader.read_line(&mut l) {
+            Ok(n) if n > 0 => Some(l),
+            _ => None,
+        }
+    }
+
+    /// Runs `cmd` and waits for its return (skipping events); false if
+    /// QEMU went away (the guest finished and powered off).
+    fn execute(&mut self, cmd: &str) -> bool {
+        use std::io::Write;
+        if writeln!(self.writer, "{{\"execute\": \"{cmd}\"}}").is_err() {
+            return false;
+        }
+        while let Some(l) = self.line() {
+            if l.contains("\"return\"") {
+                return true;
+            }
+            assert!(!l.contains("\"error\""), "QMP {cmd}: {l}");
+        }
+        false
+    }
+}
+
+/// The VM is paused and resumed (QMP `stop` and `cont`, as for a snapshot
+/// or before a migration) again and again while the guest writes and
+/// verifies with fio. QEMU stops the queues at each pause (GET_VRING_BASE,
+/// which waits for every request taken) and starts them again where they
+/// were; no request may be lost or answered twice, and the data must verify.
+#[test]
+fn guest_data_survives_pause_and_resume() {
+    use rand::Rng;
+    let (_one, guest, work) = fio_setup();
+    let daemon = Daemon::start(work.path(), &["--source-latency", "2ms"]);
+    let log = work.path().join("console-pause.log");
+    let qmp_path = work.path().join("qmp.sock");
+    let mut runner = Command::new("bash")
+        .arg(scripts().join("run-guest.sh"))
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .args(["--queues", &QUEUES.to_string()])
+        .args(["--timeout", &GUEST_TIMEOUT_S.to_string()])
+        .arg("--guest-dir")
+        .arg(&guest)
+        .arg("--log")
+        .arg(&log)
+        .arg("--qmp")
+        .arg(&qmp_path)
+        .arg("--quiet")
+        .arg("--script")
+        .arg(guest_test("fio-loop.sh"))
+        .args(["--env", "N=6"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let console = || std::fs::read_to_string(&log).unwrap_or_default();
+    let mut qmp = Qmp::connect(&qmp_path);
+    // Pause only once fio runs (the first round has started writing).
+    let deadline = Instant::now() + Duration::from_secs(u64::from(GUEST_TIMEOUT_S));
+    while !console().contains("init: running guest script") {
+        assert!(
+            Instant::now() < deadline,
+            "the guest never started\n{}",
+            console()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    let mut rng = rand::thread_rng();
+    let mut pauses = 0;
+    let status = loop {
+        if let Some(status) = runner.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest did not finish\n{}",
+            console()
+        );
+        thread::sleep(Duration::from_millis(rng.gen_range(200..800)));
+        if runner.try_wait().unwrap().is_some() {
+            continue;
+        }
+        if !qmp.execute("stop") {
+            continue;
+        }
+        thread::sleep(Duration::from_millis(rng.gen_range(50..400)));
+        if qmp.execute("cont") {
+            pauses += 1;
+        }
+    };
+    let text = console();
+    assert!(
+        status.success() && text.contains("VBLK_GUEST_EXIT=0"),
+        "guest failed ({status}) after {pauses} pauses\n{text}\n{}",
+        daemon.log_text()
+    );
+    for i in 1..=6 {
+        assert!(
+            text.contains(&format!("ITER {i} rc=0")),
+            "round {i}\n{text}"
+        );
+    }
+    assert!(pauses >= 5, "only {pauses} pauses");
+    eprintln!("guest passed 6 fio rounds through {pauses} pauses");
+    assert!(
+        !daemon.log_text().contains("ERROR"),
+        "{}",
+        daemon.log_text()
     );
     daemon.stop();
 }
