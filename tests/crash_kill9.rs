@@ -21,12 +21,10 @@
 mod common;
 
 use blkio::{Blkioq, Completion, ReqFlags};
-use common::{decode_sector, fill_sector, status_json, Client, Daemon, Files, BIN, REGION};
+use common::{check_json, decode_sector, fill_sector, status_json, Client, Daemon, Files, REGION};
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
 use std::mem::MaybeUninit;
-use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -91,17 +89,6 @@ struct Totals {
     /// Requests served by the io_uring hit path in the daemons that were
     /// killed (read from the control socket just before each kill).
     direct_requests: u64,
-}
-
-fn check_json(cache: &Path) -> (i32, serde_json::Value) {
-    let out = Command::new(BIN)
-        .args(["check", "--json", "--cache"])
-        .arg(cache)
-        .output()
-        .unwrap();
-    let v = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("check output is not JSON ({e}): {out:?}"));
-    (out.status.code().unwrap_or(-1), v)
 }
 
 /// Reads the whole disk and checks each sector against the oracle; returns

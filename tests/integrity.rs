@@ -19,7 +19,9 @@
 mod common;
 
 use blkio::{Blkioq, Completion, ReqFlags};
-use common::{decode_sector, fill_sector, status_json, Client, Daemon, Files, BIN, REGION};
+use common::{
+    check_json, decode_sector, fill_sector, status_json, Client, Daemon, Files, BIN, REGION,
+};
 use rand::{Rng, SeedableRng};
 use std::collections::HashSet;
 use std::mem::MaybeUninit;
@@ -631,22 +633,6 @@ fn controller(ctl: PathBuf, sh: Arc<Shared>, seed: u64, deadline: Instant) -> Ve
         }
     }
     log
-}
-
-fn check_json(cache: &Path) -> (i32, serde_json::Value) {
-    let out = Command::new(BIN)
-        .args(["check", "--json", "--cache"])
-        .arg(cache)
-        .output()
-        .unwrap();
-    let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "check output: {e}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    (out.status.code().unwrap_or(-1), v)
 }
 
 /// Reads the whole disk through queue `q`; checks every sector against the

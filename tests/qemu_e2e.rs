@@ -250,6 +250,23 @@ fn run_guest(daemon: &mut Daemon, guest: &Path, work: &Path, tests: &[&str], exp
     run_guest_env(daemon, guest, work, tests, expect, &[]);
 }
 
+/// `run-guest.sh` against `daemon`, with the guest build `guest`, its
+/// console in `log`, quiet; the caller adds scripts and options.
+fn guest_command(daemon: &Daemon, guest: &Path, log: &Path) -> Command {
+    let mut cmd = Command::new("bash");
+    cmd.arg(scripts().join("run-guest.sh"))
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .args(["--queues", &QUEUES.to_string()])
+        .args(["--timeout", &GUEST_TIMEOUT_S.to_string()])
+        .arg("--guest-dir")
+        .arg(guest)
+        .arg("--log")
+        .arg(log)
+        .arg("--quiet");
+    cmd
+}
+
 /// As [`run_guest`], with `env` (K=V) exported to the guest scripts.
 fn run_guest_env(
     daemon: &mut Daemon,
@@ -261,19 +278,7 @@ fn run_guest_env(
 ) {
     let n = std::fs::read_dir(work).unwrap().count();
     let log = work.join(format!("console-{n}-{}.log", tests.join("+")));
-    let mut cmd = Command::new("bash");
-    cmd.arg(scripts().join("run-guest.sh"))
-        .arg("--socket")
-        .arg(&daemon.socket)
-        .arg("--queues")
-        .arg(QUEUES.to_string())
-        .arg("--timeout")
-        .arg(GUEST_TIMEOUT_S.to_string())
-        .arg("--guest-dir")
-        .arg(guest)
-        .arg("--log")
-        .arg(&log)
-        .arg("--quiet");
+    let mut cmd = guest_command(daemon, guest, &log);
     for t in tests {
         cmd.arg("--script").arg(guest_test(t));
     }
@@ -471,17 +476,7 @@ fn crash_once(guest: &Path, work: &Path, extra: &[&str]) {
         "console-{}-fsync-write.log",
         std::fs::read_dir(work).unwrap().count()
     ));
-    let mut runner = Command::new("bash")
-        .arg(scripts().join("run-guest.sh"))
-        .arg("--socket")
-        .arg(&daemon.socket)
-        .args(["--queues", &QUEUES.to_string()])
-        .args(["--timeout", &GUEST_TIMEOUT_S.to_string()])
-        .arg("--guest-dir")
-        .arg(guest)
-        .arg("--log")
-        .arg(&log)
-        .arg("--quiet")
+    let mut runner = guest_command(&daemon, guest, &log)
         .arg("--script")
         .arg(guest_test("fsync-write.sh"))
         .args(["--env", "MIN_FILES=20"])
@@ -612,19 +607,9 @@ fn guest_data_survives_pause_and_resume() {
     let daemon = Daemon::start(work.path(), &["--source-latency", "2ms"]);
     let log = work.path().join("console-pause.log");
     let qmp_path = work.path().join("qmp.sock");
-    let mut runner = Command::new("bash")
-        .arg(scripts().join("run-guest.sh"))
-        .arg("--socket")
-        .arg(&daemon.socket)
-        .args(["--queues", &QUEUES.to_string()])
-        .args(["--timeout", &GUEST_TIMEOUT_S.to_string()])
-        .arg("--guest-dir")
-        .arg(&guest)
-        .arg("--log")
-        .arg(&log)
+    let mut runner = guest_command(&daemon, &guest, &log)
         .arg("--qmp")
         .arg(&qmp_path)
-        .arg("--quiet")
         .arg("--script")
         .arg(guest_test("fio-loop.sh"))
         .args(["--env", "N=6"])

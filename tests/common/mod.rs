@@ -397,3 +397,15 @@ pub fn decode_sector(s: &[u8]) -> Result<(u64, u64), String> {
     }
     Ok((id, sector))
 }
+
+/// `vblkcache check --json` on `cache`: its exit code and its report.
+pub fn check_json(cache: &Path) -> (i32, serde_json::Value) {
+    let out = Command::new(BIN)
+        .args(["check", "--json", "--cache"])
+        .arg(cache)
+        .output()
+        .unwrap();
+    let v = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("check output is not JSON ({e}): {out:?}"));
+    (out.status.code().unwrap_or(-1), v)
+}

@@ -18,10 +18,8 @@ fn dev(len: u64) -> Arc<Dev> {
     Arc::new(CountingDevice::new(FaultDevice::new(MemDevice::new(len))))
 }
 
-/// An engine with background writeback off, 4-block runs, and `DIRTY`
-/// dirty blocks, block `b` filled with byte `b + 1`.
-fn rig() -> (Arc<Dev>, Arc<Dev>, Engine) {
-    let (src, cache) = (dev(1 << 20), dev(4 << 20));
+/// Write-back on 256 fully associative 4K frames, background writeback off.
+fn quiet_cfg() -> EngineConfig {
     let mut cfg = EngineConfig {
         geometry: GeometryRequest {
             block_size: Some(BS as u32),
@@ -33,6 +31,14 @@ fn rig() -> (Arc<Dev>, Arc<Dev>, Engine) {
     };
     cfg.writeback.high_watermark_pct = 100;
     cfg.writeback.low_watermark_pct = 100;
+    cfg
+}
+
+/// An engine with background writeback off, 4-block runs, and `DIRTY`
+/// dirty blocks, block `b` filled with byte `b + 1`.
+fn rig() -> (Arc<Dev>, Arc<Dev>, Engine) {
+    let (src, cache) = (dev(1 << 20), dev(4 << 20));
+    let mut cfg = quiet_cfg();
     cfg.writeback.max_run_bytes = 4 * BS;
     // Two runs in flight: which runs a failure can still catch is bounded.
     cfg.writeback.max_inflight_runs = 2;
@@ -205,17 +211,7 @@ fn writeback_keeps_several_runs_in_flight_to_the_source() {
         now: AtomicUsize::new(0),
         most: AtomicUsize::new(0),
     });
-    let mut cfg = EngineConfig {
-        geometry: GeometryRequest {
-            block_size: Some(BS as u32),
-            cache_blocks: Some(256),
-            assoc: Some(256),
-        },
-        mode: Some(WriteMode::Writeback),
-        ..EngineConfig::default()
-    };
-    cfg.writeback.high_watermark_pct = 100;
-    cfg.writeback.low_watermark_pct = 100;
+    let mut cfg = quiet_cfg();
     cfg.writeback.max_inflight_runs = 8;
     let e = Engine::open(src.clone(), dev(4 << 20), cfg).unwrap();
     // Every other block: no two dirty blocks are neighbours.
