@@ -710,6 +710,9 @@ fn a_failed_settle_flush_keeps_the_pass_from_marking_blocks_clean() {
     src.close_after(GateOp::Write, 1);
     let mut miss_result = None;
     std::thread::scope(|s| {
+        // When this closure ends, also by a failed assertion, the gate
+        // opens before the scope joins the threads held at it.
+        let _open = src.open_on_drop();
         let wb = s.spawn(|| e.flush_all(&mut |_| {}));
         assert!(
             src.wait_held(GateOp::Write, 1, WAIT),

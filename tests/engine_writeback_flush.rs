@@ -4,11 +4,11 @@
 //! nothing that FLUSH covered. Also: a frame freed while its writeback awaits
 //! the source flush, a failed source flush, and two passes at once.
 
-use std::sync::atomic::Ordering::SeqCst;
-use std::sync::{mpsc, Arc};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 use vblkcache::device::{
-    BlockDevice, FaultDevice, GateDevice, GateOp, MemDevice, VolatileCacheDevice,
+    BlockDevice, DeviceError, FaultDevice, GateDevice, GateOp, MemDevice, VolatileCacheDevice,
 };
 use vblkcache::engine::{
     Engine, EngineConfig, EngineError, GeometryRequest, WriteMode, WritebackConfig,
@@ -349,5 +349,177 @@ fn miss_in_a_set_held_by_writeback_flushes_the_source_itself() {
     for b in [0u64, 1, 2, 3, 10, 11, 12, 13] {
         src.inner().read_at(&mut back, b * BS as u64).unwrap();
         assert!(back == vec![b as u8 + 1; BS], "block {b} on the source");
+    }
+}
+
+/// A source whose writes at offset 0 wait until `release` is called; other
+/// writes pass and are counted.
+struct HoldFirstBlock {
+    inner: MemDevice,
+    released: Mutex<bool>,
+    cond: Condvar,
+    others_written: AtomicU64,
+}
+
+impl HoldFirstBlock {
+    fn release(&self) {
+        *self.released.lock().unwrap() = true;
+        self.cond.notify_all();
+    }
+}
+
+impl BlockDevice for HoldFirstBlock {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DeviceError> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DeviceError> {
+        if offset == 0 {
+            let mut r = self.released.lock().unwrap();
+            while !*r {
+                r = self.cond.wait(r).unwrap();
+            }
+        } else {
+            self.others_written.fetch_add(1, SeqCst);
+        }
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> Result<(), DeviceError> {
+        self.inner.flush()
+    }
+}
+
+/// A pass with two runs in flight whose first run is slow: when the second
+/// is written, a miss waiting for a frame of the set goes on (it flushes the
+/// source itself) without waiting for the first run.
+#[test]
+fn a_slow_run_does_not_hold_back_the_frames_of_a_run_written_after_it() {
+    let src = Arc::new(HoldFirstBlock {
+        inner: MemDevice::from_bytes(&vec![0x11u8; 64 * BS]),
+        released: Mutex::new(false),
+        cond: Condvar::new(),
+        others_written: AtomicU64::new(0),
+    });
+    let cache = Arc::new(MemDevice::new(4 << 20));
+    let one_set = EngineConfig {
+        geometry: GeometryRequest {
+            block_size: Some(BS as u32),
+            cache_blocks: Some(8),
+            assoc: Some(8),
+        },
+        ..cfg(Some(WriteMode::Writeback))
+    };
+    let e = Engine::open(src.clone(), cache, one_set).unwrap();
+    // Two runs of dirty blocks fill the only set: 0-3 (held at the source)
+    // and 10-13.
+    for b in [0u64, 1, 2, 3, 10, 11, 12, 13] {
+        e.write(b * BS as u64, &vec![b as u8 + 1; BS]).unwrap();
+    }
+    e.flush().unwrap();
+    std::thread::scope(|s| {
+        struct Release<'a>(&'a HoldFirstBlock);
+        impl Drop for Release<'_> {
+            fn drop(&mut self) {
+                self.0.release();
+            }
+        }
+        // Released when this closure ends, also by a failed assertion.
+        let _release = Release(&src);
+        let wb = s.spawn(|| e.flush_all(&mut |_| {}));
+        let t0 = Instant::now();
+        while src.others_written.load(SeqCst) == 0 && t0.elapsed() < WAIT {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(
+            src.others_written.load(SeqCst),
+            1,
+            "run 10-13 never written"
+        );
+        let (tx, rx) = mpsc::channel();
+        let eng = &e;
+        s.spawn(move || {
+            let mut buf = vec![0u8; BS];
+            let r = eng.read(30 * BS as u64, &mut buf);
+            let _ = tx.send(r.map(|_| buf));
+        });
+        let got = rx.recv_timeout(WAIT);
+        src.release();
+        let got = got
+            .expect("the miss waited for the run submitted before the one holding its frame")
+            .unwrap();
+        assert!(got == vec![0x11u8; BS]);
+        wb.join().unwrap().unwrap();
+    });
+    for b in [0u64, 1, 2, 3, 10, 11, 12, 13] {
+        let mut back = vec![0u8; BS];
+        src.inner.read_at(&mut back, b * BS as u64).unwrap();
+        assert!(back == vec![b as u8 + 1; BS], "block {b} not written back");
+    }
+}
+
+/// A source whose first write panics (a bug in a device driver): the
+/// writer thread doing it dies.
+struct PanicOnce {
+    inner: MemDevice,
+    armed: std::sync::atomic::AtomicBool,
+}
+
+impl BlockDevice for PanicOnce {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DeviceError> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DeviceError> {
+        if self.armed.swap(false, SeqCst) {
+            panic!("injected panic in the source's write");
+        }
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> Result<(), DeviceError> {
+        self.inner.flush()
+    }
+}
+
+/// A writer thread that dies holding a run does not hang the pass: the run
+/// is reported not written and its blocks stay dirty, and the next pass
+/// writes them.
+#[test]
+fn a_writer_thread_that_dies_fails_its_run_and_the_next_pass_writes_it() {
+    let src = Arc::new(PanicOnce {
+        inner: MemDevice::from_bytes(&vec![0x11u8; 64 * BS]),
+        armed: std::sync::atomic::AtomicBool::new(true),
+    });
+    let e = Engine::open(
+        src.clone(),
+        Arc::new(MemDevice::new(4 << 20)),
+        cfg(Some(WriteMode::Writeback)),
+    )
+    .unwrap();
+    for b in [0u64, 1, 2, 3, 10, 11, 12, 13] {
+        e.write(b * BS as u64, &vec![b as u8 + 1; BS]).unwrap();
+    }
+    // Not a scoped thread: if the pass hangs, the test fails instead.
+    let e = Arc::new(e);
+    let (tx, rx) = mpsc::channel();
+    let eng = e.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(eng.flush_all(&mut |_| {}));
+    });
+    let first = rx.recv_timeout(WAIT).expect("the pass hung");
+    assert!(first.is_err(), "a pass with a lost run succeeded");
+    assert!(
+        e.dirty_blocks() > 0,
+        "the lost run's blocks were marked clean"
+    );
+    e.flush_all(&mut |_| {}).unwrap();
+    assert_eq!(e.dirty_blocks(), 0);
+    for b in [0u64, 1, 2, 3, 10, 11, 12, 13] {
+        let mut back = vec![0u8; BS];
+        src.inner.read_at(&mut back, b * BS as u64).unwrap();
+        assert!(back == vec![b as u8 + 1; BS], "block {b} not written back");
     }
 }

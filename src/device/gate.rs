@@ -39,6 +39,16 @@ struct Gate {
     held: u64,
 }
 
+/// Opens every gate of a [`GateDevice`] when dropped
+/// ([`GateDevice::open_on_drop`]).
+pub struct OpenOnDrop<'a, D: BlockDevice>(&'a GateDevice<D>);
+
+impl<D: BlockDevice> Drop for OpenOnDrop<'_, D> {
+    fn drop(&mut self) {
+        self.0.open_all();
+    }
+}
+
 /// A device wrapper with a gate per [`GateOp`]; all gates start open.
 pub struct GateDevice<D> {
     inner: D,
@@ -104,6 +114,13 @@ impl<D: BlockDevice> GateDevice<D> {
             g.closed = false;
         }
         self.cond.notify_all();
+    }
+
+    /// A guard that opens every gate when dropped, also when a test
+    /// panics, so threads held at a gate can finish and a failing test
+    /// reports its failure instead of hanging in a scoped join.
+    pub fn open_on_drop(&self) -> OpenOnDrop<'_, D> {
+        OpenOnDrop(self)
     }
 
     /// Operations of kind `op` that reached the gate so far.

@@ -21,7 +21,7 @@ pub use aligned::{AlignedBuf, DIRECT_ALIGN};
 pub use counting::{CountingDevice, IoCounts};
 pub use fault::{FaultDevice, FaultPlan};
 pub use file::{FileDevice, OpenOptions};
-pub use gate::{GateDevice, GateOp};
+pub use gate::{GateDevice, GateOp, OpenOnDrop};
 pub use latency::{LatencyDevice, LatencyProfile};
 pub use mem::MemDevice;
 pub use rate::{RateDevice, RateProfile};

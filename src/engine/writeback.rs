@@ -295,9 +295,9 @@ pub(crate) fn run_writeback(core: Arc<Core>) {
 struct Pass<'a, 'p> {
     core: &'a Core,
     writer: Writer,
-    /// The runs with the writer, oldest first (at most
+    /// The runs with the writer and their ids, oldest first (at most
     /// `max_inflight_runs`).
-    flying: VecDeque<Run>,
+    flying: VecDeque<(u64, Run)>,
     /// Bytes of the runs in `flying`.
     flying_bytes: usize,
     written: u64,
@@ -322,7 +322,7 @@ impl Pass<'_, '_> {
             }
             // Blocks being written still count as dirty; stop claiming once
             // the target is reached when they are done.
-            let pending: usize = self.flying.iter().map(Vec::len).sum();
+            let pending: usize = self.flying.iter().map(|(_, r)| r.len()).sum();
             let more = !core.source_flush.failed()
                 && i < cands.len()
                 && core.dirty.load(Relaxed).saturating_sub(pending as u64) > target;
@@ -345,9 +345,9 @@ impl Pass<'_, '_> {
                     let mut buf = core.wb_bufs.take(len);
                     match core.read_run(&run, &mut buf[..len]) {
                         Ok(()) => {
-                            self.writer.submit(core, run[0].0, len, buf);
+                            let id = self.writer.submit(core, run[0].0, len, buf);
                             self.flying_bytes += len;
-                            self.flying.push_back(run);
+                            self.flying.push_back((id, run));
                             continue;
                         }
                         Err(e) => {
@@ -366,11 +366,19 @@ impl Pass<'_, '_> {
         }
     }
 
-    /// Waits for the oldest run with the writer and finishes it; false if
-    /// there is none.
+    /// Waits for a run with the writer to be done (whichever is first) and
+    /// finishes it; false if there is none.
     fn collect_one(&mut self) -> bool {
-        let (Some(done), Some(run)) = (self.writer.wait(self.core), self.flying.pop_front()) else {
+        let Some(done) = self.writer.wait(self.core) else {
             return false;
+        };
+        let Some(i) = self.flying.iter().position(|(id, _)| *id == done.id) else {
+            // Every submitted run is in `flying`: cannot happen.
+            log::warn!("writeback: a result for an unknown run");
+            return true;
+        };
+        let Some((_, run)) = self.flying.remove(i) else {
+            return true;
         };
         self.core.finish_run(&run, &done.result);
         self.flying_bytes = self

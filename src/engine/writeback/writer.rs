@@ -14,9 +14,10 @@ use crate::device::{AlignedBuf, DeviceError, IoOp};
 use crate::engine::core::Core;
 use crate::engine::EngineError;
 use std::collections::VecDeque;
-use std::sync::mpsc::{self, Receiver, SendError, SyncSender};
+use std::sync::mpsc::{self, Receiver, SendError, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 /// Buffers kept between passes (a pass circulates one per run in flight).
 const KEEP: usize = 16;
@@ -75,18 +76,23 @@ impl RunBuffers {
     }
 }
 
-/// A run for the source: its byte offset on the source, its length in bytes
-/// (clipped at the end of the source) and the buffer whose first `len` bytes
-/// hold its data.
+/// A run for the source: the pass's id for it, its byte offset on the
+/// source, its length in bytes (clipped at the end of the source), the
+/// buffer whose first `len` bytes hold its data, and where to send the
+/// result (the pass's channel).
 struct Job {
+    id: u64,
     offset: u64,
     len: usize,
     buf: AlignedBuf,
+    done: Sender<Done>,
 }
 
-/// The outcome of a submitted run: its buffer back (lost only if the writer
-/// thread died) and the source write's result.
+/// The outcome of a submitted run: the id [`Writer::submit`] gave it, its
+/// buffer back (lost only if the writer thread died) and the source write's
+/// result.
 pub(crate) struct Done {
+    pub id: u64,
     pub buf: Option<AlignedBuf>,
     pub result: Result<(), EngineError>,
 }
@@ -99,14 +105,18 @@ pub(crate) const MAX_INFLIGHT_BYTES: usize = 32 << 20;
 /// Idle writer threads kept for later passes.
 const KEEP_THREADS: usize = 16;
 
-/// A writer thread and the two ends of its channels.
+/// How often a pass waiting for results checks whether a writer thread
+/// holding its runs has died (it can only panic).
+const DEAD_CHECK: Duration = Duration::from_millis(200);
+
+/// A writer thread and its job channel.
 ///
 /// The thread holds only the source device, not the engine, so a kept thread
 /// never keeps the engine's state alive; it ends when its job sender is
-/// dropped, after finishing the jobs it holds.
+/// dropped, after finishing the jobs it holds. Results go to the channel
+/// named in each job, so one pass's results never reach another pass.
 struct WriterThread {
     jobs: SyncSender<Job>,
-    done: Receiver<Done>,
     handle: JoinHandle<()>,
 }
 
@@ -117,7 +127,6 @@ const THREAD_QUEUE: usize = 64;
 impl WriterThread {
     fn spawn(core: &Core) -> std::io::Result<WriterThread> {
         let (jobs, job_rx) = mpsc::sync_channel::<Job>(THREAD_QUEUE);
-        let (done_tx, done) = mpsc::channel::<Done>();
         let source = Arc::clone(&core.source);
         let handle = std::thread::Builder::new()
             .name("vbc-wb-writer".into())
@@ -126,16 +135,15 @@ impl WriterThread {
                     let result = source
                         .write_at(&job.buf[..job.len], job.offset)
                         .map_err(EngineError::Source);
-                    let done = Done {
+                    // A pass that is gone no longer wants the result.
+                    let _ = job.done.send(Done {
+                        id: job.id,
                         buf: Some(job.buf),
                         result,
-                    };
-                    if done_tx.send(done).is_err() {
-                        break;
-                    }
+                    });
                 }
             })?;
-        Ok(WriterThread { jobs, done, handle })
+        Ok(WriterThread { jobs, handle })
     }
 
     /// Ends the thread and waits for it.
@@ -203,30 +211,46 @@ impl Drop for WriterPool {
 struct Slot {
     thread: WriterThread,
     load: usize,
-    /// Its job channel is closed (the thread died): given no more jobs.
+    /// Its job channel is closed or the thread has ended: given no more
+    /// jobs.
     dead: bool,
 }
 
 /// Where a submitted run is being written.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq)]
 enum At {
     Thread(usize),
     Inline,
 }
 
+/// A run submitted and not yet waited for.
+struct Pending {
+    id: u64,
+    offset: u64,
+    len: usize,
+    at: At,
+}
+
 /// Writes runs to the source, several at a time, on writer threads taken
-/// from the engine's [`WriterPool`] for one pass; their results are handed
-/// back in submission order. A run goes to an idle thread of the pass, or to
-/// a new one while the pass has fewer threads than runs in flight. If no
-/// thread can be had the write happens inline on submit (the pass is then
-/// serial, as before the pipeline).
+/// from the engine's [`WriterPool`] for one pass. A run goes to an idle
+/// thread of the pass, or to a new one while the pass has fewer threads than
+/// runs in flight. If no thread can be had the write happens inline on
+/// submit (the pass is then serial, as before the pipeline).
+///
+/// Results come back in the order the writes finish, not the order of
+/// submission: one slow write does not keep the frames of the runs written
+/// after it busy (a request waiting for one of those frames goes on as soon
+/// as its run is done).
 pub(crate) struct Writer {
     slots: Vec<Slot>,
     /// Results of inline writes, oldest first.
     ready: VecDeque<Done>,
-    /// Each run submitted and not yet waited for, oldest first: source
-    /// offset, length, and where it is written.
-    pending: VecDeque<(u64, usize, At)>,
+    /// Each run submitted and not yet waited for, oldest first.
+    pending: VecDeque<Pending>,
+    next_id: u64,
+    /// The pass's result channel (a sender goes with each job).
+    done_tx: Sender<Done>,
+    done_rx: Receiver<Done>,
     /// A thread could not be started: do not try again in this pass.
     no_more_threads: bool,
 }
@@ -234,10 +258,14 @@ pub(crate) struct Writer {
 impl Writer {
     /// A writer with no thread yet (threads are taken on submit).
     pub fn start() -> Writer {
+        let (done_tx, done_rx) = mpsc::channel();
         Writer {
             slots: Vec::new(),
             ready: VecDeque::new(),
             pending: VecDeque::new(),
+            next_id: 0,
+            done_tx,
+            done_rx,
             no_more_threads: false,
         }
     }
@@ -294,17 +322,31 @@ impl Writer {
     }
 
     /// Hands the run of blocks `first..` held in `buf[..len]` to a writer
-    /// thread. The length is clipped at the end of the source.
-    pub fn submit(&mut self, core: &Core, first: u64, len: usize, buf: AlignedBuf) {
+    /// thread and returns the id its [`Done`] will carry. The length is
+    /// clipped at the end of the source.
+    pub fn submit(&mut self, core: &Core, first: u64, len: usize, buf: AlignedBuf) -> u64 {
         let (offset, len) = core.source_span(first, len);
-        let mut job = Job { offset, len, buf };
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut job = Job {
+            id,
+            offset,
+            len,
+            buf,
+            done: self.done_tx.clone(),
+        };
         while let Some(i) = self.pick(core) {
             let slot = &mut self.slots[i];
             match slot.thread.jobs.send(job) {
                 Ok(()) => {
                     slot.load += 1;
-                    self.pending.push_back((offset, len, At::Thread(i)));
-                    return;
+                    self.pending.push_back(Pending {
+                        id,
+                        offset,
+                        len,
+                        at: At::Thread(i),
+                    });
+                    return id;
                 }
                 Err(SendError(j)) => {
                     // The thread is gone: try another one.
@@ -316,45 +358,93 @@ impl Writer {
         // No writer thread (any more): write here.
         let result = core.write_source_blocks(first, &job.buf[..len]);
         self.ready.push_back(Done {
+            id,
             buf: Some(job.buf),
             result,
         });
-        self.pending.push_back((offset, len, At::Inline));
+        self.pending.push_back(Pending {
+            id,
+            offset,
+            len,
+            at: At::Inline,
+        });
+        id
     }
 
-    /// Waits for the oldest submitted run; `None` if there is none.
+    /// Waits for any submitted run to be done (an inline one first) and
+    /// returns its result; `None` if none is outstanding.
+    ///
+    /// The source is not marked written: the pass flushes it itself before
+    /// commits may record the run clean (`SRCPEND`).
     pub fn wait(&mut self, core: &Core) -> Option<Done> {
-        let (offset, len, at) = self.pending.pop_front()?;
-        let done = match at {
-            At::Inline => self.ready.pop_front(),
-            At::Thread(i) => self.slots.get_mut(i).and_then(|s| {
-                s.load = s.load.saturating_sub(1);
-                // A thread writes its runs in the order it got them, and
-                // runs are waited for in submission order, so its next
-                // result is this run's. The source is not marked written:
-                // the pass flushes it itself before commits may record the
-                // run clean (`SRCPEND`).
-                let r = s.thread.done.recv().ok();
-                if r.is_none() {
-                    s.dead = true;
+        if self.pending.is_empty() {
+            return None;
+        }
+        if let Some(done) = self.ready.pop_front() {
+            self.take_pending(done.id);
+            return Some(done);
+        }
+        loop {
+            let done = match self.done_rx.recv_timeout(DEAD_CHECK) {
+                Ok(done) => done,
+                Err(_) => match self.reap_dead(core) {
+                    Some(done) => return Some(done),
+                    None => continue,
+                },
+            };
+            if let Some(p) = self.take_pending(done.id) {
+                if let At::Thread(i) = p.at {
+                    if let Some(s) = self.slots.get_mut(i) {
+                        s.load = s.load.saturating_sub(1);
+                    }
                 }
-                r
-            }),
-        };
-        Some(done.unwrap_or_else(|| {
-            // The writer thread died before answering (it can only panic):
-            // report the run as not written.
-            Done {
-                buf: None,
-                result: Err(EngineError::Source(DeviceError::Io {
-                    op: IoOp::Write,
-                    offset,
-                    len: len as u64,
-                    name: core.source.name(),
-                    source: std::io::Error::other("the writeback writer thread stopped"),
-                })),
+                return Some(done);
             }
-        }))
+            // Not a run of this pass (cannot happen: ids are the pass's
+            // own): ignore it.
+        }
+    }
+
+    /// Removes run `id` from the pending list.
+    fn take_pending(&mut self, id: u64) -> Option<Pending> {
+        let i = self.pending.iter().position(|p| p.id == id)?;
+        self.pending.remove(i)
+    }
+
+    /// After a wait with no result: if a thread holding runs of this pass
+    /// has ended (it can only panic), a result that reached the channel
+    /// meanwhile, else one of the dead thread's runs reported as not written.
+    fn reap_dead(&mut self, core: &Core) -> Option<Done> {
+        let i = self
+            .slots
+            .iter()
+            .position(|s| s.load > 0 && s.thread.handle.is_finished())?;
+        self.slots[i].dead = true;
+        // It may have answered before it ended.
+        if let Ok(done) = self.done_rx.try_recv() {
+            if let Some(p) = self.take_pending(done.id) {
+                if let At::Thread(t) = p.at {
+                    if let Some(s) = self.slots.get_mut(t) {
+                        s.load = s.load.saturating_sub(1);
+                    }
+                }
+            }
+            return Some(done);
+        }
+        let k = self.pending.iter().position(|p| p.at == At::Thread(i))?;
+        let p = self.pending.remove(k)?;
+        self.slots[i].load -= 1;
+        Some(Done {
+            id: p.id,
+            buf: None,
+            result: Err(EngineError::Source(DeviceError::Io {
+                op: IoOp::Write,
+                offset: p.offset,
+                len: p.len as u64,
+                name: core.source.name(),
+                source: std::io::Error::other("the writeback writer thread stopped"),
+            })),
+        })
     }
 }
 
