@@ -116,6 +116,8 @@ fn guest_flush_during_writeback_flush(committed: bool) {
     }
     src.close(GateOp::Flush);
     std::thread::scope(|s| {
+        // Opens the gates when this closure ends, also on a failed assertion.
+        let _open = src.open_on_drop();
         let wb = s.spawn(|| e.flush_all(&mut |_| {}));
         assert!(
             held(&src, GateOp::Flush),
@@ -219,6 +221,8 @@ fn guest_flush_between_free_and_zeroing_of_written_back_block() {
     src.close(GateOp::Flush);
     src.close(GateOp::WriteZeroes);
     std::thread::scope(|s| {
+        // Opens the gates when this closure ends, also on a failed assertion.
+        let _open = src.open_on_drop();
         let wb = s.spawn(|| e.flush_all(&mut |_| {}));
         assert!(
             held(&src, GateOp::Flush),
@@ -266,6 +270,8 @@ fn overlapping_passes_do_not_settle_each_others_writes() {
     e.flush().unwrap();
     src.close(GateOp::FlushDone);
     std::thread::scope(|s| {
+        // Opens the gates when this closure ends, also on a failed assertion.
+        let _open = src.open_on_drop();
         let a = s.spawn(|| e.flush_all(&mut |_| {}));
         assert!(
             held(&src, GateOp::FlushDone),
@@ -322,6 +328,8 @@ fn miss_in_a_set_held_by_writeback_flushes_the_source_itself() {
     // The first run reaches the source, the second is held there.
     src.close_after(GateOp::Write, 1);
     std::thread::scope(|s| {
+        // Opens the gates when this closure ends, also on a failed assertion.
+        let _open = src.open_on_drop();
         let wb = s.spawn(|| e.flush_all(&mut |_| {}));
         assert!(
             held(&src, GateOp::Write),
