@@ -182,6 +182,20 @@ pub struct ServeArgs {
     /// File mode of the sockets, in octal.
     #[arg(long, value_name = "MODE", default_value = "0600")]
     pub socket_mode: String,
+    /// Write-back: background writeback starts when this percentage of the
+    /// cache blocks is dirty, and above it a miss on a set of dirty blocks
+    /// goes to the source around the cache (1 to 100).
+    #[arg(long, value_name = "PCT", default_value_t = 50)]
+    pub writeback_high: u8,
+    /// Write-back: background writeback stops when dirty blocks fall to
+    /// this percentage (0 to 99, below --writeback-high).
+    #[arg(long, value_name = "PCT", default_value_t = 25)]
+    pub writeback_low: u8,
+    /// Write-back: once no request has come for this long, write every
+    /// dirty block back (below --writeback-low too), stopping at the next
+    /// request; e.g. 10s, 500ms, or off.
+    #[arg(long, value_name = "DURATION|off", default_value = "10s")]
+    pub writeback_idle: String,
     /// On shutdown, write every dirty block back to the source [default: keep
     /// dirty blocks in the cache].
     #[arg(long)]

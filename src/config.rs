@@ -4,7 +4,9 @@
 
 use crate::cli::{Args, Command, ServeArgs};
 use crate::control::ClientCommand;
-use crate::engine::{EngineConfig, Geometry, GeometryError, GeometryRequest, WriteMode};
+use crate::engine::{
+    EngineConfig, Geometry, GeometryError, GeometryRequest, WriteMode, WritebackConfig,
+};
 use crate::sandbox::{SandboxConfig, SandboxError};
 use crate::virtio::backend::{default_queue_threads, host_cpus};
 use std::path::{Path, PathBuf};
@@ -29,6 +31,12 @@ pub enum ConfigError {
     SourceLatency(String),
     #[error("--poll {0}: expected a duration of at most 10ms, like 32us or 0")]
     Poll(String),
+    #[error("--writeback-high {0}: expected a percentage from 1 to 100")]
+    WritebackHigh(u8),
+    #[error("--writeback-low {low}: expected a percentage below --writeback-high ({high})")]
+    WritebackLow { low: u8, high: u8 },
+    #[error("--writeback-idle {0}: expected a duration like 10s or 500ms, or off")]
+    WritebackIdle(String),
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
     #[error("--mode: {0}")]
@@ -295,6 +303,29 @@ impl TryFrom<ServeArgs> for ServeConfig {
             }
             n => n,
         };
+        if !(1..=100).contains(&a.writeback_high) {
+            return Err(ConfigError::WritebackHigh(a.writeback_high));
+        }
+        if a.writeback_low >= a.writeback_high {
+            return Err(ConfigError::WritebackLow {
+                low: a.writeback_low,
+                high: a.writeback_high,
+            });
+        }
+        let idle_drain_after = match a.writeback_idle.trim() {
+            "off" => None,
+            s => Some(
+                parse_duration(s)
+                    .filter(|d| !d.is_zero())
+                    .ok_or_else(|| ConfigError::WritebackIdle(a.writeback_idle.clone()))?,
+            ),
+        };
+        let writeback = WritebackConfig {
+            high_watermark_pct: a.writeback_high,
+            low_watermark_pct: a.writeback_low,
+            idle_drain_after,
+            ..WritebackConfig::default()
+        };
         if !a.queue_size.is_power_of_two() || !(2..=MAX_QUEUE_SIZE).contains(&a.queue_size) {
             return Err(ConfigError::QueueSize(a.queue_size));
         }
@@ -343,6 +374,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 discard_dirty: a.discard_dirty,
                 source_moved: a.source_moved,
                 crash_state_dir,
+                writeback,
                 ..EngineConfig::default()
             },
             queues: a.queues,
@@ -422,6 +454,33 @@ mod tests {
         assert!(!c.readonly && !c.direct && !c.engine.format);
         assert!(!c.pin_guest_memory, "pinning guest memory is opt-in");
         assert!(!c.unordered, "completions are in order unless asked");
+        let wb = c.engine.writeback;
+        assert_eq!((wb.high_watermark_pct, wb.low_watermark_pct), (50, 25));
+        assert_eq!(
+            wb.idle_drain_after,
+            Some(crate::engine::DEFAULT_IDLE_DRAIN_AFTER)
+        );
+    }
+
+    #[test]
+    fn writeback_options() {
+        let c = parse(&[
+            "--writeback-high",
+            "80",
+            "--writeback-low",
+            "0",
+            "--writeback-idle",
+            "500ms",
+        ])
+        .unwrap();
+        let wb = c.engine.writeback;
+        assert_eq!((wb.high_watermark_pct, wb.low_watermark_pct), (80, 0));
+        assert_eq!(
+            wb.idle_drain_after,
+            Some(std::time::Duration::from_millis(500))
+        );
+        let off = parse(&["--writeback-idle", "off"]).unwrap();
+        assert_eq!(off.engine.writeback.idle_drain_after, None);
     }
 
     #[test]
@@ -434,6 +493,15 @@ mod tests {
             (&["--cache-blocks", "0"], "--cache-blocks"),
             (&["--cache-blocks", "100", "--assoc", "8"], "--assoc"),
             (&["--queues", "0"], "--queues"),
+            (&["--writeback-high", "0"], "--writeback-high"),
+            (&["--writeback-high", "101"], "--writeback-high"),
+            (&["--writeback-low", "50"], "--writeback-low"),
+            (
+                &["--writeback-high", "30", "--writeback-low", "40"],
+                "--writeback-low",
+            ),
+            (&["--writeback-idle", "0"], "--writeback-idle"),
+            (&["--writeback-idle", "soon"], "--writeback-idle"),
             (&["--queues", "17"], "--queues"),
             (&["--queue-size", "100"], "--queue-size"),
             (&["--queue-size", "2048"], "--queue-size"),

@@ -521,3 +521,69 @@ fn threads_named(pid: i32, name: &str) -> usize {
         .filter(|comm| comm.trim_end() == name)
         .count()
 }
+
+/// `--writeback-idle`: dirty blocks below the low watermark reach the source
+/// once no request comes, with the front-end still connected; with `off`
+/// they stay in the cache.
+#[test]
+fn an_idle_daemon_writes_dirty_blocks_back_to_the_source() {
+    for idle in ["1s", "off"] {
+        let files = Files::new(16 * MIB, 16 << 20, 11);
+        let control = files.dir.path().join("ctl.sock");
+        let ctl = control.display().to_string();
+        let mut reference = files.initial.clone();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+        let d = Daemon::start(
+            &files,
+            &[
+                "--mode",
+                "writeback",
+                "--writeback-idle",
+                idle,
+                "--control",
+                &ctl,
+            ],
+        );
+        let mut client = Client::connect(&files.socket, 1);
+        let mut q = client.queue(0);
+        for _ in 0..20 {
+            let (off, len) = random_range(&mut rng, reference.len(), 128 * 1024);
+            let data = random_bytes(&mut rng, len);
+            q.write(off as u64, &data);
+            reference[off..off + len].copy_from_slice(&data);
+        }
+        q.flush();
+        let dirty = |c: &std::path::Path| status_json(c)["dirty_blocks"].as_u64().unwrap();
+        let first = dirty(&control);
+        assert!(first > 0, "{idle}: no dirty block after the writes");
+        let t0 = std::time::Instant::now();
+        while dirty(&control) > 0 && t0.elapsed() < std::time::Duration::from_secs(6) {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let source = std::fs::read(&files.source).unwrap();
+        if idle == "off" {
+            assert_eq!(
+                dirty(&control),
+                first,
+                "off: dirty blocks were written back"
+            );
+            assert!(
+                source != reference,
+                "off: the source already holds the writes"
+            );
+        } else {
+            assert_eq!(
+                dirty(&control),
+                0,
+                "{idle}: dirty blocks left after 6 s idle"
+            );
+            assert!(
+                source == reference,
+                "{idle}: the source does not hold the writes"
+            );
+        }
+        drop(q);
+        drop(client);
+        assert!(d.stop().success());
+    }
+}

@@ -30,6 +30,7 @@ fn cfg(dir: Option<&Path>) -> EngineConfig {
             low_watermark_pct: 25,
             max_run_bytes: 4 << 20,
             max_inflight_runs: 16,
+            idle_drain_after: None,
         },
         crash_state_dir: dir.map(Path::to_path_buf),
         ..EngineConfig::default()

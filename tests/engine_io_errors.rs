@@ -28,6 +28,7 @@ const NO_BACKGROUND: WritebackConfig = WritebackConfig {
     low_watermark_pct: 25,
     max_run_bytes: 4 << 20,
     max_inflight_runs: 16,
+    idle_drain_after: None,
 };
 
 fn cfg(mode: Option<WriteMode>, blocks: u64, assoc: u32) -> EngineConfig {

@@ -74,6 +74,7 @@ const NO_BACKGROUND: WritebackConfig = WritebackConfig {
     low_watermark_pct: 25,
     max_run_bytes: 4 << 20,
     max_inflight_runs: 16,
+    idle_drain_after: None,
 };
 
 /// Runs a guest FLUSH on a thread of `s` and waits at most `limit` for it:

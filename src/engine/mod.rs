@@ -38,6 +38,9 @@ use std::time::{Duration, Instant};
 /// 64 KiB blocks is 4 MiB).
 const FETCH_BUFS: usize = 64;
 
+/// Default [`WritebackConfig::idle_drain_after`].
+pub const DEFAULT_IDLE_DRAIN_AFTER: Duration = Duration::from_secs(10);
+
 /// Write-back tuning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WritebackConfig {
@@ -52,6 +55,14 @@ pub struct WritebackConfig {
     /// 16: a source with latency L takes at most 16/L runs per second, and
     /// random dirty blocks make runs of one block.
     pub max_inflight_runs: usize,
+    /// Once no request has come for this long, background writeback cleans
+    /// every dirty block (below the low watermark too), and stops as soon
+    /// as a request comes. `None`: dirty blocks below the high watermark
+    /// stay until a flush, a mode change or shutdown writes them back.
+    /// Default 10 s. What dm-cache's smq policy does when the device is
+    /// idle: it keeps the window in which a lost cache device loses data
+    /// short.
+    pub idle_drain_after: Option<Duration>,
 }
 
 impl Default for WritebackConfig {
@@ -61,6 +72,7 @@ impl Default for WritebackConfig {
             low_watermark_pct: 25,
             max_run_bytes: 4 << 20,
             max_inflight_runs: 16,
+            idle_drain_after: Some(DEFAULT_IDLE_DRAIN_AFTER),
         }
     }
 }

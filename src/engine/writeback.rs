@@ -20,10 +20,16 @@
 //! 5 ms of latency took 200 runs a second, which for random dirty blocks
 //! (runs of one block) is 12.5 MiB/s of 64K blocks, whatever the source
 //! could take in parallel. Run buffers are kept from pass to pass
-//! ([`writer::RunBuffers`]) rather than allocated per run. Runs finish in
-//! the order they were claimed. Under throttling (background writeback while
-//! foreground requests are in flight) the pipeline drains and pauses between
-//! runs, as the serial writeback did.
+//! ([`writer::RunBuffers`]) rather than allocated per run. Runs are finished
+//! in the order their source writes complete, so one slow write does not keep
+//! the frames of later runs busy. Under throttling (background writeback
+//! while foreground requests are in flight) the pipeline drains and pauses
+//! between runs, as the serial writeback did.
+//!
+//! Background writeback also drains when the device is idle: after
+//! `WritebackConfig::idle_drain_after` with no request, every dirty block is
+//! written back ([`Pace::Idle`]); the first request stops the drain once its
+//! runs in flight are done.
 
 #[cfg(test)]
 mod tests;
@@ -37,7 +43,7 @@ use super::{EngineError, FlushProgress};
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use writer::Writer;
 
 /// Pause between runs while foreground requests are in flight.
@@ -51,6 +57,21 @@ const FLUSH_EVERY_BYTES: u64 = 64 << 20;
 
 /// A claimed run: (source block, frame) of consecutive blocks.
 type Run = Vec<(u64, u64)>;
+
+/// How a writeback pass shares the source with foreground requests.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Pace {
+    /// As fast as the source takes it (`flush_all`).
+    Full,
+    /// Background cleaning above the high watermark: while foreground
+    /// requests are in flight, the runs in flight finish and the pass
+    /// pauses before the next one.
+    Throttled,
+    /// The idle drain: claims no new run once a foreground request has
+    /// come since [`Stats::requests`](super::stats::Stats::requests) was
+    /// `since` (or one is in flight), and lets the runs in flight finish.
+    Idle { since: u64 },
+}
 
 impl Core {
     /// Dirty, quiet frames as (block, frame), sorted by block.
@@ -169,7 +190,7 @@ impl Core {
     pub(crate) fn writeback_pass(
         &self,
         target: u64,
-        throttle: bool,
+        pace: Pace,
         progress: &mut dyn FnMut(u64),
     ) -> Result<u64, EngineError> {
         if self.source_flush.failed() {
@@ -192,7 +213,7 @@ impl Core {
             failed: None,
             progress,
         };
-        pass.run(&cands, target, throttle);
+        pass.run(&cands, target, pace);
         pass.end()
     }
 
@@ -207,7 +228,7 @@ impl Core {
         let mut idle_passes = 0;
         while self.dirty.load(SeqCst) > 0 {
             let base = done;
-            let n = self.writeback_pass(0, false, &mut |w| {
+            let n = self.writeback_pass(0, Pace::Full, &mut |w| {
                 progress(FlushProgress {
                     total: total.max(base + w),
                     done: base + w,
@@ -239,8 +260,12 @@ impl Core {
 }
 
 /// The background writeback loop: sleeps until kicked (or a periodic check
-/// finds the high watermark passed) and cleans down to the low watermark.
+/// finds the high watermark passed) and cleans down to the low watermark;
+/// after `idle_drain_after` with no request it cleans every dirty block
+/// until a request comes.
 pub(crate) fn run_writeback(core: Arc<Core>) {
+    // The request count when it last changed, and when that was seen.
+    let mut seen = (core.stats.requests(), Instant::now());
     loop {
         {
             let mut s = core.wb_signal.lock().unwrap_or_else(|p| p.into_inner());
@@ -261,10 +286,26 @@ pub(crate) fn run_writeback(core: Arc<Core>) {
         let low = frames * u64::from(core.wb.low_watermark_pct) / 100;
         // After a failed flush nothing can be cleaned for good; the failure
         // was logged once (`durable`).
-        if core.dirty.load(Relaxed) <= high
-            || core.source_flush.failed()
-            || core.cache_flush.failed()
-        {
+        if core.source_flush.failed() || core.cache_flush.failed() {
+            continue;
+        }
+        let requests = core.stats.requests();
+        if requests != seen.0 {
+            seen = (requests, Instant::now());
+        }
+        if core.dirty.load(Relaxed) <= high {
+            let idle = core
+                .wb
+                .idle_drain_after
+                .is_some_and(|after| seen.1.elapsed() >= after);
+            if idle
+                && core.dirty.load(Relaxed) > 0
+                && core.inflight.total() == 0
+                && !idle_drain(&core, requests)
+            {
+                // Failed (logged): wait another idle period before retrying.
+                seen.1 = Instant::now();
+            }
             continue;
         }
         while core.dirty.load(Relaxed) > low {
@@ -272,7 +313,7 @@ pub(crate) fn run_writeback(core: Arc<Core>) {
                 return;
             }
             match core
-                .writeback_pass(low, true, &mut |_| {})
+                .writeback_pass(low, Pace::Throttled, &mut |_| {})
                 .and_then(|n| core.commit().map(|_| n))
             {
                 Ok(0) => break,
@@ -289,6 +330,29 @@ pub(crate) fn run_writeback(core: Arc<Core>) {
             }
         }
     }
+}
+
+/// One idle drain: passes down to no dirty block, each committed, until a
+/// request comes (`since` is the request count that started it) or a pass
+/// cleans nothing. False if a pass failed.
+fn idle_drain(core: &Core, since: u64) -> bool {
+    while core.dirty.load(Relaxed) > 0 && core.stats.requests() == since {
+        if core.wb_signal.lock().map(|s| s.stop).unwrap_or(true) {
+            break;
+        }
+        match core
+            .writeback_pass(0, Pace::Idle { since }, &mut |_| {})
+            .and_then(|n| core.commit().map(|_| n))
+        {
+            Ok(0) => break,
+            Ok(n) => log::debug!("idle writeback: {n} blocks cleaned"),
+            Err(e) => {
+                log::warn!("idle writeback: {e}; retrying after the next idle period");
+                return false;
+            }
+        }
+    }
+    true
 }
 
 /// The state of one pipelined writeback pass.
@@ -308,7 +372,7 @@ struct Pass<'a, 'p> {
 }
 
 impl Pass<'_, '_> {
-    fn run(&mut self, cands: &[(u64, u64)], target: u64, throttle: bool) {
+    fn run(&mut self, cands: &[(u64, u64)], target: u64, pace: Pace) {
         let core = self.core;
         let bs = core.bs as usize;
         let max_blocks = (core.wb.max_run_bytes / core.bs).max(1) as usize;
@@ -323,10 +387,19 @@ impl Pass<'_, '_> {
             // Blocks being written still count as dirty; stop claiming once
             // the target is reached when they are done.
             let pending: usize = self.flying.iter().map(|(_, r)| r.len()).sum();
+            let interrupted = match pace {
+                Pace::Idle { since } => core.stats.requests() != since || core.inflight.total() > 0,
+                _ => false,
+            };
             let more = !core.source_flush.failed()
+                && !interrupted
                 && i < cands.len()
                 && core.dirty.load(Relaxed).saturating_sub(pending as u64) > target;
-            if more && throttle && !self.flying.is_empty() && core.inflight.total() > 0 {
+            if more
+                && pace == Pace::Throttled
+                && !self.flying.is_empty()
+                && core.inflight.total() > 0
+            {
                 // Foreground requests are in flight: let the source finish
                 // alone, then pause before the next run.
                 while self.collect_one() {}

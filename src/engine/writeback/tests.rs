@@ -18,7 +18,8 @@ fn dev(len: u64) -> Arc<Dev> {
     Arc::new(CountingDevice::new(FaultDevice::new(MemDevice::new(len))))
 }
 
-/// Write-back on 256 fully associative 4K frames, background writeback off.
+/// Write-back on 256 fully associative 4K frames, background writeback off
+/// (the idle drain too).
 fn quiet_cfg() -> EngineConfig {
     let mut cfg = EngineConfig {
         geometry: GeometryRequest {
@@ -31,6 +32,7 @@ fn quiet_cfg() -> EngineConfig {
     };
     cfg.writeback.high_watermark_pct = 100;
     cfg.writeback.low_watermark_pct = 100;
+    cfg.writeback.idle_drain_after = None;
     cfg
 }
 
