@@ -145,3 +145,23 @@ fn a_request_stops_a_running_idle_drain() {
     assert!(drained(&e, Duration::from_secs(15)));
     assert_eq!(on_source(&src), DIRTY);
 }
+
+#[test]
+fn shutdown_does_not_wait_for_a_running_idle_drain() {
+    // 30 ms per source write, one at a time: the drain takes about 2 s.
+    let (src, e) = rig(Some(Duration::from_millis(300)), Duration::from_millis(30));
+    let t0 = Instant::now();
+    while e.stats().writebacks == 0 && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(e.stats().writebacks > 0, "the drain never started");
+    e.shutdown(false).unwrap();
+    let written = e.stats().writebacks;
+    assert!(
+        written < DIRTY / 2,
+        "shutdown waited for the drain ({written} of {DIRTY} blocks written back)"
+    );
+    // The source holds exactly the blocks written back.
+    drop(e);
+    assert_eq!(on_source(&src), written);
+}

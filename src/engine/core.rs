@@ -460,6 +460,11 @@ impl Core {
         self.dirty.load(Relaxed) > high
     }
 
+    /// True once the background writeback thread is told to stop.
+    pub fn wb_stopping(&self) -> bool {
+        self.wb_signal.lock().map(|s| s.stop).unwrap_or(true)
+    }
+
     /// Wakes the writeback thread when dirty blocks pass the high watermark.
     pub fn maybe_kick_writeback(&self) {
         if self.under_write_pressure() {

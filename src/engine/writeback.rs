@@ -309,7 +309,7 @@ pub(crate) fn run_writeback(core: Arc<Core>) {
             continue;
         }
         while core.dirty.load(Relaxed) > low {
-            if core.wb_signal.lock().map(|s| s.stop).unwrap_or(true) {
+            if core.wb_stopping() {
                 return;
             }
             match core
@@ -337,7 +337,7 @@ pub(crate) fn run_writeback(core: Arc<Core>) {
 /// cleans nothing. False if a pass failed.
 fn idle_drain(core: &Core, since: u64) -> bool {
     while core.dirty.load(Relaxed) > 0 && core.stats.requests() == since {
-        if core.wb_signal.lock().map(|s| s.stop).unwrap_or(true) {
+        if core.wb_stopping() {
             break;
         }
         match core
@@ -387,9 +387,17 @@ impl Pass<'_, '_> {
             // Blocks being written still count as dirty; stop claiming once
             // the target is reached when they are done.
             let pending: usize = self.flying.iter().map(|(_, r)| r.len()).sum();
+            // A background pass ends early when the engine stops (its
+            // shutdown does not wait for a whole drain); an idle drain also
+            // at the first request.
             let interrupted = match pace {
-                Pace::Idle { since } => core.stats.requests() != since || core.inflight.total() > 0,
-                _ => false,
+                Pace::Full => false,
+                Pace::Throttled => core.wb_stopping(),
+                Pace::Idle { since } => {
+                    core.stats.requests() != since
+                        || core.inflight.total() > 0
+                        || core.wb_stopping()
+                }
             };
             let more = !core.source_flush.failed()
                 && !interrupted
