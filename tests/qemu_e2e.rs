@@ -578,6 +578,75 @@ impl Qmp {
         }
     }
 
+    /// Runs `cmd` with the JSON `args` and returns its reply line (return
+    /// or error, skipping events); `None` if QEMU went away.
+    fn query(&mut self, cmd: &str, args: &str) -> Option<String> {
+        use std::io::Write;
+        writeln!(
+            self.writer,
+            "{{\"execute\": \"{cmd}\", \"arguments\": {args}}}"
+        )
+        .ok()?;
+        while let Some(l) = self.line() {
+            if l.contains("\"return\"") || l.contains("\"error\"") {
+                return Some(l);
+            }
+        }
+        None
+    }
+
+    /// What QEMU says of the VM and of each queue of its virtio devices,
+    /// and the rings' index and event fields as guest memory holds them
+    /// (available: flags, idx, used_event; used: flags, idx, avail_event),
+    /// for a failure report.
+    fn virtio_report(&mut self, queues: u16) -> String {
+        let mut out = format!("{:?}\n", self.query("query-status", "{}"));
+        let devices = self.query("x-query-virtio", "{}").unwrap_or_default();
+        out.push_str(&devices);
+        let paths: Vec<String> = serde_json::from_str::<serde_json::Value>(&devices)
+            .ok()
+            .and_then(|v| v["return"].as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|d| d["path"].as_str().map(str::to_string))
+            .collect();
+        for p in paths {
+            for q in 0..queues {
+                let args = format!("{{\"path\": \"{p}\", \"queue\": {q}}}");
+                for cmd in [
+                    "x-query-virtio-queue-status",
+                    "x-query-virtio-vhost-queue-status",
+                ] {
+                    let r = self.query(cmd, &args).unwrap_or_default();
+                    out.push_str(&format!("{cmd} {p} {q}: {r}"));
+                }
+                let st = self
+                    .query("x-query-virtio-queue-status", &args)
+                    .and_then(|r| serde_json::from_str::<serde_json::Value>(&r).ok());
+                let field = |k: &str| st.as_ref().and_then(|v| v["return"][k].as_u64());
+                if let (Some(avail), Some(used), Some(num)) = (
+                    field("vring-avail").filter(|&a| a != 0),
+                    field("vring-used"),
+                    field("vring-num"),
+                ) {
+                    for (what, at, n) in [
+                        ("avail flags+idx", avail, 2),
+                        ("used_event", avail + 4 + 2 * num, 1),
+                        ("used flags+idx", used, 2),
+                        ("avail_event", used + 4 + 8 * num, 1),
+                    ] {
+                        let cmd = format!("{{\"command-line\": \"xp /{n}hx {at:#x}\"}}");
+                        let r = self
+                            .query("human-monitor-command", &cmd)
+                            .unwrap_or_default();
+                        out.push_str(&format!("queue {q} {what}: {r}"));
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// Runs `cmd` and waits for its return (skipping events); false if
     /// QEMU went away (the guest finished and powered off).
     fn execute(&mut self, cmd: &str) -> bool {
@@ -636,11 +705,17 @@ fn guest_data_survives_pause_and_resume() {
         if let Some(status) = runner.try_wait().unwrap() {
             break status;
         }
-        assert!(
-            Instant::now() < deadline,
-            "the guest did not finish\n{}",
-            console()
-        );
+        if Instant::now() >= deadline {
+            // What the guest waits for: QEMU's view of the rings, and the
+            // daemon's.
+            let report = qmp.virtio_report(2);
+            panic!(
+                "the guest did not finish after {pauses} pauses\n{}\n{report}\n{}\n{}",
+                console(),
+                status_json(&daemon.control),
+                daemon.log_text()
+            );
+        }
         thread::sleep(Duration::from_millis(rng.gen_range(200..800)));
         if runner.try_wait().unwrap().is_some() {
             continue;

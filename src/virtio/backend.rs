@@ -121,6 +121,10 @@ struct Inner {
     /// Each queue's completion order (see `order`): the used ring is
     /// filled in the order requests were taken.
     order: Vec<Mutex<UsedOrder>>,
+    /// Each queue was stopped (GET_VRING_BASE) and has not been served
+    /// since: its first pass after the restart signals the driver once
+    /// (see [`BlkBackend::process`]).
+    restarted: Vec<AtomicBool>,
     /// One io_uring per queue (see `uring`); `None` where hits go to the pool.
     rings: Vec<Option<Mutex<QueueRing>>>,
     /// Set by `close`: the front-end is gone, workers stop taking requests.
@@ -206,6 +210,9 @@ impl BlkBackend {
                 pool,
                 inflight,
                 order,
+                restarted: (0..cfg.num_queues)
+                    .map(|_| AtomicBool::new(false))
+                    .collect(),
                 rings,
                 closing: AtomicBool::new(false),
                 queue_errors: AtomicU64::new(0),
@@ -331,6 +338,23 @@ impl BlkBackend {
             return Ok(());
         }
         let popped = self.serve(q, vring, false)?;
+        if self
+            .inner
+            .restarted
+            .get(q)
+            .is_some_and(|r| r.swap(false, Ordering::AcqRel))
+        {
+            // The first pass after a stop and restart (a VM pause and
+            // resume, a snapshot): signal the driver once, whatever the
+            // event index says. In one CI run a guest stayed waiting after
+            // a resume while this daemon had nothing in flight and nothing
+            // unpopped, which leaves a completion it was never told of; a
+            // spurious notification costs the driver one look at its used
+            // ring (virtio allows it), a lost one hangs it.
+            if let Err(e) = vring.get_ref().signal_used_queue() {
+                log::warn!("queue {q}: cannot signal the used ring after a restart: {e}");
+            }
+        }
         let interval = self.inner.cfg.poll;
         // Not on I/O in flight alone: its completions wake the worker, and a
         // slow (or hung) cache operation must not keep a core spinning.

@@ -164,6 +164,12 @@ impl VhostUserBackend for BlkBackend {
             let dropped = o.lock().unwrap_or_else(|p| p.into_inner()).reset();
             f.end(dropped);
         }
+        if let Some(r) = usize::try_from(queue_index)
+            .ok()
+            .and_then(|q| self.inner.restarted.get(q))
+        {
+            r.store(true, Ordering::Release);
+        }
         Ok(())
     }
 
