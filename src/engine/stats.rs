@@ -96,7 +96,8 @@ counters! {
     /// the cache device are read with one request).
     writeback_cache_reads,
     /// Source flushes issued by writeback itself: by a pass (every 64 MiB
-    /// written back and at its end) or by a miss that needed a frame whose
+    /// written back in the background, every 1 GiB by `flush`, and at its
+    /// end) or by a miss that needed a frame whose
     /// writeback awaited one. Guest FLUSHes do not wait for these.
     writeback_source_flushes,
     /// Block-sized pieces served straight from/to the source, bypassing the

@@ -50,10 +50,17 @@ use writer::Writer;
 const THROTTLE_PAUSE: Duration = Duration::from_millis(2);
 /// How often the background thread looks at the watermark without a kick.
 const IDLE_CHECK: Duration = Duration::from_millis(500);
-/// A pass flushes the source after this many bytes written back (and at its
-/// end). Frames written back wait for that flush before a commit may record
-/// them clean and they can be evicted.
+/// A background pass flushes the source after this many bytes written back
+/// (and at its end). Frames written back wait for that flush before a
+/// commit may record them clean and they can be evicted.
 const FLUSH_EVERY_BYTES: u64 = 64 << 20;
+/// The same for `flush_all`, which writes everything back while nothing
+/// waits for the frames: fewer source flushes in the middle of the stream.
+/// Each costs a device cache flush; with the one every 64 MiB, `flush_all`
+/// of 1 GiB of contiguous dirty blocks took a median 0.36 s against 0.33 s
+/// with this (8 runs each, `bench/writeback.sh 1024`, cache on /dev/shm,
+/// session 19). It still bounds the pass's list of unflushed blocks.
+const FULL_FLUSH_EVERY_BYTES: u64 = 1 << 30;
 
 /// A claimed run: (source block, frame) of consecutive blocks.
 type Run = Vec<(u64, u64)>;
@@ -210,6 +217,11 @@ impl Core {
             flying_bytes: 0,
             written: 0,
             unflushed: Vec::new(),
+            flush_every: if pace == Pace::Full {
+                FULL_FLUSH_EVERY_BYTES
+            } else {
+                FLUSH_EVERY_BYTES
+            },
             failed: None,
             progress,
         };
@@ -367,6 +379,8 @@ struct Pass<'a, 'p> {
     written: u64,
     /// (block, frame) of the runs written since the last source flush.
     unflushed: Vec<(u64, u64)>,
+    /// Bytes written back between the pass's own source flushes.
+    flush_every: u64,
     failed: Option<EngineError>,
     progress: &'p mut dyn FnMut(u64),
 }
@@ -472,7 +486,7 @@ impl Pass<'_, '_> {
             Ok(()) => {
                 self.written += run.len() as u64;
                 self.unflushed.extend_from_slice(&run);
-                if self.unflushed.len() as u64 * self.core.bs >= FLUSH_EVERY_BYTES {
+                if self.unflushed.len() as u64 * self.core.bs >= self.flush_every {
                     self.flush_source();
                 }
                 (self.progress)(self.written);

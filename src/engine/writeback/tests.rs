@@ -248,3 +248,27 @@ fn writeback_keeps_several_runs_in_flight_to_the_source() {
     e.shutdown(false).unwrap();
     assert_eq!(e.core.wb_pool.kept(), 0);
 }
+
+/// `flush_all` flushes the source once for 96 MiB written back (every
+/// 1 GiB and at its end; a background pass would every 64 MiB).
+#[test]
+fn flush_all_flushes_the_source_once_per_gib() {
+    const MIB: u64 = 1 << 20;
+    let bs = 64 * 1024;
+    let mut cfg = quiet_cfg();
+    cfg.geometry = GeometryRequest {
+        block_size: Some(bs as u32),
+        cache_blocks: Some(2048),
+        assoc: Some(64),
+    };
+    let (src, cache) = (dev(128 * MIB), dev(130 * MIB));
+    let e = Engine::open(src, cache, cfg).unwrap();
+    let data = vec![0x5au8; MIB as usize];
+    for m in 0..96 {
+        e.write(m * MIB, &data).unwrap();
+    }
+    let before = e.stats().writeback_source_flushes;
+    e.flush_all(&mut |_| {}).unwrap();
+    assert_eq!(e.dirty_blocks(), 0);
+    assert_eq!(e.stats().writeback_source_flushes - before, 1);
+}
