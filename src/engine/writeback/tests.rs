@@ -3,8 +3,8 @@
 
 use crate::device::{BlockDevice, CountingDevice, DeviceError, FaultDevice, MemDevice};
 use crate::engine::{Engine, EngineConfig, GeometryRequest, WriteMode};
-use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering::SeqCst;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -173,34 +173,90 @@ fn a_run_in_neighbouring_frames_is_one_cache_read() {
     e.shutdown(false).unwrap();
 }
 
-/// A source whose writes take `DELAY` and which records how many were in
-/// progress at once.
-struct SlowSource {
+/// A device whose writes (or reads, with `reads`) take `DELAY` once
+/// `armed`, and which records how many were in progress at once.
+struct Slow {
     inner: MemDevice,
+    reads: bool,
+    armed: AtomicBool,
     now: AtomicUsize,
     most: AtomicUsize,
 }
 
 const DELAY: Duration = Duration::from_millis(20);
 
-impl BlockDevice for SlowSource {
+impl Slow {
+    fn new(len: u64, reads: bool) -> Arc<Slow> {
+        Arc::new(Slow {
+            inner: MemDevice::new(len),
+            reads,
+            armed: AtomicBool::new(!reads),
+            now: AtomicUsize::new(0),
+            most: AtomicUsize::new(0),
+        })
+    }
+
+    fn slow<T>(&self, io: impl FnOnce() -> T) -> T {
+        if !self.armed.load(SeqCst) {
+            return io();
+        }
+        let n = self.now.fetch_add(1, SeqCst) + 1;
+        self.most.fetch_max(n, SeqCst);
+        std::thread::sleep(DELAY);
+        let r = io();
+        self.now.fetch_sub(1, SeqCst);
+        r
+    }
+}
+
+impl BlockDevice for Slow {
     fn size(&self) -> u64 {
         self.inner.size()
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DeviceError> {
-        self.inner.read_at(buf, offset)
+        if self.reads {
+            self.slow(|| self.inner.read_at(buf, offset))
+        } else {
+            self.inner.read_at(buf, offset)
+        }
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DeviceError> {
-        let n = self.now.fetch_add(1, SeqCst) + 1;
-        self.most.fetch_max(n, SeqCst);
-        std::thread::sleep(DELAY);
-        let r = self.inner.write_at(buf, offset);
-        self.now.fetch_sub(1, SeqCst);
-        r
+        if self.reads {
+            self.inner.write_at(buf, offset)
+        } else {
+            self.slow(|| self.inner.write_at(buf, offset))
+        }
     }
     fn flush(&self) -> Result<(), DeviceError> {
         self.inner.flush()
     }
+}
+
+/// The cache reads of a pass are spread over its writer threads: with a
+/// cache whose reads take `DELAY`, eight runs are read at once, not one
+/// after the other on the pass's thread (as before session 20).
+#[test]
+fn writeback_reads_several_runs_from_the_cache_at_once() {
+    let src = dev(1 << 20);
+    let cache = Slow::new(4 << 20, true);
+    let mut cfg = quiet_cfg();
+    cfg.writeback.max_run_bytes = 4 * BS;
+    cfg.writeback.max_inflight_runs = 8;
+    let e = Engine::open(src.clone(), cache.clone(), cfg).unwrap();
+    for b in 0..DIRTY {
+        e.write(b * BS, &vec![b as u8 + 1; BS as usize]).unwrap();
+    }
+    cache.armed.store(true, SeqCst);
+    e.flush_all(&mut |_| {}).unwrap();
+    cache.armed.store(false, SeqCst);
+    assert_eq!(on_source(&src), DIRTY);
+    assert_eq!(e.dirty_blocks(), 0);
+    assert_eq!(
+        cache.most.load(SeqCst),
+        8,
+        "cache reads in progress at once (the run limit)"
+    );
+    e.shutdown(false).unwrap();
 }
 
 /// Random dirty blocks make runs of one block: with a source of latency L
@@ -208,11 +264,7 @@ impl BlockDevice for SlowSource {
 #[test]
 fn writeback_keeps_several_runs_in_flight_to_the_source() {
     const BLOCKS: u64 = 64;
-    let src = Arc::new(SlowSource {
-        inner: MemDevice::new(1 << 20),
-        now: AtomicUsize::new(0),
-        most: AtomicUsize::new(0),
-    });
+    let src = Slow::new(1 << 20, false);
     let mut cfg = quiet_cfg();
     cfg.writeback.max_inflight_runs = 8;
     let e = Engine::open(src.clone(), dev(4 << 20), cfg).unwrap();

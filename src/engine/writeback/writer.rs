@@ -1,16 +1,16 @@
 //! The source-writing half of the writeback pipeline, and the run buffers it
 //! passes back and forth.
 //!
-//! A pass's own thread claims a run and copies it from the cache into a run
-//! buffer; the [`Writer`] writes it to the source on a writer thread and
+//! A pass's own thread claims a run; the [`Writer`] copies it from the cache
+//! into a run buffer and writes it to the source on a writer thread, and
 //! hands the buffer back. Writer threads outlive passes ([`WriterPool`]).
 //! Up to `WritebackConfig::max_inflight_runs` runs (and about
 //! [`MAX_INFLIGHT_BYTES`]) are with the writer threads at a time, each
 //! written by its own thread, so a source that serves requests in parallel
-//! (a remote store, an array) is not written one run per round trip; the
-//! pass reads the next run while they are written.
+//! (a remote store, an array) is not written one run per round trip, and the
+//! cache copies of several runs use several cores.
 
-use crate::device::{AlignedBuf, DeviceError, IoOp};
+use crate::device::{AlignedBuf, BlockDevice, DeviceError, IoOp};
 use crate::engine::core::Core;
 use crate::engine::EngineError;
 use std::collections::VecDeque;
@@ -76,16 +76,46 @@ impl RunBuffers {
     }
 }
 
-/// A run for the source: the pass's id for it, its byte offset on the
-/// source, its length in bytes (clipped at the end of the source), the
-/// buffer whose first `len` bytes hold its data, and where to send the
+/// One cache read of a run: `len` bytes at byte `offset` of the cache
+/// device, copied to `buf[at..at + len]` of the run's buffer.
+pub(crate) struct Segment {
+    pub offset: u64,
+    pub at: usize,
+    pub len: usize,
+}
+
+/// A run for the source: the pass's id for it, the cache reads that fill
+/// its buffer, its byte offset on the source, its length in bytes there
+/// (clipped at the end of the source), the buffer, and where to send the
 /// result (the pass's channel).
+///
+/// Invariant: every segment lies inside `buf`, and they cover `buf[..len]`.
 struct Job {
     id: u64,
+    reads: Vec<Segment>,
     offset: u64,
     len: usize,
     buf: AlignedBuf,
     done: Sender<Done>,
+}
+
+impl Job {
+    /// Copies the run from `cache` into the buffer, then writes it to
+    /// `source`. A failed cache read writes nothing.
+    fn copy(
+        &mut self,
+        cache: &dyn BlockDevice,
+        source: &dyn BlockDevice,
+    ) -> Result<(), EngineError> {
+        for s in &self.reads {
+            cache
+                .read_at(&mut self.buf[s.at..s.at + s.len], s.offset)
+                .map_err(EngineError::Cache)?;
+        }
+        source
+            .write_at(&self.buf[..self.len], self.offset)
+            .map_err(EngineError::Source)
+    }
 }
 
 /// The outcome of a submitted run: the id [`Writer::submit`] gave it, its
@@ -111,7 +141,7 @@ const DEAD_CHECK: Duration = Duration::from_millis(200);
 
 /// A writer thread and its job channel.
 ///
-/// The thread holds only the source device, not the engine, so a kept thread
+/// The thread holds only the two devices, not the engine, so a kept thread
 /// never keeps the engine's state alive; it ends when its job sender is
 /// dropped, after finishing the jobs it holds. Results go to the channel
 /// named in each job, so one pass's results never reach another pass.
@@ -128,13 +158,12 @@ impl WriterThread {
     fn spawn(core: &Core) -> std::io::Result<WriterThread> {
         let (jobs, job_rx) = mpsc::sync_channel::<Job>(THREAD_QUEUE);
         let source = Arc::clone(&core.source);
+        let cache = Arc::clone(&core.cache);
         let handle = std::thread::Builder::new()
             .name("vbc-wb-writer".into())
             .spawn(move || {
-                for job in job_rx {
-                    let result = source
-                        .write_at(&job.buf[..job.len], job.offset)
-                        .map_err(EngineError::Source);
+                for mut job in job_rx {
+                    let result = job.copy(&*cache, &*source);
                     // A pass that is gone no longer wants the result.
                     let _ = job.done.send(Done {
                         id: job.id,
@@ -321,15 +350,24 @@ impl Writer {
         live().min_by_key(|(_, s)| s.load).map(|(i, _)| i)
     }
 
-    /// Hands the run of blocks `first..` held in `buf[..len]` to a writer
-    /// thread and returns the id its [`Done`] will carry. The length is
-    /// clipped at the end of the source.
-    pub fn submit(&mut self, core: &Core, first: u64, len: usize, buf: AlignedBuf) -> u64 {
+    /// Hands the run of blocks `first..`, `len` bytes on the cache read by
+    /// `reads` into `buf`, to a writer thread and returns the id its
+    /// [`Done`] will carry. The source write is clipped at the end of the
+    /// source.
+    pub fn submit(
+        &mut self,
+        core: &Core,
+        first: u64,
+        len: usize,
+        reads: Vec<Segment>,
+        buf: AlignedBuf,
+    ) -> u64 {
         let (offset, len) = core.source_span(first, len);
         let id = self.next_id;
         self.next_id += 1;
         let mut job = Job {
             id,
+            reads,
             offset,
             len,
             buf,
@@ -355,8 +393,8 @@ impl Writer {
                 }
             }
         }
-        // No writer thread (any more): write here.
-        let result = core.write_source_blocks(first, &job.buf[..len]);
+        // No writer thread (any more): copy here.
+        let result = job.copy(&*core.cache, &*core.source);
         self.ready.push_back(Done {
             id,
             buf: Some(job.buf),
@@ -392,12 +430,7 @@ impl Writer {
                     None => continue,
                 },
             };
-            if let Some(p) = self.take_pending(done.id) {
-                if let At::Thread(i) = p.at {
-                    if let Some(s) = self.slots.get_mut(i) {
-                        s.load = s.load.saturating_sub(1);
-                    }
-                }
+            if self.take_pending(done.id) {
                 return Some(done);
             }
             // Not a run of this pass (cannot happen: ids are the pass's
@@ -405,10 +438,21 @@ impl Writer {
         }
     }
 
-    /// Removes run `id` from the pending list.
-    fn take_pending(&mut self, id: u64) -> Option<Pending> {
-        let i = self.pending.iter().position(|p| p.id == id)?;
-        self.pending.remove(i)
+    /// Removes run `id` from the pending list and from its thread's load;
+    /// false if it was not pending.
+    fn take_pending(&mut self, id: u64) -> bool {
+        let Some(i) = self.pending.iter().position(|p| p.id == id) else {
+            return false;
+        };
+        if let Some(Pending {
+            at: At::Thread(t), ..
+        }) = self.pending.remove(i)
+        {
+            if let Some(s) = self.slots.get_mut(t) {
+                s.load = s.load.saturating_sub(1);
+            }
+        }
+        true
     }
 
     /// After a wait with no result: if a thread holding runs of this pass
@@ -422,25 +466,19 @@ impl Writer {
         self.slots[i].dead = true;
         // It may have answered before it ended.
         if let Ok(done) = self.done_rx.try_recv() {
-            if let Some(p) = self.take_pending(done.id) {
-                if let At::Thread(t) = p.at {
-                    if let Some(s) = self.slots.get_mut(t) {
-                        s.load = s.load.saturating_sub(1);
-                    }
-                }
-            }
+            self.take_pending(done.id);
             return Some(done);
         }
-        let k = self.pending.iter().position(|p| p.at == At::Thread(i))?;
-        let p = self.pending.remove(k)?;
-        self.slots[i].load -= 1;
+        let p = self.pending.iter().find(|p| p.at == At::Thread(i))?;
+        let (id, offset, len) = (p.id, p.offset, p.len);
+        self.take_pending(id);
         Some(Done {
-            id: p.id,
+            id,
             buf: None,
             result: Err(EngineError::Source(DeviceError::Io {
                 op: IoOp::Write,
-                offset: p.offset,
-                len: p.len as u64,
+                offset,
+                len: len as u64,
                 name: core.source.name(),
                 source: std::io::Error::other("the writeback writer thread stopped"),
             })),
