@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One `vblkcache flush` of SIZE MiB of contiguous dirty blocks (cache on
+# /dev/shm, source on disk, filled as in bench/writeback.sh), with
+# `perf record -g` on the daemon around the flush when PERF=1.
+#   [PERF=1] [VBC_BIN=path] bench/writeback-profile.sh [SIZE_MIB] [PERF_OUT]
+# Then e.g.: perf report -i PERF_OUT --no-children --sort comm -g none
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BIN=${VBC_BIN:-$ROOT/target/release/vblkcache}
+LOAD=$ROOT/target/release/examples/vbc-load
+SIZE_MIB=${1:-2048}
+OUT=${2:-$ROOT/target/writeback.perf}
+W=$(mktemp -d "${TMPDIR:-/var/tmp}/vbc-wbp.XXXXXX")
+S=$(mktemp -d /dev/shm/vbc-wbp.XXXXXX)
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$W" "$S"' EXIT
+dd if=/dev/zero of="$W/source.img" bs=4M count=$((SIZE_MIB / 2)) oflag=direct status=none
+fallocate -l $((SIZE_MIB * 4))M "$S/cache.img"
+"$BIN" serve --source "$W/source.img" --cache "$S/cache.img" --socket "$W/v.sock" \
+    --control "$W/c.sock" --mode writeback 2>"$W/daemon.log" &
+pid=$!
+until "$BIN" status --control "$W/c.sock" >/dev/null 2>&1; do
+    kill -0 $pid || { cat "$W/daemon.log" >&2; exit 1; }
+    sleep 0.05
+done
+"$LOAD" --socket "$W/v.sock" --pattern write --bs 1M --iodepth 8 --size "${SIZE_MIB}M" \
+    --once --runtime 120s --ramp 0s --json >/dev/null
+if [ "${PERF:-0}" = 1 ]; then
+    perf record -g -o "$OUT" -p $pid 2>/dev/null &
+    perf_pid=$!
+    sleep 0.3
+fi
+t0=$(date +%s.%N)
+"$BIN" flush --control "$W/c.sock" >/dev/null
+t1=$(date +%s.%N)
+if [ "${PERF:-0}" = 1 ]; then
+    kill -INT $perf_pid
+    wait $perf_pid || true
+    echo "profile: $OUT"
+fi
+python3 -c "print(f'flush of $SIZE_MIB MiB: {$t1 - $t0:.3f} s')"
+kill -TERM $pid
+wait $pid || true
