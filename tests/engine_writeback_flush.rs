@@ -4,7 +4,7 @@
 //! nothing that FLUSH covered. Also: a frame freed while its writeback awaits
 //! the source flush, a failed source flush, and two passes at once.
 
-use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use vblkcache::device::{
@@ -361,23 +361,21 @@ fn miss_in_a_set_held_by_writeback_flushes_the_source_itself() {
     }
 }
 
-/// A source whose writes at offset 0 wait until `release` is called; other
-/// writes pass and are counted.
-struct HoldFirstBlock {
+/// A source that calls `hook` with the offset of each write before doing
+/// it (to hold, count or fail writes).
+struct HookedSource<H: Fn(u64) + Send + Sync> {
     inner: MemDevice,
-    released: Mutex<bool>,
-    cond: Condvar,
-    others_written: AtomicU64,
+    hook: H,
 }
 
-impl HoldFirstBlock {
-    fn release(&self) {
-        *self.released.lock().unwrap() = true;
-        self.cond.notify_all();
-    }
+fn hooked<H: Fn(u64) + Send + Sync>(hook: H) -> Arc<HookedSource<H>> {
+    Arc::new(HookedSource {
+        inner: MemDevice::from_bytes(&vec![0x11u8; 64 * BS]),
+        hook,
+    })
 }
 
-impl BlockDevice for HoldFirstBlock {
+impl<H: Fn(u64) + Send + Sync> BlockDevice for HookedSource<H> {
     fn size(&self) -> u64 {
         self.inner.size()
     }
@@ -385,6 +383,24 @@ impl BlockDevice for HoldFirstBlock {
         self.inner.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DeviceError> {
+        (self.hook)(offset);
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> Result<(), DeviceError> {
+        self.inner.flush()
+    }
+}
+
+/// Holds source writes at offset 0 until `release`; counts the others.
+#[derive(Default)]
+struct HoldFirstBlock {
+    released: Mutex<bool>,
+    cond: Condvar,
+    others_written: AtomicU64,
+}
+
+impl HoldFirstBlock {
+    fn on_write(&self, offset: u64) {
         if offset == 0 {
             let mut r = self.released.lock().unwrap();
             while !*r {
@@ -393,10 +409,11 @@ impl BlockDevice for HoldFirstBlock {
         } else {
             self.others_written.fetch_add(1, SeqCst);
         }
-        self.inner.write_at(buf, offset)
     }
-    fn flush(&self) -> Result<(), DeviceError> {
-        self.inner.flush()
+
+    fn release(&self) {
+        *self.released.lock().unwrap() = true;
+        self.cond.notify_all();
     }
 }
 
@@ -405,12 +422,9 @@ impl BlockDevice for HoldFirstBlock {
 /// source itself) without waiting for the first run.
 #[test]
 fn a_slow_run_does_not_hold_back_the_frames_of_a_run_written_after_it() {
-    let src = Arc::new(HoldFirstBlock {
-        inner: MemDevice::from_bytes(&vec![0x11u8; 64 * BS]),
-        released: Mutex::new(false),
-        cond: Condvar::new(),
-        others_written: AtomicU64::new(0),
-    });
+    let hold = Arc::new(HoldFirstBlock::default());
+    let h = hold.clone();
+    let src = hooked(move |offset| h.on_write(offset));
     let cache = Arc::new(MemDevice::new(4 << 20));
     let one_set = EngineConfig {
         geometry: GeometryRequest {
@@ -435,14 +449,14 @@ fn a_slow_run_does_not_hold_back_the_frames_of_a_run_written_after_it() {
             }
         }
         // Released when this closure ends, also by a failed assertion.
-        let _release = Release(&src);
+        let _release = Release(&hold);
         let wb = s.spawn(|| e.flush_all(&mut |_| {}));
         let t0 = Instant::now();
-        while src.others_written.load(SeqCst) == 0 && t0.elapsed() < WAIT {
+        while hold.others_written.load(SeqCst) == 0 && t0.elapsed() < WAIT {
             std::thread::sleep(Duration::from_millis(1));
         }
         assert_eq!(
-            src.others_written.load(SeqCst),
+            hold.others_written.load(SeqCst),
             1,
             "run 10-13 never written"
         );
@@ -454,7 +468,7 @@ fn a_slow_run_does_not_hold_back_the_frames_of_a_run_written_after_it() {
             let _ = tx.send(r.map(|_| buf));
         });
         let got = rx.recv_timeout(WAIT);
-        src.release();
+        hold.release();
         let got = got
             .expect("the miss waited for the run submitted before the one holding its frame")
             .unwrap();
@@ -468,39 +482,18 @@ fn a_slow_run_does_not_hold_back_the_frames_of_a_run_written_after_it() {
     }
 }
 
-/// A source whose first write panics (a bug in a device driver): the
-/// writer thread doing it dies.
-struct PanicOnce {
-    inner: MemDevice,
-    armed: std::sync::atomic::AtomicBool,
-}
-
-impl BlockDevice for PanicOnce {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DeviceError> {
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DeviceError> {
-        if self.armed.swap(false, SeqCst) {
-            panic!("injected panic in the source's write");
-        }
-        self.inner.write_at(buf, offset)
-    }
-    fn flush(&self) -> Result<(), DeviceError> {
-        self.inner.flush()
-    }
-}
-
 /// A writer thread that dies holding a run does not hang the pass: the run
 /// is reported not written and its blocks stay dirty, and the next pass
 /// writes them.
 #[test]
 fn a_writer_thread_that_dies_fails_its_run_and_the_next_pass_writes_it() {
-    let src = Arc::new(PanicOnce {
-        inner: MemDevice::from_bytes(&vec![0x11u8; 64 * BS]),
-        armed: std::sync::atomic::AtomicBool::new(true),
+    // The first source write panics (a bug in a device driver): the writer
+    // thread doing it dies.
+    let armed = AtomicBool::new(true);
+    let src = hooked(move |_| {
+        if armed.swap(false, SeqCst) {
+            panic!("injected panic in the source's write");
+        }
     });
     let e = Engine::open(
         src.clone(),
