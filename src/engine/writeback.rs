@@ -13,19 +13,19 @@
 //!
 //! A pass is a pipeline so that neither the cache copy nor the source's
 //! latency sets its pace: the pass's thread claims runs and hands each to a
-//! writer thread ([`writer::Writer`], kept from pass to pass), which reads it
-//! from the cache and writes it to the source, up to
-//! `WritebackConfig::max_inflight_runs` at a time (and about
-//! [`writer::MAX_INFLIGHT_BYTES`]). With one run in flight, a source with
-//! 5 ms of latency took 200 runs a second, which for random dirty blocks
-//! (runs of one block) is 12.5 MiB/s of 64K blocks, whatever the source
-//! could take in parallel. The cache reads are on the writer threads too:
-//! when the pass's own thread read every run, that one thread's copy out of a
-//! cache on tmpfs was most of a `flush_all`'s time (84 % of the daemon's
-//! samples in `perf record` of a 2 GiB flush, session 20), while the disk
-//! took the writes faster than one thread could copy them. Run buffers are
-//! kept from pass to pass ([`writer::RunBuffers`]) rather than allocated per
-//! run. Runs are finished
+//! writer thread ([`writer::Writer`], kept from pass to pass), which writes
+//! it to the source, up to `WritebackConfig::max_inflight_runs` at a time
+//! (and about [`writer::MAX_INFLIGHT_BYTES`]). With one run in flight, a
+//! source with 5 ms of latency took 200 runs a second, which for random
+//! dirty blocks (runs of one block) is 12.5 MiB/s of 64K blocks, whatever
+//! the source could take in parallel. A long run is read from the cache by
+//! its writer thread too: when the pass's own thread read every run, that
+//! one thread's copy out of a cache on tmpfs was most of a `flush_all`'s
+//! time (84 % of the daemon's samples in `perf record` of a 2 GiB flush,
+//! session 20), while the disk took the writes faster than one thread could
+//! copy them. Short runs the pass reads itself ([`PASS_READS_UP_TO`]). Run
+//! buffers are kept from pass to pass ([`writer::RunBuffers`]) rather than
+//! allocated per run. Runs are finished
 //! in the order their source writes complete, so one slow write does not keep
 //! the frames of later runs busy. Under throttling (background writeback
 //! while foreground requests are in flight) the pipeline drains and pauses
@@ -68,6 +68,18 @@ const FLUSH_EVERY_BYTES: u64 = 64 << 20;
 /// with this (8 runs each, `bench/writeback.sh 1024`, cache on /dev/shm,
 /// session 19). It still bounds the pass's list of unflushed blocks.
 const FULL_FLUSH_EVERY_BYTES: u64 = 1 << 30;
+
+/// Runs up to this size are read from the cache by the pass's own thread,
+/// longer ones by the writer thread that writes them.
+///
+/// Why both: a short run's copy takes little of the pass's time but, on a
+/// writer thread, it would add the cache's latency to every run's time in
+/// flight. With random dirty 64K blocks (runs of one block) on a source
+/// with 5 ms of latency, the flush of 496 of them took 0.21–0.23 s with
+/// every read on the writers against 0.18 s with the pass reading them
+/// (`bench/sustain.sh`, cache file on disk, session 20). A long run's copy
+/// is what one thread cannot keep up with (section "A pass is a pipeline").
+const PASS_READS_UP_TO: usize = 512 << 10;
 
 /// A claimed run: (source block, frame) of consecutive blocks.
 type Run = Vec<(u64, u64)>;
@@ -444,16 +456,33 @@ impl Pass<'_, '_> {
                     while self.flying_bytes + len > writer::MAX_INFLIGHT_BYTES && self.collect_one()
                     {
                     }
-                    let buf = core.wb_bufs.take(len);
-                    let segs = core.run_segments(&run);
+                    let mut buf = core.wb_bufs.take(len);
+                    let mut segs = core.run_segments(&run);
                     core.stats
                         .here()
                         .writeback_cache_reads
                         .fetch_add(segs.len() as u64, Relaxed);
-                    let id = self.writer.submit(core, run[0].0, len, segs, buf);
-                    self.flying_bytes += len;
-                    self.flying.push_back((id, run));
-                    continue;
+                    let read = if len <= PASS_READS_UP_TO {
+                        let r = writer::read_segments(&*core.cache, &segs, &mut buf[..len]);
+                        segs.clear();
+                        r
+                    } else {
+                        Ok(())
+                    };
+                    match read {
+                        Ok(()) => {
+                            let id = self.writer.submit(core, run[0].0, len, segs, buf);
+                            self.flying_bytes += len;
+                            self.flying.push_back((id, run));
+                            continue;
+                        }
+                        Err(e) => {
+                            let r = Err(e);
+                            core.finish_run(&run, &r);
+                            core.wb_bufs.give(buf);
+                            self.failed = r.err();
+                        }
+                    }
                 }
             }
             // Nothing new to write: drain.

@@ -5,7 +5,7 @@ use crate::device::{BlockDevice, CountingDevice, DeviceError, FaultDevice, MemDe
 use crate::engine::{Engine, EngineConfig, GeometryRequest, WriteMode};
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const BS: u64 = 4096;
@@ -181,6 +181,8 @@ struct Slow {
     armed: AtomicBool,
     now: AtomicUsize,
     most: AtomicUsize,
+    /// The name of the thread of each slowed operation.
+    threads: Mutex<Vec<String>>,
 }
 
 const DELAY: Duration = Duration::from_millis(20);
@@ -193,6 +195,7 @@ impl Slow {
             armed: AtomicBool::new(!reads),
             now: AtomicUsize::new(0),
             most: AtomicUsize::new(0),
+            threads: Mutex::new(Vec::new()),
         })
     }
 
@@ -200,6 +203,8 @@ impl Slow {
         if !self.armed.load(SeqCst) {
             return io();
         }
+        let name = std::thread::current().name().unwrap_or("").to_string();
+        self.threads.lock().unwrap().push(name);
         let n = self.now.fetch_add(1, SeqCst) + 1;
         self.most.fetch_max(n, SeqCst);
         std::thread::sleep(DELAY);
@@ -232,30 +237,77 @@ impl BlockDevice for Slow {
     }
 }
 
-/// The cache reads of a pass are spread over its writer threads: with a
-/// cache whose reads take `DELAY`, eight runs are read at once, not one
-/// after the other on the pass's thread (as before session 20).
-#[test]
-fn writeback_reads_several_runs_from_the_cache_at_once() {
-    let src = dev(1 << 20);
-    let cache = Slow::new(4 << 20, true);
+/// 64K blocks in one set of 256, and `runs` dirty runs of `blocks` blocks
+/// each at every other run's place (so they stay separate runs), with
+/// runs of up to `blocks` blocks and 8 in flight; the cache's reads are
+/// slowed once the blocks are written.
+fn slow_cache_rig(runs: u64, blocks: u64) -> (Arc<Dev>, Arc<Slow>, Engine) {
+    const BIG: u64 = 64 << 10;
+    let src = dev(64 << 20);
+    let cache = Slow::new(32 << 20, true);
     let mut cfg = quiet_cfg();
-    cfg.writeback.max_run_bytes = 4 * BS;
+    cfg.geometry = GeometryRequest {
+        block_size: Some(BIG as u32),
+        cache_blocks: Some(256),
+        assoc: Some(256),
+    };
+    cfg.writeback.max_run_bytes = blocks * BIG;
     cfg.writeback.max_inflight_runs = 8;
     let e = Engine::open(src.clone(), cache.clone(), cfg).unwrap();
-    for b in 0..DIRTY {
-        e.write(b * BS, &vec![b as u8 + 1; BS as usize]).unwrap();
+    for r in 0..runs {
+        let data = vec![r as u8 + 1; (blocks * BIG) as usize];
+        e.write(2 * r * blocks * BIG, &data).unwrap();
     }
+    assert_eq!(e.dirty_blocks(), runs * blocks);
     cache.armed.store(true, SeqCst);
+    (src, cache, e)
+}
+
+/// The cache reads of long runs are spread over the writer threads: with a
+/// cache whose reads take `DELAY`, eight 1 MiB runs are read at once, not
+/// one after the other on the pass's thread (as before session 20).
+#[test]
+fn writeback_reads_several_long_runs_from_the_cache_at_once() {
+    let (_src, cache, e) = slow_cache_rig(16, 16);
     e.flush_all(&mut |_| {}).unwrap();
     cache.armed.store(false, SeqCst);
-    assert_eq!(on_source(&src), DIRTY);
     assert_eq!(e.dirty_blocks(), 0);
     assert_eq!(
         cache.most.load(SeqCst),
         8,
         "cache reads in progress at once (the run limit)"
     );
+    let readers = cache.threads.lock().unwrap();
+    assert!(
+        readers.iter().all(|t| t == "vbc-wb-writer"),
+        "long runs read by {readers:?}"
+    );
+    drop(readers);
+    e.shutdown(false).unwrap();
+}
+
+/// Short runs are read by the pass's own thread, so a writer's time in
+/// flight is the source write alone.
+#[test]
+fn writeback_reads_short_runs_on_the_pass_thread() {
+    let (src, cache, e) = slow_cache_rig(8, 1);
+    let me = std::thread::current().name().map(String::from);
+    e.flush_all(&mut |_| {}).unwrap();
+    cache.armed.store(false, SeqCst);
+    assert_eq!(e.dirty_blocks(), 0);
+    assert_eq!(cache.most.load(SeqCst), 1, "one pass thread reads");
+    let readers = cache.threads.lock().unwrap();
+    assert_eq!(readers.len(), 8);
+    assert!(
+        readers.iter().all(|t| Some(t) == me.as_ref()),
+        "short runs read by {readers:?}"
+    );
+    drop(readers);
+    let mut buf = vec![0u8; 64 << 10];
+    for r in 0..8u64 {
+        src.read_at(&mut buf, 2 * r * (64 << 10)).unwrap();
+        assert!(buf.iter().all(|&x| x == r as u8 + 1), "run {r}");
+    }
     e.shutdown(false).unwrap();
 }
 

@@ -99,19 +99,29 @@ struct Job {
     done: Sender<Done>,
 }
 
+/// Reads `segs` from `cache` into `buf` (each segment must lie inside it).
+pub(crate) fn read_segments(
+    cache: &dyn BlockDevice,
+    segs: &[Segment],
+    buf: &mut [u8],
+) -> Result<(), EngineError> {
+    for s in segs {
+        cache
+            .read_at(&mut buf[s.at..s.at + s.len], s.offset)
+            .map_err(EngineError::Cache)?;
+    }
+    Ok(())
+}
+
 impl Job {
-    /// Copies the run from `cache` into the buffer, then writes it to
-    /// `source`. A failed cache read writes nothing.
+    /// Copies the run from `cache` into the buffer (the reads it still
+    /// has), then writes it to `source`. A failed cache read writes nothing.
     fn copy(
         &mut self,
         cache: &dyn BlockDevice,
         source: &dyn BlockDevice,
     ) -> Result<(), EngineError> {
-        for s in &self.reads {
-            cache
-                .read_at(&mut self.buf[s.at..s.at + s.len], s.offset)
-                .map_err(EngineError::Cache)?;
-        }
+        read_segments(cache, &self.reads, &mut self.buf)?;
         source
             .write_at(&self.buf[..self.len], self.offset)
             .map_err(EngineError::Source)
@@ -350,9 +360,9 @@ impl Writer {
         live().min_by_key(|(_, s)| s.load).map(|(i, _)| i)
     }
 
-    /// Hands the run of blocks `first..`, `len` bytes on the cache read by
-    /// `reads` into `buf`, to a writer thread and returns the id its
-    /// [`Done`] will carry. The source write is clipped at the end of the
+    /// Hands the run of blocks `first..`, `len` bytes in `buf` once `reads`
+    /// (none if the pass read it already) are copied from the cache, to a
+    /// writer thread and returns the id its [`Done`] will carry. The source write is clipped at the end of the
     /// source.
     pub fn submit(
         &mut self,
