@@ -92,8 +92,9 @@ counters! {
     writebacks,
     /// Source writes issued by writeback (each covers a run of blocks).
     writeback_runs,
-    /// Cache reads issued by writeback runs (frames that follow each other on
-    /// the cache device are read with one request).
+    /// Cache reads planned for writeback runs when they are claimed (frames
+    /// that follow each other on the cache device are read with one
+    /// request); a run whose read fails counts its reads all the same.
     writeback_cache_reads,
     /// Source flushes issued by writeback itself: by a pass (every 64 MiB
     /// written back in the background, every 1 GiB by `flush`, and at its

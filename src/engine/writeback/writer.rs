@@ -1,14 +1,15 @@
 //! The source-writing half of the writeback pipeline, and the run buffers it
 //! passes back and forth.
 //!
-//! A pass's own thread claims a run; the [`Writer`] copies it from the cache
-//! into a run buffer and writes it to the source on a writer thread, and
+//! A pass's own thread claims a run (and reads it from the cache if it is
+//! short); the [`Writer`] writes it to the source on a writer thread, after
+//! reading it from the cache into the run buffer if the pass did not, and
 //! hands the buffer back. Writer threads outlive passes ([`WriterPool`]).
 //! Up to `WritebackConfig::max_inflight_runs` runs (and about
 //! [`MAX_INFLIGHT_BYTES`]) are with the writer threads at a time, each
 //! written by its own thread, so a source that serves requests in parallel
 //! (a remote store, an array) is not written one run per round trip, and the
-//! cache copies of several runs use several cores.
+//! cache copies of several long runs use several cores.
 
 use crate::device::{AlignedBuf, BlockDevice, DeviceError, IoOp};
 use crate::engine::core::Core;
@@ -89,7 +90,9 @@ pub(crate) struct Segment {
 /// (clipped at the end of the source), the buffer, and where to send the
 /// result (the pass's channel).
 ///
-/// Invariant: every segment lies inside `buf`, and they cover `buf[..len]`.
+/// Invariant: every segment lies inside `buf`. Once they are read (or at
+/// once if there are none: the pass read the run), `buf` holds the run,
+/// of which the source gets the first `len` bytes.
 struct Job {
     id: u64,
     reads: Vec<Segment>,
@@ -129,8 +132,8 @@ impl Job {
 }
 
 /// The outcome of a submitted run: the id [`Writer::submit`] gave it, its
-/// buffer back (lost only if the writer thread died) and the source write's
-/// result.
+/// buffer back (lost only if the writer thread died) and the result of its
+/// cache reads and source write.
 pub(crate) struct Done {
     pub id: u64,
     pub buf: Option<AlignedBuf>,
@@ -362,8 +365,8 @@ impl Writer {
 
     /// Hands the run of blocks `first..`, `len` bytes in `buf` once `reads`
     /// (none if the pass read it already) are copied from the cache, to a
-    /// writer thread and returns the id its [`Done`] will carry. The source write is clipped at the end of the
-    /// source.
+    /// writer thread and returns the id its [`Done`] will carry. The source
+    /// write is clipped at the end of the source.
     pub fn submit(
         &mut self,
         core: &Core,
@@ -490,7 +493,10 @@ impl Writer {
                 offset,
                 len: len as u64,
                 name: core.source.name(),
-                source: std::io::Error::other("the writeback writer thread stopped"),
+                source: std::io::Error::other(
+                    "the writeback writer thread stopped (reading the run from the cache or \
+                     writing it)",
+                ),
             })),
         })
     }
