@@ -24,10 +24,14 @@ until "$BIN" status --control "$W/c.sock" >/dev/null 2>&1; do
 done
 "$LOAD" --socket "$W/v.sock" --pattern write --bs 1M --iodepth 8 --size "${SIZE_MIB}M" \
     --once --runtime 120s --ramp 0s --json >/dev/null
+dirty=$("$BIN" status --json --control "$W/c.sock" |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["dirty_blocks"])')
 if [ "${PERF:-0}" = 1 ]; then
-    perf record -g -o "$OUT" -p $pid 2>/dev/null &
+    command -v perf >/dev/null || { echo "PERF=1 needs perf (apt-get install linux-perf)" >&2; exit 1; }
+    perf record -g -o "$OUT" -p $pid 2>"$W/perf.log" &
     perf_pid=$!
     sleep 0.3
+    kill -0 $perf_pid 2>/dev/null || { echo "perf record failed:" >&2; cat "$W/perf.log" >&2; exit 1; }
 fi
 t0=$(date +%s.%N)
 "$BIN" flush --control "$W/c.sock" >/dev/null
@@ -37,6 +41,9 @@ if [ "${PERF:-0}" = 1 ]; then
     wait $perf_pid || true
     echo "profile: $OUT"
 fi
-python3 -c "print(f'flush of $SIZE_MIB MiB: {$t1 - $t0:.3f} s')"
+left=$("$BIN" status --json --control "$W/c.sock" |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["dirty_blocks"])')
+[ "$left" = 0 ] || { echo "$left blocks still dirty after the flush" >&2; exit 1; }
+python3 -c "print(f'flush of $SIZE_MIB MiB ($dirty dirty blocks): {$t1 - $t0:.3f} s')"
 kill -TERM $pid
 wait $pid || true

@@ -83,8 +83,12 @@ for rep in $(seq 1 "$REPS"); do
         "$LOAD" --file "$W/source.img" --pattern write --bs 4M --iodepth "$1" --size "${SIZE_MIB}M" \
             --once --runtime 120s --ramp 0s --flush-every $((SIZE_MIB / 4)) --json
     }
-    j1=$(direct 1)
-    j8=$(direct 8)
+    # Alternate which goes first, so that neither always runs second.
+    if [ $((rep % 2)) = 1 ]; then
+        j1=$(direct 1); j8=$(direct 8)
+    else
+        j8=$(direct 8); j1=$(direct 1)
+    fi
     python3 - "$place" "$rep" "$dirty" "$SIZE_MIB" "$t0" "$t1" "$j1" "$j8" <<'PY'
 import json, sys
 place, rep, dirty, mib = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
