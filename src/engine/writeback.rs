@@ -75,8 +75,8 @@ const FULL_FLUSH_EVERY_BYTES: u64 = 1 << 30;
 /// Why both: a short run's copy takes little of the pass's time but, on a
 /// writer thread, it would add the cache's latency to every run's time in
 /// flight. With random dirty 64K blocks (runs of one block) on a source
-/// with 5 ms of latency, the flush of 496 of them took 0.21–0.23 s with
-/// every read on the writers against 0.18 s with the pass reading them
+/// with 5 ms of latency, the flush of 496 of them took 0.19–0.23 s with
+/// every read on the writers against 0.17–0.18 s with the pass reading them
 /// (`bench/sustain.sh`, cache file on disk, session 20). A long run's copy
 /// is what one thread cannot keep up with (section "A pass is a pipeline").
 const PASS_READS_UP_TO: usize = 512 << 10;
