@@ -15,17 +15,9 @@ S=$(mktemp -d /dev/shm/vbc-wbp.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$W" "$S"' EXIT
 dd if=/dev/zero of="$W/source.img" bs=4M count=$((SIZE_MIB / 2)) oflag=direct status=none
 fallocate -l $((SIZE_MIB * 4))M "$S/cache.img"
-"$BIN" serve --source "$W/source.img" --cache "$S/cache.img" --socket "$W/v.sock" \
-    --control "$W/c.sock" --mode writeback 2>"$W/daemon.log" &
-pid=$!
-until "$BIN" status --control "$W/c.sock" >/dev/null 2>&1; do
-    kill -0 $pid || { cat "$W/daemon.log" >&2; exit 1; }
-    sleep 0.05
-done
-"$LOAD" --socket "$W/v.sock" --pattern write --bs 1M --iodepth 8 --size "${SIZE_MIB}M" \
-    --once --runtime 120s --ramp 0s --json >/dev/null
-dirty=$("$BIN" status --json --control "$W/c.sock" |
-    python3 -c 'import json,sys; print(json.load(sys.stdin)["dirty_blocks"])')
+. "$ROOT/bench/writeback-common.sh"
+wb_start_filled "$S/cache.img"
+dirty=$(wb_dirty)
 if [ "${PERF:-0}" = 1 ]; then
     command -v perf >/dev/null || { echo "PERF=1 needs perf (apt-get install linux-perf)" >&2; exit 1; }
     perf record -g -o "$OUT" -p $pid 2>"$W/perf.log" &
@@ -41,8 +33,7 @@ if [ "${PERF:-0}" = 1 ]; then
     wait $perf_pid || true
     echo "profile: $OUT"
 fi
-left=$("$BIN" status --json --control "$W/c.sock" |
-    python3 -c 'import json,sys; print(json.load(sys.stdin)["dirty_blocks"])')
+left=$(wb_dirty)
 [ "$left" = 0 ] || { echo "$left blocks still dirty after the flush" >&2; exit 1; }
 python3 -c "print(f'flush of $SIZE_MIB MiB ($dirty dirty blocks): {$t1 - $t0:.3f} s')"
 kill -TERM $pid

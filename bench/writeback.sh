@@ -42,6 +42,7 @@ LOAD=$ROOT/target/release/examples/vbc-load
 W=$(mktemp -d "${TMPDIR:-/var/tmp}/vbc-wb.XXXXXX")
 S=$(mktemp -d /dev/shm/vbc-wb.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$W" "$S"' EXIT
+. "$ROOT/bench/writeback-common.sh"
 
 now() { date +%s.%N; }
 
@@ -59,22 +60,12 @@ for rep in $(seq 1 "$REPS"); do
     fallocate -l $((SIZE_MIB * 4))M "$cache"
     # O_DIRECT where the filesystem allows it: the source and a cache on
     # disk; a cache on tmpfs goes through the page cache (tmpfs has no other).
-    "$BIN" serve --source "$W/source.img" --cache "$cache" --socket "$W/v.sock" \
-        --control "$W/c.sock" --mode writeback 2>"$W/daemon.log" &
-    pid=$!
-    until "$BIN" status --control "$W/c.sock" >/dev/null 2>&1; do
-        kill -0 $pid || { cat "$W/daemon.log" >&2; exit 1; }
-        sleep 0.05
-    done
-    "$LOAD" --socket "$W/v.sock" --pattern write --bs 1M --iodepth 8 --size "${SIZE_MIB}M" \
-        --once --runtime 120s --ramp 0s --json >/dev/null
-    dirty=$("$BIN" status --json --control "$W/c.sock" |
-        python3 -c 'import json,sys; print(json.load(sys.stdin)["dirty_blocks"])')
+    wb_start_filled "$cache"
+    dirty=$(wb_dirty)
     t0=$(now)
     "$BIN" flush --control "$W/c.sock" >/dev/null
     t1=$(now)
-    left=$("$BIN" status --json --control "$W/c.sock" |
-        python3 -c 'import json,sys; print(json.load(sys.stdin)["dirty_blocks"])')
+    left=$(wb_dirty)
     kill -TERM $pid
     wait $pid || true
     [ "$left" = 0 ] || { echo "rep $rep: $left blocks still dirty after flush" >&2; exit 1; }
