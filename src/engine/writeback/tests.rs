@@ -237,14 +237,11 @@ impl BlockDevice for Slow {
     }
 }
 
-/// 64K blocks in one set of 256, and `runs` dirty runs of `blocks` blocks
-/// each at every other run's place (so they stay separate runs), with
-/// runs of up to `blocks` blocks and 8 in flight; the cache's reads are
-/// slowed once the blocks are written.
-fn slow_cache_rig(runs: u64, blocks: u64) -> (Arc<Dev>, Arc<Slow>, Engine) {
-    const BIG: u64 = 64 << 10;
-    let src = dev(64 << 20);
-    let cache = Slow::new(32 << 20, true);
+/// Block size of the long-run tests.
+const BIG: u64 = 64 << 10;
+
+/// 64K blocks in one set of 256, runs of up to `blocks` blocks.
+fn long_runs_cfg(blocks: u64) -> EngineConfig {
     let mut cfg = quiet_cfg();
     cfg.geometry = GeometryRequest {
         block_size: Some(BIG as u32),
@@ -252,13 +249,38 @@ fn slow_cache_rig(runs: u64, blocks: u64) -> (Arc<Dev>, Arc<Slow>, Engine) {
         assoc: Some(256),
     };
     cfg.writeback.max_run_bytes = blocks * BIG;
-    cfg.writeback.max_inflight_runs = 8;
-    let e = Engine::open(src.clone(), cache.clone(), cfg).unwrap();
+    cfg
+}
+
+/// Writes `runs` dirty runs of `blocks` blocks each at every other run's
+/// place (so they stay separate runs), run `r` filled with byte `r + 1`.
+fn write_long_runs(e: &Engine, runs: u64, blocks: u64) {
     for r in 0..runs {
         let data = vec![r as u8 + 1; (blocks * BIG) as usize];
         e.write(2 * r * blocks * BIG, &data).unwrap();
     }
     assert_eq!(e.dirty_blocks(), runs * blocks);
+}
+
+/// Whether the source holds every run written by `write_long_runs`.
+fn long_runs_on_source(src: &Dev, runs: u64, blocks: u64) -> bool {
+    let len = (blocks * BIG) as usize;
+    let mut buf = vec![0u8; len];
+    (0..runs).all(|r| {
+        src.read_at(&mut buf, 2 * r * len as u64).unwrap();
+        buf.iter().all(|&x| x == r as u8 + 1)
+    })
+}
+
+/// `write_long_runs(runs, blocks)` with 8 runs in flight; the cache's reads
+/// are slowed once the blocks are written.
+fn slow_cache_rig(runs: u64, blocks: u64) -> (Arc<Dev>, Arc<Slow>, Engine) {
+    let src = dev(64 << 20);
+    let cache = Slow::new(32 << 20, true);
+    let mut cfg = long_runs_cfg(blocks);
+    cfg.writeback.max_inflight_runs = 8;
+    let e = Engine::open(src.clone(), cache.clone(), cfg).unwrap();
+    write_long_runs(&e, runs, blocks);
     cache.armed.store(true, SeqCst);
     (src, cache, e)
 }
@@ -292,35 +314,13 @@ fn writeback_reads_several_long_runs_from_the_cache_at_once() {
     e.shutdown(false).unwrap();
 }
 
-/// Whether the source holds run `r` of `slow_cache_rig(runs, blocks)` for
-/// every run.
-fn long_runs_on_source(src: &Dev, runs: u64, blocks: u64) -> bool {
-    let len = (blocks * (64 << 10)) as usize;
-    let mut buf = vec![0u8; len];
-    (0..runs).all(|r| {
-        src.read_at(&mut buf, 2 * r * len as u64).unwrap();
-        buf.iter().all(|&x| x == r as u8 + 1)
-    })
-}
-
 /// A cache read that fails on a writer thread (a long run) writes nothing
 /// of that run and leaves it dirty; the next flush writes it.
 #[test]
 fn a_failing_cache_read_of_a_long_run_keeps_it_dirty() {
-    const BIG: u64 = 64 << 10;
     let (src, cache) = (dev(64 << 20), dev(32 << 20));
-    let mut cfg = quiet_cfg();
-    cfg.geometry = GeometryRequest {
-        block_size: Some(BIG as u32),
-        cache_blocks: Some(256),
-        assoc: Some(256),
-    };
-    cfg.writeback.max_run_bytes = 16 * BIG;
-    let e = Engine::open(src.clone(), cache.clone(), cfg).unwrap();
-    for r in 0..4u64 {
-        e.write(2 * r * 16 * BIG, &vec![r as u8 + 1; 16 * BIG as usize])
-            .unwrap();
-    }
+    let e = Engine::open(src.clone(), cache.clone(), long_runs_cfg(16)).unwrap();
+    write_long_runs(&e, 4, 16);
     let w0 = src.counts().writes;
     cache.inner().plan().fail_reads.store(true, SeqCst);
     assert!(e.flush_all(&mut |_| {}).is_err());
@@ -350,11 +350,7 @@ fn writeback_reads_short_runs_on_the_pass_thread() {
         "short runs read by {readers:?}"
     );
     drop(readers);
-    let mut buf = vec![0u8; 64 << 10];
-    for r in 0..8u64 {
-        src.read_at(&mut buf, 2 * r * (64 << 10)).unwrap();
-        assert!(buf.iter().all(|&x| x == r as u8 + 1), "run {r}");
-    }
+    assert!(long_runs_on_source(&src, 8, 1), "wrong data on the source");
     e.shutdown(false).unwrap();
 }
 
