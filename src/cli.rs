@@ -144,6 +144,14 @@ pub struct ServeArgs {
     /// RAM [default: off].
     #[arg(long)]
     pub pin_guest_memory: bool,
+    /// Cache hits of at least this size (up to 2M) are read into, or
+    /// written from, the daemon's own huge-page buffers and copied from or
+    /// to guest memory, instead of using guest memory in place. Guest pages
+    /// are scattered 4 KiB pages, so a large request in place reaches the
+    /// cache device as many segments and is split; from a huge page it is
+    /// one segment (32K at least, or off).
+    #[arg(long, value_name = "SIZE|off", default_value = "32K")]
+    pub bounce_min: String,
     /// Put requests on the used ring as they complete, instead of in the
     /// order the guest issued them. Requests behind a slow one (a FLUSH, a
     /// miss) are answered at once, but if the daemon is killed and restarted

@@ -23,6 +23,10 @@ pub const DEFAULT_IO_THREADS_PER_QUEUE: usize = 32;
 pub const MAX_IO_THREADS: usize = 256;
 /// Longest busy-polling interval `--poll` accepts: polling holds a CPU.
 pub const MAX_POLL: std::time::Duration = std::time::Duration::from_millis(10);
+/// Smallest `--bounce-min`: the smallest staging buffer.
+pub const MIN_BOUNCE: u64 = 32 << 10;
+/// Largest `--bounce-min`: one huge page.
+pub const MAX_BOUNCE: u64 = 2 << 20;
 
 /// A configuration error. Each message names the offending option.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +35,8 @@ pub enum ConfigError {
     SourceLatency(String),
     #[error("--poll {0}: expected a duration of at most 10ms, like 32us or 0")]
     Poll(String),
+    #[error("--bounce-min {0}: expected a size from 32K to 2M, like 64K, or off")]
+    BounceMin(String),
     #[error("--writeback-high {0}: expected a percentage from 1 to 100")]
     WritebackHigh(u8),
     #[error("--writeback-low {low}: expected a percentage below --writeback-high ({high})")]
@@ -111,6 +117,9 @@ pub struct ServeConfig {
     pub poll: std::time::Duration,
     /// Register guest memory as io_uring fixed buffers (default off).
     pub pin_guest_memory: bool,
+    /// Stage hits of at least this many bytes in huge-page buffers
+    /// (default 32 KiB; `None`: off).
+    pub bounce_min: Option<usize>,
     /// Post completions as they finish (default: in the order taken).
     pub unordered: bool,
     /// Permission bits of the sockets (default 0o600).
@@ -337,6 +346,16 @@ impl TryFrom<ServeArgs> for ServeConfig {
         if a.serial.len() > MAX_SERIAL_BYTES {
             return Err(ConfigError::Serial(a.serial));
         }
+        let bounce_min = match a.bounce_min.trim() {
+            "off" => None,
+            s => Some(
+                crate::size::parse_size(s)
+                    .ok()
+                    .filter(|n| (MIN_BOUNCE..=MAX_BOUNCE).contains(n))
+                    .and_then(|n| usize::try_from(n).ok())
+                    .ok_or_else(|| ConfigError::BounceMin(a.bounce_min.clone()))?,
+            ),
+        };
         let socket_mode = parse_mode(&a.socket_mode)
             .ok_or_else(|| ConfigError::SocketMode(a.socket_mode.clone()))?;
         check_device_path("--source", &a.source)?;
@@ -388,6 +407,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             io_uring: a.io_uring == "on",
             poll,
             pin_guest_memory: a.pin_guest_memory,
+            bounce_min,
             unordered: a.unordered_completion,
             socket_mode,
             writeback_on_exit: a.writeback_on_exit,
@@ -453,6 +473,7 @@ mod tests {
         assert_eq!(c.serial, "vblkcache");
         assert!(!c.readonly && !c.direct && !c.engine.format);
         assert!(!c.pin_guest_memory, "pinning guest memory is opt-in");
+        assert_eq!(c.bounce_min, Some(crate::virtio::DEFAULT_BOUNCE_MIN));
         assert!(!c.unordered, "completions are in order unless asked");
         let wb = c.engine.writeback;
         assert_eq!((wb.high_watermark_pct, wb.low_watermark_pct), (50, 25));
@@ -512,6 +533,9 @@ mod tests {
             (&["--control", "/nonexistent-dir/x.sock"], "--control"),
             (&["--poll", "11ms"], "--poll"),
             (&["--poll", "fast"], "--poll"),
+            (&["--bounce-min", "4K"], "--bounce-min"),
+            (&["--bounce-min", "4M"], "--bounce-min"),
+            (&["--bounce-min", "big"], "--bounce-min"),
             (
                 &["--queues", "2", "--queue-threads", "3"],
                 "--queue-threads",
@@ -567,6 +591,9 @@ mod tests {
         assert!(c.readonly);
         let c = parse(&["--queues", "4", "--queue-threads", "1"]).unwrap();
         assert_eq!(c.queue_threads, 1);
+        assert_eq!(parse(&["--bounce-min", "off"]).unwrap().bounce_min, None);
+        let c = parse(&["--bounce-min", "256K"]).unwrap();
+        assert_eq!(c.bounce_min, Some(256 << 10));
         let c = parse(&["--queues", "2", "--queue-threads", "2", "--poll", "1us"]).unwrap();
         assert_eq!(c.queue_threads, 2);
     }

@@ -75,6 +75,8 @@ fn cfg(limits: DeviceLimits) -> BlkBackendConfig {
         poll: Duration::ZERO,
         queue_threads: 1,
         pin_guest_memory: false,
+        // The daemon's default: large hits are staged.
+        bounce_min: Some(vblkcache::virtio::DEFAULT_BOUNCE_MIN),
         unordered: false,
         drain_timeout: Duration::from_secs(60),
     }

@@ -99,6 +99,9 @@ pub struct BlkBackendConfig {
     /// Register guest memory with each queue's io_uring as fixed buffers
     /// (see [`super::fixed`]).
     pub pin_guest_memory: bool,
+    /// Stage cache hits of at least this many bytes in huge-page buffers
+    /// (see `bounce`); `None`: guest memory in place for every request.
+    pub bounce_min: Option<usize>,
     /// Post completions as they finish instead of in the order the requests
     /// were taken (see `order`): no waiting behind a slow request, but a
     /// restart of the daemon under a running guest is no longer exact.
@@ -824,7 +827,13 @@ fn make_ring(
         return None;
     }
     let access = engine.cache_raw_access()?;
-    match QueueRing::new(access, cfg.queue_size, map, cfg.pin_guest_memory) {
+    match QueueRing::new(
+        access,
+        cfg.queue_size,
+        map,
+        cfg.pin_guest_memory,
+        cfg.bounce_min,
+    ) {
         Ok(r) => Some(r),
         Err(e) => {
             if q == 0 {

@@ -294,6 +294,7 @@ fn test_config(
         poll,
         queue_threads: queues,
         pin_guest_memory: false,
+        bounce_min: None,
         unordered: false,
         drain_timeout: DRAIN_TIMEOUT,
     }
@@ -755,6 +756,9 @@ fn inflight_bound_waits_for_a_completion() {
 
 #[path = "uring_tests.rs"]
 mod uring_tests;
+
+#[path = "bounce_tests.rs"]
+mod bounce_tests;
 
 /// A driver that moves the available index more than a ring ahead of the
 /// device's publishes chains nobody can pop. Before, each pass re-armed

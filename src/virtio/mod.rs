@@ -5,6 +5,7 @@
 //! module is the only translation layer.
 
 pub mod backend;
+mod bounce;
 pub mod config_space;
 pub mod execute;
 mod filemap;
@@ -20,6 +21,10 @@ pub mod uring;
 
 pub use backend::{BlkBackend, BlkBackendConfig, DRAIN_TIMEOUT};
 pub use request::{BlkError, ParseError, Request, RequestKind};
+
+/// The daemon's default `--bounce-min`: hits of 32 KiB and more are staged
+/// in huge-page buffers (see `bounce`).
+pub const DEFAULT_BOUNCE_MIN: usize = 32 << 10;
 
 /// Largest number of segments a request may have (advertised as `seg_max`).
 pub const SEG_MAX: u32 = 254;

@@ -6,7 +6,9 @@
 //! write-back write whose blocks are all cached gets its frames pinned by the
 //! engine ([`Engine::begin_direct_read`]/[`Engine::begin_direct_write`]); one
 //! `readv`/`writev` per contiguous cache range is queued with iovecs pointing
-//! into guest memory. Queued operations are submitted every
+//! into guest memory; a request of `--bounce-min` bytes or more uses a
+//! huge-page staging buffer instead and is copied (see `bounce`). Queued
+//! operations are submitted every
 //! [`SUBMIT_BATCH`] operations and at the end of the pass, so the device
 //! starts on the first requests of a large pass while the worker is still
 //! queueing the rest. Completions wake the worker through an eventfd
@@ -32,6 +34,7 @@
 //!   operation.
 
 use super::backend::{GuestMem, Vring};
+use super::bounce::{BouncePool, Piece};
 use super::execute::{walk, write_status};
 use super::filemap::FileMap;
 use super::fixed::{FixedBufs, SharedBufs};
@@ -105,6 +108,10 @@ struct Pending {
     iovecs: Iovecs,
     remaining: usize,
     failed: bool,
+    /// The staging buffer of a large request (see `bounce`): a read is
+    /// copied to guest memory once every operation has completed, a write
+    /// was copied from it before the first was queued.
+    bounce: Option<Piece>,
 }
 
 /// A request that left the ring.
@@ -225,6 +232,11 @@ pub struct QueueRing {
     fixed: Option<FixedBufs>,
     /// Operations queued on registered buffers so far.
     fixed_ops: u64,
+    /// Staging buffers for large requests (`None`: every request uses
+    /// guest memory in place).
+    bounce: Option<BouncePool>,
+    /// Requests staged so far.
+    bounced: u64,
 }
 
 // SAFETY: the raw iovec pointers inside `Pending` point into guest memory
@@ -236,12 +248,14 @@ unsafe impl Send for QueueRing {}
 impl QueueRing {
     /// A ring for the device behind `access`, sized for `queue_size`
     /// requests; `map` is a mapping of that device's file, used when it is
-    /// memory-backed; `pin_memory` registers guest memory with the ring.
+    /// memory-backed; `pin_memory` registers guest memory with the ring;
+    /// requests of `bounce_min` bytes and more are staged (see `bounce`).
     pub(crate) fn new(
         access: RawAccess,
         queue_size: u16,
         map: Option<Arc<FileMap>>,
         pin_memory: bool,
+        bounce_min: Option<usize>,
     ) -> Result<QueueRing, UringError> {
         let entries = u32::from(queue_size).clamp(64, 4096);
         let ring = IoUring::new(entries).map_err(|source| UringError::Setup { entries, source })?;
@@ -284,6 +298,8 @@ impl QueueRing {
             mapped_copies: 0,
             fixed: pin_memory.then(FixedBufs::default),
             fixed_ops: 0,
+            bounce: bounce_min.map(BouncePool::new),
+            bounced: 0,
         })
     }
 
@@ -404,6 +420,11 @@ impl QueueRing {
         self.fixed.as_ref().map_or(0, |f| f.generations())
     }
 
+    /// How many requests were staged through a bounce buffer.
+    pub fn bounced(&self) -> u64 {
+        self.bounced
+    }
+
     /// How many operations used registered guest memory.
     pub fn fixed_ops(&self) -> u64 {
         self.fixed_ops
@@ -495,12 +516,23 @@ impl QueueRing {
             iovecs,
             remaining: 0,
             failed: false,
+            bounce: None,
         };
         if self.inline {
             pending.failed = !self.run_inline(write, &pending.io, &pending.iovecs);
             let done = self.finish(pending);
             self.ready.push(done);
             return Ok(());
+        }
+        if let Some(pool) = self.bounce.as_mut().filter(|p| p.wants(len)) {
+            if let Some(piece) = usize::try_from(len).ok().and_then(|l| pool.take(l)) {
+                if !write || copy_between(&piece, &pending.io, &pending.iovecs, true) {
+                    self.bounced += 1;
+                    pending.bounce = Some(piece);
+                } else {
+                    pool.give(piece);
+                }
+            }
         }
         let slot = self.alloc_slot();
         let n = pending.io.extents().len();
@@ -518,6 +550,30 @@ impl QueueRing {
             // One buffer (the common 4 KiB request): plain READ/WRITE, which
             // spare the kernel copying and walking an iovec array.
             let sqe = match (iov, write) {
+                (_, w) if pending.bounce.is_some() => {
+                    let (Some(piece), Ok(pos), Ok(len)) = (
+                        pending.bounce.as_ref(),
+                        usize::try_from(ext.pos),
+                        u32::try_from(ext.len),
+                    ) else {
+                        break;
+                    };
+                    // `try_start` took a piece of at least the request's
+                    // length, and each extent lies inside the request.
+                    if pos
+                        .checked_add(len as usize)
+                        .is_none_or(|e| e > piece.capacity())
+                    {
+                        break;
+                    }
+                    // SAFETY: in bounds of the piece (checked just above).
+                    let buf = unsafe { piece.as_mut_ptr().add(pos) };
+                    if w {
+                        opcode::Write::new(fd, buf, len).offset(at).build()
+                    } else {
+                        opcode::Read::new(fd, buf, len).offset(at).build()
+                    }
+                }
                 ([one], w) if self.plain_ops => {
                     let Ok(len) = u32::try_from(one.iov_len) else {
                         break;
@@ -820,9 +876,18 @@ impl QueueRing {
             mem,
             io,
             iovecs,
-            failed,
+            mut failed,
+            bounce,
             ..
         } = p;
+        if let Some(piece) = bounce {
+            if !failed && matches!(req.kind, RequestKind::Read { .. }) {
+                failed = !copy_between(&piece, &io, &iovecs, false);
+            }
+            if let Some(pool) = self.bounce.as_mut() {
+                pool.give(piece);
+            }
+        }
         let direct = if failed { io.failed() } else { io.completed() };
         self.spare.push(Spare {
             direct,
@@ -835,6 +900,45 @@ impl QueueRing {
         req.recycle();
         done
     }
+}
+
+/// Copies a staged request between `piece` and the guest buffers of each
+/// extent: from the guest for a write (`to_piece`), to the guest for a read.
+/// False if an extent does not fit in the piece (never for a request built
+/// by `try_start`). The piece must not be in use by the kernel.
+fn copy_between(piece: &Piece, io: &DirectIo, iovecs: &Iovecs, to_piece: bool) -> bool {
+    for (i, ext) in io.extents().iter().enumerate() {
+        let Some(iov) = iovecs.op(i) else {
+            return false;
+        };
+        let Ok(mut at) = usize::try_from(ext.pos) else {
+            return false;
+        };
+        for v in iov {
+            if at
+                .checked_add(v.iov_len)
+                .is_none_or(|end| end > piece.capacity())
+            {
+                return false;
+            }
+            // SAFETY: `at..at + iov_len` lies inside the piece (checked
+            // above), which no operation is using; the iovec points into
+            // guest memory that the request's `Arc<GuestMem>` keeps mapped
+            // (the caller holds it), and guest memory never overlaps the
+            // daemon's own pages.
+            unsafe {
+                let p = piece.as_mut_ptr().add(at);
+                let g = v.iov_base.cast::<u8>();
+                if to_piece {
+                    std::ptr::copy_nonoverlapping(g, p, v.iov_len);
+                } else {
+                    std::ptr::copy_nonoverlapping(p, g, v.iov_len);
+                }
+            }
+            at += v.iov_len;
+        }
+    }
+    true
 }
 
 /// Whether the kernel offers IORING_OP_READ and IORING_OP_WRITE, and

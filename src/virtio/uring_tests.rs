@@ -20,7 +20,7 @@ fn file_guest_in(dir: tempfile::TempDir, direct: bool) -> Option<(Guest, tempfil
 /// As `file_guest_in`, with the queue busy-polled for `poll` after a pass.
 /// A new 4 MiB cache file `cache.img` in `dir`, opened with or without
 /// O_DIRECT.
-fn cache_file(
+pub(super) fn cache_file(
     dir: &tempfile::TempDir,
     direct: bool,
 ) -> Result<FileDevice, crate::device::DeviceError> {
@@ -58,13 +58,13 @@ fn file_guest_polled(
     Some((g, dir))
 }
 
-fn direct_requests(g: &Guest) -> u64 {
+pub(super) fn direct_requests(g: &Guest) -> u64 {
     g.engine.stats().direct_requests
 }
 
 /// Publishes a request of type `t` at `sector` whose data is `segs`, using
 /// slot 0 and descriptors from 0.
-fn publish(g: &Guest, t: u32, sector: u64, segs: &[(u64, u32)]) -> Slot {
+pub(super) fn publish(g: &Guest, t: u32, sector: u64, segs: &[(u64, u32)]) -> Slot {
     let s = Guest::slot(0, 0);
     g.reset_status(&s);
     g.header(s.hdr, t, sector);

@@ -100,6 +100,7 @@ mod tests {
             poll: Duration::from_micros(poll_us),
             queue_threads: threads,
             pin_guest_memory: false,
+            bounce_min: None,
             unordered: false,
             drain_timeout: Duration::from_secs(60),
         };
