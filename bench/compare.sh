@@ -217,8 +217,10 @@ dev_stat() {
 }
 
 # "context_switches interrupts" of the whole machine so far (/proc/stat).
+# The fields are printed as read: awk prints numbers above 2^31 as 2.1e+09.
 sys_events() {
-    awk '$1 == "ctxt" { c = $2 } $1 == "intr" { i = $2 } END { print c + 0, i + 0 }' /proc/stat
+    awk '$1 == "ctxt" { c = $2 } $1 == "intr" { i = $2 }
+        END { printf "%s %s\n", (c == "" ? 0 : c), (i == "" ? 0 : i) }' /proc/stat
 }
 
 status_field() { # control-socket field (dotted path) -> value
