@@ -11,4 +11,12 @@ if [[ $(id -u) -eq 0 ]]; then
 else
     sudo bash qemu-scripts/install-deps.sh
 fi
+# Huge pages for the test of guest RAM on hugetlbfs (4 of 2 MiB), only for
+# the run: the previous setting is put back on exit.
+HP=/proc/sys/vm/nr_hugepages
+if [[ -w $HP && $(cat "$HP") -lt 4 ]]; then
+    old=$(cat "$HP")
+    trap 'echo "$old" > "$HP"' EXIT
+    echo 4 > "$HP" || true
+fi
 cargo test --release "$@"

@@ -115,8 +115,19 @@ impl Guest {
         source: Arc<dyn BlockDevice>,
         cache: Arc<dyn BlockDevice>,
     ) -> Guest {
-        let queues = cfg.num_queues;
         let mem = GuestMem::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        Guest::configured_in(cfg, source, cache, mem)
+    }
+
+    /// As [`Guest::configured`], with `mem` (`MEM_SIZE` bytes from 0) as
+    /// guest memory.
+    fn configured_in(
+        cfg: BlkBackendConfig,
+        source: Arc<dyn BlockDevice>,
+        cache: Arc<dyn BlockDevice>,
+        mem: GuestMem,
+    ) -> Guest {
+        let queues = cfg.num_queues;
         let (backend, engine, pool) = test_backend_with(cfg, source, cache);
         let atomic = GuestMemoryAtomic::new(mem.clone());
         backend.update_memory(atomic.clone()).unwrap();

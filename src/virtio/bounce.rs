@@ -34,6 +34,8 @@
 //!   memory in place, so a queue never holds more than 32 MiB here.
 
 use crate::device::AlignedBuf;
+use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
 
 /// Size of one page of the pool: a transparent huge page.
@@ -132,9 +134,46 @@ impl BouncePool {
     }
 }
 
+/// True if `file` is on hugetlbfs (a `mem-path` under a hugetlbfs mount,
+/// or a memfd created with MFD_HUGETLB).
+pub fn on_hugetlbfs(file: &File) -> bool {
+    const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+    // SAFETY: an all-zero statfs is a valid value for fstatfs to overwrite.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `file` is an open descriptor and `st` a live, writable statfs.
+    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) };
+    #[allow(clippy::unnecessary_cast)] // f_type's type differs between targets
+    let kind = st.f_type as i64;
+    rc == 0 && kind == HUGETLBFS_MAGIC
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hugetlbfs_files_are_recognised() {
+        let plain = tempfile::tempfile().unwrap();
+        assert!(!on_hugetlbfs(&plain));
+        // A memfd on hugetlbfs needs no reserved huge pages until mapped.
+        // SAFETY: a valid C string and flags; the result is checked.
+        let fd = unsafe {
+            libc::memfd_create(
+                c"vbc-huge-test".as_ptr(),
+                libc::MFD_HUGETLB | libc::MFD_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            eprintln!(
+                "skipping the hugetlbfs case: memfd_create(MFD_HUGETLB): {}",
+                std::io::Error::last_os_error()
+            );
+            return;
+        }
+        // SAFETY: `fd` is a new descriptor that nothing else owns.
+        let huge = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        assert!(on_hugetlbfs(&huge));
+    }
 
     #[test]
     fn pieces_stay_inside_one_huge_page_and_do_not_overlap() {

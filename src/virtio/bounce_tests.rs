@@ -19,6 +19,16 @@ fn big_pattern(n: usize, seed: u8) -> Vec<u8> {
 /// whose ring stages hits of `bounce_min` bytes and more. `None` where the
 /// case cannot run here.
 fn staging_guest(direct: bool, bounce_min: Option<usize>) -> Option<(Guest, tempfile::TempDir)> {
+    let mem = GuestMem::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    staging_guest_in(direct, bounce_min, mem)
+}
+
+/// As `staging_guest`, with `mem` as guest memory.
+fn staging_guest_in(
+    direct: bool,
+    bounce_min: Option<usize>,
+    mem: GuestMem,
+) -> Option<(Guest, tempfile::TempDir)> {
     let dir = tempfile::tempdir().unwrap();
     let cache = match cache_file(&dir, direct) {
         Ok(d) => d,
@@ -29,7 +39,7 @@ fn staging_guest(direct: bool, bounce_min: Option<usize>) -> Option<(Guest, temp
     };
     let mut cfg = test_config(1, QSIZE, limits(), Duration::ZERO);
     cfg.bounce_min = bounce_min;
-    let g = Guest::configured(cfg, Arc::new(MemDevice::new(DISK)), Arc::new(cache));
+    let g = Guest::configured_in(cfg, Arc::new(MemDevice::new(DISK)), Arc::new(cache), mem);
     if g.backend.lock_ring(0).is_some_and(|r| r.mapped()) {
         eprintln!("skipping: the temp dir is memory-backed (hits are copies)");
         return None;
@@ -110,4 +120,59 @@ fn large_hits_through_staging_buffers_land_the_same_bytes() {
             assert_eq!(g.engine.stats().errors, 0, "{case}: an operation failed");
         }
     }
+}
+
+/// Free 2 MiB huge pages, from /proc/meminfo.
+fn free_huge_pages() -> u64 {
+    let info = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let field = |name: &str| {
+        info.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    if field("Hugepagesize:") == 2048 {
+        field("HugePages_Free:")
+    } else {
+        0
+    }
+}
+
+/// Guest RAM on hugetlbfs is contiguous in huge pages already, so a large
+/// hit uses it in place rather than paying for a copy. Needs 4 free huge
+/// pages (`vm.nr_hugepages`); skipped where there are none, since touching
+/// an unbacked hugetlbfs mapping kills the process.
+#[test]
+fn large_hits_stay_in_place_when_guest_ram_is_on_hugetlbfs() {
+    let want = (MEM_SIZE as u64).div_ceil(2 << 20);
+    if free_huge_pages() < want {
+        eprintln!("skipping: fewer than {want} free 2 MiB huge pages (vm.nr_hugepages)");
+        return;
+    }
+    // SAFETY: a valid C string and flags; the result is checked.
+    let fd =
+        unsafe { libc::memfd_create(c"vbc-guest".as_ptr(), libc::MFD_HUGETLB | libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` is a new descriptor that nothing else owns.
+    let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    file.set_len(MEM_SIZE as u64).unwrap();
+    let region = (
+        GuestAddress(0),
+        MEM_SIZE,
+        Some(vm_memory::FileOffset::new(file, 0)),
+    );
+    let mem = GuestMem::from_ranges_with_files([region]).unwrap();
+    let Some((mut g, _dir)) = staging_guest_in(true, Some(64 << 10), mem) else {
+        return;
+    };
+    let first = big_pattern(256 << 10, 3);
+    g.engine.write(0, &first).unwrap();
+    let segs = scattered(256 << 10, 64 << 10);
+    publish(&g, VIRTIO_BLK_T_IN, 0, &segs);
+    g.run(0);
+    assert_eq!(g.take_used(0), vec![(0, (256 << 10) + 1)]);
+    assert!(gather(&g, &segs) == first, "the large read");
+    assert_eq!(direct_requests(&g), 1, "not a ring hit");
+    assert_eq!(g.backend.lock_ring(0).unwrap().bounced(), 0, "staged");
 }

@@ -237,6 +237,11 @@ pub struct QueueRing {
     bounce: Option<BouncePool>,
     /// Requests staged so far.
     bounced: u64,
+    /// The last guest memory table seen by staging, and whether all of it
+    /// is on hugetlbfs (then nothing is staged: see `bounce`). The `Weak`
+    /// keeps the table's allocation, so no later table can share its
+    /// address.
+    huge_guest: Option<(std::sync::Weak<GuestMem>, bool)>,
 }
 
 // SAFETY: the raw iovec pointers inside `Pending` point into guest memory
@@ -300,6 +305,7 @@ impl QueueRing {
             fixed_ops: 0,
             bounce: bounce_min.map(BouncePool::new),
             bounced: 0,
+            huge_guest: None,
         })
     }
 
@@ -524,7 +530,9 @@ impl QueueRing {
             self.ready.push(done);
             return Ok(());
         }
-        if let Some(pool) = self.bounce.as_mut().filter(|p| p.wants(len)) {
+        let stage = self.bounce.as_ref().is_some_and(|p| p.wants(len))
+            && !self.guest_on_huge_pages(&pending.mem);
+        if let Some(pool) = self.bounce.as_mut().filter(|_| stage) {
             if let Some(piece) = usize::try_from(len).ok().and_then(|l| pool.take(l)) {
                 if !write || copy_between(&piece, &pending.io, &pending.iovecs, true) {
                     self.bounced += 1;
@@ -804,6 +812,23 @@ impl QueueRing {
             }
         }
         true
+    }
+
+    /// True if every region of `mem` lies on hugetlbfs, so that guest
+    /// buffers are contiguous in huge pages already; worked out once per
+    /// memory table.
+    fn guest_on_huge_pages(&mut self, mem: &Arc<GuestMem>) -> bool {
+        if let Some((seen, huge)) = &self.huge_guest {
+            if std::ptr::eq(seen.as_ptr(), Arc::as_ptr(mem)) {
+                return *huge;
+            }
+        }
+        let huge = mem.iter().all(|r| {
+            r.file_offset()
+                .is_some_and(|f| super::bounce::on_hugetlbfs(f.file()))
+        });
+        self.huge_guest = Some((Arc::downgrade(mem), huge));
+        huge
     }
 
     fn alloc_slot(&mut self) -> usize {
