@@ -18,7 +18,8 @@
 //! way and would only pay for the copy.
 //!
 //! Guest RAM on hugetlbfs is already contiguous in 2 MiB pages: there the
-//! copy buys nothing, and `--bounce-min off` saves it. With
+//! copy would buy nothing, so the ring stages nothing when every region of
+//! the guest's memory table is on hugetlbfs. With
 //! `--pin-guest-memory`, staged requests use the pieces, not the registered
 //! guest memory.
 //!
