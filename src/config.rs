@@ -9,6 +9,7 @@ use crate::engine::{
 };
 use crate::sandbox::{SandboxConfig, SandboxError};
 use crate::virtio::backend::{default_queue_threads, host_cpus};
+use crate::virtio::{MAX_BOUNCE, MIN_BOUNCE};
 use std::path::{Path, PathBuf};
 
 /// Largest number of virtqueues (one worker thread each).
@@ -23,10 +24,6 @@ pub const DEFAULT_IO_THREADS_PER_QUEUE: usize = 32;
 pub const MAX_IO_THREADS: usize = 256;
 /// Longest busy-polling interval `--poll` accepts: polling holds a CPU.
 pub const MAX_POLL: std::time::Duration = std::time::Duration::from_millis(10);
-/// Smallest `--bounce-min`: the smallest staging buffer.
-pub const MIN_BOUNCE: u64 = 32 << 10;
-/// Largest `--bounce-min`: one huge page.
-pub const MAX_BOUNCE: u64 = 2 << 20;
 
 /// A configuration error. Each message names the offending option.
 #[derive(Debug, thiserror::Error)]
@@ -351,8 +348,8 @@ impl TryFrom<ServeArgs> for ServeConfig {
             s => Some(
                 crate::size::parse_size(s)
                     .ok()
-                    .filter(|n| (MIN_BOUNCE..=MAX_BOUNCE).contains(n))
                     .and_then(|n| usize::try_from(n).ok())
+                    .filter(|n| (MIN_BOUNCE..=MAX_BOUNCE).contains(n))
                     .ok_or_else(|| ConfigError::BounceMin(a.bounce_min.clone()))?,
             ),
         };

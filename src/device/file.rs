@@ -307,13 +307,18 @@ fn direct_alignment(file: &File, block_device: bool) -> (u64, usize) {
 fn in_memory(file: &File) -> bool {
     const TMPFS_MAGIC: i64 = 0x0102_1994;
     const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    matches!(fs_type(file), Some(TMPFS_MAGIC | RAMFS_MAGIC))
+}
+
+/// The magic number of the filesystem `file` is on (`statfs.f_type`), if
+/// `fstatfs` answers.
+pub fn fs_type(file: &File) -> Option<i64> {
     // SAFETY: an all-zero statfs is a valid value for fstatfs to overwrite.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: `file` is an open descriptor and `st` a live, writable statfs.
     let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) };
     #[allow(clippy::unnecessary_cast)] // f_type's type differs between targets
-    let kind = st.f_type as i64;
-    rc == 0 && (kind == TMPFS_MAGIC || kind == RAMFS_MAGIC)
+    (rc == 0).then_some(st.f_type as i64)
 }
 
 impl BlockDevice for FileDevice {

@@ -20,7 +20,7 @@ mod volatile;
 pub use aligned::{AlignedBuf, DIRECT_ALIGN};
 pub use counting::{CountingDevice, IoCounts};
 pub use fault::{FaultDevice, FaultPlan};
-pub use file::{FileDevice, OpenOptions};
+pub use file::{fs_type, FileDevice, OpenOptions};
 pub use gate::{GateDevice, GateOp, OpenOnDrop};
 pub use latency::{LatencyDevice, LatencyProfile};
 pub use mem::MemDevice;

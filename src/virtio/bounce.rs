@@ -36,19 +36,20 @@
 
 use crate::device::AlignedBuf;
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
 
 /// Size of one page of the pool: a transparent huge page.
 pub const HUGE_LEN: usize = AlignedBuf::HUGE_LEN;
-/// Smallest piece.
-const CLASS_MIN: usize = 32 << 10;
+/// Smallest piece: the smallest `--bounce-min`.
+const CLASS_MIN: usize = super::MIN_BOUNCE;
 /// Piece sizes: 32 KiB, 64 KiB, ... 2 MiB.
 const CLASSES: usize = 7;
 /// Pages a pool may allocate.
 pub const MAX_PAGES: usize = 16;
 
-/// A piece of a page, lent to one request.
+/// A piece of a page, lent to one request. It must go back to its pool
+/// with [`BouncePool::give`] (a piece dropped instead is lost to the pool
+/// until the pool is dropped).
 pub struct Piece {
     ptr: NonNull<u8>,
     class: usize,
@@ -66,11 +67,28 @@ impl Piece {
     }
 }
 
+/// One page of the pool, cut into pieces of one class.
+struct Page {
+    buf: AlignedBuf,
+    class: usize,
+    /// Pieces of this page not lent out.
+    free: usize,
+}
+
+impl Page {
+    fn base(&self) -> usize {
+        self.buf.as_ptr() as usize
+    }
+}
+
 /// Huge pages cut into pieces; see the module documentation.
+///
+/// Invariant: `free[c]` holds exactly the pieces of the pages of class `c`
+/// that are not lent out, and each page's `free` counts its own.
 pub struct BouncePool {
     /// Requests of at least this many bytes are staged.
     min: usize,
-    pages: Vec<AlignedBuf>,
+    pages: Vec<Page>,
     /// Free pieces of each class.
     free: [Vec<NonNull<u8>>; CLASSES],
 }
@@ -78,8 +96,11 @@ pub struct BouncePool {
 // SAFETY: the pool owns its pages; the raw pointers in `free` point into
 // them and are used by whichever single thread holds the pool.
 unsafe impl Send for BouncePool {}
-// SAFETY: as above; a `Piece` is a raw pointer into a page of its pool.
-unsafe impl Send for Piece {}
+
+/// Pieces of class `class` in one page.
+fn pieces(class: usize) -> usize {
+    HUGE_LEN / (CLASS_MIN << class)
+}
 
 impl BouncePool {
     /// A pool staging requests of `min` bytes and more (raised to the
@@ -98,31 +119,69 @@ impl BouncePool {
     }
 
     /// A piece of at least `len` bytes, or `None` if `len` is larger than a
-    /// page or the pool is at [`MAX_PAGES`] with no free piece of that size.
+    /// page, or if no piece of that size is free, the pool is at
+    /// [`MAX_PAGES`] and none of its pages is wholly free to be cut again.
     pub fn take(&mut self, len: usize) -> Option<Piece> {
         let class = (0..CLASSES).find(|&c| (CLASS_MIN << c) >= len)?;
         if self.free[class].is_empty() {
-            if self.pages.len() >= MAX_PAGES {
-                return None;
-            }
-            let mut page = AlignedBuf::new(HUGE_LEN);
-            let base = page.as_mut_ptr();
-            let size = CLASS_MIN << class;
-            for at in (0..HUGE_LEN).step_by(size).rev() {
-                // SAFETY: `at < HUGE_LEN`, the page's length.
-                let p = unsafe { base.add(at) };
-                if let Some(p) = NonNull::new(p) {
-                    self.free[class].push(p);
-                }
-            }
-            self.pages.push(page);
+            let page = if self.pages.len() < MAX_PAGES {
+                self.pages.push(Page {
+                    buf: AlignedBuf::new(HUGE_LEN),
+                    class,
+                    free: 0,
+                });
+                self.pages.len() - 1
+            } else {
+                // A page none of whose pieces is lent out (of another
+                // class: one of this class would have free pieces).
+                self.pages.iter().position(|p| p.free == pieces(p.class))?
+            };
+            self.cut(page, class);
         }
         let ptr = self.free[class].pop()?;
+        let page = self.page_of(ptr)?;
+        self.pages[page].free -= 1;
         Some(Piece { ptr, class })
+    }
+
+    /// Cuts page `i`, none of whose pieces is lent out, into pieces of
+    /// `class`: its old pieces leave their free list, the new ones join
+    /// theirs.
+    fn cut(&mut self, i: usize, class: usize) {
+        let Some(page) = self.pages.get_mut(i) else {
+            return;
+        };
+        let base = page.base();
+        if page.free > 0 {
+            let mine = base..base + HUGE_LEN;
+            self.free[page.class].retain(|p| !mine.contains(&(p.as_ptr() as usize)));
+        }
+        page.class = class;
+        let size = CLASS_MIN << class;
+        let start = page.buf.as_mut_ptr();
+        for at in (0..HUGE_LEN).step_by(size).rev() {
+            // SAFETY: `at < HUGE_LEN`, the page's length.
+            if let Some(p) = NonNull::new(unsafe { start.add(at) }) {
+                self.free[class].push(p);
+            }
+        }
+        page.free = pieces(class);
+    }
+
+    /// The page holding `ptr`.
+    fn page_of(&self, ptr: NonNull<u8>) -> Option<usize> {
+        let at = ptr.as_ptr() as usize;
+        self.pages
+            .iter()
+            .position(|p| (p.base()..p.base() + HUGE_LEN).contains(&at))
     }
 
     /// Gives back a piece taken from this pool.
     pub fn give(&mut self, piece: Piece) {
+        let Some(page) = self.page_of(piece.ptr) else {
+            return;
+        };
+        self.pages[page].free += 1;
         if let Some(f) = self.free.get_mut(piece.class) {
             f.push(piece.ptr);
         }
@@ -139,13 +198,14 @@ impl BouncePool {
 /// or a memfd created with MFD_HUGETLB).
 pub fn on_hugetlbfs(file: &File) -> bool {
     const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
-    // SAFETY: an all-zero statfs is a valid value for fstatfs to overwrite.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `file` is an open descriptor and `st` a live, writable statfs.
-    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) };
-    #[allow(clippy::unnecessary_cast)] // f_type's type differs between targets
-    let kind = st.f_type as i64;
-    rc == 0 && kind == HUGETLBFS_MAGIC
+    crate::device::fs_type(file) == Some(HUGETLBFS_MAGIC)
+}
+
+/// True if the kernel backs `madvise(MADV_HUGEPAGE)` memory with huge
+/// pages (transparent huge pages not set to `never`).
+pub fn thp_available() -> bool {
+    std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .is_ok_and(|s| !s.contains("[never]"))
 }
 
 #[cfg(test)]
@@ -156,6 +216,7 @@ mod tests {
     fn hugetlbfs_files_are_recognised() {
         let plain = tempfile::tempfile().unwrap();
         assert!(!on_hugetlbfs(&plain));
+        assert!(crate::device::fs_type(&plain).is_some());
         // A memfd on hugetlbfs needs no reserved huge pages until mapped.
         // SAFETY: a valid C string and flags; the result is checked.
         let fd = unsafe {
@@ -218,6 +279,49 @@ mod tests {
         );
         assert!(pool.take(1 << 20).is_none(), "no page left to cut");
         assert!(pool.take((2 << 20) + 1).is_none(), "larger than a page");
+    }
+
+    #[test]
+    fn a_wholly_free_page_is_cut_again_for_another_size() {
+        let mut pool = BouncePool::new(CLASS_MIN);
+        // Fill the pool with 2 MiB pieces, then give them all back.
+        let mut held = Vec::new();
+        while let Some(p) = pool.take(HUGE_LEN) {
+            held.push(p);
+        }
+        assert_eq!(held.len(), MAX_PAGES);
+        for p in held.drain(..) {
+            pool.give(p);
+        }
+        // Every 32 KiB piece the pool could now lend comes from re-cut
+        // pages: all of them, with no page or piece lent twice.
+        let mut starts = Vec::new();
+        while let Some(p) = pool.take(CLASS_MIN) {
+            starts.push(p.as_mut_ptr() as usize);
+            held.push(p);
+        }
+        assert_eq!(pool.pages(), MAX_PAGES);
+        assert_eq!(starts.len(), MAX_PAGES * pieces(0), "every page re-cut");
+        starts.sort_unstable();
+        starts.dedup();
+        assert_eq!(starts.len(), MAX_PAGES * pieces(0), "a piece lent twice");
+        assert!(pool.free[CLASSES - 1].is_empty(), "old 2 MiB pieces remain");
+        assert!(pool.take(HUGE_LEN).is_none(), "no page is wholly free");
+        // One page's pieces back: that page alone can be cut again.
+        let one = pool.page_of(held[0].ptr).expect("its page");
+        let (back, keep): (Vec<_>, Vec<_>) = held
+            .into_iter()
+            .partition(|p| pool.page_of(p.ptr) == Some(one));
+        for p in back {
+            pool.give(p);
+        }
+        let big = pool.take(HUGE_LEN).expect("the freed page, re-cut");
+        assert_eq!(pool.page_of(big.ptr), Some(one));
+        assert!(
+            pool.free[0].is_empty(),
+            "the re-cut page's 32 KiB pieces remain"
+        );
+        drop(keep);
     }
 
     #[test]

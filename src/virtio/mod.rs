@@ -24,7 +24,11 @@ pub use request::{BlkError, ParseError, Request, RequestKind};
 
 /// The daemon's default `--bounce-min`: hits of 32 KiB and more are staged
 /// in huge-page buffers (see `bounce`).
-pub const DEFAULT_BOUNCE_MIN: usize = 32 << 10;
+pub const DEFAULT_BOUNCE_MIN: usize = MIN_BOUNCE;
+/// Smallest `--bounce-min`: the smallest staging buffer.
+pub const MIN_BOUNCE: usize = 32 << 10;
+/// Largest `--bounce-min`: one huge page.
+pub const MAX_BOUNCE: usize = crate::device::AlignedBuf::HUGE_LEN;
 
 /// Largest number of segments a request may have (advertised as `seg_max`).
 pub const SEG_MAX: u32 = 254;

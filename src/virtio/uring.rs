@@ -109,8 +109,8 @@ struct Pending {
     remaining: usize,
     failed: bool,
     /// The staging buffer of a large request (see `bounce`): a read is
-    /// copied to guest memory once every operation has completed, a write
-    /// was copied from it before the first was queued.
+    /// copied from it to guest memory once every operation has completed; a
+    /// write was copied into it before the first operation was queued.
     bounce: Option<Piece>,
 }
 
@@ -303,7 +303,9 @@ impl QueueRing {
             mapped_copies: 0,
             fixed: pin_memory.then(FixedBufs::default),
             fixed_ops: 0,
-            bounce: bounce_min.map(BouncePool::new),
+            bounce: bounce_min
+                .filter(|_| staging_possible())
+                .map(BouncePool::new),
             bounced: 0,
             huge_guest: None,
         })
@@ -426,7 +428,13 @@ impl QueueRing {
         self.fixed.as_ref().map_or(0, |f| f.generations())
     }
 
-    /// How many requests were staged through a bounce buffer.
+    /// Pages held by the staging pool (tests).
+    #[cfg(test)]
+    pub(crate) fn bounce_pages(&self) -> usize {
+        self.bounce.as_ref().map_or(0, |p| p.pages())
+    }
+
+    /// How many requests were staged through a bounce buffer and finished.
     pub fn bounced(&self) -> u64 {
         self.bounced
     }
@@ -530,12 +538,13 @@ impl QueueRing {
             self.ready.push(done);
             return Ok(());
         }
-        let stage = self.bounce.as_ref().is_some_and(|p| p.wants(len))
+        // Staged operations are plain READ/WRITE (Linux 5.6).
+        let stage = self.plain_ops
+            && self.bounce.as_ref().is_some_and(|p| p.wants(len))
             && !self.guest_on_huge_pages(&pending.mem);
         if let Some(pool) = self.bounce.as_mut().filter(|_| stage) {
             if let Some(piece) = usize::try_from(len).ok().and_then(|l| pool.take(l)) {
                 if !write || copy_between(&piece, &pending.io, &pending.iovecs, true) {
-                    self.bounced += 1;
                     pending.bounce = Some(piece);
                 } else {
                     pool.give(piece);
@@ -648,7 +657,16 @@ impl QueueRing {
         }
         if pending.remaining == 0 {
             self.free.push(slot);
-            let Pending { req, mem, io, .. } = pending;
+            let Pending {
+                req,
+                mem,
+                io,
+                bounce,
+                ..
+            } = pending;
+            if let (Some(piece), Some(pool)) = (bounce, self.bounce.as_mut()) {
+                pool.give(piece);
+            }
             drop(io);
             return Err((req, mem));
         }
@@ -906,6 +924,7 @@ impl QueueRing {
             ..
         } = p;
         if let Some(piece) = bounce {
+            self.bounced += 1;
             if !failed && matches!(req.kind, RequestKind::Read { .. }) {
                 failed = !copy_between(&piece, &io, &iovecs, false);
             }
@@ -927,6 +946,22 @@ impl QueueRing {
     }
 }
 
+/// False, logged once, if large hits cannot be staged to any gain: the
+/// kernel gives no transparent huge pages.
+fn staging_possible() -> bool {
+    static CHECK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *CHECK.get_or_init(|| {
+        let ok = super::bounce::thp_available();
+        if !ok {
+            log::info!(
+                "transparent huge pages are off (/sys/kernel/mm/transparent_hugepage/enabled): \
+                 large hits use guest memory in place"
+            );
+        }
+        ok
+    })
+}
+
 /// Copies a staged request between `piece` and the guest buffers of each
 /// extent: from the guest for a write (`to_piece`), to the guest for a read.
 /// False if an extent does not fit in the piece (never for a request built
@@ -939,6 +974,12 @@ fn copy_between(piece: &Piece, io: &DirectIo, iovecs: &Iovecs, to_piece: bool) -
         let Ok(mut at) = usize::try_from(ext.pos) else {
             return false;
         };
+        let total = iov
+            .iter()
+            .try_fold(0u64, |a, v| a.checked_add(v.iov_len as u64));
+        if total != Some(ext.len) {
+            return false;
+        }
         for v in iov {
             if at
                 .checked_add(v.iov_len)
