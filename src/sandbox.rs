@@ -234,6 +234,8 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_lseek,
     libc::SYS_close,
     libc::SYS_fstat,
+    // A queue checks whether the guest's memory is on hugetlbfs.
+    libc::SYS_fstatfs,
     libc::SYS_newfstatat,
     libc::SYS_statx,
     libc::SYS_fsync,
@@ -398,8 +400,12 @@ mod tests {
         // Installed on one thread only (no TSYNC), so the test process is
         // unaffected.
         let prog = build_filter().unwrap();
+        let opened = tempfile::tempfile().unwrap();
         let t = std::thread::spawn(move || {
             seccompiler::apply_filter(&prog).unwrap();
+            // Allowed: the filesystem type of an open file (guest memory
+            // on hugetlbfs is served in place).
+            assert!(crate::device::fs_type(&opened).is_some(), "fstatfs refused");
             // Allowed: pipes made before, read/write, pread on an open file.
             let mut out = Vec::new();
             // SAFETY: socket() takes no pointers.

@@ -587,3 +587,62 @@ fn an_idle_daemon_writes_dirty_blocks_back_to_the_source() {
         assert!(d.stop().success());
     }
 }
+
+/// The daemon's anonymous memory in transparent huge pages, in KiB.
+fn anon_huge_kib(pid: i32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap();
+    text.lines()
+        .find(|l| l.starts_with("AnonHugePages:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// Large hits are staged in huge pages by the real daemon, seccomp filter
+/// on (it reads the THP setting before the filter forbids opening files):
+/// the daemon's anonymous huge pages grow by at least one 2 MiB page while
+/// it serves 1 MiB writes and reads, and not at all with `--bounce-min off`.
+/// Every read returns what was written either way.
+#[test]
+fn large_hits_are_staged_in_huge_pages_under_the_sandbox() {
+    let thp =
+        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+    if thp.is_empty() || thp.contains("[never]") {
+        eprintln!("skipping: transparent huge pages are off ({thp:?})");
+        return;
+    }
+    for (extra, staged) in [(&[][..], true), (&["--bounce-min", "off"][..], false)] {
+        let files = Files::new(16 * MIB, 32 << 20, 3);
+        let cache = std::fs::File::open(&files.cache).unwrap();
+        if vblkcache::device::fs_type(&cache) == Some(0x0102_1994) {
+            eprintln!("skipping: the temp dir is on tmpfs (hits are memory copies)");
+            return;
+        }
+        let mut args = vec!["--mode", "writeback", "--block-size", "64K"];
+        args.extend_from_slice(extra);
+        let daemon = Daemon::start(&files, &args);
+        let mut client = Client::connect(&files.socket, 1);
+        let mut q = client.queue(0);
+        // Fill the cache from the source first, so that the writes and
+        // reads that follow are hits.
+        assert!(q.read(0, 4 * MIB) == files.initial[..4 * MIB]);
+        let before = anon_huge_kib(daemon.pid());
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for i in 0..8u64 {
+            let data = random_bytes(&mut rng, MIB);
+            let at = (i % 4) * MIB as u64;
+            q.write(at, &data);
+            assert!(q.read(at, MIB) == data, "read {i} differs");
+        }
+        let grown = anon_huge_kib(daemon.pid()).saturating_sub(before);
+        drop(q);
+        drop(client);
+        let log = daemon.log_text();
+        assert!(daemon.stop().success(), "{log}");
+        if staged {
+            assert!(grown >= 2048, "huge pages grew by {grown} KiB\n{log}");
+        } else {
+            assert_eq!(grown, 0, "huge pages grew without staging\n{log}");
+        }
+    }
+}

@@ -357,7 +357,8 @@ fn serve_engine(cfg: &ServeConfig, stop: &Arc<Stop>, engine: &Arc<Engine>) -> Re
         io_uring: cfg.io_uring,
         poll: cfg.poll,
         pin_guest_memory: cfg.pin_guest_memory,
-        bounce_min: cfg.bounce_min,
+        // Before the sandbox: this reads sysfs.
+        bounce_min: crate::virtio::staging_threshold(cfg.bounce_min),
         unordered: cfg.unordered,
         drain_timeout: crate::virtio::DRAIN_TIMEOUT,
         queue_threads: cfg.queue_threads,

@@ -201,11 +201,26 @@ pub fn on_hugetlbfs(file: &File) -> bool {
     crate::device::fs_type(file) == Some(HUGETLBFS_MAGIC)
 }
 
-/// True if the kernel backs `madvise(MADV_HUGEPAGE)` memory with huge
-/// pages (transparent huge pages not set to `never`).
-pub fn thp_available() -> bool {
-    std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
-        .is_ok_and(|s| !s.contains("[never]"))
+/// `min` if large hits can be staged to any gain, that is if the kernel
+/// backs `madvise(MADV_HUGEPAGE)` memory with huge pages (transparent huge
+/// pages not set to `never`); `None`, logged, if not. Reads sysfs: the
+/// daemon calls it before its seccomp filter forbids opening files.
+pub fn staging_threshold(min: Option<usize>) -> Option<usize> {
+    let min = min?;
+    const THP: &str = "/sys/kernel/mm/transparent_hugepage/enabled";
+    match std::fs::read_to_string(THP) {
+        Ok(s) if s.contains("[never]") => {
+            log::info!(
+                "transparent huge pages are off ({THP}): large hits use guest memory in place"
+            );
+            None
+        }
+        Ok(_) => Some(min),
+        Err(e) => {
+            log::info!("cannot read {THP} ({e}): large hits use guest memory in place");
+            None
+        }
+    }
 }
 
 #[cfg(test)]

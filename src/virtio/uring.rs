@@ -303,9 +303,7 @@ impl QueueRing {
             mapped_copies: 0,
             fixed: pin_memory.then(FixedBufs::default),
             fixed_ops: 0,
-            bounce: bounce_min
-                .filter(|_| staging_possible())
-                .map(BouncePool::new),
+            bounce: bounce_min.map(BouncePool::new),
             bounced: 0,
             huge_guest: None,
         })
@@ -944,22 +942,6 @@ impl QueueRing {
         req.recycle();
         done
     }
-}
-
-/// False, logged once, if large hits cannot be staged to any gain: the
-/// kernel gives no transparent huge pages.
-fn staging_possible() -> bool {
-    static CHECK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *CHECK.get_or_init(|| {
-        let ok = super::bounce::thp_available();
-        if !ok {
-            log::info!(
-                "transparent huge pages are off (/sys/kernel/mm/transparent_hugepage/enabled): \
-                 large hits use guest memory in place"
-            );
-        }
-        ok
-    })
 }
 
 /// Copies a staged request between `piece` and the guest buffers of each
