@@ -18,6 +18,8 @@
 #   --log FILE           console log (default: a temporary file, kept on failure)
 #   --accel tcg|kvm|auto default auto: KVM only if it is real KVM (not PVM), else TCG
 #   --mem SIZE           guest memory (default 1G; shared memfd, as vhost-user needs)
+#   --hugepages          back guest memory with 2 MiB huge pages (a hugetlb memfd:
+#                        needs SIZE / 2 MiB free pages, see /proc/sys/vm/nr_hugepages)
 #   --quiet              do not copy the console to stdout
 #   --initrd-only FILE   only write the initramfs with the scripts to FILE and exit
 #   --qmp PATH           also serve QMP on the Unix socket PATH (e.g. to pause and resume the VM)
@@ -40,7 +42,7 @@ die() {
     exit 125
 }
 
-SOCK="" INITRD_ONLY="" QMP="" QUEUES=1 TIMEOUT=300 SOCK_TIMEOUT=30 LOG="" ACCEL=auto MEM=1G QUIET=0
+SOCK="" INITRD_ONLY="" QMP="" QUEUES=1 TIMEOUT=300 SOCK_TIMEOUT=30 LOG="" ACCEL=auto MEM=1G QUIET=0 HUGE=""
 GUEST_DIR=${VBLK_GUEST_DIR:-$(repo_root)/target/guest}
 SCRIPTS=() FILES=() ENVS=()
 while (($#)); do
@@ -56,6 +58,7 @@ while (($#)); do
     --log) LOG=$2; shift 2 ;;
     --accel) ACCEL=$2; shift 2 ;;
     --mem) MEM=$2; shift 2 ;;
+    --hugepages) HUGE=",hugetlb=on,hugetlbsize=2M"; shift ;;
     --quiet) QUIET=1; shift ;;
     --initrd-only) INITRD_ONLY=$2; shift 2 ;;
     --qmp) QMP=$2; shift 2 ;;
@@ -138,7 +141,7 @@ fi
 
 ARGS=(
     -machine "q35,accel=$MACHINE_ACCEL,memory-backend=mem" -cpu "$CPU" -m "$MEM"
-    -object "memory-backend-memfd,id=mem,size=$MEM,share=on"
+    -object "memory-backend-memfd,id=mem,size=$MEM,share=on$HUGE"
     -bios "$QBOOT" -kernel "$GUEST_DIR/vmlinux" -initrd "$RUN/initrd"
     -append "console=ttyS0 quiet panic=-1 rdinit=/init"
     -nographic -nodefaults -serial stdio -monitor none -no-reboot

@@ -588,21 +588,11 @@ fn an_idle_daemon_writes_dirty_blocks_back_to_the_source() {
     }
 }
 
-/// The daemon's anonymous memory in transparent huge pages, in KiB.
-fn anon_huge_kib(pid: i32) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap();
-    text.lines()
-        .find(|l| l.starts_with("AnonHugePages:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap()
-}
-
-/// Large hits are staged in huge pages by the real daemon, seccomp filter
-/// on (it reads the THP setting before the filter forbids opening files):
-/// the daemon's anonymous huge pages grow by at least one 2 MiB page while
-/// it serves 1 MiB writes and reads, and not at all with `--bounce-min off`.
-/// Every read returns what was written either way.
+/// Large hits are staged in huge pages by the real daemon with its seccomp
+/// filter on (it reads the THP setting before the filter forbids opening
+/// files): every 1 MiB write and read hit below is counted in
+/// `staged_requests`, and none with `--bounce-min off`. Every read returns
+/// what was written either way.
 #[test]
 fn large_hits_are_staged_in_huge_pages_under_the_sandbox() {
     let thp =
@@ -618,7 +608,16 @@ fn large_hits_are_staged_in_huge_pages_under_the_sandbox() {
             eprintln!("skipping: the temp dir is on tmpfs (hits are memory copies)");
             return;
         }
-        let mut args = vec!["--mode", "writeback", "--block-size", "64K"];
+        let control = files.dir.path().join("ctl.sock");
+        let ctl = control.display().to_string();
+        let mut args = vec![
+            "--mode",
+            "writeback",
+            "--block-size",
+            "64K",
+            "--control",
+            &ctl,
+        ];
         args.extend_from_slice(extra);
         let daemon = Daemon::start(&files, &args);
         let mut client = Client::connect(&files.socket, 1);
@@ -626,7 +625,8 @@ fn large_hits_are_staged_in_huge_pages_under_the_sandbox() {
         // Fill the cache from the source first, so that the writes and
         // reads that follow are hits.
         assert!(q.read(0, 4 * MIB) == files.initial[..4 * MIB]);
-        let before = anon_huge_kib(daemon.pid());
+        let stat = |name: &str| status_json(&control)["stats"][name].as_u64().unwrap();
+        let (direct, before) = (stat("direct_requests"), stat("staged_requests"));
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
         for i in 0..8u64 {
             let data = random_bytes(&mut rng, MIB);
@@ -634,15 +634,16 @@ fn large_hits_are_staged_in_huge_pages_under_the_sandbox() {
             q.write(at, &data);
             assert!(q.read(at, MIB) == data, "read {i} differs");
         }
-        let grown = anon_huge_kib(daemon.pid()).saturating_sub(before);
+        let (direct, staged_now) = (
+            stat("direct_requests") - direct,
+            stat("staged_requests") - before,
+        );
         drop(q);
         drop(client);
         let log = daemon.log_text();
         assert!(daemon.stop().success(), "{log}");
-        if staged {
-            assert!(grown >= 2048, "huge pages grew by {grown} KiB\n{log}");
-        } else {
-            assert_eq!(grown, 0, "huge pages grew without staging\n{log}");
-        }
+        assert_eq!(direct, 16, "not all were io_uring hits\n{log}");
+        let want = if staged { 16 } else { 0 };
+        assert_eq!(staged_now, want, "staged requests\n{log}");
     }
 }

@@ -111,6 +111,14 @@ impl DirectIo {
         b
     }
 
+    /// As [`DirectIo::completed`], for a request whose data the caller
+    /// moved through a staging buffer of its own (counted in
+    /// `staged_requests` as well).
+    pub fn completed_staged(self) -> DirectBufs {
+        self.core.stats.here().staged_requests.fetch_add(1, Relaxed);
+        self.completed()
+    }
+
     /// Records that the caller's I/O completed; the request counts in the
     /// statistics like one served by the blocking path. (Dropping a
     /// `DirectIo` without calling this or [`DirectIo::failed`] counts

@@ -125,6 +125,10 @@ counters! {
     /// Cache I/O operations of those requests (one per contiguous range of
     /// the cache device).
     direct_ops,
+    /// Those of `direct_requests` whose data the caller moved through a
+    /// staging buffer of its own (the daemon's huge-page pieces for hits of
+    /// `--bounce-min` bytes and more) instead of using guest memory in place.
+    staged_requests,
     /// I/O errors returned to callers or met by background workers.
     errors,
 }

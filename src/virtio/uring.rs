@@ -921,6 +921,7 @@ impl QueueRing {
             bounce,
             ..
         } = p;
+        let staged = bounce.is_some();
         if let Some(piece) = bounce {
             self.bounced += 1;
             if !failed && matches!(req.kind, RequestKind::Read { .. }) {
@@ -930,7 +931,11 @@ impl QueueRing {
                 pool.give(piece);
             }
         }
-        let direct = if failed { io.failed() } else { io.completed() };
+        let direct = match (failed, staged) {
+            (true, _) => io.failed(),
+            (false, true) => io.completed_staged(),
+            (false, false) => io.completed(),
+        };
         self.spare.push(Spare {
             direct,
             iov: iovecs,
