@@ -223,6 +223,25 @@ pub fn staging_threshold(min: Option<usize>) -> Option<usize> {
     }
 }
 
+/// Free huge pages of 2 MiB (`HugePages_Free` in /proc/meminfo); 0 if the
+/// default huge page size is another, or the file cannot be read. For
+/// tests that need guest RAM on hugetlbfs, and diagnostics.
+pub fn free_huge_pages() -> u64 {
+    let info = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let field = |name: &str| {
+        info.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    if field("Hugepagesize:") == 2048 {
+        field("HugePages_Free:")
+    } else {
+        0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -138,23 +138,6 @@ fn large_hits_through_staging_buffers_land_the_same_bytes() {
     }
 }
 
-/// Free 2 MiB huge pages, from /proc/meminfo.
-fn free_huge_pages() -> u64 {
-    let info = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let field = |name: &str| {
-        info.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    if field("Hugepagesize:") == 2048 {
-        field("HugePages_Free:")
-    } else {
-        0
-    }
-}
-
 /// Guest RAM on hugetlbfs is contiguous in huge pages already, so a large
 /// hit uses it in place rather than paying for a copy. Needs 4 free huge
 /// pages (`vm.nr_hugepages`); skipped where there are none, since touching
@@ -162,7 +145,7 @@ fn free_huge_pages() -> u64 {
 #[test]
 fn large_hits_stay_in_place_when_guest_ram_is_on_hugetlbfs() {
     let want = (MEM_SIZE as u64).div_ceil(2 << 20);
-    if free_huge_pages() < want {
+    if crate::virtio::free_huge_pages() < want {
         eprintln!("skipping: fewer than {want} free 2 MiB huge pages (vm.nr_hugepages)");
         return;
     }

@@ -20,7 +20,7 @@ mod request_tests;
 pub mod uring;
 
 pub use backend::{BlkBackend, BlkBackendConfig, DRAIN_TIMEOUT};
-pub use bounce::staging_threshold;
+pub use bounce::{free_huge_pages, staging_threshold};
 pub use request::{BlkError, ParseError, Request, RequestKind};
 
 /// The daemon's default `--bounce-min`: hits of 32 KiB and more are staged
