@@ -53,6 +53,8 @@ pub const MAX_PAGES: usize = 16;
 pub struct Piece {
     ptr: NonNull<u8>,
     class: usize,
+    /// Index of its page in the pool (pages are never removed).
+    page: usize,
 }
 
 impl Piece {
@@ -75,12 +77,6 @@ struct Page {
     free: usize,
 }
 
-impl Page {
-    fn base(&self) -> usize {
-        self.buf.as_ptr() as usize
-    }
-}
-
 /// Huge pages cut into pieces; see the module documentation.
 ///
 /// Invariant: `free[c]` holds exactly the pieces of the pages of class `c`
@@ -89,8 +85,8 @@ pub struct BouncePool {
     /// Requests of at least this many bytes are staged.
     min: usize,
     pages: Vec<Page>,
-    /// Free pieces of each class.
-    free: [Vec<NonNull<u8>>; CLASSES],
+    /// Free pieces of each class, with the index of their page.
+    free: [Vec<(NonNull<u8>, usize)>; CLASSES],
 }
 
 // SAFETY: the pool owns its pages; the raw pointers in `free` point into
@@ -138,10 +134,9 @@ impl BouncePool {
             };
             self.cut(page, class);
         }
-        let ptr = self.free[class].pop()?;
-        let page = self.page_of(ptr)?;
+        let (ptr, page) = self.free[class].pop()?;
         self.pages[page].free -= 1;
-        Some(Piece { ptr, class })
+        Some(Piece { ptr, class, page })
     }
 
     /// Cuts page `i`, none of whose pieces is lent out, into pieces of
@@ -151,10 +146,8 @@ impl BouncePool {
         let Some(page) = self.pages.get_mut(i) else {
             return;
         };
-        let base = page.base();
         if page.free > 0 {
-            let mine = base..base + HUGE_LEN;
-            self.free[page.class].retain(|p| !mine.contains(&(p.as_ptr() as usize)));
+            self.free[page.class].retain(|&(_, of)| of != i);
         }
         page.class = class;
         let size = CLASS_MIN << class;
@@ -162,29 +155,22 @@ impl BouncePool {
         for at in (0..HUGE_LEN).step_by(size).rev() {
             // SAFETY: `at < HUGE_LEN`, the page's length.
             if let Some(p) = NonNull::new(unsafe { start.add(at) }) {
-                self.free[class].push(p);
+                self.free[class].push((p, i));
             }
         }
         page.free = pieces(class);
     }
 
-    /// The page holding `ptr`.
-    fn page_of(&self, ptr: NonNull<u8>) -> Option<usize> {
-        let at = ptr.as_ptr() as usize;
-        self.pages
-            .iter()
-            .position(|p| (p.base()..p.base() + HUGE_LEN).contains(&at))
-    }
-
     /// Gives back a piece taken from this pool.
     pub fn give(&mut self, piece: Piece) {
-        let Some(page) = self.page_of(piece.ptr) else {
+        let (Some(page), Some(f)) = (
+            self.pages.get_mut(piece.page),
+            self.free.get_mut(piece.class),
+        ) else {
             return;
         };
-        self.pages[page].free += 1;
-        if let Some(f) = self.free.get_mut(piece.class) {
-            f.push(piece.ptr);
-        }
+        page.free += 1;
+        f.push((piece.ptr, piece.page));
     }
 
     /// Pages allocated so far.
@@ -342,15 +328,16 @@ mod tests {
         assert!(pool.free[CLASSES - 1].is_empty(), "old 2 MiB pieces remain");
         assert!(pool.take(HUGE_LEN).is_none(), "no page is wholly free");
         // One page's pieces back: that page alone can be cut again.
-        let one = pool.page_of(held[0].ptr).expect("its page");
-        let (back, keep): (Vec<_>, Vec<_>) = held
-            .into_iter()
-            .partition(|p| pool.page_of(p.ptr) == Some(one));
+        let one = held[0].page;
+        let (back, keep): (Vec<_>, Vec<_>) = held.into_iter().partition(|p| p.page == one);
+        assert_eq!(back.len(), pieces(0));
+        let base = back.iter().map(|p| p.as_mut_ptr() as usize).min();
         for p in back {
             pool.give(p);
         }
         let big = pool.take(HUGE_LEN).expect("the freed page, re-cut");
-        assert_eq!(pool.page_of(big.ptr), Some(one));
+        assert_eq!(big.page, one);
+        assert_eq!(Some(big.as_mut_ptr() as usize), base, "not the freed page");
         assert!(
             pool.free[0].is_empty(),
             "the re-cut page's 32 KiB pieces remain"
