@@ -235,8 +235,6 @@ pub struct QueueRing {
     /// Staging buffers for large requests (`None`: every request uses
     /// guest memory in place).
     bounce: Option<BouncePool>,
-    /// Requests staged so far.
-    bounced: u64,
     /// The last guest memory table seen by staging, and whether all of it
     /// is on hugetlbfs (then nothing is staged: see `bounce`). The `Weak`
     /// keeps the table's allocation, so no later table can share its
@@ -304,7 +302,6 @@ impl QueueRing {
             fixed: pin_memory.then(FixedBufs::default),
             fixed_ops: 0,
             bounce: bounce_min.map(BouncePool::new),
-            bounced: 0,
             huge_guest: None,
         })
     }
@@ -430,11 +427,6 @@ impl QueueRing {
     #[cfg(test)]
     pub(crate) fn bounce_pages(&self) -> usize {
         self.bounce.as_ref().map_or(0, |p| p.pages())
-    }
-
-    /// How many requests were staged through a bounce buffer and finished.
-    pub fn bounced(&self) -> u64 {
-        self.bounced
     }
 
     /// How many operations used registered guest memory.
@@ -923,7 +915,6 @@ impl QueueRing {
         } = p;
         let staged = bounce.is_some();
         if let Some(piece) = bounce {
-            self.bounced += 1;
             if !failed && matches!(req.kind, RequestKind::Read { .. }) {
                 failed = !copy_between(&piece, &io, &iovecs, false);
             }
