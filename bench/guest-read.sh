@@ -6,7 +6,9 @@
 #
 #   source    vblkcache --mode passthrough on the slow source: the guest's
 #             disk without a cache (every read waits for the source)
-#   cold      vblkcache on the slow source with an empty cache
+#   cold-no-ra  vblkcache on the slow source with an empty cache and
+#             --readahead 0
+#   cold      the same with the default readahead
 #   warm      the same daemon restarted (SIGTERM, then serve again on the
 #             same cache): the mapping persisted at shutdown is loaded
 #   qsd       qemu-storage-daemon serving the image file itself, with no
@@ -71,7 +73,7 @@ mkdir -p "$W/tree"
 for t in "${TREES[@]}"; do
     cp -a "$t" "$W/tree/$(basename "$t")"
 done
-(cd "$W/tree" && find . -type f -print0 | sort -z | xargs -0 sha256sum >MANIFEST.sha256)
+(cd "$W/tree" && find . -type f ! -name MANIFEST.sha256 -print0 | sort -z | xargs -0 sha256sum >MANIFEST.sha256)
 tree_kib=$(du -sk "$W/tree" | cut -f1)
 img_mib=$(( tree_kib * 3 / 2 / 1024 + 64 ))
 mke2fs -q -t ext4 -F -d "$W/tree" "$W/source.img" "${img_mib}M"
@@ -132,7 +134,8 @@ target, rnd, ms, files, nbytes, t0, t1, lat, st, out = sys.argv[1:]
 s = json.loads(st).get("stats", {})
 rec = {"target": target, "round": int(rnd), "read_ms": int(ms), "files": int(files),
        "bytes": int(nbytes), "wall_s": round(float(t1) - float(t0), 2), "latency": lat,
-       "read_hits": s.get("read_hits"), "read_misses": s.get("read_misses")}
+       "read_hits": s.get("read_hits"), "read_misses": s.get("read_misses"),
+       "readahead_blocks": s.get("readahead_blocks")}
 print(json.dumps(rec))
 if out:
     with open(out, "a") as f:
@@ -146,6 +149,11 @@ for round in $(seq 1 "$ROUNDS"); do
     truncate -s "$(( img_mib * 2 ))M" "$W/cache.img"
     serve --mode passthrough
     results+=("$(boot source "$round")"); echo "${results[-1]}" >&2
+    stop
+    rm -f "$W/cache.img"
+    truncate -s "$(( img_mib * 2 ))M" "$W/cache.img"
+    serve --readahead 0
+    results+=("$(boot cold-no-ra "$round")"); echo "${results[-1]}" >&2
     stop
     rm -f "$W/cache.img"
     truncate -s "$(( img_mib * 2 ))M" "$W/cache.img"
@@ -168,7 +176,7 @@ rounds = sorted({r["round"] for r in runs})
 by = {(r["target"], r["round"]): r for r in runs}
 print("| target | guest read ms (median) | wall s, boot + read (median) | ÷ source (median of rounds) | read hits | read misses |")
 print("|---|---:|---:|---:|---:|---:|")
-for t in ["source", "cold", "warm", "qsd"]:
+for t in ["source", "cold-no-ra", "cold", "warm", "qsd"]:
     rs = [by[(t, n)] for n in rounds]
     ratio = statistics.median(by[(t, n)]["read_ms"] / max(by[("source", n)]["read_ms"], 1) for n in rounds)
     ms = statistics.median(r["read_ms"] for r in rs)

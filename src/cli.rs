@@ -152,6 +152,13 @@ pub struct ServeArgs {
     /// one segment (32K at least, or off).
     #[arg(long, value_name = "SIZE|off", default_value = "32K")]
     pub bounce_min: String,
+    /// When a read miss follows an earlier one at the next block (a guest
+    /// reading in order, as a boot does), fetch the blocks after it from
+    /// the source in the background: a window that doubles, from 4 blocks
+    /// up to this size, while the reads go on in order (0 or off: no
+    /// readahead; at most 64M).
+    #[arg(long, value_name = "SIZE|off", default_value = "4M")]
+    pub readahead: String,
     /// Put requests on the used ring as they complete, instead of in the
     /// order the guest issued them. Requests behind a slow one (a FLUSH, a
     /// miss) are answered at once, but if the daemon is killed and restarted

@@ -22,6 +22,8 @@ pub const MAX_SERIAL_BYTES: usize = 20;
 pub const DEFAULT_IO_THREADS_PER_QUEUE: usize = 32;
 /// Upper bound on I/O threads.
 pub const MAX_IO_THREADS: usize = 256;
+/// Largest `--readahead` window.
+pub const MAX_READAHEAD: u64 = 64 << 20;
 /// Longest busy-polling interval `--poll` accepts: polling holds a CPU.
 pub const MAX_POLL: std::time::Duration = std::time::Duration::from_millis(10);
 
@@ -34,6 +36,8 @@ pub enum ConfigError {
     Poll(String),
     #[error("--bounce-min {0}: expected a size from 32K to 2M, like 64K, or off")]
     BounceMin(String),
+    #[error("--readahead {0}: expected a size of at most 64M, like 1M, or 0 or off")]
+    Readahead(String),
     #[error("--writeback-high {0}: expected a percentage from 1 to 100")]
     WritebackHigh(u8),
     #[error("--writeback-low {low}: expected a percentage below --writeback-high ({high})")]
@@ -353,6 +357,13 @@ impl TryFrom<ServeArgs> for ServeConfig {
                     .ok_or_else(|| ConfigError::BounceMin(a.bounce_min.clone()))?,
             ),
         };
+        let readahead = match a.readahead.trim() {
+            "off" => 0,
+            s => crate::size::parse_size(s)
+                .ok()
+                .filter(|&n| n <= MAX_READAHEAD)
+                .ok_or_else(|| ConfigError::Readahead(a.readahead.clone()))?,
+        };
         let socket_mode = parse_mode(&a.socket_mode)
             .ok_or_else(|| ConfigError::SocketMode(a.socket_mode.clone()))?;
         check_device_path("--source", &a.source)?;
@@ -391,6 +402,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 source_moved: a.source_moved,
                 crash_state_dir,
                 writeback,
+                readahead,
                 ..EngineConfig::default()
             },
             queues: a.queues,
@@ -472,6 +484,11 @@ mod tests {
         assert!(!c.pin_guest_memory, "pinning guest memory is opt-in");
         assert_eq!(c.bounce_min, Some(crate::virtio::DEFAULT_BOUNCE_MIN));
         assert!(!c.unordered, "completions are in order unless asked");
+        assert_eq!(
+            c.engine.readahead,
+            4 << 20,
+            "readahead up to 4 MiB by default"
+        );
         let wb = c.engine.writeback;
         assert_eq!((wb.high_watermark_pct, wb.low_watermark_pct), (50, 25));
         assert_eq!(
@@ -533,6 +550,8 @@ mod tests {
             (&["--bounce-min", "4K"], "--bounce-min"),
             (&["--bounce-min", "4M"], "--bounce-min"),
             (&["--bounce-min", "big"], "--bounce-min"),
+            (&["--readahead", "65M"], "--readahead"),
+            (&["--readahead", "lots"], "--readahead"),
             (
                 &["--queues", "2", "--queue-threads", "3"],
                 "--queue-threads",
@@ -589,6 +608,12 @@ mod tests {
         let c = parse(&["--queues", "4", "--queue-threads", "1"]).unwrap();
         assert_eq!(c.queue_threads, 1);
         assert_eq!(parse(&["--bounce-min", "off"]).unwrap().bounce_min, None);
+        assert_eq!(parse(&["--readahead", "off"]).unwrap().engine.readahead, 0);
+        assert_eq!(parse(&["--readahead", "0"]).unwrap().engine.readahead, 0);
+        assert_eq!(
+            parse(&["--readahead", "4M"]).unwrap().engine.readahead,
+            4 << 20
+        );
         let c = parse(&["--bounce-min", "256K"]).unwrap();
         assert_eq!(c.bounce_min, Some(256 << 10));
         let c = parse(&["--queues", "2", "--queue-threads", "2", "--poll", "1us"]).unwrap();

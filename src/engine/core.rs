@@ -89,6 +89,8 @@ pub(crate) struct Core {
     /// set for a write its flush did not cover.
     pub wb_settle: Mutex<()>,
     pub store: StoreQueue,
+    /// Sequential readahead on read misses (see `readahead`).
+    pub readahead: super::readahead::ReadAhead,
     /// Idle one-block fetch buffers reused by read misses.
     pub fetch_bufs: super::bufpool::BufPool,
     /// Frames whose committed state may be out of date (see `commit`).

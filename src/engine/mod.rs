@@ -15,6 +15,7 @@ pub mod mode;
 mod open;
 pub mod policy;
 mod read;
+mod readahead;
 mod shard;
 pub mod stats;
 mod store;
@@ -101,6 +102,10 @@ pub struct EngineConfig {
     /// which keeps the live mapping past a crash of the process (see
     /// [`crashstate`]); `None` keeps it in private memory only.
     pub crash_state_dir: Option<std::path::PathBuf>,
+    /// Largest window of sequential readahead on read misses, in bytes
+    /// (rounded down to whole blocks, at least one); 0 (the default) turns
+    /// it off (see [`readahead`]).
+    pub readahead: u64,
 }
 
 impl Default for EngineConfig {
@@ -114,6 +119,7 @@ impl Default for EngineConfig {
             discard_dirty: false,
             source_moved: false,
             crash_state_dir: None,
+            readahead: 0,
         }
     }
 }
@@ -343,6 +349,7 @@ impl Engine {
             wb_pool: writeback::WriterPool::default(),
             wb_settle: Mutex::new(()),
             store,
+            readahead: readahead::ReadAhead::new(readahead_blocks(cfg.readahead, g.block_size)),
             fetch_bufs: bufpool::BufPool::new(layout.geometry.block_size as usize, FETCH_BUFS),
             commit_queue: Mutex::new(Vec::new()),
             rerecord: AtomicBool::new(false),
@@ -400,6 +407,14 @@ impl Engine {
             threads.push(spawn(&format!("vbc-store{i}"), move || {
                 store::run_store_worker(c)
             })?);
+        }
+        if core.readahead.enabled() {
+            for i in 0..readahead::WORKERS {
+                let c = core.clone();
+                threads.push(spawn(&format!("vbc-ra{i}"), move || {
+                    readahead::run_readahead_worker(c)
+                })?);
+            }
         }
         let c = core.clone();
         threads.push(spawn("vbc-writeback", move || writeback::run_writeback(c))?);
@@ -602,6 +617,10 @@ impl Engine {
         while c.inflight.total() > 0 {
             std::thread::sleep(Duration::from_micros(200));
         }
+        // Readahead first: its last fetches hand their blocks to the store
+        // queue, which is waited for next.
+        c.close_readahead();
+        c.readahead.wait_idle();
         c.store.wait_idle();
         self.stop_workers();
         let r = if writeback {
@@ -644,6 +663,7 @@ impl Engine {
             s.stop = true;
             c.wb_cond.notify_all();
         }
+        c.close_readahead();
         c.store.close();
         for t in self
             .threads
@@ -728,6 +748,7 @@ impl Drop for Engine {
             s.stop = true;
             c.wb_cond.notify_all();
         }
+        c.close_readahead();
         c.store.close();
     }
 }
@@ -746,6 +767,15 @@ fn frame_table(cfg: &EngineConfig, sb: &meta::Superblock) -> frames::FrameTable 
         }
     }
     frames::FrameTable::new(g.cache_blocks, g.sets())
+}
+
+/// The readahead window in blocks for `bytes` (see
+/// [`EngineConfig::readahead`]).
+fn readahead_blocks(bytes: u64, block_size: u32) -> u64 {
+    match bytes {
+        0 => 0,
+        b => (b / u64::from(block_size.max(1))).max(1),
+    }
 }
 
 fn warn_no_crash_state(e: &crashstate::CrashStateError) {

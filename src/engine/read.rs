@@ -3,7 +3,8 @@
 //! Hits are read from the cache frame while it is pinned. Consecutive misses
 //! are claimed (frames set `Filling`) and fetched from the source with one
 //! read; the caller's bytes are copied out at once and the blocks are stored
-//! into the cache in the background.
+//! into the cache in the background. A read that missed may queue the
+//! blocks after it for readahead (see `readahead`).
 
 use super::core::{chunks, Chunk, Core, Victim};
 use super::frames::{Entry, FrameState};
@@ -37,13 +38,19 @@ impl Core {
                 .map_err(EngineError::Source);
         }
         let mut run: Option<MissRun> = None;
-        let result = self.read_chunks(offset, buf, &mut run);
+        let mut first_miss = None;
+        let result = self.read_chunks(offset, buf, &mut run, &mut first_miss);
         // Always settle claimed frames, even after an error.
         let tail = match run.take() {
             Some(r) => self.fetch_run(r, buf),
             None => Ok(()),
         };
-        result.and(tail)
+        let result = result.and(tail);
+        if let (Ok(()), Some(miss)) = (&result, first_miss) {
+            let last = (offset + buf.len().saturating_sub(1) as u64) / self.bs;
+            self.readahead_after(miss, last);
+        }
+        result
     }
 
     fn read_chunks(
@@ -51,9 +58,10 @@ impl Core {
         offset: u64,
         buf: &mut [u8],
         run: &mut Option<MissRun>,
+        first_miss: &mut Option<u64>,
     ) -> Result<(), EngineError> {
         for c in chunks(offset, buf.len() as u64, self.bs) {
-            self.read_chunk(c, buf, run)?;
+            self.read_chunk(c, buf, run, first_miss)?;
         }
         Ok(())
     }
@@ -63,6 +71,7 @@ impl Core {
         c: Chunk,
         buf: &mut [u8],
         run: &mut Option<MissRun>,
+        first_miss: &mut Option<u64>,
     ) -> Result<(), EngineError> {
         let set = self.set_of(c.block);
         let out = c.pos..c.pos + c.len as usize;
@@ -112,6 +121,7 @@ impl Core {
                         let s = self.stats.here();
                         s.read_misses.fetch_add(1, Relaxed);
                         s.promotions.fetch_add(1, Relaxed);
+                        first_miss.get_or_insert(c.block);
                         return self.extend_run(run, c, f, buf);
                     }
                     Victim::Dirty(_) if self.under_write_pressure() => {

@@ -131,4 +131,9 @@ counters! {
     staged_requests,
     /// I/O errors returned to callers or met by background workers.
     errors,
+    /// Blocks fetched from the source ahead of sequential read misses
+    /// (`--readahead`; also counted in `promotions`).
+    readahead_blocks,
+    /// Readahead windows not fetched because the readahead queue was full.
+    readahead_dropped,
 }

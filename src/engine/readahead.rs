@@ -1,0 +1,428 @@
+//! Sequential readahead on read misses.
+//!
+//! A guest reading its disk in order (a boot, a file copy, a database scan)
+//! misses one block after the other, and with a slow source every miss costs
+//! the source's latency. When a read's first missing block is the block
+//! right after an earlier read that missed (a *stream*), the blocks after
+//! this read are fetched in the background, so the reads that follow hit or
+//! wait for a fetch already under way. The window doubles each time the
+//! stream goes on, from [`MIN_WINDOW`] blocks up to the configured maximum
+//! (`--readahead`), and the stream expects its next miss just past the
+//! window (like the kernel's readahead, but seen from misses only: hits cost
+//! nothing here).
+//!
+//! Invariants:
+//! - A block is fetched ahead only into a frame claimed exactly as a read
+//!   miss claims one (not cached, not being written around, a free or clean
+//!   victim frame, set `Filling` under the set's lock): the source holds its
+//!   current data, and readers and writers of the block wait for the fill.
+//! - The frames are claimed by the reader whose miss continued the stream,
+//!   after its own data is in, so that its next request waits for the
+//!   fetch under way instead of missing again; the fetch runs on a
+//!   readahead worker. Jobs that find the bounded queue full or closed free
+//!   their frames at once: readahead never holds a guest request longer
+//!   than those claims.
+//! - No job starts after the queue is closed ([`Core::close_readahead`]
+//!   frees the frames of those still queued); [`ReadAhead::wait_idle`]
+//!   returns once the running ones have handed their blocks to the store
+//!   queue (or freed them), so a shutdown that waits for it and then for
+//!   the store queue leaves no frame `Filling`.
+
+use super::core::{Core, Victim};
+use super::frames::{Entry, FrameState};
+use super::store::StoreJob;
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+/// Streams followed at once (guests reading several files or disks'
+/// regions in parallel); the least recently used one is replaced.
+const STREAMS: usize = 16;
+/// The first window of a stream, in blocks (at most the maximum).
+pub(crate) const MIN_WINDOW: u64 = 4;
+/// Jobs waiting for a worker; more are dropped (their frames freed).
+const QUEUE_DEPTH: usize = 16;
+/// Largest source read of one job (as for read misses).
+const MAX_FETCH_BYTES: u64 = 4 << 20;
+/// Worker threads fetching ahead.
+pub(crate) const WORKERS: usize = 8;
+
+#[derive(Clone, Copy)]
+struct Stream {
+    /// The block whose miss continues this stream.
+    next: u64,
+    /// Blocks fetched ahead last time (0: not sequential yet).
+    window: u64,
+    /// When the stream was last seen, for replacement.
+    tick: u64,
+}
+
+struct Streams {
+    s: [Stream; STREAMS],
+    tick: u64,
+}
+
+/// Blocks `first..first + count` a stream wants fetched ahead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Window {
+    pub first: u64,
+    pub count: u64,
+}
+
+/// Consecutive blocks from `first` whose frames in `frames` are claimed
+/// (`Filling`) and owned by this job until it hands them to the store queue
+/// or frees them.
+pub(crate) struct Job {
+    pub first: u64,
+    pub frames: Vec<u64>,
+}
+
+struct Queue {
+    jobs: VecDeque<Job>,
+    /// Jobs taken by a worker and not finished.
+    running: usize,
+    closed: bool,
+}
+
+/// Stream detection and the job queue of the readahead workers.
+pub(crate) struct ReadAhead {
+    /// Largest window in blocks; 0 turns readahead off.
+    max_blocks: u64,
+    streams: Mutex<Streams>,
+    queue: Mutex<Queue>,
+    work: Condvar,
+    idle: Condvar,
+}
+
+impl ReadAhead {
+    /// Readahead of at most `max_blocks` blocks per window (0: off).
+    pub fn new(max_blocks: u64) -> ReadAhead {
+        let unused = Stream {
+            next: u64::MAX,
+            window: 0,
+            tick: 0,
+        };
+        ReadAhead {
+            max_blocks,
+            streams: Mutex::new(Streams {
+                s: [unused; STREAMS],
+                tick: 0,
+            }),
+            queue: Mutex::new(Queue {
+                jobs: VecDeque::new(),
+                running: 0,
+                closed: false,
+            }),
+            work: Condvar::new(),
+            idle: Condvar::new(),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.max_blocks > 0
+    }
+
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Notes a read whose first missing block is `first_miss` and whose last
+    /// block is `last`. Returns the blocks to fetch ahead when the miss
+    /// continues a stream; otherwise starts a stream expecting `last + 1`.
+    pub fn plan(&self, first_miss: u64, last: u64) -> Option<Window> {
+        if !self.enabled() {
+            return None;
+        }
+        let mut st = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        st.tick = st.tick.wrapping_add(1);
+        let tick = st.tick;
+        let next = last.checked_add(1)?;
+        if let Some(s) = st.s.iter_mut().find(|s| s.next == first_miss) {
+            let window = s
+                .window
+                .saturating_mul(2)
+                .max(MIN_WINDOW)
+                .min(self.max_blocks);
+            *s = Stream {
+                next: next.saturating_add(window),
+                window,
+                tick,
+            };
+            return Some(Window {
+                first: next,
+                count: window,
+            });
+        }
+        if let Some(s) = st.s.iter_mut().min_by_key(|s| s.tick) {
+            *s = Stream {
+                next,
+                window: 0,
+                tick,
+            };
+        }
+        None
+    }
+
+    /// True if a job pushed now would be queued (racy: a hint to avoid
+    /// claiming frames for nothing).
+    fn has_room(&self) -> bool {
+        let q = self.queue();
+        !q.closed && q.jobs.len() < QUEUE_DEPTH
+    }
+
+    /// Queues `job` for a worker, or gives it back when the queue is full
+    /// or closed.
+    fn push(&self, job: Job) -> Option<Job> {
+        let mut q = self.queue();
+        if q.closed || q.jobs.len() >= QUEUE_DEPTH {
+            return Some(job);
+        }
+        q.jobs.push_back(job);
+        self.work.notify_one();
+        None
+    }
+
+    /// The next job for a worker, counted running until [`Self::done`];
+    /// `None` once closed.
+    fn pop(&self) -> Option<Job> {
+        let mut q = self.queue();
+        loop {
+            if q.closed {
+                return None;
+            }
+            if let Some(job) = q.jobs.pop_front() {
+                q.running += 1;
+                return Some(job);
+            }
+            q = self.work.wait(q).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn done(&self) {
+        let mut q = self.queue();
+        q.running = q.running.saturating_sub(1);
+        if q.running == 0 {
+            self.idle.notify_all();
+        }
+    }
+
+    /// Stops taking jobs and tells the workers to exit after the job they
+    /// run; returns the queued jobs, whose frames the caller must free.
+    fn close(&self) -> Vec<Job> {
+        let mut q = self.queue();
+        q.closed = true;
+        self.work.notify_all();
+        q.jobs.drain(..).collect()
+    }
+
+    /// Waits until no job is running.
+    pub fn wait_idle(&self) {
+        let mut q = self.queue();
+        while q.running > 0 {
+            q = self.idle.wait(q).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+impl Core {
+    /// After a read that missed at `first_miss` and ended in block `last`:
+    /// when the miss continues a stream, claims the frames of the blocks
+    /// after it here (so that the reader's next request waits for their
+    /// fetch instead of missing again) and queues their fetch.
+    pub(crate) fn readahead_after(&self, first_miss: u64, last: u64) {
+        let Some(w) = self.readahead.plan(first_miss, last) else {
+            return;
+        };
+        if !self.readahead.has_room() {
+            self.stats.here().readahead_dropped.fetch_add(1, Relaxed);
+            return;
+        }
+        let blocks = self.source_size.div_ceil(self.bs);
+        let end = w.first.saturating_add(w.count).min(blocks);
+        let max_run = (MAX_FETCH_BYTES / self.bs).max(1) as usize;
+        let mut run: Option<Job> = None;
+        for block in w.first..end {
+            let claimed = self.claim_ahead(block);
+            let extends = match (&run, claimed) {
+                (Some(j), Some(_)) => {
+                    j.first + j.frames.len() as u64 == block && j.frames.len() < max_run
+                }
+                _ => false,
+            };
+            if !extends {
+                if let Some(j) = run.take() {
+                    self.queue_ahead(j);
+                }
+            }
+            if let Some(f) = claimed {
+                match run.as_mut() {
+                    Some(j) => j.frames.push(f),
+                    None => {
+                        run = Some(Job {
+                            first: block,
+                            frames: vec![f],
+                        })
+                    }
+                }
+            }
+        }
+        if let Some(j) = run {
+            self.queue_ahead(j);
+        }
+    }
+
+    /// Claims a frame for `block` as a read miss would, or `None` when it is
+    /// cached, being written around, or its set has no free or clean frame.
+    fn claim_ahead(&self, block: u64) -> Option<u64> {
+        let set = self.set_of(block);
+        let mut g = self.lock(set);
+        if self.lookup(set, block).is_some() || g.uncached.contains(&block) {
+            return None;
+        }
+        match self.claim_victim(set, &mut g) {
+            Victim::Free(f) => {
+                self.install(f, Entry::new(block, false, FrameState::Filling), &mut g);
+                Some(f)
+            }
+            _ => None,
+        }
+    }
+
+    fn queue_ahead(&self, job: Job) {
+        if let Some(job) = self.readahead.push(job) {
+            self.stats.here().readahead_dropped.fetch_add(1, Relaxed);
+            self.abandon_ahead(job);
+        }
+    }
+
+    /// Frees the claimed frames of a job that will not run.
+    fn abandon_ahead(&self, job: Job) {
+        for (i, &f) in job.frames.iter().enumerate() {
+            self.abandon(self.set_of(job.first + i as u64), f);
+        }
+    }
+
+    /// Closes the readahead queue and frees the frames of the jobs that were
+    /// waiting in it. Running jobs finish (see [`ReadAhead::wait_idle`]).
+    pub(crate) fn close_readahead(&self) {
+        for job in self.readahead.close() {
+            self.abandon_ahead(job);
+        }
+    }
+
+    /// Fetches a job's blocks with one source read and hands them to the
+    /// store queue; frees the frames if the read fails.
+    fn fetch_ahead(&self, job: Job) {
+        let n = job.frames.len() as u64;
+        let mut data = self.fetch_bufs.take(job.frames.len() * self.bs as usize);
+        match self.read_source_blocks(job.first, &mut data) {
+            Ok(()) => {
+                let s = self.stats.here();
+                s.promotions.fetch_add(n, Relaxed);
+                s.readahead_blocks.fetch_add(n, Relaxed);
+                self.submit_store(StoreJob {
+                    first_block: job.first,
+                    frames: job.frames,
+                    data,
+                });
+            }
+            Err(e) => {
+                self.fetch_bufs.give(data);
+                self.stats.here().errors.fetch_add(1, Relaxed);
+                log::warn!(
+                    "readahead of {n} block(s) from block {} failed: {e}",
+                    job.first
+                );
+                self.abandon_ahead(job);
+            }
+        }
+    }
+}
+
+/// The loop of one readahead worker.
+pub(crate) fn run_readahead_worker(core: Arc<Core>) {
+    while let Some(job) = core.readahead.pop() {
+        core.fetch_ahead(job);
+        core.readahead.done();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_miss_after_a_miss_starts_a_window_that_doubles_up_to_the_maximum() {
+        let ra = ReadAhead::new(16);
+        assert_eq!(ra.plan(100, 100), None, "a first miss only starts a stream");
+        assert_eq!(
+            ra.plan(101, 101),
+            Some(Window {
+                first: 102,
+                count: 4
+            })
+        );
+        // The stream now expects its miss past the window: 102..106 were
+        // fetched ahead, so the next miss is at 106.
+        assert_eq!(
+            ra.plan(105, 105),
+            None,
+            "a miss inside the window is not the stream's"
+        );
+        assert_eq!(
+            ra.plan(106, 107),
+            Some(Window {
+                first: 108,
+                count: 8
+            })
+        );
+        assert_eq!(ra.plan(116, 116).map(|j| j.count), Some(16));
+        assert_eq!(ra.plan(133, 133).map(|j| j.count), Some(16), "capped");
+    }
+
+    #[test]
+    fn off_plans_nothing_and_unrelated_misses_do_not_trigger() {
+        let off = ReadAhead::new(0);
+        assert_eq!(off.plan(1, 1), None);
+        assert_eq!(off.plan(2, 2), None);
+        let ra = ReadAhead::new(8);
+        for b in [10, 500, 42, 9000, 77] {
+            assert_eq!(ra.plan(b, b), None, "random misses are no stream");
+        }
+        // Two interleaved streams are both followed.
+        assert_eq!(ra.plan(1000, 1000), None);
+        assert_eq!(ra.plan(5000, 5001), None);
+        assert_eq!(ra.plan(1001, 1001).map(|j| j.first), Some(1002));
+        assert_eq!(ra.plan(5002, 5002).map(|j| j.first), Some(5003));
+    }
+
+    #[test]
+    fn the_queue_is_bounded_and_close_gives_the_jobs_back() {
+        let ra = ReadAhead::new(8);
+        let job = |first| Job {
+            first,
+            frames: vec![first],
+        };
+        for i in 0..QUEUE_DEPTH as u64 {
+            assert!(ra.has_room());
+            assert!(ra.push(job(i)).is_none());
+        }
+        assert!(!ra.has_room());
+        assert_eq!(
+            ra.push(job(99)).map(|j| j.first),
+            Some(99),
+            "full: given back"
+        );
+        assert_eq!(ra.pop().map(|j| j.first), Some(0));
+        ra.done();
+        let left: Vec<u64> = ra.close().iter().map(|j| j.first).collect();
+        assert_eq!(left, (1..QUEUE_DEPTH as u64).collect::<Vec<_>>());
+        assert_eq!(
+            ra.push(job(7)).map(|j| j.first),
+            Some(7),
+            "closed: given back"
+        );
+        assert!(ra.pop().is_none(), "workers exit once closed");
+        ra.wait_idle();
+    }
+}
