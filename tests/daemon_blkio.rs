@@ -646,3 +646,49 @@ fn large_hits_are_staged_in_huge_pages_under_the_sandbox() {
         assert_eq!(staged_now, want, "staged requests\n{log}");
     }
 }
+
+/// The daemon reads ahead of a guest reading in order by default, and not
+/// with `--readahead off`; what the guest reads is the source's data
+/// either way. The source is slowed (2 ms) as a real slow source would be.
+#[test]
+fn a_guest_reading_in_order_is_read_ahead_by_default() {
+    for readahead in [None, Some("off")] {
+        let files = Files::new(8 * MIB, 16 << 20, 21);
+        let control = files.dir.path().join("ctl.sock");
+        let ctl = control.display().to_string();
+        let mut args = vec!["--source-latency", "2ms", "--control", &ctl];
+        if let Some(r) = readahead {
+            args.extend(["--readahead", r]);
+        }
+        let d = Daemon::start(&files, &args);
+        let mut client = Client::connect(&files.socket, 1);
+        let mut q = client.queue(0);
+        // 4 MiB in 16 KiB reads: four reads per 64 KiB block.
+        for off in (0..4 * MIB).step_by(16 * 1024) {
+            let got = q.read(off as u64, 16 * 1024);
+            assert!(
+                got == files.initial[off..off + 16 * 1024],
+                "{readahead:?}: wrong data at {off}"
+            );
+        }
+        let stats = status_json(&control)["stats"].clone();
+        let n = |k: &str| stats[k].as_u64().unwrap_or(u64::MAX);
+        match readahead {
+            None => {
+                assert!(n("readahead_blocks") > 0, "nothing read ahead: {stats}");
+                assert!(
+                    n("read_misses") < 16,
+                    "{} misses of 64 blocks",
+                    n("read_misses")
+                );
+            }
+            Some(_) => {
+                assert_eq!(n("readahead_blocks"), 0, "read ahead although off");
+                assert_eq!(n("read_misses"), 64, "every block misses without readahead");
+            }
+        }
+        drop(q);
+        drop(client);
+        assert!(d.stop().success());
+    }
+}
