@@ -20,8 +20,10 @@
 //!   after its own data is in, so that its next request waits for the
 //!   fetch under way instead of missing again; the fetch runs on a
 //!   readahead worker. Jobs that find the bounded queue full or closed free
-//!   their frames at once: readahead never holds a guest request longer
-//!   than those claims.
+//!   their frames at once. So the request that triggers readahead is held
+//!   only for the claims; a later request for one of the blocks waits for
+//!   its fetch, which may first wait for a worker ([`WORKERS`] of them, at
+//!   most [`QUEUE_DEPTH`] jobs queued).
 //! - No job starts after the queue is closed ([`Core::close_readahead`]
 //!   frees the frames of those still queued); [`ReadAhead::wait_idle`]
 //!   returns once the running ones have handed their blocks to the store
