@@ -25,8 +25,8 @@ struct MissRun {
     len: u64,
 }
 
-/// Largest fetch issued for one run of misses.
-const MAX_RUN_BYTES: u64 = 4 << 20;
+/// Largest fetch issued for one run of misses (and for one readahead job).
+pub(super) const MAX_RUN_BYTES: u64 = 4 << 20;
 
 impl Core {
     pub(crate) fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), EngineError> {
@@ -221,6 +221,14 @@ impl Core {
         }
     }
 
+    /// Frees the claimed frames of blocks `first..` after a failed or
+    /// abandoned fetch, waking their waiters.
+    pub(super) fn abandon_run(&self, first: u64, frames: &[u64]) {
+        for (i, &f) in frames.iter().enumerate() {
+            self.abandon(self.set_of(first + i as u64), f);
+        }
+    }
+
     /// Reads the run from the source, copies the request's bytes out and
     /// queues the blocks for storing. On error the claimed frames are freed.
     fn fetch_run(&self, r: MissRun, buf: &mut [u8]) -> Result<(), EngineError> {
@@ -230,9 +238,7 @@ impl Core {
         if let Err(e) = self.read_source_blocks(r.first_block, &mut data) {
             self.fetch_bufs.give(data);
             self.stats.here().errors.fetch_add(1, Relaxed);
-            for (i, &f) in r.frames.iter().enumerate() {
-                self.abandon(self.set_of(r.first_block + i as u64), f);
-            }
+            self.abandon_run(r.first_block, &r.frames);
             return Err(e);
         }
         let skip = r.skip as usize;

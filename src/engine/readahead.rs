@@ -32,6 +32,7 @@
 
 use super::core::{Core, Victim};
 use super::frames::{Entry, FrameState};
+use super::read::MAX_RUN_BYTES;
 use super::store::StoreJob;
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering::Relaxed;
@@ -41,11 +42,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 /// regions in parallel); the least recently used one is replaced.
 const STREAMS: usize = 16;
 /// The first window of a stream, in blocks (at most the maximum).
-pub(crate) const MIN_WINDOW: u64 = 4;
+const MIN_WINDOW: u64 = 4;
 /// Jobs waiting for a worker; more are dropped (their frames freed).
 const QUEUE_DEPTH: usize = 16;
-/// Largest source read of one job (as for read misses).
-const MAX_FETCH_BYTES: u64 = 4 << 20;
 /// Worker threads fetching ahead.
 pub(crate) const WORKERS: usize = 8;
 
@@ -241,32 +240,26 @@ impl Core {
         }
         let blocks = self.source_size.div_ceil(self.bs);
         let end = w.first.saturating_add(w.count).min(blocks);
-        let max_run = (MAX_FETCH_BYTES / self.bs).max(1) as usize;
+        let max_run = (MAX_RUN_BYTES / self.bs).max(1) as usize;
+        // A job is a run of consecutive claimed blocks: a block that cannot
+        // be claimed ends it, and so does the run's size limit.
         let mut run: Option<Job> = None;
         for block in w.first..end {
-            let claimed = self.claim_ahead(block);
-            let extends = match (&run, claimed) {
-                (Some(j), Some(_)) => {
-                    j.first + j.frames.len() as u64 == block && j.frames.len() < max_run
-                }
-                _ => false,
-            };
-            if !extends {
+            let Some(f) = self.claim_ahead(block) else {
                 if let Some(j) = run.take() {
                     self.queue_ahead(j);
                 }
+                continue;
+            };
+            if let Some(j) = run.take_if(|j| j.frames.len() >= max_run) {
+                self.queue_ahead(j);
             }
-            if let Some(f) = claimed {
-                match run.as_mut() {
-                    Some(j) => j.frames.push(f),
-                    None => {
-                        run = Some(Job {
-                            first: block,
-                            frames: vec![f],
-                        })
-                    }
-                }
-            }
+            run.get_or_insert_with(|| Job {
+                first: block,
+                frames: Vec::new(),
+            })
+            .frames
+            .push(f);
         }
         if let Some(j) = run {
             self.queue_ahead(j);
@@ -293,14 +286,7 @@ impl Core {
     fn queue_ahead(&self, job: Job) {
         if let Some(job) = self.readahead.push(job) {
             self.stats.here().readahead_dropped.fetch_add(1, Relaxed);
-            self.abandon_ahead(job);
-        }
-    }
-
-    /// Frees the claimed frames of a job that will not run.
-    fn abandon_ahead(&self, job: Job) {
-        for (i, &f) in job.frames.iter().enumerate() {
-            self.abandon(self.set_of(job.first + i as u64), f);
+            self.abandon_run(job.first, &job.frames);
         }
     }
 
@@ -308,7 +294,7 @@ impl Core {
     /// waiting in it. Running jobs finish (see [`ReadAhead::wait_idle`]).
     pub(crate) fn close_readahead(&self) {
         for job in self.readahead.close() {
-            self.abandon_ahead(job);
+            self.abandon_run(job.first, &job.frames);
         }
     }
 
@@ -335,7 +321,7 @@ impl Core {
                     "readahead of {n} block(s) from block {} failed: {e}",
                     job.first
                 );
-                self.abandon_ahead(job);
+                self.abandon_run(job.first, &job.frames);
             }
         }
     }
