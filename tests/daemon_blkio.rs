@@ -676,8 +676,10 @@ fn a_guest_reading_in_order_is_read_ahead_by_default() {
         match readahead {
             None => {
                 assert!(n("readahead_blocks") > 0, "nothing read ahead: {stats}");
+                // Two misses start the stream; each window's first block
+                // fetches the next, so there is no miss at a window's end.
                 assert!(
-                    n("read_misses") < 16,
+                    n("read_misses") <= 3,
                     "{} misses of 64 blocks",
                     n("read_misses")
                 );

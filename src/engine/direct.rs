@@ -215,6 +215,7 @@ impl Engine {
             *bufs = io.into_bufs();
             return None;
         }
+        c.readahead_reached(offset, len);
         Some(io)
     }
 

@@ -37,6 +37,7 @@ impl Core {
                 .read_at(buf, offset)
                 .map_err(EngineError::Source);
         }
+        self.readahead_reached(offset, buf.len() as u64);
         let mut run: Option<MissRun> = None;
         let mut first_miss = None;
         let result = self.read_chunks(offset, buf, &mut run, &mut first_miss);

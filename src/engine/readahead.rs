@@ -8,8 +8,14 @@
 //! wait for a fetch already under way. The window doubles each time the
 //! stream goes on, from [`MIN_WINDOW`] blocks up to the configured maximum
 //! (`--readahead`), and the stream expects its next miss just past the
-//! window (like the kernel's readahead, but seen from misses only: hits cost
-//! nothing here).
+//! window.
+//!
+//! The first block of the latest window is the stream's *trigger*: a read
+//! that reaches it (a hit, or a wait for its fetch) fetches the next window
+//! at once, so a reader that keeps going never waits for a miss at the end
+//! of a window (the kernel's asynchronous readahead marks a page the same
+//! way). Hits pay one relaxed load of a 64-bit filter of the trigger blocks;
+//! only a read whose blocks match it looks at the triggers themselves.
 //!
 //! Invariants:
 //! - A block is fetched ahead only into a frame claimed exactly as a read
@@ -24,6 +30,9 @@
 //!   only for the claims; a later request for one of the blocks waits for
 //!   its fetch, which may first wait for a worker ([`WORKERS`] of them, at
 //!   most [`QUEUE_DEPTH`] jobs queued).
+//! - A trigger is armed only by a window that was claimed, and a window
+//!   fired from a trigger whose blocks are all cached disarms the stream: a
+//!   reader going through cached data does not keep fetching nothing.
 //! - No job starts after the queue is closed ([`Core::close_readahead`]
 //!   frees the frames of those still queued); [`ReadAhead::wait_idle`]
 //!   returns once the running ones have handed their blocks to the store
@@ -35,7 +44,8 @@ use super::frames::{Entry, FrameState};
 use super::read::MAX_RUN_BYTES;
 use super::store::StoreJob;
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 /// Streams followed at once (guests reading several files or disks'
@@ -56,6 +66,17 @@ struct Stream {
     window: u64,
     /// When the stream was last seen, for replacement.
     tick: u64,
+    /// The first block of the last window fetched ahead, whose read fires
+    /// the next window ([`NONE`]: not armed).
+    trigger: u64,
+}
+
+/// No block (an unused stream, a trigger not armed).
+const NONE: u64 = u64::MAX;
+
+/// The bit of `block` in [`ReadAhead::marks`].
+fn mark_bit(block: u64) -> u64 {
+    1 << (block.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 58)
 }
 
 struct Streams {
@@ -90,6 +111,12 @@ pub(crate) struct ReadAhead {
     /// Largest window in blocks; 0 turns readahead off.
     max_blocks: u64,
     streams: Mutex<Streams>,
+    /// The streams' triggers, readable without the lock (written under it).
+    triggers: [AtomicU64; STREAMS],
+    /// [`mark_bit`] of every armed trigger (a filter: a set bit may be
+    /// stale, a trigger armed under the lock has its bit set before the
+    /// lock is released).
+    marks: AtomicU64,
     queue: Mutex<Queue>,
     work: Condvar,
     idle: Condvar,
@@ -99,9 +126,10 @@ impl ReadAhead {
     /// Readahead of at most `max_blocks` blocks per window (0: off).
     pub fn new(max_blocks: u64) -> ReadAhead {
         let unused = Stream {
-            next: u64::MAX,
+            next: NONE,
             window: 0,
             tick: 0,
+            trigger: NONE,
         };
         ReadAhead {
             max_blocks,
@@ -109,6 +137,8 @@ impl ReadAhead {
                 s: [unused; STREAMS],
                 tick: 0,
             }),
+            triggers: std::array::from_fn(|_| AtomicU64::new(NONE)),
+            marks: AtomicU64::new(0),
             queue: Mutex::new(Queue {
                 jobs: VecDeque::new(),
                 running: 0,
@@ -127,6 +157,10 @@ impl ReadAhead {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn streams(&self) -> MutexGuard<'_, Streams> {
+        self.streams.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Notes a read whose first missing block is `first_miss` and whose last
     /// block is `last`. Returns the blocks to fetch ahead when the miss
     /// continues a stream; otherwise starts a stream expecting `last + 1`.
@@ -134,21 +168,19 @@ impl ReadAhead {
         if !self.enabled() {
             return None;
         }
-        let mut st = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = self.streams();
         st.tick = st.tick.wrapping_add(1);
         let tick = st.tick;
         let next = last.checked_add(1)?;
-        if let Some(s) = st.s.iter_mut().find(|s| s.next == first_miss) {
-            let window = s
-                .window
-                .saturating_mul(2)
-                .max(MIN_WINDOW)
-                .min(self.max_blocks);
-            *s = Stream {
+        if let Some(i) = st.s.iter().position(|s| s.next == first_miss) {
+            let window = self.grow(st.s[i].window);
+            st.s[i] = Stream {
                 next: next.saturating_add(window),
                 window,
                 tick,
+                trigger: next,
             };
+            self.publish(&st);
             return Some(Window {
                 first: next,
                 count: window,
@@ -159,9 +191,86 @@ impl ReadAhead {
                 next,
                 window: 0,
                 tick,
+                trigger: NONE,
             };
         }
+        self.publish(&st);
         None
+    }
+
+    /// The window after one of `window` blocks.
+    fn grow(&self, window: u64) -> u64 {
+        window
+            .saturating_mul(2)
+            .max(MIN_WINDOW)
+            .min(self.max_blocks)
+    }
+
+    /// Copies the triggers of `st` to the lock-free view, then the filter.
+    fn publish(&self, st: &Streams) {
+        let mut marks = 0;
+        for (s, t) in st.s.iter().zip(&self.triggers) {
+            t.store(s.trigger, Relaxed);
+            if s.trigger != NONE {
+                marks |= mark_bit(s.trigger);
+            }
+        }
+        self.marks.store(marks, Release);
+    }
+
+    /// True if a read of blocks `first..=last` may reach a trigger. Cheap
+    /// (one load) when none of its blocks matches the filter.
+    fn may_trigger(&self, first: u64, last: u64) -> bool {
+        let marks = self.marks.load(Acquire);
+        if marks == 0 {
+            return false;
+        }
+        // A read of 64 blocks or more sets every bit the hash could give.
+        let filtered =
+            last.saturating_sub(first) < 64 && (first..=last).all(|b| marks & mark_bit(b) == 0);
+        !filtered
+            && self
+                .triggers
+                .iter()
+                .map(|t| t.load(Relaxed))
+                .any(|t| (first..=last).contains(&t))
+    }
+
+    /// After a read of blocks `first..=last` that missed nothing: the next
+    /// window of the stream whose trigger it reached, if any.
+    pub fn fire(&self, first: u64, last: u64) -> Option<Window> {
+        if !self.enabled() || !self.may_trigger(first, last) || !self.has_room() {
+            return None;
+        }
+        let mut st = self.streams();
+        st.tick = st.tick.wrapping_add(1);
+        let tick = st.tick;
+        let i =
+            st.s.iter()
+                .position(|s| s.trigger != NONE && (first..=last).contains(&s.trigger))?;
+        let s = st.s[i];
+        let window = self.grow(s.window);
+        st.s[i] = Stream {
+            next: s.next.saturating_add(window),
+            window,
+            tick,
+            trigger: s.next,
+        };
+        self.publish(&st);
+        Some(Window {
+            first: s.next,
+            count: window,
+        })
+    }
+
+    /// Disarms the stream whose trigger is `block` (its window found
+    /// nothing to fetch).
+    fn disarm(&self, block: u64) {
+        let mut st = self.streams();
+        if let Some(s) = st.s.iter_mut().find(|s| s.trigger == block) {
+            s.trigger = NONE;
+        }
+        self.publish(&st);
     }
 
     /// True if a job pushed now would be queued (racy: a hint to avoid
@@ -231,16 +340,38 @@ impl Core {
     /// after it here (so that the reader's next request waits for their
     /// fetch instead of missing again) and queues their fetch.
     pub(crate) fn readahead_after(&self, first_miss: u64, last: u64) {
-        let Some(w) = self.readahead.plan(first_miss, last) else {
+        if let Some(w) = self.readahead.plan(first_miss, last) {
+            self.fetch_window(w);
+        }
+    }
+
+    /// Before a read of `len` bytes at `offset` (or as its blocks are
+    /// pinned as hits): when it reaches a stream's trigger, claims and
+    /// queues the stream's next window. Claims without waiting, like a
+    /// miss's readahead, so a queue thread may call it.
+    pub(crate) fn readahead_reached(&self, offset: u64, len: u64) {
+        if len == 0 {
             return;
-        };
+        }
+        let first = offset / self.bs;
+        let last = offset.saturating_add(len - 1) / self.bs;
+        if let Some(w) = self.readahead.fire(first, last) {
+            self.fetch_window(w);
+        }
+    }
+
+    /// Claims the frames of window `w` and queues their fetch; disarms the
+    /// window's trigger when nothing was claimed.
+    fn fetch_window(&self, w: Window) {
         if !self.readahead.has_room() {
             self.stats.here().readahead_dropped.fetch_add(1, Relaxed);
+            self.readahead.disarm(w.first);
             return;
         }
         let blocks = self.source_size.div_ceil(self.bs);
         let end = w.first.saturating_add(w.count).min(blocks);
         let max_run = (MAX_RUN_BYTES / self.bs).max(1) as usize;
+        let mut claimed = 0usize;
         // A job is a run of consecutive claimed blocks: a block that cannot
         // be claimed ends it, and so does the run's size limit.
         let mut run: Option<Job> = None;
@@ -251,6 +382,7 @@ impl Core {
                 }
                 continue;
             };
+            claimed += 1;
             if let Some(j) = run.take_if(|j| j.frames.len() >= max_run) {
                 self.queue_ahead(j);
             }
@@ -263,6 +395,9 @@ impl Core {
         }
         if let Some(j) = run {
             self.queue_ahead(j);
+        }
+        if claimed == 0 {
+            self.readahead.disarm(w.first);
         }
     }
 
@@ -366,6 +501,44 @@ mod tests {
         );
         assert_eq!(ra.plan(116, 116).map(|j| j.count), Some(16));
         assert_eq!(ra.plan(133, 133).map(|j| j.count), Some(16), "capped");
+    }
+
+    #[test]
+    fn reaching_a_trigger_fires_the_next_window_once() {
+        let ra = ReadAhead::new(16);
+        assert_eq!(ra.plan(100, 100), None);
+        assert_eq!(ra.plan(101, 101).map(|w| w.first), Some(102));
+        assert_eq!(ra.fire(101, 101), None, "short of the trigger (102)");
+        assert_eq!(ra.fire(0, 50), None, "elsewhere");
+        assert_eq!(
+            ra.fire(102, 102),
+            Some(Window {
+                first: 106,
+                count: 8
+            }),
+            "the window after 102..106"
+        );
+        assert_eq!(ra.fire(102, 103), None, "fired once");
+        assert_eq!(
+            ra.fire(104, 107),
+            Some(Window {
+                first: 114,
+                count: 16
+            }),
+            "a read over the new trigger (106)"
+        );
+        assert_eq!(ra.plan(114, 114), None, "the stream expects 130 now");
+        assert_eq!(
+            ra.plan(130, 130).map(|w| (w.first, w.count)),
+            Some((131, 16))
+        );
+        ra.disarm(131);
+        assert_eq!(ra.fire(131, 131), None, "disarmed");
+        // Reads of 64 blocks or more skip the filter but still match exactly.
+        assert_eq!(ra.plan(5000, 5000), None);
+        assert_eq!(ra.plan(5001, 5001).map(|w| w.first), Some(5002));
+        assert_eq!(ra.fire(4000, 4999), None);
+        assert_eq!(ra.fire(4000, 5002).map(|w| w.first), Some(5006));
     }
 
     #[test]
