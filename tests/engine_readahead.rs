@@ -322,3 +322,35 @@ fn a_direct_hit_on_a_windows_first_block_fetches_the_next_window() {
     assert_eq!(s.read_misses, 2, "only the two that started the stream");
     e.shutdown(false).expect("shutdown");
 }
+
+/// With several requests in flight the first blocks of a window are often
+/// being read already when it is planned: the next window is then fetched
+/// when a read reaches the window's first block that was fetched ahead.
+#[test]
+fn the_next_window_starts_at_the_first_block_fetched_ahead() {
+    let e = open(
+        slow_source(Duration::ZERO),
+        new_cache(),
+        config(64 * BS as u64, WriteMode::Writeback),
+    );
+    // Block 2 is cached first (as if another request had read it), then
+    // misses at 0 and 1 plan 2..6, of which 3..6 are fetched ahead.
+    for b in [2, 0, 1] {
+        assert!(read_block(&e, b) == source_block(b), "block {b}");
+    }
+    assert!(read_block(&e, 3) == source_block(3), "block 3");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while e.stats().readahead_blocks < 3 + 8 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reading block 3 did not fetch 6..14: {} blocks ahead",
+            e.stats().readahead_blocks
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    for b in 4..14 {
+        assert!(read_block(&e, b) == source_block(b), "block {b}");
+    }
+    assert_eq!(e.stats().read_misses, 3, "misses at 2, 0 and 1 only");
+    e.shutdown(false).expect("shutdown");
+}

@@ -10,9 +10,10 @@
 //! (`--readahead`), and the stream expects its next miss just past the
 //! window.
 //!
-//! The first block of the latest window is the stream's *trigger*: a read
-//! that reaches it (a hit, or a wait for its fetch) fetches the next window
-//! at once, so a reader that keeps going never waits for a miss at the end
+//! The first block claimed in the latest window is the stream's *trigger*
+//! (blocks before it were being read already, with several requests in
+//! flight): a read that reaches it (a hit, or a wait for its fetch) fetches
+//! the next window at once, so a reader that keeps going never waits for a miss at the end
 //! of a window (the kernel's asynchronous readahead marks a page the same
 //! way). Hits pay one relaxed load of a 64-bit filter of the trigger blocks;
 //! only a read whose blocks match it looks at the triggers themselves.
@@ -30,9 +31,10 @@
 //!   only for the claims; a later request for one of the blocks waits for
 //!   its fetch, which may first wait for a worker ([`WORKERS`] of them, at
 //!   most [`QUEUE_DEPTH`] jobs queued).
-//! - A trigger is armed only by a window that was claimed, and a window
-//!   fired from a trigger whose blocks are all cached disarms the stream: a
-//!   reader going through cached data does not keep fetching nothing.
+//! - A trigger is armed only on a block claimed for its window, after the
+//!   claims, so a window that claims nothing (all cached) leaves the stream
+//!   unarmed: a reader going through cached data does not keep fetching
+//!   nothing.
 //! - No job starts after the queue is closed ([`Core::close_readahead`]
 //!   frees the frames of those still queued); [`ReadAhead::wait_idle`]
 //!   returns once the running ones have handed their blocks to the store
@@ -66,9 +68,12 @@ struct Stream {
     window: u64,
     /// When the stream was last seen, for replacement.
     tick: u64,
-    /// The first block of the last window fetched ahead, whose read fires
-    /// the next window ([`NONE`]: not armed).
+    /// The first block claimed in the last window fetched ahead, whose read
+    /// fires the next window ([`NONE`]: not armed).
     trigger: u64,
+    /// The first block of a window planned and not yet claimed, which
+    /// [`ReadAhead::arm`] finds the stream by ([`NONE`]: none).
+    pending: u64,
 }
 
 /// No block (an unused stream, a trigger not armed).
@@ -130,6 +135,7 @@ impl ReadAhead {
             window: 0,
             tick: 0,
             trigger: NONE,
+            pending: NONE,
         };
         ReadAhead {
             max_blocks,
@@ -178,7 +184,8 @@ impl ReadAhead {
                 next: next.saturating_add(window),
                 window,
                 tick,
-                trigger: next,
+                trigger: NONE,
+                pending: next,
             };
             self.publish(&st);
             return Some(Window {
@@ -192,6 +199,7 @@ impl ReadAhead {
                 window: 0,
                 tick,
                 trigger: NONE,
+                pending: NONE,
             };
         }
         self.publish(&st);
@@ -254,7 +262,8 @@ impl ReadAhead {
             next: s.next.saturating_add(window),
             window,
             tick,
-            trigger: s.next,
+            trigger: NONE,
+            pending: s.next,
         };
         self.publish(&st);
         Some(Window {
@@ -263,12 +272,14 @@ impl ReadAhead {
         })
     }
 
-    /// Disarms the stream whose trigger is `block` (its window found
-    /// nothing to fetch).
-    fn disarm(&self, block: u64) {
+    /// Arms the stream whose window starting at `first` was just claimed
+    /// with the trigger `at`, the window's first claimed block (`None`: it
+    /// claimed nothing, the stream stays unarmed).
+    fn arm(&self, first: u64, at: Option<u64>) {
         let mut st = self.streams();
-        if let Some(s) = st.s.iter_mut().find(|s| s.trigger == block) {
-            s.trigger = NONE;
+        if let Some(s) = st.s.iter_mut().find(|s| s.pending == first) {
+            s.pending = NONE;
+            s.trigger = at.unwrap_or(NONE);
         }
         self.publish(&st);
     }
@@ -360,18 +371,18 @@ impl Core {
         }
     }
 
-    /// Claims the frames of window `w` and queues their fetch; disarms the
-    /// window's trigger when nothing was claimed.
+    /// Claims the frames of window `w`, queues their fetch and arms the
+    /// stream's trigger on the first block claimed.
     fn fetch_window(&self, w: Window) {
         if !self.readahead.has_room() {
             self.stats.here().readahead_dropped.fetch_add(1, Relaxed);
-            self.readahead.disarm(w.first);
+            self.readahead.arm(w.first, None);
             return;
         }
         let blocks = self.source_size.div_ceil(self.bs);
         let end = w.first.saturating_add(w.count).min(blocks);
         let max_run = (MAX_RUN_BYTES / self.bs).max(1) as usize;
-        let mut claimed = 0usize;
+        let mut first_claimed = None;
         // A job is a run of consecutive claimed blocks: a block that cannot
         // be claimed ends it, and so does the run's size limit.
         let mut run: Option<Job> = None;
@@ -382,7 +393,7 @@ impl Core {
                 }
                 continue;
             };
-            claimed += 1;
+            first_claimed.get_or_insert(block);
             if let Some(j) = run.take_if(|j| j.frames.len() >= max_run) {
                 self.queue_ahead(j);
             }
@@ -396,9 +407,7 @@ impl Core {
         if let Some(j) = run {
             self.queue_ahead(j);
         }
-        if claimed == 0 {
-            self.readahead.disarm(w.first);
-        }
+        self.readahead.arm(w.first, first_claimed);
     }
 
     /// Claims a frame for `block` as a read miss would, or `None` when it is
@@ -508,6 +517,8 @@ mod tests {
         let ra = ReadAhead::new(16);
         assert_eq!(ra.plan(100, 100), None);
         assert_eq!(ra.plan(101, 101).map(|w| w.first), Some(102));
+        assert_eq!(ra.fire(102, 102), None, "not armed before the claims");
+        ra.arm(102, Some(102));
         assert_eq!(ra.fire(101, 101), None, "short of the trigger (102)");
         assert_eq!(ra.fire(0, 50), None, "elsewhere");
         assert_eq!(
@@ -519,24 +530,29 @@ mod tests {
             "the window after 102..106"
         );
         assert_eq!(ra.fire(102, 103), None, "fired once");
+        // Blocks 106..108 were being read already: the trigger is 108.
+        ra.arm(106, Some(108));
+        assert_eq!(ra.fire(104, 107), None, "before the first claimed block");
         assert_eq!(
-            ra.fire(104, 107),
+            ra.fire(108, 108),
             Some(Window {
                 first: 114,
                 count: 16
             }),
-            "a read over the new trigger (106)"
+            "the first claimed block"
         );
+        ra.arm(114, Some(114));
         assert_eq!(ra.plan(114, 114), None, "the stream expects 130 now");
         assert_eq!(
             ra.plan(130, 130).map(|w| (w.first, w.count)),
             Some((131, 16))
         );
-        ra.disarm(131);
-        assert_eq!(ra.fire(131, 131), None, "disarmed");
+        ra.arm(131, None);
+        assert_eq!(ra.fire(131, 131), None, "nothing claimed: not armed");
         // Reads of 64 blocks or more skip the filter but still match exactly.
         assert_eq!(ra.plan(5000, 5000), None);
         assert_eq!(ra.plan(5001, 5001).map(|w| w.first), Some(5002));
+        ra.arm(5002, Some(5002));
         assert_eq!(ra.fire(4000, 4999), None);
         assert_eq!(ra.fire(4000, 5002).map(|w| w.first), Some(5006));
     }
