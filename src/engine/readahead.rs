@@ -244,8 +244,10 @@ impl ReadAhead {
                 .any(|t| (first..=last).contains(&t))
     }
 
-    /// After a read of blocks `first..=last` that missed nothing: the next
-    /// window of the stream whose trigger it reached, if any.
+    /// For a read of blocks `first..=last` (before it starts, or once its
+    /// blocks are pinned as direct hits): the next window of the stream
+    /// whose trigger it reaches, if any. That stream is unarmed until the
+    /// window's claims are done ([`Self::arm`]).
     pub fn fire(&self, first: u64, last: u64) -> Option<Window> {
         if !self.enabled() || !self.may_trigger(first, last) || !self.has_room() {
             return None;
