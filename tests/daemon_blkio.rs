@@ -676,8 +676,9 @@ fn a_guest_reading_in_order_is_read_ahead_by_default() {
         match readahead {
             None => {
                 assert!(n("readahead_blocks") > 0, "nothing read ahead: {stats}");
-                // Two misses start the stream; each window's first block
-                // fetches the next, so there is no miss at a window's end.
+                // Two misses start the stream; the first block fetched in
+                // each window fetches the next, so there is no miss at a
+                // window's end.
                 assert!(
                     n("read_misses") <= 3,
                     "{} misses of 64 blocks",

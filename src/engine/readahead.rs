@@ -13,9 +13,9 @@
 //! The first block claimed in the latest window is the stream's *trigger*
 //! (blocks before it were being read already, with several requests in
 //! flight): a read that reaches it (a hit, or a wait for its fetch) fetches
-//! the next window at once, so a reader that keeps going never waits for a miss at the end
-//! of a window (the kernel's asynchronous readahead marks a page the same
-//! way). Hits pay one relaxed load of a 64-bit filter of the trigger blocks;
+//! the next window at once, so a reader that keeps going never waits for a
+//! miss at the end of a window (the kernel's asynchronous readahead marks a
+//! page the same way). Hits pay one relaxed load of a 64-bit filter of the trigger blocks;
 //! only a read whose blocks match it looks at the triggers themselves.
 //!
 //! Invariants:
@@ -179,19 +179,7 @@ impl ReadAhead {
         let tick = st.tick;
         let next = last.checked_add(1)?;
         if let Some(i) = st.s.iter().position(|s| s.next == first_miss) {
-            let window = self.grow(st.s[i].window);
-            st.s[i] = Stream {
-                next: next.saturating_add(window),
-                window,
-                tick,
-                trigger: NONE,
-                pending: next,
-            };
-            self.publish(&st);
-            return Some(Window {
-                first: next,
-                count: window,
-            });
+            return Some(self.advance(&mut st, i, next));
         }
         if let Some(s) = st.s.iter_mut().min_by_key(|s| s.tick) {
             *s = Stream {
@@ -206,12 +194,27 @@ impl ReadAhead {
         None
     }
 
-    /// The window after one of `window` blocks.
-    fn grow(&self, window: u64) -> u64 {
-        window
+    /// Goes on with stream `i` (just seen, at `st.tick`): its next window,
+    /// twice the last one up to the maximum, starts at `first`; the stream
+    /// then expects its miss past it and is unarmed until [`Self::arm`].
+    fn advance(&self, st: &mut Streams, i: usize, first: u64) -> Window {
+        let window = st.s[i]
+            .window
             .saturating_mul(2)
             .max(MIN_WINDOW)
-            .min(self.max_blocks)
+            .min(self.max_blocks);
+        st.s[i] = Stream {
+            next: first.saturating_add(window),
+            window,
+            tick: st.tick,
+            trigger: NONE,
+            pending: first,
+        };
+        self.publish(st);
+        Window {
+            first,
+            count: window,
+        }
     }
 
     /// Copies the triggers of `st` to the lock-free view, then the filter.
@@ -254,24 +257,11 @@ impl ReadAhead {
         }
         let mut st = self.streams();
         st.tick = st.tick.wrapping_add(1);
-        let tick = st.tick;
         let i =
             st.s.iter()
                 .position(|s| s.trigger != NONE && (first..=last).contains(&s.trigger))?;
-        let s = st.s[i];
-        let window = self.grow(s.window);
-        st.s[i] = Stream {
-            next: s.next.saturating_add(window),
-            window,
-            tick,
-            trigger: NONE,
-            pending: s.next,
-        };
-        self.publish(&st);
-        Some(Window {
-            first: s.next,
-            count: window,
-        })
+        let from = st.s[i].next;
+        Some(self.advance(&mut st, i, from))
     }
 
     /// Arms the stream whose window starting at `first` was just claimed
