@@ -4,7 +4,8 @@
 //! Each virtqueue owns one [`QueueRing`], used only by that queue's worker
 //! thread (and by the drain after the worker has exited). A read or a
 //! write-back write whose blocks are all cached gets its frames pinned by the
-//! engine ([`Engine::begin_direct_read`]/[`Engine::begin_direct_write`]); one
+//! engine ([`Engine::begin_direct_read`](crate::engine::Engine::begin_direct_read)/
+//! [`Engine::begin_direct_write`](crate::engine::Engine::begin_direct_write)); one
 //! `readv`/`writev` per contiguous cache range is queued with iovecs pointing
 //! into guest memory; a request of `--bounce-min` bytes or more uses a
 //! huge-page staging buffer instead and is copied (see `bounce`). Queued
@@ -21,6 +22,9 @@
 //! copy that never waits, and the kernel would hand such io_uring reads to
 //! its worker threads, which costs two context switches per request.
 //!
+//! This file holds the ring and its settings; `start` takes a request onto
+//! the ring, `reap` submits, waits and takes completions off it.
+//!
 //! Invariants:
 //! - a request's pins, guest memory mapping (`Arc<GuestMem>`) and iovec
 //!   arrays live in its slot until every one of its operations has
@@ -35,19 +39,21 @@
 
 use super::backend::{GuestMem, Vring};
 use super::bounce::{BouncePool, Piece};
-use super::execute::{walk, write_status};
 use super::filemap::FileMap;
 use super::fixed::{FixedBufs, SharedBufs};
 use super::order::Token;
-use super::request::{Request, RequestKind};
+use super::request::Request;
 use crate::device::RawAccess;
-use crate::engine::{DirectBufs, DirectIo, Engine};
-use io_uring::{opcode, types, IoUring};
+use crate::engine::{DirectBufs, DirectIo};
+#[cfg(test)]
+use io_uring::types;
+use io_uring::{opcode, IoUring};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
-use virtio_bindings::bindings::virtio_blk::VIRTIO_BLK_S_OK;
-use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+mod reap;
+mod start;
 
 /// Largest number of cache ranges one request may use on this path.
 const MAX_EXTENTS: usize = 256;
@@ -463,481 +469,6 @@ impl QueueRing {
     pub fn busy(&self) -> bool {
         self.ops > 0 || !self.ready.is_empty()
     }
-
-    /// Queues `req` if it is a read or write-back write of cached blocks
-    /// with suitably aligned buffers; otherwise gives it back.
-    pub fn try_start(
-        &mut self,
-        engine: &Engine,
-        token: Token,
-        req: Request,
-        mem: Arc<GuestMem>,
-    ) -> Result<(), (Request, Arc<GuestMem>)> {
-        let (offset, write) = match req.kind {
-            RequestKind::Read { offset } => (offset, false),
-            RequestKind::Write { offset } => (offset, true),
-            _ => return Err((req, mem)),
-        };
-        let len = req.data_len;
-        // Guest regions are page-aligned mappings, so a guest address has
-        // the alignment its host address will have: refuse misaligned
-        // requests before the engine pins (and, for writes, dirties) frames.
-        let a = self.align;
-        let misaligned = req
-            .data
-            .iter()
-            .any(|s| s.addr.0 % a != 0 || u64::from(s.len) % a != 0);
-        if len == 0 || offset % a != 0 || len % a != 0 || misaligned {
-            return Err((req, mem));
-        }
-        let mut spare = self.spare.pop().unwrap_or_default();
-        let io = if write {
-            engine.begin_direct_write_in(offset, len, &mut spare.direct)
-        } else {
-            engine.begin_direct_read_in(offset, len, &mut spare.direct)
-        };
-        let Some(io) = io else {
-            self.spare.push(spare);
-            return Err((req, mem));
-        };
-        // Never more operations in flight than completion queue entries.
-        let cq = self.ring.params().cq_entries() as usize;
-        let mut iovecs = spare.iov;
-        if self.ops + io.extents().len() > cq
-            || self.build_iovecs(&req, &mem, &io, &mut iovecs).is_none()
-        {
-            self.spare.push(Spare {
-                direct: io.declined(),
-                iov: iovecs,
-            });
-            return Err((req, mem));
-        }
-        let mut pending = Pending {
-            token,
-            req,
-            mem,
-            io,
-            iovecs,
-            remaining: 0,
-            failed: false,
-            bounce: None,
-        };
-        if self.inline {
-            pending.failed = !self.run_inline(write, &pending.io, &pending.iovecs);
-            let done = self.finish(pending);
-            self.ready.push(done);
-            return Ok(());
-        }
-        // Staged operations are plain READ/WRITE (Linux 5.6).
-        let stage = self.plain_ops
-            && self.bounce.as_ref().is_some_and(|p| p.wants(len))
-            && !self.guest_on_huge_pages(&pending.mem);
-        if let Some(pool) = self.bounce.as_mut().filter(|_| stage) {
-            if let Some(piece) = usize::try_from(len).ok().and_then(|l| pool.take(l)) {
-                if !write || copy_between(&piece, &pending.io, &pending.iovecs, true) {
-                    pending.bounce = Some(piece);
-                } else {
-                    pool.give(piece);
-                }
-            }
-        }
-        let slot = self.alloc_slot();
-        let n = pending.io.extents().len();
-        let mut queued = 0;
-        for (i, ext) in pending.io.extents().iter().enumerate() {
-            let Some(iov) = pending.iovecs.op(i) else {
-                break;
-            };
-            let Ok(iov_len) = u32::try_from(iov.len()) else {
-                break;
-            };
-            let user_data = ((slot as u64) << 16) | i as u64;
-            let fd = types::Fixed(0);
-            let at = ext.dev_offset;
-            // One buffer (the common 4 KiB request): plain READ/WRITE, which
-            // spare the kernel copying and walking an iovec array.
-            let sqe = match (iov, write) {
-                (_, w) if pending.bounce.is_some() => {
-                    let (Some(piece), Ok(pos), Ok(len)) = (
-                        pending.bounce.as_ref(),
-                        usize::try_from(ext.pos),
-                        u32::try_from(ext.len),
-                    ) else {
-                        break;
-                    };
-                    // `try_start` took a piece of at least the request's
-                    // length, and each extent lies inside the request.
-                    if pos
-                        .checked_add(len as usize)
-                        .is_none_or(|e| e > piece.capacity())
-                    {
-                        break;
-                    }
-                    // SAFETY: in bounds of the piece (checked just above).
-                    let buf = unsafe { piece.as_mut_ptr().add(pos) };
-                    if w {
-                        opcode::Write::new(fd, buf, len).offset(at).build()
-                    } else {
-                        opcode::Read::new(fd, buf, len).offset(at).build()
-                    }
-                }
-                ([one], w) if self.plain_ops => {
-                    let Ok(len) = u32::try_from(one.iov_len) else {
-                        break;
-                    };
-                    let buf = one.iov_base.cast::<u8>();
-                    let fixed = self
-                        .fixed
-                        .as_ref()
-                        .and_then(|f| f.index(&pending.mem, buf, one.iov_len));
-                    if fixed.is_some() {
-                        self.fixed_ops += 1;
-                    }
-                    match (fixed, w) {
-                        (Some(ix), true) => {
-                            opcode::WriteFixed::new(fd, buf, len, ix).offset(at).build()
-                        }
-                        (Some(ix), false) => {
-                            opcode::ReadFixed::new(fd, buf, len, ix).offset(at).build()
-                        }
-                        (None, true) => opcode::Write::new(fd, buf, len).offset(at).build(),
-                        (None, false) => opcode::Read::new(fd, buf, len).offset(at).build(),
-                    }
-                }
-                (_, w) => {
-                    let fixed = match &self.fixed {
-                        Some(f) if self.vec_fixed_ops => f.index_all(&pending.mem, iov),
-                        _ => None,
-                    };
-                    if fixed.is_some() {
-                        self.fixed_ops += 1;
-                    }
-                    let v = iov.as_ptr();
-                    match (fixed, w) {
-                        (Some(ix), true) => opcode::WritevFixed::new(fd, v, iov_len, ix)
-                            .offset(at)
-                            .build(),
-                        (Some(ix), false) => opcode::ReadvFixed::new(fd, v, iov_len, ix)
-                            .offset(at)
-                            .build(),
-                        (None, true) => opcode::Writev::new(fd, v, iov_len).offset(at).build(),
-                        (None, false) => opcode::Readv::new(fd, v, iov_len).offset(at).build(),
-                    }
-                }
-            }
-            .user_data(user_data);
-            if self.ring.submission().is_full() {
-                self.submit();
-            }
-            // SAFETY: the iovec array and the guest memory it points into
-            // are owned by `pending`, which stays in `slots[slot]` until this
-            // operation's completion has been reaped.
-            if unsafe { self.ring.submission().push(&sqe) }.is_err() {
-                break;
-            }
-            queued += 1;
-            self.ops += 1;
-            self.unsubmitted += 1;
-        }
-        pending.remaining = queued;
-        if queued < n {
-            // Some operations could not be queued: the request fails over to
-            // the pool once the queued ones complete.
-            pending.failed = true;
-        }
-        if pending.remaining == 0 {
-            self.free.push(slot);
-            let Pending {
-                req,
-                mem,
-                io,
-                bounce,
-                ..
-            } = pending;
-            if let (Some(piece), Some(pool)) = (bounce, self.bounce.as_mut()) {
-                pool.give(piece);
-            }
-            drop(io);
-            return Err((req, mem));
-        }
-        self.slots[slot] = Some(pending);
-        if self.unsubmitted >= self.submit_batch {
-            self.submit();
-        }
-        Ok(())
-    }
-
-    /// Submits queued operations: at the end of a pass, and every
-    /// [`SUBMIT_BATCH`] operations during it.
-    ///
-    /// Retries transient failures: if nothing else is in flight, no
-    /// completion would come to trigger another attempt, and the driver may
-    /// be waiting for exactly these requests.
-    pub fn submit(&mut self) {
-        for attempt in 0..SUBMIT_RETRIES {
-            if self.unsubmitted == 0 {
-                return;
-            }
-            match self.ring.submit() {
-                Ok(n) => {
-                    self.submits += 1;
-                    self.unsubmitted = self.unsubmitted.saturating_sub(n);
-                }
-                Err(e) if attempt + 1 == SUBMIT_RETRIES => {
-                    log::error!("io_uring submit keeps failing: {e}");
-                }
-                Err(_) => std::thread::sleep(std::time::Duration::from_micros(100)),
-            }
-        }
-    }
-
-    /// Waits until at least one operation completes (unless requests are
-    /// already done), then reaps.
-    pub fn wait(&mut self) -> Vec<Done> {
-        if !self.ready.is_empty() || self.ops == 0 {
-            return self.reap();
-        }
-        let r = self.ring.submit_and_wait(1);
-        match r {
-            Ok(n) => self.unsubmitted = self.unsubmitted.saturating_sub(n),
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-            Err(e) => log::warn!("io_uring wait: {e}"),
-        }
-        self.reap()
-    }
-
-    /// Reaps after a completion eventfd event. The eventfd is registered
-    /// edge-triggered and never read: each signal is a new edge, and the
-    /// ring itself says what is done (a system call saved per wake-up; its
-    /// counter cannot reach its 2^64 - 1 limit in practice).
-    pub fn on_event(&mut self) -> Vec<Done> {
-        self.reap()
-    }
-
-    /// Takes every completed request.
-    pub fn reap(&mut self) -> Vec<Done> {
-        #[cfg(test)]
-        {
-            if self.unreaped {
-                return Vec::new();
-            }
-        }
-        let mut done = std::mem::take(&mut self.ready);
-        if self.ops == 0 {
-            return done;
-        }
-        let mut cqes = std::mem::take(&mut self.cqes);
-        cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
-        for (user_data, res) in cqes.drain(..) {
-            #[cfg(test)]
-            {
-                if user_data == HELD {
-                    self.ops = self.ops.saturating_sub(1);
-                    continue;
-                }
-            }
-            let slot = (user_data >> 16) as usize;
-            let op = (user_data & 0xffff) as usize;
-            self.ops = self.ops.saturating_sub(1);
-            let Some(Some(p)) = self.slots.get_mut(slot) else {
-                log::error!("io_uring completion for unknown slot {slot}");
-                continue;
-            };
-            let want = p.io.extents().get(op).map_or(0, |e| e.len);
-            if u64::try_from(res).ok() != Some(want) {
-                if res == -libc::EINVAL && self.align < SAFE_ALIGN {
-                    log::info!(
-                        "cache device refused {}-byte aligned direct I/O; using {SAFE_ALIGN}",
-                        self.align
-                    );
-                    self.align = SAFE_ALIGN;
-                } else {
-                    log::warn!("direct cache I/O returned {res}, expected {want}; retrying through the pool");
-                }
-                p.failed = true;
-            }
-            p.remaining -= 1;
-            if p.remaining > 0 {
-                continue;
-            }
-            if let Some(p) = self.slots[slot].take() {
-                self.free.push(slot);
-                let d = self.finish(p);
-                done.push(d);
-            }
-        }
-        self.cqes = cqes;
-        done
-    }
-
-    /// Waits for every operation in flight and returns their requests.
-    pub fn drain(&mut self) -> Vec<Done> {
-        let mut done = Vec::new();
-        while self.busy() {
-            done.extend(self.wait());
-        }
-        done
-    }
-
-    /// Runs each operation with `preadv`/`pwritev` on this thread; false
-    /// if one failed or was short.
-    fn run_inline(&mut self, write: bool, io: &DirectIo, iovecs: &Iovecs) -> bool {
-        for (i, ext) in io.extents().iter().enumerate() {
-            let Some(iov) = iovecs.op(i) else {
-                return false;
-            };
-            if let Some(map) = &self.map {
-                // SAFETY: each iovec points into guest memory that the
-                // caller's `Arc<GuestMem>` keeps mapped during this call.
-                let copied = unsafe { map.copy(write, ext.dev_offset, ext.len, iov) };
-                if copied {
-                    self.mapped_copies += 1;
-                    continue;
-                }
-            }
-            let (Ok(n), Ok(off)) = (
-                libc::c_int::try_from(iov.len()),
-                libc::off_t::try_from(ext.dev_offset),
-            ) else {
-                return false;
-            };
-            // SAFETY: each iovec points into guest memory that the caller's
-            // `Arc<GuestMem>` keeps mapped for the duration of this call, and
-            // `n` is the length of the iovec array.
-            let r = unsafe {
-                if write {
-                    libc::pwritev(self.fd, iov.as_ptr(), n, off)
-                } else {
-                    libc::preadv(self.fd, iov.as_ptr(), n, off)
-                }
-            };
-            if u64::try_from(r).ok() != Some(ext.len) {
-                log::warn!(
-                    "cache I/O returned {r}, expected {}; retrying through the pool",
-                    ext.len
-                );
-                return false;
-            }
-        }
-        true
-    }
-
-    /// True if every region of `mem` lies on hugetlbfs, so that guest
-    /// buffers are contiguous in huge pages already; worked out once per
-    /// memory table.
-    fn guest_on_huge_pages(&mut self, mem: &Arc<GuestMem>) -> bool {
-        if let Some((seen, huge)) = &self.huge_guest {
-            if std::ptr::eq(seen.as_ptr(), Arc::as_ptr(mem)) {
-                return *huge;
-            }
-        }
-        let huge = mem.iter().all(|r| {
-            r.file_offset()
-                .is_some_and(|f| super::bounce::on_hugetlbfs(f.file()))
-        });
-        self.huge_guest = Some((Arc::downgrade(mem), huge));
-        huge
-    }
-
-    fn alloc_slot(&mut self) -> usize {
-        match self.free.pop() {
-            Some(s) => s,
-            None => {
-                self.slots.push(None);
-                self.slots.len() - 1
-            }
-        }
-    }
-
-    /// Fills `out` with one iovec array per extent, pointing into guest
-    /// memory; `None` if a buffer is not mapped or not aligned for the device.
-    fn build_iovecs(
-        &self,
-        req: &Request,
-        mem: &GuestMem,
-        io: &DirectIo,
-        out: &mut Iovecs,
-    ) -> Option<()> {
-        out.iov.clear();
-        out.spans.clear();
-        if io.extents().len() > MAX_EXTENTS {
-            return None;
-        }
-        let align = self.align;
-        for ext in io.extents() {
-            if ext.dev_offset % align != 0 || ext.len % align != 0 {
-                return None;
-            }
-            let len = usize::try_from(ext.len).ok()?;
-            let start = out.iov.len();
-            let iov = &mut out.iov;
-            let mut add = |addr: GuestAddress, n: usize| -> Result<(), ()> {
-                for s in mem.get_slices(addr, n) {
-                    let s = s.map_err(|_| ())?;
-                    let ptr = s.ptr_guard_mut().as_ptr();
-                    if (ptr as u64) % align != 0 || (s.len() as u64) % align != 0 {
-                        return Err(());
-                    }
-                    iov.push(libc::iovec {
-                        iov_base: ptr.cast(),
-                        iov_len: s.len(),
-                    });
-                }
-                Ok(())
-            };
-            walk(&req.data, ext.pos, len, |addr, r| {
-                add(addr, r.len()).map_err(|_| {
-                    super::request::BlkError::GuestMemory("not usable in place".into())
-                })
-            })
-            .ok()?;
-            let n = out.iov.len() - start;
-            if n > libc::UIO_MAXIOV as usize {
-                return None;
-            }
-            out.spans.push((start, n));
-        }
-        Some(())
-    }
-
-    /// Releases a finished request's pins, keeps its vectors for the next
-    /// request and turns it into a completion.
-    fn finish(&mut self, p: Pending) -> Done {
-        let Pending {
-            token,
-            req,
-            mem,
-            io,
-            iovecs,
-            mut failed,
-            bounce,
-            ..
-        } = p;
-        let staged = bounce.is_some();
-        if let Some(piece) = bounce {
-            if !failed && matches!(req.kind, RequestKind::Read { .. }) {
-                failed = !copy_between(&piece, &io, &iovecs, false);
-            }
-            if let Some(pool) = self.bounce.as_mut() {
-                pool.give(piece);
-            }
-        }
-        let direct = match (failed, staged) {
-            (true, _) => io.failed(),
-            (false, true) => io.completed_staged(),
-            (false, false) => io.completed(),
-        };
-        self.spare.push(Spare {
-            direct,
-            iov: iovecs,
-        });
-        if failed {
-            return Done::Retry { token, req, mem };
-        }
-        let done = served(token, &req, &mem);
-        req.recycle();
-        done
-    }
 }
 
 /// Copies a staged request between `piece` and the guest buffers of each
@@ -998,19 +529,6 @@ fn supported_ops(ring: &IoUring) -> (bool, bool) {
         has(opcode::Read::CODE, opcode::Write::CODE),
         has(opcode::ReadvFixed::CODE, opcode::WritevFixed::CODE),
     )
-}
-
-/// The completion of a request served without error.
-fn served(token: Token, req: &Request, mem: &GuestMem) -> Done {
-    let data = match req.kind {
-        RequestKind::Read { .. } => u32::try_from(req.data_len).unwrap_or(u32::MAX),
-        _ => 0,
-    };
-    let used_len = match write_status(mem, req.status_addr, VIRTIO_BLK_S_OK as u8) {
-        Ok(()) => data.saturating_add(1),
-        Err(_) => data,
-    };
-    Done::Served { token, used_len }
 }
 
 impl Drop for QueueRing {
