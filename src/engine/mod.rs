@@ -4,27 +4,34 @@
 
 mod bufpool;
 mod commit;
+mod config;
 mod core;
 pub mod crashstate;
 mod direct;
 mod durable;
+mod error;
 mod frames;
 pub mod geometry;
+mod lifecycle;
 pub mod meta;
 pub mod mode;
 mod open;
 pub mod policy;
 mod read;
 mod readahead;
+mod report;
 mod shard;
 pub mod stats;
 mod store;
 mod write;
 mod writeback;
 
+pub use config::{EngineConfig, WritebackConfig, DEFAULT_IDLE_DRAIN_AFTER};
 pub use direct::{DirectBufs, DirectIo, Extent};
+pub use error::EngineError;
 pub use geometry::{Geometry, GeometryError, GeometryRequest};
 pub use mode::WriteMode;
+pub use report::{FlushProgress, StartInfo, Status};
 pub use stats::{Stats, StatsSnapshot};
 
 use crate::device::{BlockDevice, DeviceError};
@@ -38,244 +45,6 @@ use std::time::{Duration, Instant};
 /// Idle one-block fetch buffers kept for reuse by read misses (64 of
 /// 64 KiB blocks is 4 MiB).
 const FETCH_BUFS: usize = 64;
-
-/// Default [`WritebackConfig::idle_drain_after`].
-pub const DEFAULT_IDLE_DRAIN_AFTER: Duration = Duration::from_secs(10);
-
-/// Write-back tuning.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WritebackConfig {
-    /// Background writeback starts when this percentage of frames is dirty. Default 50.
-    pub high_watermark_pct: u8,
-    /// Background writeback stops when dirty frames fall to this percentage. Default 25.
-    pub low_watermark_pct: u8,
-    /// Largest coalesced source write. Default 4 MiB.
-    pub max_run_bytes: u64,
-    /// Most runs a writeback pass has in flight to the source at once (each
-    /// on a writer thread), while it is not throttled; at least 1. Default
-    /// 16: a source with latency L takes at most 16/L runs per second, and
-    /// random dirty blocks make runs of one block.
-    pub max_inflight_runs: usize,
-    /// Once no request has come for this long, background writeback cleans
-    /// every dirty block (below the low watermark too), and stops as soon
-    /// as a request comes. `None`: dirty blocks below the high watermark
-    /// stay until a flush, a mode change or shutdown writes them back.
-    /// Default 10 s. What dm-cache's smq policy does when the device is
-    /// idle: it keeps the window in which a lost cache device loses data
-    /// short.
-    pub idle_drain_after: Option<Duration>,
-}
-
-impl Default for WritebackConfig {
-    fn default() -> Self {
-        WritebackConfig {
-            high_watermark_pct: 50,
-            low_watermark_pct: 25,
-            max_run_bytes: 4 << 20,
-            max_inflight_runs: 16,
-            idle_drain_after: Some(DEFAULT_IDLE_DRAIN_AFTER),
-        }
-    }
-}
-
-/// Everything the engine needs besides its two devices.
-#[derive(Debug, Clone)]
-pub struct EngineConfig {
-    pub geometry: GeometryRequest,
-    /// Write policy. With `None` the mode persisted on the cache device is
-    /// used, or writeback for a new cache.
-    pub mode: Option<WriteMode>,
-    pub writeback: WritebackConfig,
-    /// Threads that store fetched blocks into the cache. Default 2.
-    pub store_workers: usize,
-    /// Format the cache device even when it holds something that is not a
-    /// vblkcache superblock and is not all zeros.
-    pub format: bool,
-    /// With `format`: format even a cache that holds dirty blocks (they are
-    /// lost). Without it `format` refuses such a cache.
-    pub discard_dirty: bool,
-    /// Accept a source file other than the one the cache was last used with
-    /// (the same image moved or copied): its clean entries are dropped, its
-    /// dirty blocks kept.
-    pub source_moved: bool,
-    /// Directory (a tmpfs such as `/dev/shm`) for the crash-state file,
-    /// which keeps the live mapping past a crash of the process (see
-    /// [`crashstate`]); `None` keeps it in private memory only.
-    pub crash_state_dir: Option<std::path::PathBuf>,
-    /// Largest window of sequential readahead on read misses, in bytes
-    /// (rounded down to whole blocks, at least one); 0 (the default) turns
-    /// it off (see [`readahead`]).
-    pub readahead: u64,
-}
-
-impl Default for EngineConfig {
-    fn default() -> Self {
-        EngineConfig {
-            geometry: GeometryRequest::default(),
-            mode: None,
-            writeback: WritebackConfig::default(),
-            store_workers: 2,
-            format: false,
-            discard_dirty: false,
-            source_moved: false,
-            crash_state_dir: None,
-            readahead: 0,
-        }
-    }
-}
-
-impl EngineConfig {
-    /// The default configuration with blocks of `block_size` bytes and,
-    /// if given, this write mode (the rest of the geometry is derived).
-    pub fn with_block_size(block_size: u32, mode: Option<WriteMode>) -> EngineConfig {
-        EngineConfig {
-            geometry: GeometryRequest {
-                block_size: Some(block_size),
-                ..GeometryRequest::default()
-            },
-            mode,
-            ..EngineConfig::default()
-        }
-    }
-}
-
-/// Engine errors.
-#[derive(Debug, thiserror::Error)]
-pub enum EngineError {
-    #[error("source device: {0}")]
-    Source(#[source] DeviceError),
-    #[error("cache device: {0}")]
-    Cache(#[source] DeviceError),
-    #[error(transparent)]
-    Geometry(#[from] GeometryError),
-    #[error("--{param} {requested} conflicts with {persisted} recorded on cache device {device} (omit --{param}, or pass --format to discard the cache; it refuses while the cache holds dirty blocks)")]
-    GeometryConflict {
-        param: &'static str,
-        requested: u64,
-        persisted: u64,
-        device: String,
-    },
-    #[error("cache device {device} holds data that is not a vblkcache cache; pass --format to overwrite it")]
-    ForeignCache { device: String },
-    #[error("cache device {device} belongs to a source of {recorded} bytes, but the source has {actual} bytes; use the original source, or --format to discard the cache")]
-    SourceMismatch {
-        device: String,
-        recorded: u64,
-        actual: u64,
-    },
-    #[error("cache device {device} holds {dirty} dirty blocks of another source file than {path} (its inode differs); start with the source it was used with, or pass --source-moved if {path} is that image moved or copied, or --format to discard the cache and its dirty blocks")]
-    SourceChanged {
-        device: String,
-        path: String,
-        dirty: u64,
-    },
-    #[error("cache device {device} holds {dirty} dirty blocks that are not on the source yet; --format would lose them: start without --format and write them back (`vblkcache flush`, or --writeback-on-exit), or pass --format --discard-dirty to lose them")]
-    FormatDirty { device: String, dirty: u64 },
-    #[error("source {device} is empty")]
-    EmptySource { device: String },
-    #[error("cache device {device}: {source}")]
-    Meta {
-        device: String,
-        #[source]
-        source: meta::MetaError,
-    },
-    #[error("cache device {device} was not shut down cleanly in write-back mode and this version cannot recover its dirty blocks; refusing to start (pass --format to discard the cache AND its unwritten data)")]
-    Unclean { device: String },
-    #[error("cannot use passthrough mode: the cache holds {dirty} dirty blocks (start in writeback mode and flush first)")]
-    PassthroughDirty { dirty: u64 },
-    #[error("request of {len} bytes at offset {offset} is outside the disk ({size} bytes)")]
-    OutOfRange { offset: u64, len: u64, size: u64 },
-    #[error("{dirty} dirty blocks could not be written back")]
-    DirtyRemain { dirty: u64 },
-    #[error("the engine is shut down")]
-    ShutDown,
-    #[error("the metadata commit this flush joined failed (see the log)")]
-    CommitFailed,
-    #[error("{device}: a flush failed earlier, so writes since the last good flush may not be durable; every later flush fails (restart once the device is healthy)")]
-    EarlierFlushFailed { device: String },
-}
-
-impl EngineError {
-    /// True when the error comes from what the user asked for (geometry,
-    /// conflicting options, wrong device) rather than from failing I/O.
-    pub fn is_config_error(&self) -> bool {
-        matches!(
-            self,
-            EngineError::Geometry(_)
-                | EngineError::GeometryConflict { .. }
-                | EngineError::ForeignCache { .. }
-                | EngineError::SourceMismatch { .. }
-                | EngineError::EmptySource { .. }
-                | EngineError::SourceChanged { .. }
-                | EngineError::FormatDirty { .. }
-                | EngineError::PassthroughDirty { .. }
-        )
-    }
-}
-
-/// Progress of a whole-cache flush.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct FlushProgress {
-    /// Dirty blocks when the flush started (grows if writes add more).
-    pub total: u64,
-    /// Blocks written back so far.
-    pub done: u64,
-}
-
-/// How the engine came up.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct StartInfo {
-    /// True when the cache device was freshly formatted.
-    pub formatted: bool,
-    /// True when the previous shutdown was clean (or the device is new).
-    pub clean: bool,
-    /// Mapping entries loaded from the cache device.
-    pub entries_loaded: u64,
-    /// Dirty entries among them.
-    pub dirty_loaded: u64,
-    /// Journal commits replayed after an unclean shutdown.
-    pub commits_replayed: u64,
-    /// Dirty blocks recovered after an unclean shutdown.
-    pub dirty_recovered: u64,
-    /// Clean entries dropped after an unclean shutdown (their data is on the source).
-    pub clean_dropped: u64,
-    /// After an unclean shutdown: `Some(dirty blocks)` when the mapping was
-    /// recovered from the crashed run's crash-state file (see [`crashstate`]),
-    /// `None` when from the journal alone.
-    pub crash_state_recovered: Option<u64>,
-    /// Time taken to open, recover and load the metadata, in milliseconds.
-    pub load_ms: u64,
-}
-
-/// A point-in-time status of the engine, with named fields.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Status {
-    pub mode: WriteMode,
-    pub policy: &'static str,
-    pub geometry: Geometry,
-    pub sets: u64,
-    pub source_size: u64,
-    pub cache_device_size: u64,
-    pub data_offset: u64,
-    pub valid_blocks: u64,
-    pub dirty_blocks: u64,
-    /// read_hits / (read_hits + read_misses), 0 when nothing was read.
-    pub hit_ratio: f64,
-    /// RAM used by the mapping and the policy per cache block, in bytes.
-    pub ram_bytes_per_block: f64,
-    pub uptime_secs: f64,
-    /// Metadata commits written to the journal since start.
-    pub metadata_commits: u64,
-    /// Journal checkpoints (full table writes) since start.
-    pub metadata_checkpoints: u64,
-    /// A flush of the cache device failed: every later flush fails until a
-    /// restart (see `durable`).
-    pub cache_flush_failed: bool,
-    /// The same for the source.
-    pub source_flush_failed: bool,
-    pub start: StartInfo,
-    pub stats: StatsSnapshot,
-}
 
 /// The cache engine: a set-associative cache of `source` on `cache`.
 ///
@@ -600,156 +369,6 @@ impl Engine {
             start: self.start.clone(),
             stats,
         }
-    }
-
-    /// Stops serving, waits for requests and background stores in flight,
-    /// optionally writes back every dirty block, and persists the mapping with
-    /// a clean-shutdown mark (also when the writeback failed: the blocks it
-    /// left dirty are saved dirty; not after a failed flush, see `durable`).
-    /// Later requests fail with `ShutDown`. Calling it
-    /// again does nothing.
-    pub fn shutdown(&self, writeback: bool) -> Result<(), EngineError> {
-        if self.shut.swap(true, SeqCst) {
-            return Ok(());
-        }
-        let c = &self.core;
-        c.closed.store(true, SeqCst);
-        while c.inflight.total() > 0 {
-            std::thread::sleep(Duration::from_micros(200));
-        }
-        // Readahead first: its last fetches hand their blocks to the store
-        // queue, which is waited for next.
-        c.close_readahead();
-        c.readahead.wait_idle();
-        c.store.wait_idle();
-        self.stop_workers();
-        let r = if writeback {
-            c.flush_all(&mut |_| {})
-        } else {
-            Ok(())
-        };
-        // No pass runs any more: end the kept writer threads.
-        c.wb_pool.stop();
-        // Blocks a failed writeback left dirty are persisted dirty: the
-        // mapping is saved whether or not the writeback succeeded.
-        let saved = self.persist();
-        match r {
-            Err(e) => {
-                if let Err(p) = saved {
-                    log::error!("cache metadata not saved: {p}");
-                }
-                Err(e)
-            }
-            Ok(()) => saved,
-        }
-    }
-
-    /// Stops the background threads and waits for them, persisting nothing:
-    /// the cache device is left as a crash would leave it. For crash tests.
-    pub fn halt(&self) {
-        if self.shut.swap(true, SeqCst) {
-            return;
-        }
-        self.core.closed.store(true, SeqCst);
-        self.stop_workers();
-        self.core.wb_pool.stop();
-    }
-
-    /// Tells the writeback and store threads to stop and joins them.
-    fn stop_workers(&self) {
-        let c = &self.core;
-        {
-            let mut s = c.wb_signal.lock().unwrap_or_else(|p| p.into_inner());
-            s.stop = true;
-            c.wb_cond.notify_all();
-        }
-        c.close_readahead();
-        c.store.close();
-        for t in self
-            .threads
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain(..)
-        {
-            let _ = t.join();
-        }
-    }
-
-    /// Writes the table and a clean superblock.
-    fn persist(&self) -> Result<(), EngineError> {
-        let c = &self.core;
-        let meta_err = |e| EngineError::Meta {
-            device: c.cache.name(),
-            source: e,
-        };
-        // Data first: the table written next points at it. After a failed
-        // flush nothing is persisted (`durable`): the next start recovers
-        // from the last good commit.
-        c.flush_cache()?;
-        c.cache_written.store(false, SeqCst);
-        // Frames written back whose pass has not flushed the source yet are
-        // persisted clean below: the source must hold their data first.
-        let written_back = (0..c.frames.frames()).any(|f| c.frames.get(f).srcpend());
-        // A source whose flush failed may have lost writes that clean
-        // entries stand for: then nothing is persisted either.
-        if c.source_written.swap(false, SeqCst) | written_back | c.source_flush.failed() {
-            c.flush_source()?;
-        }
-        let mut j = c.journal.lock().unwrap_or_else(|p| p.into_inner());
-        let j = &mut *j;
-        // The full table goes to the inactive copy; the superblock switches.
-        let entries: Vec<u64> = (0..c.frames.frames())
-            .map(|f| c.frames.get(f).persistent())
-            .collect();
-        // `j` changes only once everything is written, so that it always
-        // describes what the durable superblock may point at.
-        let mut sb = j.sb.clone();
-        sb.table_copy ^= 1;
-        meta::save_table(&*c.cache, &c.layout, sb.table_copy, &entries).map_err(meta_err)?;
-        c.flush_cache()?;
-        sb.clean = true;
-        sb.mode = c.mode();
-        // Read after the last source write and flush: the next start
-        // compares it to tell whether something else wrote the source since.
-        sb.source_id = c.source.identity();
-        sb.commit_seq = j.seq + 1;
-        sb.journal_pos = 0;
-        // Both slots get the clean superblock (one after the other, each
-        // flushed), so either copy alone still says "clean".
-        let mut slot = j.slot;
-        for _ in 0..2 {
-            sb.seq += 1;
-            slot = 1 - slot;
-            c.write_superblock(&sb, slot)?;
-        }
-        j.seq = sb.commit_seq;
-        j.sb = sb;
-        j.slot = slot;
-        // The cache is clean on its device now: no crash state is needed.
-        if let Some(f) = c.frames.crash_file() {
-            f.remove();
-        }
-        log::info!(
-            "cache metadata saved: {} blocks in use, {} dirty",
-            c.valid.load(SeqCst),
-            c.dirty.load(SeqCst)
-        );
-        Ok(())
-    }
-}
-
-impl Drop for Engine {
-    fn drop(&mut self) {
-        // Without an explicit shutdown the threads are still told to stop;
-        // the metadata is not written (the next start sees an unclean cache).
-        let c = &self.core;
-        c.closed.store(true, SeqCst);
-        if let Ok(mut s) = c.wb_signal.lock() {
-            s.stop = true;
-            c.wb_cond.notify_all();
-        }
-        c.close_readahead();
-        c.store.close();
     }
 }
 
