@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::device::MemDevice;
-use crate::engine::{Engine, EngineConfig, GeometryRequest};
+use crate::engine::{Engine, EngineConfig, GeometryRequest, WriteMode};
 use std::sync::Arc;
 
 const SOURCE: u64 = 4 << 20;
