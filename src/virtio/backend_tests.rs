@@ -768,6 +768,9 @@ fn inflight_bound_waits_for_a_completion() {
 #[path = "uring_tests.rs"]
 mod uring_tests;
 
+#[path = "poll_tests.rs"]
+mod poll_tests;
+
 #[path = "bounce_tests.rs"]
 mod bounce_tests;
 
