@@ -211,17 +211,23 @@ impl FileDevice {
         };
         // SAFETY: fallocate only reads its scalar arguments.
         let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, l) };
+        self.result_of(rc, op, offset, len)
+    }
+
+    /// `Ok` for a system call that returned 0, else its `errno` as the
+    /// error of `op` on `offset..offset + len`.
+    fn result_of(
+        &self,
+        rc: libc::c_int,
+        op: IoOp,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), DeviceError> {
         if rc == 0 {
-            Ok(())
-        } else {
-            Err(io_err(
-                op,
-                offset,
-                len,
-                &self.path,
-                io::Error::last_os_error(),
-            ))
+            return Ok(());
         }
+        let e = io::Error::last_os_error();
+        Err(io_err(op, offset, len, &self.path, e))
     }
 
     fn blk_range_ioctl(
@@ -234,17 +240,7 @@ impl FileDevice {
         let range: [u64; 2] = [offset, len];
         // SAFETY: the ioctl reads two u64 from a live local array.
         let rc = unsafe { libc::ioctl(self.file.as_raw_fd(), req, range.as_ptr()) };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(io_err(
-                op,
-                offset,
-                len,
-                &self.path,
-                io::Error::last_os_error(),
-            ))
-        }
+        self.result_of(rc, op, offset, len)
     }
 }
 
