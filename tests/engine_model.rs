@@ -1,6 +1,8 @@
 //! Model-based test of the cache engine: random mixes of unaligned reads,
-//! writes, flushes, discards, write-zeroes, mode switches and restarts, on
-//! several geometries, checked against a flat reference disk.
+//! sequential scans, writes, flushes, discards, write-zeroes, mode switches
+//! and restarts, on several geometries, with and without readahead (whose
+//! fetches run in the background while the next operations go on), checked
+//! against a flat reference disk.
 
 use proptest::prelude::*;
 use std::sync::Arc;
@@ -11,13 +13,18 @@ use vblkcache::engine::{Engine, EngineConfig, Geometry, GeometryRequest, WriteMo
 #[derive(Debug, Clone)]
 enum Op {
     Read(u64, u64),
+    /// Reads `n` blocks one after the other from the block holding the
+    /// offset: sequential misses, which start readahead when it is on.
+    Scan(u64, u64),
     Write(u64, u64, u8),
     Flush,
     Discard(u64, u64),
     WriteZeroes(u64, u64),
     SetMode(WriteMode),
     FlushAll,
-    Restart { writeback: bool },
+    Restart {
+        writeback: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -72,6 +79,7 @@ fn op_strategy(size: u64, bs: u64) -> impl Strategy<Value = Op> {
     });
     prop_oneof![
         6 => range.clone().prop_map(|(o, l)| Op::Read(o, l)),
+        2 => (0..size, 2..=12u64).prop_map(|(o, n)| Op::Scan(o, n)),
         6 => (range.clone(), any::<u8>()).prop_map(|((o, l), s)| Op::Write(o, l, s)),
         1 => Just(Op::Flush),
         1 => range.clone().prop_map(|(o, l)| Op::Discard(o, l)),
@@ -88,7 +96,10 @@ fn pattern(off: u64, len: u64, seed: u8) -> Vec<u8> {
         .collect()
 }
 
-fn run_case(case: Case, mode: WriteMode, ops: &[Op]) -> Result<(), TestCaseError> {
+/// Runs `ops` on a new engine of `case` in `mode`, with readahead windows of
+/// up to `readahead` blocks (0: off). Returns how many blocks were read
+/// ahead.
+fn run_case(case: Case, mode: WriteMode, readahead: u64, ops: &[Op]) -> Result<u64, TestCaseError> {
     let bs = u64::from(case.block_size);
     let size = case.source_blocks * bs + case.tail;
     let initial: Vec<u8> = (0..size).map(|i| (i * 7 + 3) as u8).collect();
@@ -110,11 +121,13 @@ fn run_case(case: Case, mode: WriteMode, ops: &[Op]) -> Result<(), TestCaseError
             assoc: Some(case.assoc),
         },
         mode: Some(mode),
+        readahead: readahead * bs,
         ..EngineConfig::default()
     };
     let open = |cfg: EngineConfig| Engine::open(source.clone(), cache.clone(), cfg).unwrap();
     let mut engine = open(cfg.clone());
     let mut reference = initial.clone();
+    let mut ahead = 0;
     for op in ops {
         match *op {
             Op::Read(o, l) => {
@@ -124,6 +137,22 @@ fn run_case(case: Case, mode: WriteMode, ops: &[Op]) -> Result<(), TestCaseError
                     buf == reference[o as usize..(o + l) as usize],
                     "read {o}+{l} differs after {op:?}"
                 );
+            }
+            Op::Scan(o, n) => {
+                let mut at = o / bs * bs;
+                for _ in 0..n {
+                    if at >= size {
+                        break;
+                    }
+                    let l = bs.min(size - at);
+                    let mut buf = vec![0u8; l as usize];
+                    engine.read(at, &mut buf).unwrap();
+                    prop_assert!(
+                        buf == reference[at as usize..(at + l) as usize],
+                        "scan read {at}+{l} differs after {op:?}"
+                    );
+                    at += l;
+                }
             }
             Op::Write(o, l, s) => {
                 let data = pattern(o, l, s);
@@ -153,6 +182,7 @@ fn run_case(case: Case, mode: WriteMode, ops: &[Op]) -> Result<(), TestCaseError
             Op::Restart { writeback } => {
                 let mode = engine.mode();
                 engine.shutdown(writeback).unwrap();
+                ahead += engine.stats().readahead_blocks;
                 drop(engine);
                 engine = open(EngineConfig {
                     mode: None,
@@ -173,22 +203,25 @@ fn run_case(case: Case, mode: WriteMode, ops: &[Op]) -> Result<(), TestCaseError
         source.to_vec() == reference,
         "source differs from the reference after flush_all"
     );
+    ahead += engine.stats().readahead_blocks;
     engine.shutdown(false).unwrap();
-    Ok(())
+    Ok(ahead)
 }
 
-fn strategy() -> impl Strategy<Value = (usize, WriteMode, Vec<Op>)> {
+fn strategy() -> impl Strategy<Value = (usize, WriteMode, u64, Vec<Op>)> {
     (
         0..CASES.len(),
         prop::sample::select(WriteMode::ALL.to_vec()),
+        prop::sample::select(vec![0u64, 2, 8]),
     )
-        .prop_flat_map(|(ci, mode)| {
+        .prop_flat_map(|(ci, mode, readahead)| {
             let c = CASES[ci];
             let bs = u64::from(c.block_size);
             let size = c.source_blocks * bs + c.tail;
             (
                 Just(ci),
                 Just(mode),
+                Just(readahead),
                 prop::collection::vec(op_strategy(size, bs), 1..120),
             )
         })
@@ -197,19 +230,21 @@ fn strategy() -> impl Strategy<Value = (usize, WriteMode, Vec<Op>)> {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
     #[test]
-    fn engine_matches_flat_disk((ci, mode, ops) in strategy()) {
-        run_case(CASES[ci], mode, &ops)?;
+    fn engine_matches_flat_disk((ci, mode, readahead, ops) in strategy()) {
+        run_case(CASES[ci], mode, readahead, &ops)?;
     }
 }
 
-/// Every geometry and mode with one fixed heavy workload, so each
-/// combination is covered on every run whatever proptest samples.
+/// Every geometry and mode, with readahead off and on, with one fixed heavy
+/// workload, so each combination is covered on every run whatever proptest
+/// samples.
 #[test]
 fn every_geometry_and_mode() {
     for case in CASES {
         let bs = u64::from(case.block_size);
         let size = case.source_blocks * bs + case.tail;
-        for mode in WriteMode::ALL {
+        let mut ahead = [0u64; 2];
+        for (mode, readahead) in WriteMode::ALL.into_iter().flat_map(|m| [(m, 0), (m, 8)]) {
             let mut ops = Vec::new();
             let mut x: u64 = 12345;
             for i in 0..300u64 {
@@ -220,15 +255,24 @@ fn every_geometry_and_mode() {
                 let len = 1 + (x >> 40) % (size - off).min(2 * bs);
                 ops.push(match i % 10 {
                     0..=3 => Op::Write(off, len, i as u8),
-                    4..=7 => Op::Read(off, len),
+                    4..=6 => Op::Read(off, len),
+                    7 => Op::Scan(off, 6),
                     8 => Op::Discard(off, len.min(bs * 2)),
                     _ => Op::Flush,
                 });
             }
             ops.push(Op::Restart { writeback: false });
             ops.push(Op::Read(0, size.min(3 * bs)));
-            run_case(*case, mode, &ops).unwrap();
+            ahead[usize::from(readahead > 0)] += run_case(*case, mode, readahead, &ops).unwrap();
         }
+        assert_eq!(
+            ahead[0], 0,
+            "{case:?}: blocks read ahead with readahead off"
+        );
+        assert!(
+            ahead[1] > 0,
+            "{case:?}: nothing read ahead with readahead on"
+        );
     }
 }
 

@@ -4,8 +4,11 @@
 //! half of the disk thread `t` owns every sector `s` with `s % T == t`, so
 //! threads race on the same blocks; in the second half each thread owns a
 //! contiguous region for multi-block requests. Another thread switches write
-//! modes and flushes the whole cache meanwhile. Every read is checked against
-//! the owner's reference; at the end the source must equal the reference.
+//! modes and flushes the whole cache meanwhile. Some reads are sequential
+//! scans, which with readahead on fetch the next blocks in the background,
+//! bytes of other threads included, while those threads write them. Every
+//! read is checked against the owner's reference; at the end the source must
+//! equal the reference.
 
 use rand::{Rng, SeedableRng};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,7 +20,8 @@ use vblkcache::engine::{Engine, EngineConfig, GeometryRequest, WriteMode};
 const T: u64 = 4;
 const SECTOR: u64 = 512;
 
-fn stress(source_latency: Duration, ops_per_thread: usize, assoc: u32, seed: u64) {
+/// `readahead`: the largest readahead window in blocks (0: off).
+fn stress(source_latency: Duration, ops_per_thread: usize, assoc: u32, seed: u64, readahead: u64) {
     let profile = LatencyProfile {
         jitter: source_latency,
         ..LatencyProfile::uniform(source_latency / 4)
@@ -36,6 +40,7 @@ fn stress(source_latency: Duration, ops_per_thread: usize, assoc: u32, seed: u64
             assoc: Some(assoc),
         },
         mode: Some(WriteMode::Writeback),
+        readahead: readahead * bs,
         ..EngineConfig::default()
     };
     let engine = Arc::new(Engine::open(source, cache, cfg).unwrap());
@@ -82,7 +87,7 @@ fn stress(source_latency: Duration, ops_per_thread: usize, assoc: u32, seed: u64
                         (off, len)
                     };
                     let (o, l) = (off as usize, len as usize);
-                    match rng.gen_range(0..10) {
+                    match rng.gen_range(0..12) {
                         0..=3 => {
                             let fill = rng.gen::<u8>();
                             let data: Vec<u8> = (0..l).map(|k| fill ^ (k as u8)).collect();
@@ -100,6 +105,27 @@ fn stress(source_latency: Duration, ops_per_thread: usize, assoc: u32, seed: u64
                         8 if !interleaved => {
                             engine.discard(off, len).unwrap();
                             reference[o..o + l].fill(0);
+                        }
+                        10 | 11 => {
+                            // A scan of this thread's bytes over the next 8
+                            // blocks: its own sectors in the first half,
+                            // whole blocks of its region in the second.
+                            let (mut at, step, len, end) = if interleaved {
+                                (off, T * SECTOR, SECTOR, (off + 8 * bs).min(half))
+                            } else {
+                                let start = (off / bs * bs).max(rstart);
+                                (start, bs, bs, (start + 8 * bs).min(rstart + region))
+                            };
+                            while at + len <= end {
+                                let (a, n) = (at as usize, len as usize);
+                                let mut buf = vec![0u8; n];
+                                engine.read(at, &mut buf).unwrap();
+                                assert!(
+                                    buf == reference[a..a + n],
+                                    "thread {t} op {i}: scan read {at}+{len} differs"
+                                );
+                                at += step;
+                            }
                         }
                         _ => engine.flush().unwrap(),
                     }
@@ -135,23 +161,43 @@ fn stress(source_latency: Duration, ops_per_thread: usize, assoc: u32, seed: u64
         st.read_hits > 0 && st.read_misses > 0 && st.writebacks > 0,
         "{st:?}"
     );
+    assert_eq!(
+        st.readahead_blocks > 0,
+        readahead > 0,
+        "readahead {readahead}: {st:?}"
+    );
     engine.shutdown(false).unwrap();
 }
 
 #[test]
 fn stress_no_latency_set_associative() {
     for seed in 0..3 {
-        stress(Duration::ZERO, 3000, 4, seed);
+        stress(Duration::ZERO, 3000, 4, seed, 0);
     }
 }
 
 #[test]
 fn stress_no_latency_fully_associative() {
-    stress(Duration::ZERO, 3000, 64, 7);
+    stress(Duration::ZERO, 3000, 64, 7, 0);
 }
 
 #[test]
 fn stress_slow_source_direct_mapped() {
-    stress(Duration::from_micros(100), 1500, 4, 11);
-    stress(Duration::from_micros(100), 1500, 1, 12);
+    stress(Duration::from_micros(100), 1500, 4, 11, 0);
+    stress(Duration::from_micros(100), 1500, 1, 12, 0);
+}
+
+/// Readahead on: windows fetched in the background race with the writes of
+/// the threads whose bytes they hold, and with mode switches and flushes.
+#[test]
+fn stress_readahead_set_associative() {
+    for seed in 20..23 {
+        stress(Duration::ZERO, 3000, 4, seed, 8);
+    }
+}
+
+#[test]
+fn stress_readahead_slow_source() {
+    stress(Duration::from_micros(100), 1500, 4, 24, 8);
+    stress(Duration::from_micros(100), 1500, 64, 25, 16);
 }
