@@ -29,6 +29,8 @@ struct Geo {
     /// 100 there is no background writeback and such a miss always writes
     /// a dirty block back itself (and commits), which fills the journal.
     wb_high: u8,
+    /// Largest readahead window in blocks (0: off).
+    readahead: u64,
 }
 
 /// The usual rig: 4 sets of 4, so blocks compete for frames.
@@ -36,6 +38,7 @@ const SMALL: Geo = Geo {
     blocks: CACHE_BLOCKS,
     assoc: 4,
     wb_high: 50,
+    readahead: 0,
 };
 /// The same with every full-set miss evicting a dirty block itself.
 const EVICTING: Geo = Geo {
@@ -48,6 +51,13 @@ const ROWS: Geo = Geo {
     blocks: 64,
     assoc: 32,
     wb_high: 50,
+    readahead: 0,
+};
+/// The usual rig with readahead: sequential reads fetch up to 4 blocks
+/// ahead in the background, racing with the writes that follow.
+const READAHEAD: Geo = Geo {
+    readahead: 4,
+    ..SMALL
 };
 const SOURCE_BLOCKS: u64 = 48;
 
@@ -158,6 +168,49 @@ fn workload_with(seed: u64, len: usize, commit_heavy: bool) -> Vec<Op> {
         .collect()
 }
 
+/// A workload in which about a third of the operations read on from where
+/// the previous read ended, 8 sectors (one block) at a time, so that reads
+/// miss block after block and start readahead; half the writes land in the
+/// four blocks after that point; flushes in between.
+fn workload_sequential(seed: u64, len: usize) -> Vec<Op> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let sectors = SOURCE_BLOCKS * u64::from(BS) / SECTOR;
+    let per_block = u64::from(BS) / SECTOR;
+    let mut next = 0;
+    (0..len)
+        .map(|_| {
+            let sector = rng.gen_range(0..sectors);
+            let count = rng.gen_range(1..=(sectors - sector).min(20));
+            match rng.gen_range(0..12) {
+                0..=3 => {
+                    if next + per_block > sectors {
+                        next = rng.gen_range(0..sectors / per_block) * per_block;
+                    }
+                    let op = Op::Read {
+                        sector: next,
+                        count: per_block,
+                    };
+                    next += per_block;
+                    op
+                }
+                // Writes into the next blocks the reads will reach: blocks
+                // that readahead must not fetch over.
+                4 | 5 => {
+                    let at = (next + rng.gen_range(0..4 * per_block)).min(sectors - 1);
+                    Op::Write {
+                        sector: at,
+                        count: count.min(sectors - at),
+                    }
+                }
+                6 | 7 => Op::Write { sector, count },
+                8 => Op::Read { sector, count },
+                9 | 10 => Op::Flush,
+                _ => Op::FlushAll,
+            }
+        })
+        .collect()
+}
+
 struct Oracle {
     /// Content version of each sector at the last completed flush.
     stable: Vec<u32>,
@@ -180,6 +233,7 @@ fn cfg_geo(mode: WriteMode, geo: Geo) -> EngineConfig {
             assoc: Some(geo.assoc),
         },
         mode: Some(mode),
+        readahead: geo.readahead * u64::from(BS),
         ..EngineConfig::default()
     };
     cfg.writeback.high_watermark_pct = geo.wb_high;
@@ -402,9 +456,14 @@ fn sweep_geo(
     heavy: bool,
     geo: Geo,
 ) -> u64 {
+    let workloads = seeds.map(|seed| (seed, workload_with(seed, ops_per_workload, heavy)));
+    sweep_ops(mode, workloads, geo)
+}
+
+/// Cuts the power at every device operation of each `(seed, workload)`.
+fn sweep_ops(mode: WriteMode, workloads: impl Iterator<Item = (u64, Vec<Op>)>, geo: Geo) -> u64 {
     let mut points = 0;
-    for seed in seeds {
-        let ops = workload_with(seed, ops_per_workload, heavy);
+    for (seed, ops) in workloads {
         let total = run_geo(&ops, mode, u64::MAX, 0, geo).ops_used;
         for k in 0..total {
             let out = run_geo(&ops, mode, k, seed * 1000 + k, geo);
@@ -466,6 +525,26 @@ fn crash_at_every_io_through_checkpoints() {
         "the workload never checkpoints"
     );
     assert!(n > 300);
+}
+
+/// Readahead on: windows fetched and stored in the background while the
+/// workload writes, flushes and writes back; every cut must still leave
+/// each sector at its last flushed content or a later write.
+#[test]
+fn crash_at_every_io_writeback_readahead() {
+    let workloads = (600..606).map(|seed| (seed, workload_sequential(seed, 40)));
+    let n = sweep_ops(WriteMode::Writeback, workloads, READAHEAD);
+    eprintln!("writeback with readahead: {n} crash points checked");
+    assert!(n > 500);
+    let ahead: u64 = (600..606)
+        .map(|seed| {
+            uncut(workload_sequential(seed, 40), READAHEAD)
+                .1
+                .readahead_blocks
+        })
+        .sum();
+    eprintln!("writeback with readahead: {ahead} blocks read ahead without a cut");
+    assert!(ahead > 0, "nothing was read ahead");
 }
 
 /// Runs a workload without a cut (restarts skipped) in write-back on
