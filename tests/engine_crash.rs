@@ -569,7 +569,10 @@ fn uncut(ops: Vec<Op>, geo: Geo) -> (u64, vblkcache::engine::StatsSnapshot) {
             _ => {}
         }
     }
-    (e.status().metadata_checkpoints, e.stats())
+    let checkpoints = e.status().metadata_checkpoints;
+    // After the background fetches and stores have finished.
+    e.shutdown(false).unwrap();
+    (checkpoints, e.stats())
 }
 
 #[test]

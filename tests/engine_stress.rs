@@ -156,6 +156,8 @@ fn stress(source_latency: Duration, ops_per_thread: usize, assoc: u32, seed: u64
     assert!(all == reference, "final read differs");
     engine.flush_all(&mut |_| {}).unwrap();
     assert!(mem.to_vec() == reference, "source differs after flush_all");
+    // After the background fetches and stores have finished.
+    engine.shutdown(false).unwrap();
     let st = engine.stats();
     assert!(
         st.read_hits > 0 && st.read_misses > 0 && st.writebacks > 0,
@@ -166,7 +168,6 @@ fn stress(source_latency: Duration, ops_per_thread: usize, assoc: u32, seed: u64
         readahead > 0,
         "readahead {readahead}: {st:?}"
     );
-    engine.shutdown(false).unwrap();
 }
 
 #[test]
