@@ -1,6 +1,9 @@
-//! Crash consistency of the real daemon: random writes and FLUSHes through
-//! libblkio, SIGKILL at a random moment while requests are in flight,
-//! restart on the same files, and check every sector of the disk.
+//! Crash consistency of the real daemon: random writes, FLUSHes and
+//! sequential reads (which start the daemon's readahead) through libblkio,
+//! SIGKILL at a random moment while requests are in flight, restart on the
+//! same files, and check every sector of the disk. Each read must return
+//! the last completed write of every sector (no write in flight overlaps
+//! it).
 //!
 //! The contract checked: after a crash, a sector holds either what it held at
 //! the last completed FLUSH or the data of a write to it issued after that
@@ -38,6 +41,26 @@ const DEPTH: usize = 8;
 /// Largest write, in sectors (256 KiB): DEPTH slots fit in REGION.
 const MAX_SECTORS: usize = 512;
 const FLUSH_TAG: usize = usize::MAX;
+
+/// What a slot has in flight: a write (an [`Issued`]) or a read of
+/// `len` sectors from `start`.
+#[derive(Clone, Copy, Debug)]
+enum InFlight {
+    Write(Issued),
+    Read { start: usize, len: usize },
+}
+
+impl InFlight {
+    fn range(&self) -> std::ops::Range<usize> {
+        match *self {
+            InFlight::Write(w) => w.start..w.start + w.len,
+            InFlight::Read { start, len } => start..start + len,
+        }
+    }
+}
+
+/// Sectors of one sequential read (64 KiB).
+const READ_SECTORS: usize = 128;
 
 /// One issued write.
 #[derive(Clone, Copy, Debug)]
@@ -86,6 +109,11 @@ struct Totals {
     writes: u64,
     flushes: u64,
     in_flight_at_kill: u64,
+    /// Sequential reads completed (and checked) before the kills.
+    reads: u64,
+    /// Blocks the killed daemons had read ahead (from the control socket
+    /// just before each kill).
+    readahead_blocks: u64,
     /// Requests served by the io_uring hit path in the daemons that were
     /// killed (read from the control socket just before each kill).
     direct_requests: u64,
@@ -135,24 +163,60 @@ fn verify(client: &mut Client, oracle: &Oracle, what: &str, log: &str) -> Vec<u6
     ids
 }
 
-/// Runs writes and flushes until the daemon dies. Returns (writes
-/// completed, flushes completed, requests in flight when it died).
+/// Runs writes, flushes and sequential reads until the daemon dies.
+/// Returns (writes completed, flushes completed, reads completed, requests
+/// in flight when it died).
 fn workload(
     q: &mut Blkioq,
     region: *mut u8,
     oracle: &mut Oracle,
     rng: &mut impl Rng,
     killed: &AtomicBool,
-) -> (u64, u64, u64) {
-    let mut slots: Vec<Option<Issued>> = vec![None; DEPTH];
+) -> (u64, u64, u64, u64) {
+    let mut slots: Vec<Option<InFlight>> = vec![None; DEPTH];
+    // Where the next sequential read starts.
+    let mut next_read = rng.gen_range(0..SECTORS / READ_SECTORS) * READ_SECTORS;
     let mut flush_snapshot: Option<Vec<u64>> = None;
-    let (mut writes, mut flushes) = (0u64, 0u64);
+    let (mut writes, mut flushes, mut reads) = (0u64, 0u64, 0u64);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         assert!(Instant::now() < deadline, "the daemon was never killed");
         // Fill free slots with new writes that do not overlap any in flight.
         for slot in 0..DEPTH {
             if slots[slot].is_some() || killed.load(Ordering::SeqCst) {
+                continue;
+            }
+            let base = slot * MAX_SECTORS * SECTOR;
+            if rng.gen_bool(0.3) {
+                // A read on from the last one, unless a write in flight
+                // overlaps it (its result would not be known).
+                if next_read + READ_SECTORS > SECTORS {
+                    next_read = 0;
+                }
+                let r = next_read..next_read + READ_SECTORS;
+                let overlaps = slots
+                    .iter()
+                    .flatten()
+                    .any(|f| r.start < f.range().end && f.range().start < r.end);
+                if overlaps {
+                    continue;
+                }
+                // SAFETY: slot `slot` covers [base, base + MAX_SECTORS*SECTOR)
+                // of the REGION-byte mapping, no request in flight uses it,
+                // and READ_SECTORS <= MAX_SECTORS.
+                let ptr = unsafe { region.add(base) };
+                q.read(
+                    (next_read * SECTOR) as u64,
+                    ptr,
+                    READ_SECTORS * SECTOR,
+                    slot,
+                    ReqFlags::empty(),
+                );
+                slots[slot] = Some(InFlight::Read {
+                    start: next_read,
+                    len: READ_SECTORS,
+                });
+                next_read += READ_SECTORS;
                 continue;
             }
             let len = if rng.gen_bool(0.2) {
@@ -169,7 +233,7 @@ fn workload(
             let overlaps = slots
                 .iter()
                 .flatten()
-                .any(|w| start < w.start + w.len && w.start < start + len);
+                .any(|f| start < f.range().end && f.range().start < start + len);
             if overlaps {
                 continue;
             }
@@ -179,7 +243,6 @@ fn workload(
                 len,
             };
             oracle.next_id += 1;
-            let base = slot * MAX_SECTORS * SECTOR;
             // SAFETY: slot `slot` covers [base, base + MAX_SECTORS*SECTOR) of
             // the REGION-byte mapping, and no request in flight uses it.
             let buf = unsafe { std::slice::from_raw_parts_mut(region.add(base), len * SECTOR) };
@@ -196,7 +259,7 @@ fn workload(
                 slot,
                 ReqFlags::empty(),
             );
-            slots[slot] = Some(w);
+            slots[slot] = Some(InFlight::Write(w));
         }
         if flush_snapshot.is_none() && rng.gen_range(0..4) == 0 && !killed.load(Ordering::SeqCst) {
             // The flush covers the writes completed so far.
@@ -211,7 +274,7 @@ fn workload(
             Err(_) if killed.load(Ordering::SeqCst) => {
                 let in_flight =
                     slots.iter().flatten().count() + usize::from(flush_snapshot.is_some());
-                return (writes, flushes, in_flight as u64);
+                return (writes, flushes, reads, in_flight as u64);
             }
             Err(e) if e.errno() == blkio::Errno::TIME => 0,
             Err(e) => panic!("do_io: {e:?}"),
@@ -227,11 +290,31 @@ fn workload(
                 oracle.durable = flush_snapshot.take().unwrap();
                 flushes += 1;
             } else {
-                let w = slots[c.user_data].take().unwrap();
-                for s in w.start..w.start + w.len {
-                    oracle.current[s] = w.id;
+                match slots[c.user_data].take().unwrap() {
+                    InFlight::Write(w) => {
+                        for s in w.start..w.start + w.len {
+                            oracle.current[s] = w.id;
+                        }
+                        writes += 1;
+                    }
+                    InFlight::Read { start, len } => {
+                        let base = c.user_data * MAX_SECTORS * SECTOR;
+                        // SAFETY: the read into this slot has completed and
+                        // nothing else uses the slot until it is refilled.
+                        let data =
+                            unsafe { std::slice::from_raw_parts(region.add(base), len * SECTOR) };
+                        for (i, got) in data.chunks_exact(SECTOR).enumerate() {
+                            let s = start + i;
+                            let want = (oracle.current[s], s as u64);
+                            assert!(
+                                decode_sector(got).as_ref() == Ok(&want),
+                                "read of sector {s} before the kill: got {:?}, want {want:?}",
+                                decode_sector(got)
+                            );
+                        }
+                        reads += 1;
+                    }
                 }
-                writes += 1;
             }
         }
     }
@@ -269,6 +352,8 @@ fn crash_loop(run: &Run, kills: usize, mode_of: impl Fn(usize) -> &'static str) 
         writes: 0,
         flushes: 0,
         in_flight_at_kill: 0,
+        reads: 0,
+        readahead_blocks: 0,
         direct_requests: 0,
     };
     let mut last_check: Option<serde_json::Value> = None;
@@ -352,24 +437,27 @@ fn crash_loop(run: &Run, kills: usize, mode_of: impl Fn(usize) -> &'static str) 
                 std::thread::sleep(delay);
                 let st = status_json(&control);
                 let direct = st["stats"]["direct_requests"].as_u64().unwrap_or(0);
+                let ahead = st["stats"]["readahead_blocks"].as_u64().unwrap_or(0);
                 // SAFETY: kill() has no memory effects; the pid is our child,
                 // not reaped until the main thread waits for it.
                 let rc = unsafe { libc::kill(pid, libc::SIGKILL) };
                 killed.store(true, Ordering::SeqCst);
-                (rc, direct)
+                (rc, direct, ahead)
             })
         };
         let region = client.regions[0].addr as *mut u8;
-        let (w, f, in_flight) = workload(
+        let (w, f, r, in_flight) = workload(
             &mut client.queues[0],
             region,
             &mut oracle,
             &mut rng,
             &killed,
         );
-        let (rc, direct) = killer.join().unwrap();
+        let (rc, direct, ahead) = killer.join().unwrap();
         assert_eq!(rc, 0);
         totals.direct_requests += direct;
+        totals.readahead_blocks += ahead;
+        totals.reads += r;
         let status = daemon.signal_and_wait(libc::SIGKILL);
         assert!(!status.success());
         drop(client);
@@ -389,15 +477,17 @@ fn crash_loop(run: &Run, kills: usize, mode_of: impl Fn(usize) -> &'static str) 
 
 fn report(name: &str, t: &Totals, started: Instant) {
     eprintln!(
-        "{name}: {} kills in {:.1}s: {} writes and {} flushes completed, {} requests in flight at kills, {} commits replayed, {} dirty blocks recovered, {} requests served by io_uring in the killed daemons",
+        "{name}: {} kills in {:.1}s: {} writes, {} flushes and {} reads completed, {} requests in flight at kills, {} commits replayed, {} dirty blocks recovered, {} requests served by io_uring and {} blocks read ahead in the killed daemons",
         t.kills,
         started.elapsed().as_secs_f64(),
         t.writes,
         t.flushes,
+        t.reads,
         t.in_flight_at_kill,
         t.commits_replayed,
         t.dirty_recovered,
-        t.direct_requests
+        t.direct_requests,
+        t.readahead_blocks
     );
 }
 
@@ -420,7 +510,11 @@ fn kill9_writeback_4k_blocks_and_other_modes() {
         },
     );
     report("4K", &t, started);
-    assert!(t.writes > 0 && t.flushes > 0);
+    assert!(t.writes > 0 && t.flushes > 0 && t.reads > 0);
+    assert!(
+        t.readahead_blocks > 0,
+        "the killed daemons read nothing ahead"
+    );
     assert!(
         t.commits_replayed > 0,
         "no kill ever left a journal to replay"
@@ -445,7 +539,11 @@ fn kill9_writeback_64k_blocks() {
         |_| "writeback",
     );
     report("64K", &t, started);
-    assert!(t.writes > 0 && t.flushes > 0);
+    assert!(t.writes > 0 && t.flushes > 0 && t.reads > 0);
+    assert!(
+        t.readahead_blocks > 0,
+        "the killed daemons read nothing ahead"
+    );
 }
 
 /// Deterministic form of the violation the kill loop finds: a dirty block
