@@ -59,6 +59,14 @@ impl InFlight {
     }
 }
 
+/// True if a request in flight in `slots` touches a sector of `r`.
+fn overlaps_in_flight(slots: &[Option<InFlight>], r: std::ops::Range<usize>) -> bool {
+    slots
+        .iter()
+        .flatten()
+        .any(|f| r.start < f.range().end && f.range().start < r.end)
+}
+
 /// Sectors of one sequential read (64 KiB).
 const READ_SECTORS: usize = 128;
 
@@ -193,12 +201,7 @@ fn workload(
                 if next_read + READ_SECTORS > SECTORS {
                     next_read = 0;
                 }
-                let r = next_read..next_read + READ_SECTORS;
-                let overlaps = slots
-                    .iter()
-                    .flatten()
-                    .any(|f| r.start < f.range().end && f.range().start < r.end);
-                if overlaps {
+                if overlaps_in_flight(&slots, next_read..next_read + READ_SECTORS) {
                     continue;
                 }
                 // SAFETY: slot `slot` covers [base, base + MAX_SECTORS*SECTOR)
@@ -230,11 +233,7 @@ fn workload(
             } else {
                 rng.gen_range(0..=SECTORS - len)
             };
-            let overlaps = slots
-                .iter()
-                .flatten()
-                .any(|f| start < f.range().end && f.range().start < start + len);
-            if overlaps {
+            if overlaps_in_flight(&slots, start..start + len) {
                 continue;
             }
             let w = Issued {
