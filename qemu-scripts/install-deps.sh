@@ -74,9 +74,10 @@ fi
 # From backports: QEMU itself; qboot.rom is in qemu-system-data, which
 # qemu-system-x86 pulls in (named here so a missing firmware is reinstalled).
 BPO_PKGS=(qemu-system-x86 qemu-system-data qemu-utils)
-# From the configured default suites: guest building, guest tests, and nbdkit
-# (used by other parts of the project).
-PKGS=(busybox-static fio e2fsprogs cpio xz-utils zstd kmod file binutils nbdkit)
+# From the configured default suites: guest building, guest tests, nbdkit
+# (used by other parts of the project) and losetup (`mount`: the tests of
+# block device sources run on loop devices).
+PKGS=(busybox-static fio e2fsprogs cpio xz-utils zstd kmod file binutils nbdkit mount)
 
 missing_of() {
     local p

@@ -70,6 +70,7 @@ pub fn check_device(dev: &dyn BlockDevice, repair: bool) -> Result<Report, Check
         assoc: l.geometry.assoc,
         span: l.geometry.span,
         source_size: sb.source_size,
+        source: sb.source_id.as_ref().map(|i| i.to_string()),
         commit_seq: sb.commit_seq,
         journal_pos: sb.journal_pos,
         journal_offset: l.journal_offset,

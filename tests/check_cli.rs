@@ -96,11 +96,16 @@ fn check_of_a_daemon_cache_lock_json_repair_and_exit_codes() {
     assert_eq!(v["superblock"]["block_size"], 4096);
     assert_eq!(v["table"]["stored"]["dirty"], 16);
     assert_eq!(v["problems"].as_array().unwrap().len(), 0);
+    let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&files.source).unwrap());
+    let source = format!("the regular file with inode {ino}");
+    assert_eq!(v["superblock"]["source"], source.as_str());
     let human = check(&files.cache, &[]);
     assert_eq!(human.status.code(), Some(0));
     let text = String::from_utf8_lossy(&human.stdout);
     assert!(
-        text.trim_end().ends_with("consistent") && text.contains("16 dirty"),
+        text.trim_end().ends_with("consistent")
+            && text.contains("16 dirty")
+            && text.contains(&format!("belongs to {source}")),
         "{text}"
     );
 

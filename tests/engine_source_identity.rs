@@ -1,8 +1,10 @@
-//! The cache remembers which source file it belongs to (inode) and when the
-//! file was last written (modification time at the clean shutdown). A cache
-//! started on another file, or on its file after something else wrote it,
-//! never serves its clean entries as that file's data, and refuses another
-//! file outright while it holds dirty blocks of the first.
+//! The cache remembers which source it belongs to: a regular file by its
+//! inode and its modification time at the clean shutdown, a block device by
+//! its stable identifier in sysfs (here: loop devices, named by their
+//! backing file). A cache started on another source, or on its file after
+//! something else wrote it, never serves its clean entries as that source's
+//! data, and refuses another source outright while it holds dirty blocks of
+//! the first.
 
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -165,5 +167,145 @@ fn the_caches_own_writes_to_the_source_do_not_count_as_a_change() {
     let hits = e.stats().read_hits;
     assert_eq!(read(&e, 2), vec![0xD2; BS]);
     assert_eq!(e.stats().read_hits, hits + 1, "block 2 is still cached");
+    e.shutdown(false).unwrap();
+}
+
+/// A loop device over a file, detached when dropped.
+struct Loop(PathBuf);
+
+impl Loop {
+    /// `None` (and a note on stderr) where loop devices cannot be attached:
+    /// not root, or no loop driver. The test then checks nothing.
+    fn attach(img: &Path) -> Option<Loop> {
+        let out = std::process::Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(img)
+            .output();
+        match out {
+            Ok(o) if o.status.success() => {
+                let dev = String::from_utf8_lossy(&o.stdout).trim().to_string();
+                Some(Loop(PathBuf::from(dev)))
+            }
+            Ok(o) => {
+                eprintln!(
+                    "SKIP: losetup failed: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                None
+            }
+            Err(e) => {
+                eprintln!("SKIP: cannot run losetup: {e}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .arg("-d")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Loop devices over A and B (same size, other contents) and a cache that
+/// was used on A's loop device: block 1 clean, block 2 dirty.
+fn block_rig() -> Option<(Rig, Loop, Loop)> {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, cache) = (
+        dir.path().join("a.img"),
+        dir.path().join("b.img"),
+        dir.path().join("cache"),
+    );
+    image(&a, 0xAA);
+    image(&b, 0xBB);
+    std::fs::write(&cache, vec![0u8; 2 << 20]).unwrap();
+    let la = Loop::attach(&a)?;
+    let lb = Loop::attach(&b)?;
+    let e = Engine::open(file(&la.0), file(&cache), cfg()).unwrap();
+    assert_eq!(read(&e, 1), vec![0xAA; BS]);
+    e.write((2 * BS) as u64, &[0xD2; BS]).unwrap();
+    let hits = e.stats().read_hits;
+    assert_eq!(read(&e, 1), vec![0xAA; BS]);
+    assert_eq!(e.stats().read_hits, hits + 1);
+    e.shutdown(false).unwrap();
+    let rig = Rig {
+        _dir: dir,
+        a,
+        b,
+        cache,
+    };
+    Some((rig, la, lb))
+}
+
+#[test]
+fn another_block_device_of_the_same_size_is_refused_while_dirty() {
+    let Some((r, la, lb)) = block_rig() else {
+        return;
+    };
+    let err = Engine::open(file(&lb.0), file(&r.cache), cfg()).err();
+    assert!(
+        matches!(err, Some(EngineError::SourceChanged { dirty: 1, .. })),
+        "{err:?}"
+    );
+    let msg = err.map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        msg.contains("they belong to the block device loop:")
+            && msg.contains(&format!("{} is the block device loop:", lb.0.display())),
+        "{msg}"
+    );
+    // The image file behind A's loop device is a regular file, not the
+    // block device the cache knows: refused as well.
+    let err = Engine::open(file(&r.a), file(&r.cache), cfg()).err();
+    let msg = err.map(|e| e.to_string()).unwrap_or_default();
+    assert!(msg.contains("is the regular file with inode"), "{msg}");
+    // Nothing was changed: A's loop device still opens with its cache.
+    let e = Engine::open(file(&la.0), file(&r.cache), cfg()).unwrap();
+    assert_eq!(e.status().start.clean_dropped, 0);
+    assert_eq!(read(&e, 2), vec![0xD2; BS]);
+    e.shutdown(false).unwrap();
+    drop(lb);
+    assert_eq!(std::fs::read(&r.b).unwrap(), vec![0xBB; BLOCKS * BS]);
+}
+
+#[test]
+fn a_block_device_under_another_name_is_the_same_source() {
+    let Some((r, la, lb)) = block_rig() else {
+        return;
+    };
+    // As after a reboot that numbered the disks differently: A's image on
+    // another loop device (attached while the first still holds its number).
+    let Some(la2) = Loop::attach(&r.a) else {
+        return;
+    };
+    assert_ne!(la2.0, la.0);
+    drop(la);
+    let e = Engine::open(file(&la2.0), file(&r.cache), cfg()).unwrap();
+    assert_eq!(e.status().start.clean_dropped, 0);
+    let hits = e.stats().read_hits;
+    assert_eq!(read(&e, 1), vec![0xAA; BS]);
+    assert_eq!(e.stats().read_hits, hits + 1, "block 1 is still cached");
+    assert_eq!(read(&e, 2), vec![0xD2; BS]);
+    e.shutdown(false).unwrap();
+    drop(lb);
+}
+
+#[test]
+fn a_block_device_taken_as_moved_keeps_dirty_blocks_only() {
+    let Some((r, _la, lb)) = block_rig() else {
+        return;
+    };
+    let mut c = cfg();
+    c.source_moved = true;
+    let e = Engine::open(file(&lb.0), file(&r.cache), c).unwrap();
+    assert_eq!(e.status().start.clean_dropped, 1);
+    assert_eq!(read(&e, 1), vec![0xBB; BS], "A's cached block served for B");
+    assert_eq!(read(&e, 2), vec![0xD2; BS]);
+    e.shutdown(false).unwrap();
+    // B's loop device is now the cache's source.
+    let e = Engine::open(file(&lb.0), file(&r.cache), cfg()).unwrap();
+    assert_eq!(read(&e, 2), vec![0xD2; BS]);
     e.shutdown(false).unwrap();
 }

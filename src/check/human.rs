@@ -37,6 +37,9 @@ pub fn write_human(r: &Report, out: &mut dyn std::io::Write) -> std::io::Result<
             sb.source_size,
             if sb.clean { "clean shutdown" } else { "not shut down cleanly" }
         )?;
+        if let Some(src) = &sb.source {
+            writeln!(out, "  belongs to {src}")?;
+        }
     }
     if let Some(j) = &r.journal {
         writeln!(

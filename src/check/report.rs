@@ -71,6 +71,10 @@ pub struct SuperblockReport {
     /// Neighbouring runs placed in neighbouring sets.
     pub span: u32,
     pub source_size: u64,
+    /// The source the cache belongs to, as last seen
+    /// ([`crate::device::DeviceIdentity`] printed); `None` when the cache
+    /// has not recorded one.
+    pub source: Option<String>,
     pub commit_seq: u64,
     pub journal_pos: u64,
     pub journal_offset: u64,

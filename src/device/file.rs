@@ -34,6 +34,9 @@ pub struct FileDevice {
     size: u64,
     direct: bool,
     block_device: bool,
+    /// A block device's stable identifier, read from sysfs at open (see
+    /// [`super::DeviceIdentity`]).
+    block_id: Option<String>,
     memory: bool,
     /// Direct-I/O alignment of offsets and lengths (a power of two).
     dio_align: u64,
@@ -104,7 +107,16 @@ impl FileDevice {
                 ),
             ));
         };
-        let memory = in_memory(&file);
+        let block_id = if block_device {
+            use std::os::unix::fs::MetadataExt;
+            super::block_device_id(meta.rdev())
+        } else {
+            None
+        };
+        // A block device's node is on devtmpfs, which reports the tmpfs
+        // magic: the device itself is storage (zram and brd included, which
+        // take O_DIRECT and are fast with it).
+        let memory = !block_device && in_memory(&file);
         let (dio_align, mem_align) = direct_alignment(&file, block_device);
         let tail = if opts.direct && !block_device && !opts.read_only && size % dio_align != 0 {
             let f = std::fs::OpenOptions::new()
@@ -122,6 +134,7 @@ impl FileDevice {
             size,
             direct: opts.direct,
             block_device,
+            block_id,
             memory,
             dio_align,
             mem_align,
@@ -468,15 +481,17 @@ impl BlockDevice for FileDevice {
         self.path.display().to_string()
     }
 
-    fn identity(&self) -> Option<super::FileIdentity> {
+    fn identity(&self) -> Option<super::DeviceIdentity> {
         use std::os::unix::fs::MetadataExt;
         if self.block_device {
-            return None;
+            return Some(super::DeviceIdentity::Block {
+                id: self.block_id.clone(),
+            });
         }
         let m = self.file.metadata().ok()?;
         let secs = u64::try_from(m.mtime()).ok()?;
         let nanos = u64::try_from(m.mtime_nsec()).ok()?;
-        Some(super::FileIdentity {
+        Some(super::DeviceIdentity::File {
             ino: m.ino(),
             mtime_ns: secs.checked_mul(1_000_000_000)?.checked_add(nanos)?,
         })

@@ -105,7 +105,7 @@ impl<D: BlockDevice> BlockDevice for LatencyDevice<D> {
     fn name(&self) -> String {
         format!("latency({})", self.inner.name())
     }
-    fn identity(&self) -> Option<super::FileIdentity> {
+    fn identity(&self) -> Option<super::DeviceIdentity> {
         self.inner.identity()
     }
 }

@@ -12,6 +12,7 @@ mod counting;
 mod fault;
 mod file;
 mod gate;
+mod identity;
 mod latency;
 mod mem;
 mod rate;
@@ -22,6 +23,7 @@ pub use counting::{CountingDevice, IoCounts};
 pub use fault::{FaultDevice, FaultPlan};
 pub use file::{fs_type, FileDevice, OpenOptions};
 pub use gate::{GateDevice, GateOp, OpenOnDrop};
+pub use identity::{block_device_id, sysfs_id, valid_block_id, DeviceIdentity, MAX_BLOCK_ID};
 pub use latency::{LatencyDevice, LatencyProfile};
 pub use mem::MemDevice;
 pub use rate::{RateDevice, RateProfile};
@@ -147,10 +149,11 @@ pub trait BlockDevice: Send + Sync {
     fn name(&self) -> String {
         String::from("device")
     }
-    /// The identity of the regular file behind the device, read now (see
-    /// [`FileIdentity`]). `None` (the default) for block devices, memory and
-    /// wrappers that do not pass their inner device's data through unchanged.
-    fn identity(&self) -> Option<FileIdentity> {
+    /// Which file or block device is behind the device (see
+    /// [`DeviceIdentity`]); a file's is read now. `None` (the default) for
+    /// memory and for wrappers that do not pass their inner device's data
+    /// through unchanged.
+    fn identity(&self) -> Option<DeviceIdentity> {
         None
     }
     /// A file descriptor whose byte offsets are this device's, for callers
@@ -161,15 +164,6 @@ pub trait BlockDevice: Send + Sync {
     fn raw_access(&self) -> Option<RawAccess> {
         None
     }
-}
-
-/// Which file a device is, and whether its contents changed: the inode
-/// number (stable across reboots on one filesystem; a copy or another file
-/// has another) and the modification time in nanoseconds since the epoch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FileIdentity {
-    pub ino: u64,
-    pub mtime_ns: u64,
 }
 
 /// See [`BlockDevice::raw_access`]. The descriptor stays valid as long as the
@@ -216,7 +210,7 @@ impl<T: BlockDevice + ?Sized> BlockDevice for Arc<T> {
     fn raw_access(&self) -> Option<RawAccess> {
         (**self).raw_access()
     }
-    fn identity(&self) -> Option<FileIdentity> {
+    fn identity(&self) -> Option<DeviceIdentity> {
         (**self).identity()
     }
 }

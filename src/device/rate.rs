@@ -97,7 +97,7 @@ impl<D: BlockDevice> BlockDevice for RateDevice<D> {
     fn name(&self) -> String {
         format!("rate({})", self.inner.name())
     }
-    fn identity(&self) -> Option<super::FileIdentity> {
+    fn identity(&self) -> Option<super::DeviceIdentity> {
         self.inner.identity()
     }
 }

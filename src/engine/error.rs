@@ -27,11 +27,15 @@ pub enum EngineError {
         recorded: u64,
         actual: u64,
     },
-    #[error("cache device {device} holds {dirty} dirty blocks of another source file than {path} (its inode differs); start with the source it was used with, or pass --source-moved if {path} is that image moved or copied, or --format to discard the cache and its dirty blocks")]
+    #[error("cache device {device} holds {dirty} dirty blocks of another source than {path} (they belong to {recorded}; {path} is {now}); start with the source it was used with, or pass --source-moved if {path} is that image moved or copied, or --format to discard the cache and its dirty blocks")]
     SourceChanged {
         device: String,
         path: String,
         dirty: u64,
+        /// The source recorded on the cache, and the one given now, as
+        /// [`crate::device::DeviceIdentity`] prints them.
+        recorded: String,
+        now: String,
     },
     #[error("cache device {device} holds {dirty} dirty blocks that are not on the source yet; --format would lose them: start without --format and write them back (`vblkcache flush`, or --writeback-on-exit), or pass --format --discard-dirty to lose them")]
     FormatDirty { device: String, dirty: u64 },

@@ -8,7 +8,7 @@ use super::geometry::{
 use super::meta::{self, Found, Layout, Superblock, META_PAGE};
 use super::mode::WriteMode;
 use super::{EngineConfig, EngineError, StartInfo};
-use crate::device::{AlignedBuf, BlockDevice, FileIdentity};
+use crate::device::{AlignedBuf, BlockDevice, DeviceIdentity};
 use std::time::Instant;
 
 /// The state found on (or written to) the cache device at open.
@@ -111,8 +111,10 @@ pub(crate) fn new_geometry(
 /// Why the clean entries of a cache cannot be trusted for its source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SourceChange {
-    /// Another file (another inode) than the cache was last used with.
-    OtherFile,
+    /// Another file (another inode) or block device (another identifier)
+    /// than the cache was last used with, or a file where a block device was
+    /// (or the reverse).
+    Other,
     /// The same file, modified after the clean shutdown that recorded it.
     Modified,
 }
@@ -120,19 +122,38 @@ enum SourceChange {
 /// Compares the source's identity with the one recorded on the cache. The
 /// modification time only counts after a clean shutdown (which records it
 /// last, after its writes): after a crash the clean entries are dropped
-/// anyway. Sources without an identity (block devices) are not checked.
+/// anyway. A block device is only compared by identifier, and not at all
+/// when either side has none (it is then checked by size only); nothing is
+/// compared when either side has no identity (memory, caches made before
+/// identities were recorded).
 fn source_changed(
-    recorded: Option<FileIdentity>,
-    now: Option<FileIdentity>,
+    recorded: Option<&DeviceIdentity>,
+    now: Option<&DeviceIdentity>,
     clean_shutdown: bool,
 ) -> Option<SourceChange> {
-    let (rec, now) = (recorded?, now?);
-    if rec.ino != now.ino {
-        Some(SourceChange::OtherFile)
-    } else if clean_shutdown && rec.mtime_ns != now.mtime_ns {
-        Some(SourceChange::Modified)
-    } else {
-        None
+    use DeviceIdentity::{Block, File};
+    match (recorded?, now?) {
+        (
+            File {
+                ino: a,
+                mtime_ns: ma,
+            },
+            File {
+                ino: b,
+                mtime_ns: mb,
+            },
+        ) => {
+            if a != b {
+                Some(SourceChange::Other)
+            } else if clean_shutdown && ma != mb {
+                Some(SourceChange::Modified)
+            } else {
+                None
+            }
+        }
+        (Block { id: Some(a) }, Block { id: Some(b) }) => (a != b).then_some(SourceChange::Other),
+        (Block { .. }, Block { .. }) => None,
+        (File { .. }, Block { .. }) | (Block { .. }, File { .. }) => Some(SourceChange::Other),
     }
 }
 
@@ -148,6 +169,14 @@ pub(crate) fn open_cache(
         return Err(EngineError::EmptySource {
             device: source.name(),
         });
+    }
+    if let Some(DeviceIdentity::Block { id: None }) = source.identity() {
+        log::warn!(
+            "source {} is a block device without a stable identifier in sysfs (dm or md uuid, \
+             wwid, serial): the cache checks it by size only, and cannot tell it from another \
+             disk of that size",
+            source.name()
+        );
     }
     let found = meta::read_superblock(cache).map_err(|e| EngineError::Meta {
         device: cache.name(),
@@ -385,12 +414,18 @@ fn load(
     }
     let dirty = dirty_entries(&entries);
     let source_id = source.identity();
-    if let Some(why) = source_changed(sb.source_id, source_id, clean_shutdown) {
-        if why == SourceChange::OtherFile && dirty > 0 && !cfg.source_moved {
+    if let Some(why) = source_changed(sb.source_id.as_ref(), source_id.as_ref(), clean_shutdown) {
+        let shown = |id: &Option<DeviceIdentity>| {
+            id.as_ref()
+                .map_or_else(|| String::from("an unknown source"), |i| i.to_string())
+        };
+        if why == SourceChange::Other && dirty > 0 && !cfg.source_moved {
             return Err(EngineError::SourceChanged {
                 device: cache.name(),
                 path: source.name(),
                 dirty,
+                recorded: shown(&sb.source_id),
+                now: shown(&source_id),
             });
         }
         // The source's data may differ from what clean entries hold.
@@ -401,9 +436,11 @@ fn load(
              will be written over it)",
             source.name(),
             match why {
-                SourceChange::OtherFile =>
-                    "is not the file the cache was last used with (--source-moved)",
-                SourceChange::Modified => "was modified since the cache last saw it",
+                SourceChange::Other => format!(
+                    "is not the source the cache was last used with ({}; --source-moved)",
+                    shown(&sb.source_id)
+                ),
+                SourceChange::Modified => String::from("was modified since the cache last saw it"),
             }
         );
     }
@@ -466,6 +503,61 @@ fn crash_state(cfg: &EngineConfig, sb: &Superblock, journal: &[u64]) -> Option<V
         Err(e) => {
             log::warn!("crash state not used, recovering from the journal only: {e}");
             None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(ino: u64, mtime_ns: u64) -> Option<DeviceIdentity> {
+        Some(DeviceIdentity::File { ino, mtime_ns })
+    }
+
+    fn block(id: Option<&str>) -> Option<DeviceIdentity> {
+        Some(DeviceIdentity::Block {
+            id: id.map(String::from),
+        })
+    }
+
+    #[test]
+    fn which_sources_count_as_changed() {
+        use SourceChange::{Modified, Other};
+        let cases = [
+            // (recorded, now, clean shutdown, expected)
+            (file(1, 5), file(1, 5), true, None),
+            (file(1, 5), file(2, 5), false, Some(Other)),
+            (file(1, 5), file(1, 6), true, Some(Modified)),
+            (file(1, 5), file(1, 6), false, None),
+            (block(Some("wwid:a")), block(Some("wwid:a")), true, None),
+            (
+                block(Some("wwid:a")),
+                block(Some("wwid:b")),
+                true,
+                Some(Other),
+            ),
+            (
+                block(Some("wwid:a")),
+                block(Some("wwid:b")),
+                false,
+                Some(Other),
+            ),
+            (block(Some("wwid:a")), block(None), true, None),
+            (block(None), block(Some("wwid:a")), true, None),
+            (block(None), block(None), true, None),
+            (file(1, 5), block(Some("wwid:a")), true, Some(Other)),
+            (file(1, 5), block(None), false, Some(Other)),
+            (block(None), file(1, 5), true, Some(Other)),
+            (None, block(Some("wwid:a")), true, None),
+            (file(1, 5), None, true, None),
+        ];
+        for (rec, now, clean, want) in cases {
+            assert_eq!(
+                source_changed(rec.as_ref(), now.as_ref(), clean),
+                want,
+                "{rec:?} -> {now:?} (clean {clean})"
+            );
         }
     }
 }

@@ -11,15 +11,19 @@
 //! 72 table_offset u64    80 data_offset u64
 //! 88 uuid [u8;16]        104 commit_seq u64 (sequence of the first commit in the journal)
 //! 112 journal_pos u64 (offset in the journal where replay starts)
-//! 120 source identity recorded u8 (0: none, as in caches made before it)
-//! 128 source inode u64   136 source mtime in ns u64 (at format, start and
-//!                            clean shutdown; see `open`)
+//! 120 source identity recorded u8 (0: none, as in caches made before it;
+//!     1: a regular file; 2: a block device)
+//! 122 length u16 of the block device identifier (0: it has none)
+//! 128 source inode u64   136 source mtime in ns u64 (a regular file, at
+//!                            format, start and clean shutdown; see `open`)
 //! 144 run id u64 (random, new at every start; 0 in caches made before it):
 //!     names the daemon run whose crash state (`crashstate`) may be applied
+//! 160 block device identifier, up to `MAX_BLOCK_ID` (240) printable ASCII
+//!     bytes (see `device::DeviceIdentity`)
 //! ```
 
 use super::layout::{Layout, META_PAGE};
-use crate::device::FileIdentity;
+use crate::device::{valid_block_id, DeviceIdentity, MAX_BLOCK_ID};
 use crate::engine::geometry::FrameOrder;
 use crate::engine::mode::WriteMode;
 
@@ -32,6 +36,9 @@ pub const FORMAT_VERSION: u32 = 2;
 /// Every field and the CRC fit in the first 512-byte sector, so a superblock
 /// write is atomic on any disk: a bad checksum is damage, never a torn write.
 const CRC_AT: usize = 508;
+/// Where a block device source's identifier starts.
+const BLOCK_ID_AT: usize = 160;
+const _: () = assert!(BLOCK_ID_AT + MAX_BLOCK_ID <= CRC_AT);
 /// Largest sequence number accepted from disk.
 pub const MAX_SEQ: u64 = 1 << 62;
 
@@ -50,9 +57,9 @@ pub struct Superblock {
     pub journal_pos: u64,
     /// Which of the two table copies is current (0 or 1).
     pub table_copy: u8,
-    /// The source file this cache belongs to, as last seen (`None` for a
-    /// block device or memory source, and in caches made before it).
-    pub source_id: Option<FileIdentity>,
+    /// The source this cache belongs to, as last seen (`None` for a memory
+    /// source, and in caches made before it).
+    pub source_id: Option<DeviceIdentity>,
     /// The run that last opened the cache (see `crashstate`); 0 for none.
     pub run_id: u64,
 }
@@ -101,10 +108,22 @@ impl Superblock {
         p[88..104].copy_from_slice(&self.uuid);
         put64(&mut p, 104, self.commit_seq);
         put64(&mut p, 112, self.journal_pos);
-        if let Some(id) = self.source_id {
-            p[120] = 1;
-            put64(&mut p, 128, id.ino);
-            put64(&mut p, 136, id.mtime_ns);
+        match &self.source_id {
+            None => {}
+            Some(DeviceIdentity::File { ino, mtime_ns }) => {
+                p[120] = 1;
+                put64(&mut p, 128, *ino);
+                put64(&mut p, 136, *mtime_ns);
+            }
+            Some(DeviceIdentity::Block { id }) => {
+                p[120] = 2;
+                // Identifiers come from `sysfs_id`, which bounds them; one
+                // that is not valid is recorded as none rather than cut.
+                if let Some(id) = id.as_deref().filter(|i| valid_block_id(i.as_bytes())) {
+                    p[122..124].copy_from_slice(&(id.len() as u16).to_le_bytes());
+                    p[BLOCK_ID_AT..BLOCK_ID_AT + id.len()].copy_from_slice(id.as_bytes());
+                }
+            }
         }
         put64(&mut p, 144, self.run_id);
         let crc = crc32c::crc32c(&p[..CRC_AT]);
@@ -193,10 +212,27 @@ impl Superblock {
         uuid.copy_from_slice(&p[88..104]);
         let source_id = match p[120] {
             0 => None,
-            1 => Some(FileIdentity {
+            1 => Some(DeviceIdentity::File {
                 ino: get64(p, 128),
                 mtime_ns: get64(p, 136),
             }),
+            2 => {
+                let len = usize::from(u16::from_le_bytes([p[122], p[123]]));
+                if len > MAX_BLOCK_ID {
+                    return Err(format!(
+                        "source block device identifier of {len} bytes (at most {MAX_BLOCK_ID})"
+                    ));
+                }
+                let raw = &p[BLOCK_ID_AT..BLOCK_ID_AT + len];
+                if len > 0 && !valid_block_id(raw) {
+                    return Err(String::from(
+                        "source block device identifier is not printable ASCII",
+                    ));
+                }
+                Some(DeviceIdentity::Block {
+                    id: (len > 0).then(|| raw.iter().map(|&b| char::from(b)).collect()),
+                })
+            }
             other => return Err(format!("unknown source identity marker {other}")),
         };
         Ok(Superblock {
@@ -247,7 +283,7 @@ mod tests {
             commit_seq: 3,
             journal_pos: 8192,
             table_copy: 1,
-            source_id: Some(FileIdentity {
+            source_id: Some(DeviceIdentity::File {
                 ino: 1234,
                 mtime_ns: 1_700_000_000_123_456_789,
             }),
@@ -267,6 +303,46 @@ mod tests {
         let page = old.encode();
         assert!(page[120..144].iter().all(|&b| b == 0));
         assert_eq!(Superblock::decode(&page).unwrap(), old);
+    }
+
+    #[test]
+    fn block_device_identities_roundtrip() {
+        for id in [
+            None,
+            Some(String::from("dm:LVM-abc/part1@2048")),
+            Some("w".repeat(MAX_BLOCK_ID)),
+        ] {
+            let sb = Superblock {
+                source_id: Some(DeviceIdentity::Block { id }),
+                ..sample()
+            };
+            assert_eq!(Superblock::decode(&sb.encode()).unwrap(), sb);
+        }
+    }
+
+    #[test]
+    fn a_bad_block_device_identifier_is_refused() {
+        let sb = Superblock {
+            source_id: Some(DeviceIdentity::Block {
+                id: Some(String::from("wwid:x")),
+            }),
+            ..sample()
+        };
+        let mut p = sb.encode();
+        p[122..124].copy_from_slice(&(MAX_BLOCK_ID as u16 + 1).to_le_bytes());
+        reseal(&mut p);
+        let e = Superblock::decode(&p).unwrap_err();
+        assert!(e.contains("identifier of 241 bytes"), "{e}");
+        let mut p = sb.encode();
+        p[BLOCK_ID_AT + 2] = b' ';
+        reseal(&mut p);
+        let e = Superblock::decode(&p).unwrap_err();
+        assert!(e.contains("not printable"), "{e}");
+        let mut p = sb.encode();
+        p[120] = 3;
+        reseal(&mut p);
+        let e = Superblock::decode(&p).unwrap_err();
+        assert!(e.contains("unknown source identity marker 3"), "{e}");
     }
 
     #[test]

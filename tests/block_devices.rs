@@ -1,0 +1,167 @@
+//! Block devices as source and cache (loop devices here): served with
+//! O_DIRECT like any disk, kept warm across restarts, and told apart from
+//! another disk of the same size by their identity.
+//!
+//! Needs root (losetup); where loop devices cannot be attached the tests say
+//! SKIP on stderr and check nothing.
+
+mod common;
+
+use common::{Client, Daemon, Files, BIN};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A loop device over a file, detached when dropped.
+struct Loop(PathBuf);
+
+impl Loop {
+    fn attach(img: &Path) -> Option<Loop> {
+        match Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(img)
+            .output()
+        {
+            Ok(o) if o.status.success() => Some(Loop(PathBuf::from(
+                String::from_utf8_lossy(&o.stdout).trim(),
+            ))),
+            Ok(o) => {
+                eprintln!(
+                    "SKIP: losetup: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                None
+            }
+            Err(e) => {
+                eprintln!("SKIP: cannot run losetup: {e}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
+}
+
+const MIB: usize = 1 << 20;
+
+/// The pattern of write `n` at `offset`.
+fn pattern(n: u8, len: usize) -> Vec<u8> {
+    (0..len).map(|i| n ^ (i as u8).wrapping_mul(31)).collect()
+}
+
+/// The exit code of `child`, killing it (and answering `None`) if it still
+/// runs after `limit`: a daemon that should have refused to start serves.
+fn exit_within(mut child: Child, limit: Duration) -> Option<i32> {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st.code();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+/// Reads the whole disk, a MiB at a time, and compares.
+fn check_all(q: &mut common::QueueIo, expect: &[u8], when: &str) {
+    for off in (0..expect.len()).step_by(MIB) {
+        assert!(
+            q.read(off as u64, MIB) == expect[off..off + MIB],
+            "{when}: wrong data in the MiB at {off}"
+        );
+    }
+}
+
+#[test]
+fn loop_devices_as_source_and_cache() {
+    let mut files = Files::new(16 * MIB, 16 << 20, 11);
+    let (src_img, cache_img) = (files.source.clone(), files.cache.clone());
+    let Some(src) = Loop::attach(&src_img) else {
+        return;
+    };
+    let Some(cache) = Loop::attach(&cache_img) else {
+        return;
+    };
+    files.source = src.0.clone();
+    files.cache = cache.0.clone();
+    let args = ["--block-size", "4K", "--mode", "writeback"];
+    let daemon = Daemon::start(&files, &args);
+    let log = daemon.log_text();
+    // A device node is on devtmpfs, which is not where the data lives.
+    assert!(!log.contains("memory filesystem"), "{log}");
+    let mut expect = files.initial.clone();
+    {
+        let mut client = Client::connect(&files.socket, 1);
+        let mut q = client.queue(0);
+        for (i, off) in [0usize, 3 * MIB + 512, 9 * MIB, 15 * MIB]
+            .into_iter()
+            .enumerate()
+        {
+            let data = pattern(i as u8 + 1, 256 << 10);
+            q.write(off as u64, &data);
+            expect[off..off + data.len()].copy_from_slice(&data);
+        }
+        q.flush();
+        check_all(&mut q, &expect, "misses");
+        check_all(&mut q, &expect, "hits");
+    }
+    assert!(daemon.stop().success());
+    // Warm across a restart on the same devices.
+    let daemon = Daemon::start(&files, &args);
+    let log = daemon.log_text();
+    assert!(log.contains("loaded") && !log.contains("dropped"), "{log}");
+    {
+        let mut client = Client::connect(&files.socket, 1);
+        let mut q = client.queue(0);
+        check_all(&mut q, &expect, "after restart");
+    }
+    assert!(daemon.stop().success());
+
+    // A copy of the source on another loop device: same size and bytes, but
+    // not the disk the dirty blocks belong to.
+    let copy_img = files.dir.path().join("copy.img");
+    std::fs::copy(&src_img, &copy_img).unwrap();
+    let Some(copy) = Loop::attach(&copy_img) else {
+        return;
+    };
+    let log = files.dir.path().join("refused.log");
+    let mut on_copy = files.serve_args(&args);
+    on_copy[2] = copy.0.display().to_string();
+    assert_eq!(on_copy[1], "--source");
+    let out = Command::new(BIN)
+        .args(on_copy)
+        .stdout(Stdio::null())
+        .stderr(File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let status = exit_within(out, Duration::from_secs(20));
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status, Some(2), "{err}");
+    assert!(
+        err.contains("dirty blocks of another source than")
+            && err.contains("they belong to the block device loop:")
+            && err.contains("--source-moved"),
+        "{err}"
+    );
+    // Refused before anything was written: the original still serves.
+    let daemon = Daemon::start(&files, &["--block-size", "4K", "--writeback-on-exit"]);
+    {
+        let mut client = Client::connect(&files.socket, 1);
+        let mut q = client.queue(0);
+        check_all(&mut q, &expect, "after the refused start");
+    }
+    assert!(daemon.stop().success());
+    // Written back to the loop device, so into the file behind it.
+    drop(src);
+    assert!(
+        std::fs::read(&src_img).unwrap() == expect,
+        "source after writeback"
+    );
+}
