@@ -17,9 +17,10 @@ use std::time::{Duration, Instant};
 struct Loop(PathBuf);
 
 impl Loop {
-    fn attach(img: &Path) -> Option<Loop> {
+    /// Attaches `img` with logical sectors of `sector` bytes.
+    fn attach(img: &Path, sector: u32) -> Option<Loop> {
         match Command::new("losetup")
-            .args(["--find", "--show"])
+            .args(["--find", "--show", "--sector-size", &sector.to_string()])
             .arg(img)
             .output()
         {
@@ -81,14 +82,38 @@ fn check_all(q: &mut common::QueueIo, expect: &[u8], when: &str) {
 
 #[test]
 fn loop_devices_as_source_and_cache() {
+    source_and_cache_on(512);
+}
+
+/// 4 KiB logical sectors (4Kn disks): the guest still sees 512-byte sectors,
+/// so its writes smaller than 4 KiB are read-modify-writes on both devices.
+#[test]
+fn loop_devices_with_4k_sectors_as_source_and_cache() {
+    source_and_cache_on(4096);
+}
+
+fn source_and_cache_on(sector: u32) {
     let mut files = Files::new(16 * MIB, 16 << 20, 11);
     let (src_img, cache_img) = (files.source.clone(), files.cache.clone());
-    let Some(src) = Loop::attach(&src_img) else {
+    let Some(src) = Loop::attach(&src_img, sector) else {
         return;
     };
-    let Some(cache) = Loop::attach(&cache_img) else {
+    let Some(cache) = Loop::attach(&cache_img, sector) else {
         return;
     };
+    for dev in [&src.0, &cache.0] {
+        let ss = Command::new("blockdev")
+            .arg("--getss")
+            .arg(dev)
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&ss.stdout).trim(),
+            sector.to_string(),
+            "logical sector size of {}",
+            dev.display()
+        );
+    }
     files.source = src.0.clone();
     files.cache = cache.0.clone();
     let args = ["--block-size", "4K", "--mode", "writeback"];
@@ -107,6 +132,20 @@ fn loop_devices_as_source_and_cache() {
             let data = pattern(i as u8 + 1, 256 << 10);
             q.write(off as u64, &data);
             expect[off..off + data.len()].copy_from_slice(&data);
+        }
+        // Single sectors in flight together, several in each 4 KiB: on 4Kn
+        // devices each is a read-modify-write of a sector the others share.
+        let base = 11 * MIB;
+        for parity in [0, 1] {
+            let batch: Vec<(u64, Vec<u8>)> = (0..128)
+                .filter(|s| s % 2 == parity)
+                .map(|s| ((base + s * 512) as u64, pattern(0x40 + s as u8, 512)))
+                .collect();
+            q.write_batch(&batch);
+            for (off, data) in &batch {
+                let o = *off as usize;
+                expect[o..o + 512].copy_from_slice(data);
+            }
         }
         // BLKZEROOUT on the devices (write-zeroes is exact); a discard
         // leaves each sector old or zero, and what it leaves must last.
@@ -143,7 +182,7 @@ fn loop_devices_as_source_and_cache() {
     // not the disk the dirty blocks belong to.
     let copy_img = files.dir.path().join("copy.img");
     std::fs::copy(&src_img, &copy_img).unwrap();
-    let Some(copy) = Loop::attach(&copy_img) else {
+    let Some(copy) = Loop::attach(&copy_img, sector) else {
         return;
     };
     let log = files.dir.path().join("refused.log");
