@@ -7,46 +7,11 @@
 
 mod common;
 
-use common::{Client, Daemon, Files, BIN};
+use common::{Client, Daemon, Files, LoopDevice, BIN};
 use std::fs::File;
-use std::path::{Path, PathBuf};
+
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// A loop device over a file, detached when dropped.
-struct Loop(PathBuf);
-
-impl Loop {
-    /// Attaches `img` with logical sectors of `sector` bytes.
-    fn attach(img: &Path, sector: u32) -> Option<Loop> {
-        match Command::new("losetup")
-            .args(["--find", "--show", "--sector-size", &sector.to_string()])
-            .arg(img)
-            .output()
-        {
-            Ok(o) if o.status.success() => Some(Loop(PathBuf::from(
-                String::from_utf8_lossy(&o.stdout).trim(),
-            ))),
-            Ok(o) => {
-                eprintln!(
-                    "SKIP: losetup: {}",
-                    String::from_utf8_lossy(&o.stderr).trim()
-                );
-                None
-            }
-            Err(e) => {
-                eprintln!("SKIP: cannot run losetup: {e}");
-                None
-            }
-        }
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
-    }
-}
 
 const MIB: usize = 1 << 20;
 
@@ -95,10 +60,10 @@ fn loop_devices_with_4k_sectors_as_source_and_cache() {
 fn source_and_cache_on(sector: u32) {
     let mut files = Files::new(16 * MIB, 16 << 20, 11);
     let (src_img, cache_img) = (files.source.clone(), files.cache.clone());
-    let Some(src) = Loop::attach(&src_img, sector) else {
+    let Some(src) = LoopDevice::attach(&src_img, sector) else {
         return;
     };
-    let Some(cache) = Loop::attach(&cache_img, sector) else {
+    let Some(cache) = LoopDevice::attach(&cache_img, sector) else {
         return;
     };
     for dev in [&src.0, &cache.0] {
@@ -182,7 +147,7 @@ fn source_and_cache_on(sector: u32) {
     // not the disk the dirty blocks belong to.
     let copy_img = files.dir.path().join("copy.img");
     std::fs::copy(&src_img, &copy_img).unwrap();
-    let Some(copy) = Loop::attach(&copy_img, sector) else {
+    let Some(copy) = LoopDevice::attach(&copy_img, sector) else {
         return;
     };
     let log = files.dir.path().join("refused.log");

@@ -6,6 +6,9 @@
 //! data, and refuses another source outright while it holds dirty blocks of
 //! the first.
 
+mod common;
+
+use common::LoopDevice;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -170,49 +173,9 @@ fn the_caches_own_writes_to_the_source_do_not_count_as_a_change() {
     e.shutdown(false).unwrap();
 }
 
-/// A loop device over a file, detached when dropped.
-struct Loop(PathBuf);
-
-impl Loop {
-    /// `None` (and a note on stderr) where loop devices cannot be attached:
-    /// not root, or no loop driver. The test then checks nothing.
-    fn attach(img: &Path) -> Option<Loop> {
-        let out = std::process::Command::new("losetup")
-            .args(["--find", "--show"])
-            .arg(img)
-            .output();
-        match out {
-            Ok(o) if o.status.success() => {
-                let dev = String::from_utf8_lossy(&o.stdout).trim().to_string();
-                Some(Loop(PathBuf::from(dev)))
-            }
-            Ok(o) => {
-                eprintln!(
-                    "SKIP: losetup failed: {}",
-                    String::from_utf8_lossy(&o.stderr).trim()
-                );
-                None
-            }
-            Err(e) => {
-                eprintln!("SKIP: cannot run losetup: {e}");
-                None
-            }
-        }
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("losetup")
-            .arg("-d")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 /// Loop devices over A and B (same size, other contents) and a cache that
 /// was used on A's loop device: block 1 clean, block 2 dirty.
-fn block_rig() -> Option<(Rig, Loop, Loop)> {
+fn block_rig() -> Option<(Rig, LoopDevice, LoopDevice)> {
     let dir = tempfile::tempdir().unwrap();
     let (a, b, cache) = (
         dir.path().join("a.img"),
@@ -222,8 +185,8 @@ fn block_rig() -> Option<(Rig, Loop, Loop)> {
     image(&a, 0xAA);
     image(&b, 0xBB);
     std::fs::write(&cache, vec![0u8; 2 << 20]).unwrap();
-    let la = Loop::attach(&a)?;
-    let lb = Loop::attach(&b)?;
+    let la = LoopDevice::attach(&a, 512)?;
+    let lb = LoopDevice::attach(&b, 512)?;
     let e = Engine::open(file(&la.0), file(&cache), cfg()).unwrap();
     assert_eq!(read(&e, 1), vec![0xAA; BS]);
     e.write((2 * BS) as u64, &[0xD2; BS]).unwrap();
@@ -277,7 +240,7 @@ fn a_block_device_under_another_name_is_the_same_source() {
     };
     // As after a reboot that numbered the disks differently: A's image on
     // another loop device (attached while the first still holds its number).
-    let Some(la2) = Loop::attach(&r.a) else {
+    let Some(la2) = LoopDevice::attach(&r.a, 512) else {
         return;
     };
     assert_ne!(la2.0, la.0);

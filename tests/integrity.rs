@@ -20,7 +20,8 @@ mod common;
 
 use blkio::{Blkioq, Completion, ReqFlags};
 use common::{
-    check_json, decode_sector, fill_sector, status_json, Client, Daemon, Files, BIN, REGION,
+    check_json, decode_sector, fill_sector, status_json, Client, Daemon, Files, LoopDevice, BIN,
+    REGION,
 };
 use rand::{Rng, SeedableRng};
 use std::collections::HashSet;
@@ -260,6 +261,8 @@ struct Scenario {
     term_then_kill: bool,
     /// After each kill, this many more daemons killed while starting up.
     kill_storm: usize,
+    /// Source and cache on loop devices with logical sectors of this size.
+    loop_sector: Option<u32>,
 }
 
 impl Scenario {
@@ -288,6 +291,7 @@ impl Scenario {
             kill_storm: 0,
             term_then_kill: false,
             vary_mode: false,
+            loop_sector: None,
         }
     }
 }
@@ -783,8 +787,24 @@ fn check_source_file(path: &Path, m: &Model, what: &str) -> Vec<String> {
 fn run(sc: Scenario) {
     let started = Instant::now();
     let seed = seed();
-    let files = make_files(&sc, seed);
-    let source_len = std::fs::metadata(&files.source).unwrap().len();
+    let mut files = make_files(&sc, seed);
+    // The image file, also when the daemon gets a loop device over it.
+    let source_file = files.source.clone();
+    let source_len = std::fs::metadata(&source_file).unwrap().len();
+    let _loops = match sc.loop_sector {
+        None => None,
+        Some(sector) => {
+            let Some(src) = LoopDevice::attach(&files.source, sector) else {
+                return;
+            };
+            let Some(cache) = LoopDevice::attach(&files.cache, sector) else {
+                return;
+            };
+            files.source = src.0.clone();
+            files.cache = cache.0.clone();
+            Some((src, cache))
+        }
+    };
     let ctl = files.dir.path().join("ctl.sock");
     let ctl_s = ctl.display().to_string();
     let sectors = sc.disk / SECTOR;
@@ -914,14 +934,14 @@ fn run(sc: Scenario) {
             drop(client);
             let log = daemon.log_text();
             assert!(daemon.stop().success(), "{log}");
-            let now = std::fs::metadata(&files.source).unwrap().len();
+            let now = std::fs::metadata(&source_file).unwrap().len();
             if now != source_len {
                 failures.push(format!(
                     "[{}] source file size changed from {source_len} to {now}",
                     sc.name
                 ));
             }
-            let data = std::fs::read(&files.source).unwrap();
+            let data = std::fs::read(&source_file).unwrap();
             let tail = &data[sc.disk / SECTOR * SECTOR..];
             if tail.iter().any(|&b| b != 0xA5) {
                 failures.push(format!(
@@ -1133,7 +1153,7 @@ fn run(sc: Scenario) {
                     "[{}] run {it} after flush (dirty {})",
                     sc.name, st["dirty_blocks"]
                 );
-                let bad = check_source_file(&files.source, &model, &what);
+                let bad = check_source_file(&source_file, &model, &what);
                 if !bad.is_empty() {
                     failures.extend(bad);
                     failures.push(format!("status: {st}"));
@@ -1328,6 +1348,29 @@ fn tmpfs_kill9() {
         cache_blocks: 128,
         assoc: 4,
         ..Scenario::base("tmpfs-kill")
+    });
+}
+
+/// Source and cache on 4Kn block devices (loop devices with 4 KiB logical
+/// sectors): the test's 512-byte sectors are read-modify-writes on both, and
+/// the journal's 512-byte commits share 4 KiB device sectors.
+#[test]
+fn loop_devices_4k_sectors_kill9() {
+    run(Scenario {
+        loop_sector: Some(4096),
+        kill: true,
+        runs: 6,
+        secs: 3.0,
+        ..Scenario::base("loop-4k-kill")
+    });
+}
+
+#[test]
+fn loop_devices_pressure_control() {
+    run(Scenario {
+        loop_sector: Some(512),
+        control: true,
+        ..Scenario::base("loop-ctl")
     });
 }
 

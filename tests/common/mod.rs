@@ -409,3 +409,40 @@ pub fn check_json(cache: &Path) -> (i32, serde_json::Value) {
         .unwrap_or_else(|e| panic!("check output is not JSON ({e}): {out:?}"));
     (out.status.code().unwrap_or(-1), v)
 }
+
+/// A loop device over a file (`losetup`), detached when dropped.
+pub struct LoopDevice(pub PathBuf);
+
+impl LoopDevice {
+    /// Attaches `img` with logical sectors of `sector` bytes. `None`, with
+    /// a line starting "SKIP" on stderr, where loop devices cannot be
+    /// attached (not root, no loop driver): the caller then checks nothing.
+    pub fn attach(img: &Path, sector: u32) -> Option<LoopDevice> {
+        match Command::new("losetup")
+            .args(["--find", "--show", "--sector-size", &sector.to_string()])
+            .arg(img)
+            .output()
+        {
+            Ok(o) if o.status.success() => Some(LoopDevice(PathBuf::from(
+                String::from_utf8_lossy(&o.stdout).trim(),
+            ))),
+            Ok(o) => {
+                eprintln!(
+                    "SKIP: losetup: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                None
+            }
+            Err(e) => {
+                eprintln!("SKIP: cannot run losetup: {e}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
+}
