@@ -18,19 +18,19 @@
 #                     [--queues N] [--no-build]
 # Needs root (losetup).
 set -euo pipefail
-cd "$(dirname "$0")/.."
 ROUNDS=3 RUNTIME=10s DIR=target A_BIN="" QUEUES=1 BUILD=1
 while [ $# -gt 0 ]; do
     case $1 in
     --rounds) ROUNDS=$2; shift 2 ;;
     --runtime) RUNTIME=$2; shift 2 ;;
-    --dir) DIR=$2; shift 2 ;;
-    --a-bin) A_BIN=$2; shift 2 ;;
+    --dir) DIR=$(realpath -m "$2"); shift 2 ;;
+    --a-bin) A_BIN=$(realpath "$2"); shift 2 ;;
     --queues) QUEUES=$2; shift 2 ;;
     --no-build) BUILD=0; shift ;;
     *) echo "blockdev.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
+cd "$(dirname "$0")/.."
 [ "$BUILD" = 1 ] && cargo build --release --examples -q
 BIN=target/release/vblkcache LOAD=target/release/examples/vbc-load
 CLK_TCK=$(getconf CLK_TCK)
@@ -38,7 +38,12 @@ mkdir -p "$DIR"
 WORK=$(mktemp -d "$DIR/vbc-blockdev.XXXXXX")
 LOOP="" PIDS=()
 cleanup() {
-    for p in "${PIDS[@]}"; do stop "$p" || true; done
+    set +e
+    for p in ${PIDS[@]+"${PIDS[@]}"}; do
+        kill -TERM "$p" 2>/dev/null
+        for _ in $(seq 500); do kill -0 "$p" 2>/dev/null || break; sleep 0.02; done
+        kill -KILL "$p" 2>/dev/null
+    done
     [ -n "$LOOP" ] && losetup -d "$LOOP"
     rm -rf "$WORK"
 }

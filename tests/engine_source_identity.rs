@@ -12,7 +12,7 @@ use common::LoopDevice;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use vblkcache::device::{BlockDevice, FileDevice, OpenOptions};
+use vblkcache::device::{BlockDevice, DeviceIdentity, FileDevice, OpenOptions};
 use vblkcache::engine::{Engine, EngineConfig, EngineError, GeometryRequest, WriteMode};
 
 const BS: usize = 4096;
@@ -240,9 +240,7 @@ fn a_block_device_under_another_name_is_the_same_source() {
     };
     // As after a reboot that numbered the disks differently: A's image on
     // another loop device (attached while the first still holds its number).
-    let Some(la2) = LoopDevice::attach(&r.a, 512) else {
-        return;
-    };
+    let la2 = LoopDevice::attach(&r.a, 512).expect("a third loop device");
     assert_ne!(la2.0, la.0);
     drop(la);
     let e = Engine::open(file(&la2.0), file(&r.cache), cfg()).unwrap();
@@ -271,4 +269,51 @@ fn a_block_device_taken_as_moved_keeps_dirty_blocks_only() {
     let e = Engine::open(file(&lb.0), file(&r.cache), cfg()).unwrap();
     assert_eq!(read(&e, 2), vec![0xD2; BS]);
     e.shutdown(false).unwrap();
+}
+
+fn block_id(dev: &Path) -> Option<String> {
+    match file(dev).identity() {
+        Some(DeviceIdentity::Block { id }) => id,
+        other => panic!("{}: not a block device identity: {other:?}", dev.display()),
+    }
+}
+
+#[test]
+fn a_loop_device_over_a_block_device_is_named_by_that_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.img");
+    image(&img, 0xAA);
+    let Some(inner) = LoopDevice::attach(&img, 512) else {
+        return;
+    };
+    let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&img).unwrap());
+    let inner_id = block_id(&inner.0);
+    assert_eq!(
+        inner_id.as_deref(),
+        Some(format!("loop:ino={ino}+0+0").as_str())
+    );
+    // Not by the inode of its node in /dev, which is new at every boot.
+    let outer = LoopDevice::attach(&inner.0, 512).expect("a second loop device");
+    assert_eq!(
+        block_id(&outer.0),
+        Some(format!("loop:{}+0+0", inner_id.unwrap_or_default()))
+    );
+}
+
+#[test]
+fn a_block_device_without_an_identifier_is_not_taken_for_the_recorded_one() {
+    let Some((r, _la, lb)) = block_rig() else {
+        return;
+    };
+    // B's backing file deleted: sysfs names it "... (deleted)", so B has no
+    // identifier at all.
+    std::fs::remove_file(&r.b).unwrap();
+    assert_eq!(block_id(&lb.0), None);
+    let err = Engine::open(file(&lb.0), file(&r.cache), cfg()).err();
+    let msg = err.map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        msg.contains("dirty blocks of another source")
+            && msg.contains("is a block device without a stable identifier"),
+        "{msg}"
+    );
 }

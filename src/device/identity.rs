@@ -1,5 +1,5 @@
-//! Which source a device is, so that a cache never serves the blocks of one
-//! disk as another's.
+//! Which source a device is, so that a cache does not serve (or write back)
+//! the blocks of one disk as another's.
 //!
 //! A regular file is named by its inode and its modification time. A block
 //! device has no useful inode (the node in /dev is made anew at every boot,
@@ -11,21 +11,24 @@
 //! |-------------------------|----------------------------------------------|
 //! | device-mapper (LVM, dm-crypt, multipath) | `dm:` + `dm/uuid`           |
 //! | md RAID                 | `md:` + `md/uuid`                            |
-//! | loop device             | `loop:` + backing file's st_dev:st_ino, offset and size limit |
+//! | loop device             | `loop:` + backing file's inode (or a backing block device's identifier), offset and size limit |
 //! | NVMe namespace          | `wwid:` + `wwid`                             |
 //! | SCSI/SATA disk          | `wwid:` + `device/wwid`                      |
 //! | virtio-blk and others   | `serial:` + `serial` or `device/serial`      |
 //! | partition of any above  | the disk's identifier + `/part<N>@<start sector>` |
 //!
 //! A block device that has none of these (a virtio disk without a serial, a
-//! RAM disk) has no identity: the cache then checks it by size only.
+//! RAM disk) has no identifier. A cache that recorded one refuses, while it
+//! holds dirty blocks, a device without one; between two devices without
+//! one it can only check the size.
 //!
 //! Invariant: a block identifier is printable ASCII (other bytes are stored
-//! as `?`) and at most [`MAX_BLOCK_ID`] bytes, so it fits the superblock and
-//! can be printed in a one-line error as it is.
+//! as `?`) and at most [`MAX_BLOCK_ID`] bytes (a longer one is cut and ends
+//! in a hash of the whole), so it fits the superblock and can be printed in
+//! a one-line error as it is.
 
 use std::fmt;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
 /// Longest block device identifier kept (longer ones are cut; no identifier
@@ -58,17 +61,31 @@ impl fmt::Display for DeviceIdentity {
 /// The identifier of the block device numbered `rdev` (a `st_rdev`), from
 /// `/sys/dev/block/MAJOR:MINOR`.
 pub fn block_device_id(rdev: u64) -> Option<String> {
+    id_of_rdev(rdev, 0)
+}
+
+/// Loop devices backed by loop devices, at most this deep.
+const MAX_DEPTH: u32 = 8;
+
+fn id_of_rdev(rdev: u64, depth: u32) -> Option<String> {
     let dir = format!("/sys/dev/block/{}:{}", libc::major(rdev), libc::minor(rdev));
-    sysfs_id(Path::new(&dir))
+    id_at(Path::new(&dir), depth)
 }
 
 /// The identifier of the block device whose sysfs directory is `dir` (or a
 /// link to it), following the table in the module documentation.
 pub fn sysfs_id(dir: &Path) -> Option<String> {
+    id_at(dir, 0)
+}
+
+fn id_at(dir: &Path, depth: u32) -> Option<String> {
+    if depth > MAX_DEPTH {
+        return None;
+    }
     let dir = dir.canonicalize().ok()?;
     if let Some(n) = attr(&dir, "partition") {
         let start = attr(&dir, "start")?;
-        let disk = sysfs_id(dir.parent()?)?;
+        let disk = id_at(dir.parent()?, depth)?;
         return Some(clip(format!("{disk}/part{n}@{start}")));
     }
     if let Some(u) = attr(&dir, "dm/uuid") {
@@ -79,16 +96,20 @@ pub fn sysfs_id(dir: &Path) -> Option<String> {
     }
     if let Some(path) = attr(&dir, "loop/backing_file") {
         // The backing file itself, not its name: a file put in its place
-        // under the same name is another disk. A deleted one ("... (deleted)")
-        // has no name to look at, so the loop device has no identifier.
+        // under the same name is another disk. Its inode, as for a file
+        // source (the filesystem's device number may change at a reboot);
+        // a block device behind it by its own identifier (a node's inode
+        // on devtmpfs is new at every boot). A deleted backing file
+        // ("... (deleted)") cannot be looked at: no identifier.
         let m = std::fs::metadata(&path).ok()?;
+        let backing = if m.file_type().is_block_device() {
+            id_of_rdev(m.rdev(), depth + 1)?
+        } else {
+            format!("ino={}", m.ino())
+        };
         let offset = attr(&dir, "loop/offset").unwrap_or_else(|| String::from("0"));
         let limit = attr(&dir, "loop/sizelimit").unwrap_or_else(|| String::from("0"));
-        return Some(clip(format!(
-            "loop:{}:{}+{offset}+{limit}",
-            m.dev(),
-            m.ino()
-        )));
+        return Some(clip(format!("loop:{backing}+{offset}+{limit}")));
     }
     for (name, kind) in [
         ("wwid", "wwid"),
@@ -110,12 +131,22 @@ fn attr(dir: &Path, name: &str) -> Option<String> {
     (!s.is_empty()).then(|| s.to_string())
 }
 
-/// Printable ASCII, at most [`MAX_BLOCK_ID`] bytes.
+/// Printable ASCII, at most [`MAX_BLOCK_ID`] bytes. A longer identifier
+/// keeps its start and ends in `~` and a hash of the whole, so two long
+/// identifiers that differ anywhere still differ.
 fn clip(s: String) -> String {
-    s.chars()
+    let s: String = s
+        .chars()
         .map(|c| if c.is_ascii_graphic() { c } else { '?' })
-        .take(MAX_BLOCK_ID)
-        .collect()
+        .collect();
+    if s.len() <= MAX_BLOCK_ID {
+        return s;
+    }
+    // FNV-1a, 64 bits: stable across builds and machines.
+    let h = s.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    format!("{}~{h:016x}", &s[..MAX_BLOCK_ID - 17])
 }
 
 /// True when `id` could have come from [`sysfs_id`]: what a superblock may
@@ -193,7 +224,7 @@ mod tests {
         put(&lo, "loop/offset", "4096\n");
         let first = sysfs_id(&lo).unwrap();
         let m = fs::metadata(&img).unwrap();
-        assert_eq!(first, format!("loop:{}:{}+4096+0", m.dev(), m.ino()));
+        assert_eq!(first, format!("loop:ino={}+4096+0", m.ino()));
         // Another file (made while the first exists, so another inode) put
         // in its place under the same name.
         let other = t.path().join("other.img");
@@ -232,6 +263,26 @@ mod tests {
         assert_eq!(id.len(), MAX_BLOCK_ID);
         assert!(id.starts_with("wwid:t10.ATA??X?zz"), "{id}");
         assert!(valid_block_id(id.as_bytes()));
+        // Long identifiers that differ only past the cut still differ, and
+        // so do the partitions of a disk whose identifier is that long.
+        put(
+            &sdz,
+            "device/wwid",
+            &format!("t10.ATA  X\u{7}{}y\n", "z".repeat(400)),
+        );
+        let other = sysfs_id(&sdz).unwrap();
+        assert_eq!(other.len(), MAX_BLOCK_ID);
+        assert_ne!(other, id);
+        let parts: Vec<String> = (1..=2)
+            .map(|n| {
+                let p = sdz.join(format!("sdz{n}"));
+                put(&p, "partition", &format!("{n}\n"));
+                put(&p, "start", "2048\n");
+                sysfs_id(&p).unwrap()
+            })
+            .collect();
+        assert_ne!(parts[0], parts[1]);
+        assert!(parts.iter().all(|p| valid_block_id(p.as_bytes())));
         assert!(!valid_block_id(b""));
         assert!(!valid_block_id(b"a b"));
         assert!(!valid_block_id(&[b'a'; MAX_BLOCK_ID + 1]));

@@ -122,8 +122,8 @@ enum SourceChange {
 /// Compares the source's identity with the one recorded on the cache. The
 /// modification time only counts after a clean shutdown (which records it
 /// last, after its writes): after a crash the clean entries are dropped
-/// anyway. A block device is only compared by identifier, and not at all
-/// when either side has none (it is then checked by size only); nothing is
+/// anyway. A block device is compared by identifier, and not at all when
+/// neither side has one (it is then checked by size only); nothing is
 /// compared when either side has no identity (memory, caches made before
 /// identities were recorded).
 fn source_changed(
@@ -152,7 +152,11 @@ fn source_changed(
             }
         }
         (Block { id: Some(a) }, Block { id: Some(b) }) => (a != b).then_some(SourceChange::Other),
-        (Block { .. }, Block { .. }) => None,
+        // Neither has an identifier: nothing but the size to go by.
+        (Block { id: None }, Block { id: None }) => None,
+        // One has an identifier and the other none: not the same disk (a
+        // disk's identifier does not come and go).
+        (Block { .. }, Block { .. }) => Some(SourceChange::Other),
         (File { .. }, Block { .. }) | (Block { .. }, File { .. }) => Some(SourceChange::Other),
     }
 }
@@ -543,8 +547,8 @@ mod tests {
                 false,
                 Some(Other),
             ),
-            (block(Some("wwid:a")), block(None), true, None),
-            (block(None), block(Some("wwid:a")), true, None),
+            (block(Some("wwid:a")), block(None), true, Some(Other)),
+            (block(None), block(Some("wwid:a")), true, Some(Other)),
             (block(None), block(None), true, None),
             (file(1, 5), block(Some("wwid:a")), true, Some(Other)),
             (file(1, 5), block(None), false, Some(Other)),
