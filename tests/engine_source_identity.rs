@@ -60,9 +60,8 @@ struct Rig {
     cache: PathBuf,
 }
 
-/// Source A (0xAA) with block 1 cached clean and block 2 dirty (0xD2),
-/// shut down cleanly; B is another file of the same size (0xBB).
-fn rig() -> Rig {
+/// Files A (0xAA) and B (0xBB) of the same size and a blank cache.
+fn files() -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let (a, b, cache) = (
         dir.path().join("a.img"),
@@ -72,14 +71,6 @@ fn rig() -> Rig {
     image(&a, 0xAA);
     image(&b, 0xBB);
     std::fs::write(&cache, vec![0u8; 2 << 20]).unwrap();
-    let e = Engine::open(file(&a), file(&cache), cfg()).unwrap();
-    assert_eq!(read(&e, 1), vec![0xAA; BS]);
-    e.write((2 * BS) as u64, &[0xD2; BS]).unwrap();
-    // Let the background store of block 1 finish: a second read is a hit.
-    let hits = e.stats().read_hits;
-    assert_eq!(read(&e, 1), vec![0xAA; BS]);
-    assert_eq!(e.stats().read_hits, hits + 1);
-    e.shutdown(false).unwrap();
     Rig {
         _dir: dir,
         a,
@@ -88,10 +79,36 @@ fn rig() -> Rig {
     }
 }
 
+/// Uses the cache on `source` (A's data): block 1 cached clean, block 2
+/// dirty (0xD2), then a clean shutdown.
+fn prime(source: &Path, cache: &Path) {
+    let e = Engine::open(file(source), file(cache), cfg()).unwrap();
+    assert_eq!(read(&e, 1), vec![0xAA; BS]);
+    e.write((2 * BS) as u64, &[0xD2; BS]).unwrap();
+    // Let the background store of block 1 finish: a second read is a hit.
+    let hits = e.stats().read_hits;
+    assert_eq!(read(&e, 1), vec![0xAA; BS]);
+    assert_eq!(e.stats().read_hits, hits + 1);
+    e.shutdown(false).unwrap();
+}
+
+/// The cache primed on source file A.
+fn rig() -> Rig {
+    let r = files();
+    prime(&r.a, &r.cache);
+    r
+}
+
 #[test]
 fn the_same_untouched_file_keeps_its_clean_entries() {
     let r = rig();
-    let e = Engine::open(file(&r.a), file(&r.cache), cfg()).unwrap();
+    still_warm(&r.a, &r.cache);
+}
+
+/// Opens the cache primed by `prime` on `source`: it kept its clean entry
+/// (block 1 is a hit) and its dirty block.
+fn still_warm(source: &Path, cache: &Path) {
+    let e = Engine::open(file(source), file(cache), cfg()).unwrap();
     assert_eq!(e.status().start.clean_dropped, 0);
     let hits = e.stats().read_hits;
     assert_eq!(read(&e, 1), vec![0xAA; BS]);
@@ -173,34 +190,13 @@ fn the_caches_own_writes_to_the_source_do_not_count_as_a_change() {
     e.shutdown(false).unwrap();
 }
 
-/// Loop devices over A and B (same size, other contents) and a cache that
-/// was used on A's loop device: block 1 clean, block 2 dirty.
+/// Loop devices over A and B, and the cache primed on A's loop device.
 fn block_rig() -> Option<(Rig, LoopDevice, LoopDevice)> {
-    let dir = tempfile::tempdir().unwrap();
-    let (a, b, cache) = (
-        dir.path().join("a.img"),
-        dir.path().join("b.img"),
-        dir.path().join("cache"),
-    );
-    image(&a, 0xAA);
-    image(&b, 0xBB);
-    std::fs::write(&cache, vec![0u8; 2 << 20]).unwrap();
-    let la = LoopDevice::attach(&a, 512)?;
-    let lb = LoopDevice::attach(&b, 512)?;
-    let e = Engine::open(file(&la.0), file(&cache), cfg()).unwrap();
-    assert_eq!(read(&e, 1), vec![0xAA; BS]);
-    e.write((2 * BS) as u64, &[0xD2; BS]).unwrap();
-    let hits = e.stats().read_hits;
-    assert_eq!(read(&e, 1), vec![0xAA; BS]);
-    assert_eq!(e.stats().read_hits, hits + 1);
-    e.shutdown(false).unwrap();
-    let rig = Rig {
-        _dir: dir,
-        a,
-        b,
-        cache,
-    };
-    Some((rig, la, lb))
+    let r = files();
+    let la = LoopDevice::attach(&r.a, 512)?;
+    let lb = LoopDevice::attach(&r.b, 512)?;
+    prime(&la.0, &r.cache);
+    Some((r, la, lb))
 }
 
 #[test]
@@ -243,13 +239,7 @@ fn a_block_device_under_another_name_is_the_same_source() {
     let la2 = LoopDevice::attach(&r.a, 512).expect("a third loop device");
     assert_ne!(la2.0, la.0);
     drop(la);
-    let e = Engine::open(file(&la2.0), file(&r.cache), cfg()).unwrap();
-    assert_eq!(e.status().start.clean_dropped, 0);
-    let hits = e.stats().read_hits;
-    assert_eq!(read(&e, 1), vec![0xAA; BS]);
-    assert_eq!(e.stats().read_hits, hits + 1, "block 1 is still cached");
-    assert_eq!(read(&e, 2), vec![0xD2; BS]);
-    e.shutdown(false).unwrap();
+    still_warm(&la2.0, &r.cache);
     drop(lb);
 }
 
