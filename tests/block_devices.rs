@@ -9,6 +9,7 @@ mod common;
 
 use common::{Client, Daemon, Files, LoopDevice, BIN};
 use std::fs::File;
+use std::path::{Path, PathBuf};
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -149,18 +150,10 @@ fn source_and_cache_on(sector: u32) {
     std::fs::copy(&src_img, &copy_img).unwrap();
     // Two loop devices were attached above: a third must attach too.
     let copy = LoopDevice::attach(&copy_img, sector).expect("a third loop device");
-    let log = files.dir.path().join("refused.log");
     let mut on_copy = files.serve_args(&args);
     on_copy[2] = copy.0.display().to_string();
     assert_eq!(on_copy[1], "--source");
-    let out = Command::new(BIN)
-        .args(on_copy)
-        .stdout(Stdio::null())
-        .stderr(File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let status = exit_within(out, Duration::from_secs(20));
-    let err = std::fs::read_to_string(&log).unwrap();
+    let (status, err) = run_bin(&on_copy, files.dir.path());
     assert_eq!(status, Some(2), "{err}");
     assert!(
         err.contains("dirty blocks of another source than")
@@ -182,4 +175,121 @@ fn source_and_cache_on(sector: u32) {
         std::fs::read(&src_img).unwrap() == expect,
         "source after writeback"
     );
+}
+
+/// A filesystem mounted from a device, unmounted when dropped.
+struct Mount(PathBuf);
+
+impl Mount {
+    fn new(dev: &Path, at: &Path) -> Option<Mount> {
+        std::fs::create_dir_all(at).unwrap();
+        let out = Command::new("mount").arg(dev).arg(at).output().unwrap();
+        if !out.status.success() {
+            eprintln!(
+                "SKIP: mount: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            return None;
+        }
+        Some(Mount(at.to_path_buf()))
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Runs `vblkcache ARGS` to its exit (at most 20 s); its code and stderr.
+fn run_bin(args: &[String], dir: &Path) -> (Option<i32>, String) {
+    let log = dir.join("run.log");
+    let child = Command::new(BIN)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let code = exit_within(child, Duration::from_secs(20));
+    (code, std::fs::read_to_string(&log).unwrap())
+}
+
+/// A mounted filesystem is never taken as cache (not even with --format) or
+/// as source, and a device the daemon uses cannot be mounted meanwhile.
+#[test]
+fn a_mounted_block_device_is_refused() {
+    let files = Files::new(4 * MIB, 16 << 20, 3);
+    let dir = files.dir.path();
+    let img = dir.join("fs.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
+    let Some(dev) = LoopDevice::attach(&img, 512) else {
+        return;
+    };
+    let mkfs = Command::new("mkfs.ext4")
+        .arg("-q")
+        .arg(&dev.0)
+        .status()
+        .unwrap();
+    assert!(mkfs.success());
+    let mnt = dir.join("mnt");
+    let Some(mount) = Mount::new(&dev.0, &mnt) else {
+        return;
+    };
+    std::fs::write(mnt.join("keep.txt"), b"precious").unwrap();
+    let devs = dev.0.display().to_string();
+
+    let mut as_cache = files.serve_args(&["--format"]);
+    as_cache[4] = devs.clone();
+    assert_eq!(as_cache[3], "--cache");
+    let (code, err) = run_bin(&as_cache, dir);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(&format!(
+            "--cache: {devs} is a block device in use (mounted"
+        )),
+        "{err}"
+    );
+    let mut as_source = files.serve_args(&[]);
+    as_source[2] = devs.clone();
+    let (code, err) = run_bin(&as_source, dir);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(&format!("--source: {devs} is a block device in use")),
+        "{err}"
+    );
+    let check = ["check", "--repair", "--cache", &devs].map(String::from);
+    let (code, err) = run_bin(&check, dir);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("in use"), "{err}");
+    assert!(!files.socket.exists());
+
+    // The filesystem is whole.
+    assert_eq!(std::fs::read(mnt.join("keep.txt")).unwrap(), b"precious");
+    drop(mount);
+    let fsck = Command::new("e2fsck")
+        .args(["-fn"])
+        .arg(&dev.0)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+
+    // Used by the daemon (formatted on purpose now), it cannot be mounted.
+    let mut files = files;
+    files.cache = dev.0.clone();
+    let daemon = Daemon::start(&files, &["--format"]);
+    let out = Command::new("mount")
+        .arg(&dev.0)
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    let _ = Command::new("umount").arg(&mnt).status();
+    assert!(!out.status.success(), "mounted a device the daemon uses");
+    assert!(daemon.stop().success());
 }

@@ -37,6 +37,7 @@ fn file(path: &Path) -> Arc<dyn BlockDevice> {
             OpenOptions {
                 direct: false,
                 read_only: false,
+                exclusive: false,
             },
         )
         .unwrap(),

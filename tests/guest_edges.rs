@@ -103,6 +103,7 @@ fn cache_file(dir: &std::path::Path, direct: bool) -> Result<FileDevice, DeviceE
         OpenOptions {
             direct,
             read_only: false,
+            exclusive: false,
         },
     )
 }

@@ -46,6 +46,7 @@ fn open_devices(cache: &Path, source: &Path) -> R<(Arc<dyn BlockDevice>, Arc<dyn
         OpenOptions {
             direct: true,
             read_only: false,
+            exclusive: false,
         },
     )?;
     let s = FileDevice::open(source, OpenOptions::default())?;

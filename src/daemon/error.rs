@@ -33,6 +33,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("{what}: {path} is a block device in use (mounted, part of a RAID or device-mapper target, or claimed by another program such as another vblkcache); refusing to open it")]
+    DeviceBusy { what: &'static str, path: PathBuf },
     #[error("--direct: {path}: the filesystem refuses O_DIRECT (tmpfs does); run without --direct or put the file elsewhere")]
     DirectUnsupported { path: PathBuf },
     #[error("{what}: {source}")]
@@ -80,6 +82,7 @@ impl Error {
             | Error::SocketUnknown { .. }
             | Error::DirectUnsupported { .. }
             | Error::SourceInUse(_)
+            | Error::DeviceBusy { .. }
             | Error::SourceFormat { .. }
             | Error::Check(crate::check::CheckError::InUse(_)) => true,
             Error::Engine(e) => e.is_config_error(),

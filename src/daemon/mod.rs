@@ -69,6 +69,7 @@ fn check(path: &Path, json: bool, repair: bool) -> Result<(), Error> {
         OpenOptions {
             direct: false,
             read_only: !repair,
+            exclusive: true,
         },
     )?;
     let report = crate::check::check_device(&*dev, repair)?;
@@ -149,6 +150,14 @@ fn open_device(
                 path: path.to_path_buf(),
             })
         }
+        Err(DeviceError::Io { ref source, .. })
+            if opts.exclusive && source.raw_os_error() == Some(libc::EBUSY) =>
+        {
+            Err(Error::DeviceBusy {
+                what,
+                path: path.to_path_buf(),
+            })
+        }
         Err(source) => Err(Error::Open { what, source }),
     }
 }
@@ -163,7 +172,11 @@ fn open_file(
     cfg: &ServeConfig,
     read_only: bool,
 ) -> Result<Arc<dyn BlockDevice>, Error> {
-    let opts = |direct| OpenOptions { direct, read_only };
+    let opts = |direct| OpenOptions {
+        direct,
+        read_only,
+        exclusive: true,
+    };
     if cfg.buffered {
         return open_device(what, path, opts(false));
     }

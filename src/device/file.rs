@@ -15,6 +15,11 @@ pub struct OpenOptions {
     pub direct: bool,
     /// Open read-only.
     pub read_only: bool,
+    /// Claim a block device exclusively (`O_EXCL`): the open fails with
+    /// `EBUSY` while the device is mounted, part of a RAID or device-mapper
+    /// target, or claimed by another program, and none of these can take it
+    /// while it stays open. No effect on a regular file.
+    pub exclusive: bool,
 }
 
 /// A file or block device accessed with positional I/O.
@@ -73,8 +78,18 @@ impl FileDevice {
     pub fn open(path: &Path, opts: OpenOptions) -> Result<Self, DeviceError> {
         let mut oo = std::fs::OpenOptions::new();
         oo.read(true).write(!opts.read_only);
+        let mut flags = 0;
         if opts.direct {
-            oo.custom_flags(libc::O_DIRECT);
+            flags |= libc::O_DIRECT;
+        }
+        // O_EXCL without O_CREAT is defined for block devices only: ask the
+        // path first (a race with a rename here only loses the claim).
+        if opts.exclusive && std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
+        {
+            flags |= libc::O_EXCL;
+        }
+        if flags != 0 {
+            oo.custom_flags(flags);
         }
         let file = oo
             .open(path)

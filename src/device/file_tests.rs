@@ -11,6 +11,7 @@ fn roundtrip(direct: bool) {
         OpenOptions {
             direct,
             read_only: false,
+            exclusive: false,
         },
     ) {
         Ok(d) => d,
@@ -53,6 +54,7 @@ fn allocate_fills_holes_and_keeps_contents() {
         OpenOptions {
             direct: false,
             read_only: false,
+            exclusive: false,
         },
     )
     .unwrap();
@@ -94,6 +96,7 @@ fn allocate_refuses_more_than_half_the_free_space() {
             OpenOptions {
                 direct: false,
                 read_only: false,
+                exclusive: false,
             },
         )
         .ok()
@@ -143,6 +146,7 @@ fn writing_the_tail_of_an_odd_sized_file_keeps_its_size() {
     let opts = OpenOptions {
         direct: true,
         read_only: false,
+        exclusive: false,
     };
     let Ok(dev) = FileDevice::open(&path, opts) else {
         return; // tmpfs refuses O_DIRECT
@@ -177,6 +181,7 @@ fn concurrent_small_writes_in_one_window_all_land() {
         OpenOptions {
             direct: true,
             read_only: false,
+            exclusive: false,
         },
     ) else {
         return; // no O_DIRECT here (tmpfs)

@@ -33,6 +33,7 @@ pub(super) fn cache_file(
         OpenOptions {
             direct,
             read_only: false,
+            exclusive: false,
         },
     )
 }
@@ -235,6 +236,7 @@ fn a_cache_in_memory_is_served_on_the_queue_thread() {
         OpenOptions {
             direct: false,
             read_only: true,
+            exclusive: false,
         },
     )
     .unwrap()
