@@ -31,7 +31,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -136,12 +136,40 @@ impl Stop {
     }
 }
 
+/// How long an exclusive open waits for a block device to be released. A
+/// daemon that was just killed keeps its claim for a few tens of ms after it
+/// has exited, until the kernel has torn down its io_uring rings and dropped
+/// the files they held; a mounted device stays busy and is refused after it.
+const BUSY_WAIT: Duration = Duration::from_secs(5);
+
 fn open_device(
     what: &'static str,
     path: &Path,
     opts: OpenOptions,
 ) -> Result<Arc<dyn BlockDevice>, Error> {
-    match FileDevice::open(path, opts) {
+    let deadline = Instant::now() + BUSY_WAIT;
+    let mut waited = false;
+    let opened = loop {
+        match FileDevice::open(path, opts) {
+            Err(DeviceError::Io { ref source, .. })
+                if opts.exclusive
+                    && source.raw_os_error() == Some(libc::EBUSY)
+                    && Instant::now() < deadline =>
+            {
+                if !waited {
+                    log::info!(
+                        "{what} {}: the block device is busy; waiting up to {BUSY_WAIT:?} for it \
+                         to be released",
+                        path.display()
+                    );
+                    waited = true;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => break other,
+        }
+    };
+    match opened {
         Ok(d) => Ok(Arc::new(d)),
         Err(DeviceError::Io { ref source, .. })
             if opts.direct && source.raw_os_error() == Some(libc::EINVAL) =>
