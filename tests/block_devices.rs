@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{Client, Daemon, Files, LoopDevice, BIN};
+use common::{status_json, Client, Daemon, Files, LoopDevice, BIN};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -83,10 +83,24 @@ fn source_and_cache_on(sector: u32) {
     files.source = src.0.clone();
     files.cache = cache.0.clone();
     let args = ["--block-size", "4K", "--mode", "writeback"];
-    let daemon = Daemon::start(&files, &args);
+    let ctl = files.dir.path().join("ctl.sock");
+    let ctl_s = ctl.display().to_string();
+    let daemon = Daemon::start(&files, &[&args[..], &["--control", &ctl_s]].concat());
     let log = daemon.log_text();
     // A device node is on devtmpfs, which is not where the data lives.
     assert!(!log.contains("memory filesystem"), "{log}");
+    // The status names both devices, and the source as the cache knows it.
+    let st = status_json(&ctl);
+    assert_eq!(st["source"], files.source.display().to_string().as_str());
+    assert_eq!(
+        st["cache_device"],
+        files.cache.display().to_string().as_str()
+    );
+    let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&src_img).unwrap());
+    assert_eq!(
+        st["source_identity"],
+        format!("the block device loop:ino={ino}+0+0").as_str()
+    );
     let mut expect = files.initial.clone();
     {
         let mut client = Client::connect(&files.socket, 1);

@@ -141,8 +141,11 @@ fn progress_line(done: u64, total: u64) -> String {
 
 /// Top-level fields shown first, in this order; other scalar fields follow,
 /// then every nested object as an indented section.
-const LEADING: [&str; 7] = [
+const LEADING: [&str; 10] = [
     "mode",
+    "source",
+    "source_identity",
+    "cache_device",
     "source_size",
     "cache_device_size",
     "valid_blocks",

@@ -44,6 +44,13 @@ pub struct Status {
     pub policy: &'static str,
     pub geometry: Geometry,
     pub sets: u64,
+    /// The source and cache devices as they name themselves (a path, with
+    /// any wrapper such as `latency(...)` around it).
+    pub source: String,
+    /// Which file or block device the source is, as the cache records it
+    /// (see [`crate::device::DeviceIdentity`]); `None` for a memory source.
+    pub source_identity: Option<String>,
+    pub cache_device: String,
     pub source_size: u64,
     pub cache_device_size: u64,
     pub data_offset: u64,
