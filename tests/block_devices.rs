@@ -307,3 +307,41 @@ fn a_mounted_block_device_is_refused() {
     assert!(!out.status.success(), "mounted a device the daemon uses");
     assert!(daemon.stop().success());
 }
+
+/// A read-only block device (the kernel opens it for writing and fails the
+/// writes later) is refused as a read-write source and as cache, and served
+/// with --readonly.
+#[test]
+fn a_read_only_block_device_is_served_only_read_only() {
+    let mut files = Files::new(4 * MIB, 16 << 20, 8);
+    let dir = files.dir.path().to_path_buf();
+    let Some(ro) = LoopDevice::attach_read_only(&files.source) else {
+        return;
+    };
+    let devs = ro.0.display().to_string();
+    let mut rw = files.serve_args(&[]);
+    rw[2] = devs.clone();
+    let (code, err) = run_bin(&rw, &dir);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(&format!("--source: {devs} is read-only")),
+        "{err}"
+    );
+    let mut as_cache = files.serve_args(&[]);
+    as_cache[4] = devs.clone();
+    let (code, err) = run_bin(&as_cache, &dir);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(&format!("--cache: {devs} is read-only")),
+        "{err}"
+    );
+
+    files.source = ro.0.clone();
+    let daemon = Daemon::start(&files, &["--readonly"]);
+    {
+        let mut client = Client::try_connect(&files.socket, 1, true).unwrap();
+        let mut q = client.queue(0);
+        check_all(&mut q, &files.initial, "read-only source");
+    }
+    assert!(daemon.stop().success());
+}

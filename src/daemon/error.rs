@@ -35,6 +35,8 @@ pub enum Error {
     },
     #[error("{what}: {path} is a block device in use (mounted, part of a RAID or device-mapper target, or claimed by another program such as another vblkcache); refusing to open it")]
     DeviceBusy { what: &'static str, path: PathBuf },
+    #[error("{what}: {path} is read-only (a read-only block device or filesystem); a source can only be served read-only from it (--readonly), and a cache device must be writable")]
+    ReadOnlyDevice { what: &'static str, path: PathBuf },
     #[error("--direct: {path}: the filesystem refuses O_DIRECT (tmpfs does); run without --direct or put the file elsewhere")]
     DirectUnsupported { path: PathBuf },
     #[error("{what}: {source}")]
@@ -83,6 +85,7 @@ impl Error {
             | Error::DirectUnsupported { .. }
             | Error::SourceInUse(_)
             | Error::DeviceBusy { .. }
+            | Error::ReadOnlyDevice { .. }
             | Error::SourceFormat { .. }
             | Error::Check(crate::check::CheckError::InUse(_)) => true,
             Error::Engine(e) => e.is_config_error(),

@@ -186,6 +186,14 @@ fn open_device(
                 path: path.to_path_buf(),
             })
         }
+        Err(DeviceError::Io { ref source, .. })
+            if !opts.read_only && source.raw_os_error() == Some(libc::EROFS) =>
+        {
+            Err(Error::ReadOnlyDevice {
+                what,
+                path: path.to_path_buf(),
+            })
+        }
         Err(source) => Err(Error::Open { what, source }),
     }
 }
@@ -268,13 +276,16 @@ fn open_source(cfg: &ServeConfig) -> Result<Arc<dyn BlockDevice>, Error> {
 }
 
 /// Opens the source file, read-only if the disk is exported read-only and
-/// the file is not writable.
+/// the file is not writable (or is on a read-only filesystem or device).
 fn open_source_file(cfg: &ServeConfig) -> Result<Arc<dyn BlockDevice>, Error> {
     match open_file("--source", &cfg.source, cfg, false) {
         Err(Error::Open {
             source: DeviceError::Io { ref source, .. },
             ..
         }) if cfg.readonly && source.kind() == std::io::ErrorKind::PermissionDenied => {
+            open_file("--source", &cfg.source, cfg, true)
+        }
+        Err(Error::ReadOnlyDevice { .. }) if cfg.readonly => {
             open_file("--source", &cfg.source, cfg, true)
         }
         other => other,

@@ -62,6 +62,8 @@ const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 const BLKDISCARD: libc::c_ulong = 0x1277;
 // BLKZEROOUT = _IO(0x12, 127)
 const BLKZEROOUT: libc::c_ulong = 0x127f;
+// BLKROGET = _IO(0x12, 94)
+const BLKROGET: libc::c_ulong = 0x125e;
 
 fn io_err(op: IoOp, offset: u64, len: u64, path: &Path, source: io::Error) -> DeviceError {
     DeviceError::Io {
@@ -106,6 +108,23 @@ impl FileDevice {
             let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) };
             if rc != 0 {
                 return Err(io_err(IoOp::Open, 0, 0, path, io::Error::last_os_error()));
+            }
+            // The kernel lets a read-only block device be opened for
+            // writing and fails the writes later: refuse it now, as a
+            // read-only filesystem refuses the open.
+            let mut ro: libc::c_int = 0;
+            // SAFETY: BLKROGET writes one int through the pointer, which
+            // points at a live local.
+            let rc =
+                unsafe { libc::ioctl(file.as_raw_fd(), BLKROGET, &mut ro as *mut libc::c_int) };
+            if rc == 0 && ro != 0 && !opts.read_only {
+                return Err(io_err(
+                    IoOp::Open,
+                    0,
+                    0,
+                    path,
+                    io::Error::from_raw_os_error(libc::EROFS),
+                ));
             }
             size
         } else if meta.is_file() {

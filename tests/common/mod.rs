@@ -418,8 +418,18 @@ impl LoopDevice {
     /// a line starting "SKIP" on stderr, where loop devices cannot be
     /// attached (not root, no loop driver): the caller then checks nothing.
     pub fn attach(img: &Path, sector: u32) -> Option<LoopDevice> {
+        Self::attach_with(img, &["--sector-size", &sector.to_string()])
+    }
+
+    /// The same, read-only (`losetup --read-only`).
+    pub fn attach_read_only(img: &Path) -> Option<LoopDevice> {
+        Self::attach_with(img, &["--read-only"])
+    }
+
+    fn attach_with(img: &Path, args: &[&str]) -> Option<LoopDevice> {
         match Command::new("losetup")
-            .args(["--find", "--show", "--sector-size", &sector.to_string()])
+            .args(["--find", "--show"])
+            .args(args)
             .arg(img)
             .output()
         {
