@@ -261,10 +261,14 @@ fn check_socket_dir(option: &'static str, path: &Path) -> Result<(), ConfigError
     Ok(())
 }
 
+/// The same file, or two nodes of the same block device.
 fn same_file(a: &Path, b: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
     match (std::fs::metadata(a), std::fs::metadata(b)) {
-        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        (Ok(x), Ok(y)) => {
+            let block = x.file_type().is_block_device() && y.file_type().is_block_device();
+            (x.dev() == y.dev() && x.ino() == y.ino()) || (block && x.rdev() == y.rdev())
+        }
         _ => false,
     }
 }

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{status_json, Client, Daemon, Files, LoopDevice, BIN};
+use common::{is_listening, status_json, Client, Daemon, Files, LoopDevice, BIN};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -90,6 +90,11 @@ fn source_and_cache_on(sector: u32) {
     // A device node is on devtmpfs, which is not where the data lives.
     assert!(!log.contains("memory filesystem"), "{log}");
     // The status names both devices, and the source as the cache knows it.
+    // The control socket is bound after the vhost-user one.
+    let end = Instant::now() + Duration::from_secs(10);
+    while !is_listening(&ctl) && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let st = status_json(&ctl);
     assert_eq!(st["source"], files.source.display().to_string().as_str());
     assert_eq!(
@@ -232,8 +237,8 @@ fn run_bin(args: &[String], dir: &Path) -> (Option<i32>, String) {
 /// as source, and a device the daemon uses cannot be mounted meanwhile.
 #[test]
 fn a_mounted_block_device_is_refused() {
-    let files = Files::new(4 * MIB, 16 << 20, 3);
-    let dir = files.dir.path();
+    let mut files = Files::new(4 * MIB, 16 << 20, 3);
+    let dir = &files.dir.path().to_path_buf();
     let img = dir.join("fs.img");
     std::fs::File::create(&img)
         .unwrap()
@@ -294,18 +299,48 @@ fn a_mounted_block_device_is_refused() {
         String::from_utf8_lossy(&fsck.stdout)
     );
 
-    // Used by the daemon (formatted on purpose now), it cannot be mounted.
-    let mut files = files;
-    files.cache = dev.0.clone();
-    let daemon = Daemon::start(&files, &["--format"]);
+    // Served (read-only, so the filesystem stays whole), it cannot be
+    // mounted; once the daemon is gone, it can.
+    files.source = dev.0.clone();
+    let daemon = Daemon::start(&files, &["--readonly"]);
     let out = Command::new("mount")
         .arg(&dev.0)
         .arg(&mnt)
         .output()
         .unwrap();
     let _ = Command::new("umount").arg(&mnt).status();
-    assert!(!out.status.success(), "mounted a device the daemon uses");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("busy"),
+        "mount of a device the daemon uses: {err}"
+    );
     assert!(daemon.stop().success());
+    let mount = Mount::new(&dev.0, &mnt).expect("mount after the daemon stopped");
+    assert_eq!(std::fs::read(mnt.join("keep.txt")).unwrap(), b"precious");
+    drop(mount);
+
+    // Another node of the same device is the same device.
+    let node = dir.join("node");
+    let rdev = std::os::unix::fs::MetadataExt::rdev(&std::fs::metadata(&dev.0).unwrap());
+    let made = Command::new("mknod")
+        .arg(&node)
+        .arg("b")
+        .arg(libc::major(rdev).to_string())
+        .arg(libc::minor(rdev).to_string())
+        .status()
+        .unwrap();
+    if made.success() {
+        let mut same = files.serve_args(&[]);
+        same[4] = node.display().to_string();
+        let (code, err) = run_bin(&same, dir);
+        assert_eq!(code, Some(2), "{err}");
+        assert!(
+            err.contains("--source and --cache are the same file"),
+            "{err}"
+        );
+    } else {
+        eprintln!("SKIP: mknod failed: a second node of a device not checked");
+    }
 }
 
 /// A read-only block device (the kernel opens it for writing and fails the

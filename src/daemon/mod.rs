@@ -345,6 +345,12 @@ fn serve_inner(cfg: &ServeConfig, stop: &Arc<Stop>) -> Result<(), Error> {
     if let Some(c) = &cfg.control {
         socket::clear_stale("--control", c)?;
     }
+    // Held until the daemon exits, so `vblkcache check` and a second daemon
+    // cannot use the cache device or the source meanwhile. Taken before the
+    // devices are opened: a second daemon is told at once that the source
+    // is in use by a vblkcache, before its exclusive open would wait.
+    let _cache_lock = crate::check::lock_cache(&cfg.cache)?;
+    let _source_lock = lock_source(&cfg.source)?;
     let mut source = open_source(cfg)?;
     if !cfg.source_latency.is_zero() {
         log::warn!(
@@ -356,10 +362,6 @@ fn serve_inner(cfg: &ServeConfig, stop: &Arc<Stop>) -> Result<(), Error> {
             crate::device::LatencyProfile::uniform(cfg.source_latency),
         ));
     }
-    // Held until the daemon exits, so `vblkcache check` and a second daemon
-    // cannot use the cache device meanwhile.
-    let _cache_lock = crate::check::lock_cache(&cfg.cache)?;
-    let _source_lock = lock_source(&cfg.source)?;
     let cache = open_file("--cache", &cfg.cache, cfg, false)?;
     let engine = Arc::new(Engine::open(source, cache, cfg.engine.clone())?);
     let status = engine.status();
