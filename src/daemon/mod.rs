@@ -149,13 +149,18 @@ fn open_device(
 ) -> Result<Arc<dyn BlockDevice>, Error> {
     let deadline = Instant::now() + BUSY_WAIT;
     let mut waited = false;
-    let opened = loop {
-        match FileDevice::open(path, opts) {
-            Err(DeviceError::Io { ref source, .. })
-                if opts.exclusive
-                    && source.raw_os_error() == Some(libc::EBUSY)
-                    && Instant::now() < deadline =>
-            {
+    loop {
+        let err = match FileDevice::open(path, opts) {
+            Ok(d) => return Ok(Arc::new(d)),
+            Err(e) => e,
+        };
+        let errno = match &err {
+            DeviceError::Io { source, .. } => source.raw_os_error(),
+            _ => None,
+        };
+        let path = path.to_path_buf();
+        return Err(match errno {
+            Some(libc::EBUSY) if opts.exclusive && Instant::now() < deadline => {
                 if !waited {
                     log::info!(
                         "{what} {}: the block device is busy; waiting up to {BUSY_WAIT:?} for it \
@@ -165,36 +170,13 @@ fn open_device(
                     waited = true;
                 }
                 std::thread::sleep(Duration::from_millis(20));
+                continue;
             }
-            other => break other,
-        }
-    };
-    match opened {
-        Ok(d) => Ok(Arc::new(d)),
-        Err(DeviceError::Io { ref source, .. })
-            if opts.direct && source.raw_os_error() == Some(libc::EINVAL) =>
-        {
-            Err(Error::DirectUnsupported {
-                path: path.to_path_buf(),
-            })
-        }
-        Err(DeviceError::Io { ref source, .. })
-            if opts.exclusive && source.raw_os_error() == Some(libc::EBUSY) =>
-        {
-            Err(Error::DeviceBusy {
-                what,
-                path: path.to_path_buf(),
-            })
-        }
-        Err(DeviceError::Io { ref source, .. })
-            if !opts.read_only && source.raw_os_error() == Some(libc::EROFS) =>
-        {
-            Err(Error::ReadOnlyDevice {
-                what,
-                path: path.to_path_buf(),
-            })
-        }
-        Err(source) => Err(Error::Open { what, source }),
+            Some(libc::EINVAL) if opts.direct => Error::DirectUnsupported { path },
+            Some(libc::EBUSY) if opts.exclusive => Error::DeviceBusy { what, path },
+            Some(libc::EROFS) if !opts.read_only => Error::ReadOnlyDevice { what, path },
+            _ => Error::Open { what, source: err },
+        });
     }
 }
 

@@ -151,12 +151,10 @@ fn source_changed(
                 None
             }
         }
-        (Block { id: Some(a) }, Block { id: Some(b) }) => (a != b).then_some(SourceChange::Other),
-        // Neither has an identifier: nothing but the size to go by.
-        (Block { id: None }, Block { id: None }) => None,
-        // One has an identifier and the other none: not the same disk (a
-        // disk's identifier does not come and go).
-        (Block { .. }, Block { .. }) => Some(SourceChange::Other),
+        // Two identifiers must be equal, and a disk's identifier does not
+        // come and go: one with and one without are different disks. Two
+        // without (equal `None`s) leave nothing but the size to go by.
+        (Block { id: a }, Block { id: b }) => (a != b).then_some(SourceChange::Other),
         (File { .. }, Block { .. }) | (Block { .. }, File { .. }) => Some(SourceChange::Other),
     }
 }
