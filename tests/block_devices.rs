@@ -169,15 +169,13 @@ fn source_and_cache_on(sector: u32) {
     std::fs::copy(&src_img, &copy_img).unwrap();
     // Two loop devices were attached above: a third must attach too.
     let copy = LoopDevice::attach(&copy_img, sector).expect("a third loop device");
-    let mut on_copy = files.serve_args(&args);
-    on_copy[2] = copy.0.display().to_string();
-    assert_eq!(on_copy[1], "--source");
-    let (status, err) = run_bin(&on_copy, files.dir.path());
-    assert_eq!(status, Some(2), "{err}");
+    let err = refused(
+        &serve_on(&files, Some(&copy.0), None, &args),
+        files.dir.path(),
+        "dirty blocks of another source than",
+    );
     assert!(
-        err.contains("dirty blocks of another source than")
-            && err.contains("they belong to the block device loop:")
-            && err.contains("--source-moved"),
+        err.contains("they belong to the block device loop:") && err.contains("--source-moved"),
         "{err}"
     );
     // Refused before anything was written: the original still serves.
@@ -220,8 +218,28 @@ impl Drop for Mount {
     }
 }
 
-/// Runs `vblkcache ARGS` to its exit (at most 20 s); its code and stderr.
-fn run_bin(args: &[String], dir: &Path) -> (Option<i32>, String) {
+/// `serve` arguments for `files` plus `extra`, with the source and/or the
+/// cache replaced.
+fn serve_on(
+    files: &Files,
+    source: Option<&Path>,
+    cache: Option<&Path>,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut args = files.serve_args(extra);
+    for (option, path) in [("--source", source), ("--cache", cache)] {
+        if let Some(path) = path {
+            let at = args.iter().position(|a| a == option).unwrap() + 1;
+            args[at] = path.display().to_string();
+        }
+    }
+    args
+}
+
+/// Runs `vblkcache ARGS` (at most 20 s: a daemon that should have refused
+/// to start serves), requires exit code 2 and `needle` in its stderr, and
+/// returns the stderr.
+fn refused(args: &[String], dir: &Path, needle: &str) -> String {
     let log = dir.join("run.log");
     let child = Command::new(BIN)
         .args(args)
@@ -230,7 +248,10 @@ fn run_bin(args: &[String], dir: &Path) -> (Option<i32>, String) {
         .spawn()
         .unwrap();
     let code = exit_within(child, Duration::from_secs(20));
-    (code, std::fs::read_to_string(&log).unwrap())
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(code, Some(2), "{args:?}: {err}");
+    assert!(err.contains(needle), "{args:?}: no {needle:?} in {err}");
+    err
 }
 
 /// A mounted filesystem is never taken as cache (not even with --format) or
@@ -260,29 +281,18 @@ fn a_mounted_block_device_is_refused() {
     std::fs::write(mnt.join("keep.txt"), b"precious").unwrap();
     let devs = dev.0.display().to_string();
 
-    let mut as_cache = files.serve_args(&["--format"]);
-    as_cache[4] = devs.clone();
-    assert_eq!(as_cache[3], "--cache");
-    let (code, err) = run_bin(&as_cache, dir);
-    assert_eq!(code, Some(2), "{err}");
-    assert!(
-        err.contains(&format!(
-            "--cache: {devs} is a block device in use (mounted"
-        )),
-        "{err}"
+    refused(
+        &serve_on(&files, None, Some(&dev.0), &["--format"]),
+        dir,
+        &format!("--cache: {devs} is a block device in use (mounted"),
     );
-    let mut as_source = files.serve_args(&[]);
-    as_source[2] = devs.clone();
-    let (code, err) = run_bin(&as_source, dir);
-    assert_eq!(code, Some(2), "{err}");
-    assert!(
-        err.contains(&format!("--source: {devs} is a block device in use")),
-        "{err}"
+    refused(
+        &serve_on(&files, Some(&dev.0), None, &[]),
+        dir,
+        &format!("--source: {devs} is a block device in use"),
     );
     let check = ["check", "--repair", "--cache", &devs].map(String::from);
-    let (code, err) = run_bin(&check, dir);
-    assert_eq!(code, Some(2), "{err}");
-    assert!(err.contains("in use"), "{err}");
+    refused(&check, dir, "in use");
     assert!(!files.socket.exists());
 
     // The filesystem is whole.
@@ -330,13 +340,10 @@ fn a_mounted_block_device_is_refused() {
         .status()
         .unwrap();
     if made.success() {
-        let mut same = files.serve_args(&[]);
-        same[4] = node.display().to_string();
-        let (code, err) = run_bin(&same, dir);
-        assert_eq!(code, Some(2), "{err}");
-        assert!(
-            err.contains("--source and --cache are the same file"),
-            "{err}"
+        refused(
+            &serve_on(&files, None, Some(&node), &[]),
+            dir,
+            "--source and --cache are the same file",
         );
     } else {
         eprintln!("SKIP: mknod failed: a second node of a device not checked");
@@ -354,21 +361,15 @@ fn a_read_only_block_device_is_served_only_read_only() {
         return;
     };
     let devs = ro.0.display().to_string();
-    let mut rw = files.serve_args(&[]);
-    rw[2] = devs.clone();
-    let (code, err) = run_bin(&rw, &dir);
-    assert_eq!(code, Some(2), "{err}");
-    assert!(
-        err.contains(&format!("--source: {devs} is read-only")),
-        "{err}"
+    refused(
+        &serve_on(&files, Some(&ro.0), None, &[]),
+        &dir,
+        &format!("--source: {devs} is read-only"),
     );
-    let mut as_cache = files.serve_args(&[]);
-    as_cache[4] = devs.clone();
-    let (code, err) = run_bin(&as_cache, &dir);
-    assert_eq!(code, Some(2), "{err}");
-    assert!(
-        err.contains(&format!("--cache: {devs} is read-only")),
-        "{err}"
+    refused(
+        &serve_on(&files, None, Some(&ro.0), &[]),
+        &dir,
+        &format!("--cache: {devs} is read-only"),
     );
 
     files.source = ro.0.clone();
